@@ -1,0 +1,69 @@
+// pybind11 module fastrob._C: torch-free bindings of the CUDA launchers (see DESIGN.md, Build).
+#include <pybind11/pybind11.h>
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "csrc/launchers.h"
+
+namespace py = pybind11;
+
+namespace fastrob {
+
+void check_cuda(int status, const char* what) {
+  if (status != cudaSuccess) {
+    auto err = static_cast<cudaError_t>(status);
+    throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err));
+  }
+}
+
+}  // namespace fastrob
+
+namespace {
+
+// (count, message): count is -1 and message says why when the runtime cannot see a GPU.
+py::tuple device_count() {
+  int n = 0;
+  cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // reset the runtime's last error so it is not reported by a later call
+    return py::make_tuple(-1, std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err));
+  }
+  return py::make_tuple(n, std::string());
+}
+
+int driver_version() {
+  int v = 0;
+  return cudaDriverGetVersion(&v) == cudaSuccess ? v : 0;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastrob's CUDA kernels (torch-free; pointers, sizes and streams come from fastrob/ops)";
+  m.attr("cuda_runtime_version") = CUDART_VERSION;  // the runtime it was compiled and statically linked with
+  m.def("driver_version", &driver_version, "CUDA driver version (0 when no driver is installed)");
+  m.def("device_count", &device_count, "(number of CUDA devices, or -1 and the runtime's reason)");
+  m.def("pgd_step_l2_workspace_floats", &fastrob::pgd_step_l2_workspace_floats, py::arg("batch"),
+        py::arg("per_sample"));
+  const char* step_doc = "One fused PGD step; see kernels/pgd_step.cuh for the math and fastrob.ops.pgd_step for use.";
+  auto bind_step = [&](const char* name, void (*fn)(const fastrob::PgdStepArgs&)) {
+    m.def(
+        name,
+        [fn](uintptr_t x_adv, uintptr_t grad, uintptr_t x_orig, uintptr_t out, uintptr_t eps_per_sample,
+             uintptr_t alpha_per_sample, double eps, double alpha, double lower, double upper, int64_t batch,
+             int64_t per_sample, int dtype, int device, uintptr_t stream, uintptr_t workspace) {
+          fn(fastrob::PgdStepArgs{x_adv, grad, x_orig, out, eps_per_sample, alpha_per_sample, eps, alpha, lower,
+                                  upper, batch, per_sample, dtype, device, stream, workspace});
+        },
+        step_doc, py::arg("x_adv"), py::arg("grad"), py::arg("x_orig"), py::arg("out"), py::arg("eps_per_sample"),
+        py::arg("alpha_per_sample"), py::arg("eps"), py::arg("alpha"), py::arg("lower"), py::arg("upper"),
+        py::arg("batch"), py::arg("per_sample"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+        py::arg("workspace"));
+  };
+  bind_step("pgd_step_linf", &fastrob::pgd_step_linf);
+  bind_step("pgd_step_l2", &fastrob::pgd_step_l2);
+}

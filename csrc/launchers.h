@@ -1,0 +1,34 @@
+// Host-side launchers of fastrob._C. Torch-free: tensors arrive as device pointers, sizes and the
+// CUDA stream; the Python side (fastrob/ops/) checks devices, dtypes and layouts before calling.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fastrob {
+
+// Storage dtypes, numbered as in fastrob/ops/_common.py (_CUDA_DTYPE_CODES).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// One PGD step over a batch stored densely with the batch dimension outermost (contiguous or
+// channels_last): sample b occupies elements [b * per_sample, (b + 1) * per_sample).
+struct PgdStepArgs {
+  uintptr_t x_adv, grad, x_orig, out;  // device pointers, all of `dtype`
+  uintptr_t eps_per_sample;            // float32 [batch] on the device, or 0: use `eps`
+  uintptr_t alpha_per_sample;          // float32 [batch] on the device, or 0: use `alpha`
+  double eps, alpha, lower, upper;
+  int64_t batch, per_sample;
+  int dtype, device;
+  uintptr_t stream;     // cudaStream_t of the caller (torch's current stream)
+  uintptr_t workspace;  // float32 scratch of pgd_step_l2_workspace_floats() elements, or 0 if that is 0
+};
+
+void pgd_step_linf(const PgdStepArgs& a);
+void pgd_step_l2(const PgdStepArgs& a);
+// float32 elements of scratch the L2 step needs (0 when each sample fits one block's registers).
+int64_t pgd_step_l2_workspace_floats(int64_t batch, int64_t per_sample);
+
+// Raises std::runtime_error naming `what` if `status` is an error.
+void check_cuda(int status, const char* what);
+
+}  // namespace fastrob

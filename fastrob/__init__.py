@@ -1,0 +1,17 @@
+"""fastrob: fast robust and interpretable classification for PyTorch.
+
+Regularizers, attacks and metrics for robust classifiers, with the double backprop and the PGD
+step fused into Triton and CUDA kernels behind pure-torch references. See the README.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fastrob import ops
+from fastrob.ops import pgd_step
+
+try:
+    __version__ = version("fastrob")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["ops", "pgd_step", "__version__"]

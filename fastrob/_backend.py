@@ -1,0 +1,163 @@
+"""Which backends exist on this machine, and which one an op runs on.
+
+Three backends implement every fused op (DESIGN.md, Backends and dispatch):
+  torch   the pure-torch reference: any device, any floating dtype; what ``auto`` uses on CPU
+  triton  Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (for testing)
+  cuda    the fastrob._C extension: CUDA tensors only
+
+Availability is detected once per process and cached, failures included, each with a reason that
+``fastrob info`` prints. Triton reads TRITON_INTERPRET when its kernels are defined, so set it
+before importing fastrob.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    """Whether a backend can run here; ``reason`` says what it runs on, or why not."""
+
+    name: str
+    available: bool
+    reason: str
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def cuda_device_available() -> bool:
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def extension_build_record() -> dict:
+    """What setup.py recorded when it built (or skipped) fastrob._C."""
+    path = Path(__file__).with_name("_C_build.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"built": False, "reason": "no build record: fastrob was not installed through setup.py"}
+
+
+@functools.cache
+def _load_extension():
+    """(module or None, reason)."""
+    try:
+        return importlib.import_module("fastrob._C"), ""
+    except ImportError as err:
+        record = extension_build_record()
+        if not record.get("built"):
+            return None, f"fastrob._C was not built: {record.get('reason', 'unknown reason')}"
+        return None, f"fastrob._C was built but does not import: {err}"
+
+
+def extension():
+    """The fastrob._C module; raises RuntimeError saying why when it is not usable here."""
+    module, reason = _load_extension()
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
+@functools.cache
+def status(name: str) -> BackendStatus:
+    if name == "torch":
+        return BackendStatus("torch", True, f"torch {torch.__version__}: the reference, on any device")
+    if name == "triton":
+        try:
+            triton = importlib.import_module("triton")
+        except ImportError as err:
+            return BackendStatus("triton", False, f"triton is not installed ({err})")
+        if cuda_device_available():
+            return BackendStatus("triton", True, f"triton {triton.__version__} on CUDA tensors")
+        if triton_interpreter():
+            return BackendStatus(
+                "triton", True, f"triton {triton.__version__} through TRITON_INTERPRET=1 on CPU tensors (slow: for testing)"
+            )
+        return BackendStatus(
+            "triton", False,
+            f"triton {triton.__version__} is installed but no CUDA GPU is visible "
+            "(set TRITON_INTERPRET=1 before importing fastrob to run its kernels on CPU, for testing)",
+        )
+    if name == "cuda":
+        module, reason = _load_extension()
+        if module is None:
+            return BackendStatus("cuda", False, reason)
+        count, why = module.device_count()
+        if count <= 0 or not cuda_device_available():
+            why = why or "no CUDA device"
+            return BackendStatus("cuda", False, f"fastrob._C is built but cannot run here: {why}")
+        return BackendStatus("cuda", True, f"fastrob._C (CUDA runtime {_version(module.cuda_runtime_version)})")
+    raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
+
+
+def _version(code: int) -> str:
+    return f"{code // 1000}.{code % 1000 // 10}"
+
+
+def check_backend_name(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    return backend
+
+
+_warned_fallback = False
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str,
+            dtypes: tuple = KERNEL_DTYPES) -> str:
+    """The backend that runs ``op`` on tensors of ``device`` and ``dtype``.
+
+    An explicitly requested backend that cannot run raises RuntimeError (unavailable, wrong
+    device) or TypeError (dtype its kernels do not support). ``auto`` never raises for those
+    reasons: it uses the torch reference on CPU, and on a GPU the CUDA extension, then Triton,
+    then torch, warning once per process if a GPU tensor falls back to torch.
+    """
+    check_backend_name(backend)
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        if device.type != "cuda" or dtype not in dtypes:
+            return "torch"
+        for name in ("cuda", "triton"):
+            if status(name).available:
+                return name
+        global _warned_fallback
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(
+                f"fastrob: no fused backend can run on this GPU, so {op} and the other fused ops use the torch "
+                f"reference (cuda: {status('cuda').reason}; triton: {status('triton').reason})",
+                RuntimeWarning, stacklevel=3,
+            )
+        return "torch"
+    st = status(backend)
+    if not st.available:
+        raise RuntimeError(f"{op}: backend={backend!r} is unavailable: {st.reason}")
+    if backend == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreter()):
+        raise RuntimeError(
+            f"{op}: backend='triton' needs CUDA tensors, got tensors on {device} "
+            "(CPU tensors run only under TRITON_INTERPRET=1, set before importing fastrob)"
+        )
+    if dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: backend={backend!r} supports {names}; got {str(dtype).replace('torch.', '')} "
+                        "(backend='torch' runs any floating dtype)")
+    return backend

@@ -1,0 +1,6 @@
+"""Fused ops. Each has one public function with ``backend="auto"|"torch"|"triton"|"cuda"`` and a
+pure-torch ``*_reference`` that defines what it computes (DESIGN.md, Backends and dispatch)."""
+
+from fastrob.ops.pgd_step import pgd_step, pgd_step_reference
+
+__all__ = ["pgd_step", "pgd_step_reference"]

@@ -1,0 +1,171 @@
+"""The fused PGD step: ``pgd_step`` (dispatch), ``pgd_step_reference`` (the ground truth) and the
+``fastrob::pgd_step_triton`` / ``fastrob::pgd_step_cuda`` custom ops behind it.
+
+One projected step of projected gradient descent on the input, for each sample b:
+  Linf: x_adv + alpha_b * sign(grad), projected onto the eps_b-ball around x_orig, then clamped
+        to [lower, upper] (torchattacks' PGD order);
+  L2:   x_adv + alpha_b * grad / ||grad||_2 (no step where the gradient is 0), delta = result -
+        x_orig rescaled to norm <= eps_b, then clamped (torchattacks' PGDL2 order).
+The step is an update rule, like an optimizer step: it is not differentiated through, and its
+result never requires grad, whatever the backend.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastrob import _backend
+from fastrob.ops._common import (
+    check_float,
+    check_like,
+    check_tensor,
+    cuda_dtype_code,
+    cuda_launch_context,
+    per_sample_value,
+    same_layout,
+)
+
+NORMS = ("linf", "l2")
+
+
+def _per_sample_view(value, like: torch.Tensor):
+    """A float as is; a [B] tensor as [B, 1, ..., 1] in ``like``'s dtype, to broadcast over samples."""
+    if isinstance(value, torch.Tensor):
+        return value.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    return value
+
+
+def pgd_step_reference(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, *, alpha, eps,
+                       norm: str = "linf", lower: float = 0.0, upper: float = 1.0) -> torch.Tensor:
+    """The plain-torch definition of the step (see the module docstring).
+
+    Half-precision inputs are computed in float32 and rounded once, as the kernels do; float64
+    stays float64. ``alpha`` and ``eps`` are floats or [B] tensors.
+    """
+    compute = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
+    xa, g, xo = x_adv.to(compute), grad.to(compute), x_orig.to(compute)
+    alpha_b, eps_b = _per_sample_view(alpha, xa), _per_sample_view(eps, xa)
+    if norm == "linf":
+        x = xa + alpha_b * g.sign()
+        delta = torch.clamp(x - xo, -eps_b, eps_b)
+    elif norm == "l2":
+        shape = (-1,) + (1,) * (xa.dim() - 1)
+        g_norm = g.flatten(1).norm(dim=1).view(shape)
+        unit = torch.where(g_norm > 0, g / g_norm.clamp_min(torch.finfo(compute).tiny), torch.zeros_like(g))
+        delta = xa + alpha_b * unit - xo
+        d_norm = delta.flatten(1).norm(dim=1).view(shape)
+        factor = torch.where(d_norm > eps_b, eps_b / d_norm.clamp_min(torch.finfo(compute).tiny),
+                             torch.ones_like(d_norm))
+        delta = delta * factor
+    else:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return torch.clamp(xo + delta, lower, upper).to(x_adv.dtype)
+
+
+def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, *, alpha, eps,
+             norm: str = "linf", lower: float = 0.0, upper: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """One projected gradient step, fused: each input is read once and the result written once.
+
+    Args:
+        x_adv: the current iterate, [B, ...] (NCHW images, or any shape with the batch first).
+        grad: the gradient of the attack loss at ``x_adv`` (the ascent direction), same shape.
+        x_orig: the clean inputs, centre of the eps-ball, same shape.
+        alpha: step size, a float or a tensor of shape [B] (per sample), >= 0.
+        eps: radius of the ball, a float or a tensor of shape [B], >= 0.
+        norm: "linf" (sign step, box projection) or "l2" (normalised step, rescaling projection).
+        lower, upper: the valid input range, applied last.
+        backend: "auto" | "torch" | "triton" | "cuda" (see fastrob._backend).
+
+    Returns:
+        The next iterate, a new tensor of ``x_adv``'s shape, dtype and memory format (contiguous or
+        channels_last), not requiring grad. float32, float16 and bfloat16 run on every backend
+        (computed in float32); float64 runs on the torch backend.
+
+    Raises:
+        TypeError / ValueError naming the argument for bad input, RuntimeError when an explicitly
+        requested backend cannot run here.
+    """
+    check_tensor("x_adv", x_adv, min_dim=2)
+    check_tensor("grad", grad)
+    check_tensor("x_orig", x_orig)
+    check_like("grad", grad, "x_adv", x_adv)
+    check_like("x_orig", x_orig, "x_adv", x_adv)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    lower, upper = check_float("lower", lower), check_float("upper", upper)
+    if lower > upper:
+        raise ValueError(f"lower must be <= upper, got lower={lower} > upper={upper}")
+    batch = x_adv.shape[0]
+    param_dtype = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
+    alpha = per_sample_value("alpha", alpha, batch, x_adv.device, dtype=param_dtype)
+    eps = per_sample_value("eps", eps, batch, x_adv.device, dtype=param_dtype)
+    name = _backend.resolve(backend, x_adv.device, x_adv.dtype, op="pgd_step")
+    return pgd_step_unchecked(x_adv, grad, x_orig, alpha=alpha, eps=eps, norm=norm, lower=lower, upper=upper,
+                              backend=name)
+
+
+def pgd_step_unchecked(x_adv, grad, x_orig, *, alpha, eps, norm, lower, upper, backend):
+    """``pgd_step`` without argument checks, for loops that checked once (the attacks).
+
+    ``backend`` is a resolved name ("torch", "triton" or "cuda"); ``alpha``/``eps`` are floats or
+    [B] tensors on the inputs' device (float32; float64 for float64 inputs), as ``per_sample_value`` returns them.
+    """
+    x_adv, grad, x_orig = x_adv.detach(), grad.detach(), x_orig.detach()
+    if backend == "torch":
+        with torch.no_grad():
+            return pgd_step_reference(x_adv, grad, x_orig, alpha=alpha, eps=eps, norm=norm, lower=lower,
+                                      upper=upper)
+    x_adv, grad, x_orig = same_layout(x_adv, grad, x_orig)
+    eps_t, eps_v = (eps, 0.0) if isinstance(eps, torch.Tensor) else (None, eps)
+    alpha_t, alpha_v = (alpha, 0.0) if isinstance(alpha, torch.Tensor) else (None, alpha)
+    op = torch.ops.fastrob.pgd_step_triton if backend == "triton" else torch.ops.fastrob.pgd_step_cuda
+    return op(x_adv, grad, x_orig, eps_t, alpha_t, eps_v, alpha_v, norm, lower, upper)
+
+
+# The fused backends as torch.library custom ops, so that they compose with torch.compile and
+# pass torch.library.opcheck. Inputs arrive checked and in one batch-outermost layout.
+
+@torch.library.custom_op("fastrob::pgd_step_triton", mutates_args=())
+def _pgd_step_triton(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, eps_per_sample: Optional[torch.Tensor],
+                     alpha_per_sample: Optional[torch.Tensor], eps: float, alpha: float, norm: str, lower: float,
+                     upper: float) -> torch.Tensor:
+    from fastrob.triton import pgd_step as kernels  # imports triton only when first used
+
+    out = torch.empty_like(x_adv)
+    kernels.pgd_step(x_adv, grad, x_orig, out, eps_per_sample, alpha_per_sample, eps, alpha, norm, lower, upper)
+    return out
+
+
+@torch.library.custom_op("fastrob::pgd_step_cuda", mutates_args=(), device_types="cuda")
+def _pgd_step_cuda(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, eps_per_sample: Optional[torch.Tensor],
+                   alpha_per_sample: Optional[torch.Tensor], eps: float, alpha: float, norm: str, lower: float,
+                   upper: float) -> torch.Tensor:
+    ext = _backend.extension()
+    out = torch.empty_like(x_adv)
+    batch = x_adv.shape[0]
+    per_sample = x_adv.numel() // batch if batch else 0
+    device, stream = cuda_launch_context(x_adv)
+    workspace = None
+    if norm == "l2":
+        floats = ext.pgd_step_l2_workspace_floats(batch, per_sample)
+        if floats:
+            workspace = torch.empty(floats, device=x_adv.device, dtype=torch.float32)
+    launch = ext.pgd_step_linf if norm == "linf" else ext.pgd_step_l2
+    launch(x_adv.data_ptr(), grad.data_ptr(), x_orig.data_ptr(), out.data_ptr(),
+           eps_per_sample.data_ptr() if eps_per_sample is not None else 0,
+           alpha_per_sample.data_ptr() if alpha_per_sample is not None else 0,
+           eps, alpha, lower, upper, batch, per_sample, cuda_dtype_code(x_adv.dtype), device, stream,
+           workspace.data_ptr() if workspace is not None else 0)
+    return out
+
+
+@_pgd_step_triton.register_fake
+def _(x_adv, grad, x_orig, eps_per_sample, alpha_per_sample, eps, alpha, norm, lower, upper):
+    return torch.empty_like(x_adv)
+
+
+@_pgd_step_cuda.register_fake
+def _(x_adv, grad, x_orig, eps_per_sample, alpha_per_sample, eps, alpha, norm, lower, upper):
+    return torch.empty_like(x_adv)
