@@ -6,7 +6,7 @@ step fused into Triton and CUDA kernels behind pure-torch references. See the RE
 
 from importlib.metadata import PackageNotFoundError, version
 
-from fastrob import ops
+from fastrob import data, ops
 from fastrob.ops import pgd_step
 
 try:
@@ -14,4 +14,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["ops", "pgd_step", "__version__"]
+__all__ = ["data", "ops", "pgd_step", "__version__"]

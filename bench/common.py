@@ -1,0 +1,78 @@
+"""Shared benchmark plumbing: timing (CUDA events on GPU, wall clock on CPU) and the long-format
+results CSV, bench/results/<device>.csv (DESIGN.md, Benchmarks)."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+COLUMNS = ["op", "provider", "shape", "dtype", "metric", "median", "p20", "p80", "device", "torch", "triton", "date"]
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
+
+
+def time_ms(fn, device: torch.device | str, *, warmup: int = 3, reps: int = 20) -> dict:
+    """median, p20 and p80 of ``fn()``'s run time in milliseconds."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return {"median": med, "p20": p20, "p80": p80}
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return {"median": statistics.median(times), "p20": q[1], "p80": q[7]}
+
+
+def row(op: str, provider: str, shape, dtype, metric: str, stats: dict, device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    return {"op": op, "provider": provider, "shape": "x".join(map(str, shape)) if not isinstance(shape, str) else shape,
+            "dtype": str(dtype).replace("torch.", ""), "metric": metric, "median": f"{stats['median']:.6g}",
+            "p20": f"{stats['p20']:.6g}", "p80": f"{stats['p80']:.6g}", "device": device_name(device),
+            "torch": torch.__version__, "triton": triton_version, "date": datetime.date.today().isoformat()}
+
+
+def append_rows(rows: list[dict], device) -> Path:
+    """Appends rows to bench/results/<device>.csv (header written when the file is new)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
+    path = RESULTS_DIR / f"{slug}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
