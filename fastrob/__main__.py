@@ -1,0 +1,5 @@
+import sys
+
+from fastrob.cli import main
+
+sys.exit(main())

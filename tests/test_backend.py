@@ -1,0 +1,67 @@
+"""fastrob._backend: detection is cached, explicit backends fail clearly, auto falls back quietly."""
+
+import warnings
+
+import pytest
+import torch
+
+from fastrob import _backend
+
+
+def test_torch_is_always_available():
+    st = _backend.status("torch")
+    assert st.available and torch.__version__ in st.reason
+
+
+def test_detection_is_cached():
+    for name in ("torch", "triton", "cuda"):
+        assert _backend.status(name) is _backend.status(name)
+
+
+def test_every_unavailable_backend_says_why():
+    for name in ("torch", "triton", "cuda"):
+        st = _backend.status(name)
+        assert st.reason, name
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'torch', 'triton', 'cuda', got 'gpu'"):
+        _backend.resolve("gpu", torch.device("cpu"), torch.float32, op="x")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        _backend.status("gpu")
+
+
+def fake_status(available: dict):
+    return lambda name: _backend.BackendStatus(name, available.get(name, True), f"{name} fake reason")
+
+
+def test_auto_prefers_cuda_then_triton_on_gpu_tensors(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_backend, "status", fake_status({"cuda": True, "triton": True}))
+    assert _backend.resolve("auto", cuda, torch.float32, op="x") == "cuda"
+    monkeypatch.setattr(_backend, "status", fake_status({"cuda": False, "triton": True}))
+    assert _backend.resolve("auto", cuda, torch.bfloat16, op="x") == "triton"
+    # dtypes the kernels lack go to the reference without a fuss
+    assert _backend.resolve("auto", cuda, torch.float64, op="x") == "torch"
+
+
+def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_backend, "status", fake_status({"cuda": False, "triton": False}))
+    monkeypatch.setattr(_backend, "_warned_fallback", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert _backend.resolve("auto", torch.device("cuda"), torch.float32, op="x") == "torch"
+    assert len(caught) == 1 and "cuda fake reason" in str(caught[0].message)
+
+
+def test_explicit_unavailable_backend_raises_with_reason(monkeypatch):
+    monkeypatch.setattr(_backend, "status", fake_status({"cuda": False}))
+    with pytest.raises(RuntimeError, match="backend='cuda' is unavailable: cuda fake reason"):
+        _backend.resolve("cuda", torch.device("cuda"), torch.float32, op="x")
+
+
+def test_cuda_backend_refuses_cpu_tensors(monkeypatch):
+    monkeypatch.setattr(_backend, "status", fake_status({}))
+    with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors, got tensors on cpu"):
+        _backend.resolve("cuda", torch.device("cpu"), torch.float32, op="x")
