@@ -51,14 +51,13 @@ def pgd_step_reference(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Te
         x = xa + alpha_b * g.sign()
         delta = torch.clamp(x - xo, -eps_b, eps_b)
     elif norm == "l2":
+        # The guards against zero norms act on per-sample scalars, not on whole tensors.
         shape = (-1,) + (1,) * (xa.dim() - 1)
         g_norm = g.flatten(1).norm(dim=1).view(shape)
-        unit = torch.where(g_norm > 0, g / g_norm.clamp_min(torch.finfo(compute).tiny), torch.zeros_like(g))
-        delta = xa + alpha_b * unit - xo
+        step = torch.where(g_norm > 0, alpha_b / g_norm.clamp_min(torch.finfo(compute).tiny), 0.0)
+        delta = xa + step * g - xo
         d_norm = delta.flatten(1).norm(dim=1).view(shape)
-        factor = torch.where(d_norm > eps_b, eps_b / d_norm.clamp_min(torch.finfo(compute).tiny),
-                             torch.ones_like(d_norm))
-        delta = delta * factor
+        delta = delta * torch.where(d_norm > eps_b, eps_b / d_norm.clamp_min(torch.finfo(compute).tiny), 1.0)
     else:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     return torch.clamp(xo + delta, lower, upper).to(x_adv.dtype)
