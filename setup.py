@@ -60,7 +60,7 @@ class BuildExt(build_ext):
     """Compiles fastrob._C with nvcc through ninja (parallel, incremental) instead of the C compiler."""
 
     def build_extension(self, ext):
-        out_path = self.get_ext_fullpath(ext.name)
+        out_path = os.path.abspath(self.get_ext_fullpath(ext.name))  # ninja runs in its own directory
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
         record_path = self._record_path = os.path.join(os.path.dirname(out_path), BUILD_RECORD)
         mode = os.environ.get("FASTROB_CUDA", "")
