@@ -8,7 +8,7 @@ Environment:
   FASTROB_CUDA=0          skip the extension
   FASTROB_CUDA=1          a missing nvcc or a failed compile is an error (default: a warning)
   FASTROB_CUDA_ARCH="80;90"  compute capabilities to compile for (default 80 and 90)
-  NVCC=/path/to/nvcc      the compiler (default: $CUDA_HOME/bin/nvcc, then nvcc on PATH)
+  NVCC=/path/to/nvcc      the compiler (default: $CUDA_HOME/bin/nvcc, /usr/local/cuda/bin/nvcc, then PATH)
 """
 
 import json
@@ -30,8 +30,8 @@ BUILD_RECORD = "_C_build.json"  # written next to the extension: what was built,
 
 
 def _find_nvcc():
-    if os.environ.get("NVCC"):
-        return os.environ["NVCC"]
+    if os.environ.get("NVCC"):  # authoritative when set: no search elsewhere
+        return os.environ["NVCC"] if os.path.isfile(os.environ["NVCC"]) else None
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
             return os.path.join(home, "bin", "nvcc")
@@ -71,9 +71,10 @@ class BuildExt(build_ext):
         if mode == "0":
             record["reason"] = "skipped: FASTROB_CUDA=0 at install time"
         elif nvcc is None:
-            record["reason"] = "nvcc was not found at install time (set CUDA_HOME or put nvcc on PATH, then reinstall)"
+            where = f"NVCC={os.environ['NVCC']} is not a file" if os.environ.get("NVCC") else "set NVCC, CUDA_HOME or PATH"
+            record["reason"] = f"nvcc was not found at install time ({where}); reinstall once it is there"
             if mode == "1":
-                raise SystemExit("FASTROB_CUDA=1 but nvcc was not found (set NVCC, CUDA_HOME or PATH)")
+                raise SystemExit(f"FASTROB_CUDA=1 but nvcc was not found ({where})")
         else:
             record["nvcc"] = _nvcc_version(nvcc)
             record["archs"] = _archs()
@@ -82,7 +83,7 @@ class BuildExt(build_ext):
                 record.update(built=True, reason=f"compiled in {seconds:.0f} s")
                 print(f"fastrob: built fastrob._C with {record['nvcc']} for sm_{', sm_'.join(record['archs'])}"
                       f" in {seconds:.0f} s")
-            except subprocess.CalledProcessError as err:
+            except (subprocess.CalledProcessError, OSError) as err:
                 if mode == "1":
                     raise SystemExit(f"FASTROB_CUDA=1 and the nvcc build of fastrob._C failed ({err})")
                 record["reason"] = f"the nvcc build failed ({err}); rerun with FASTROB_CUDA=1 to see why"

@@ -19,14 +19,16 @@ constexpr int kThreads = 256;
 // Makes `device` current for the launch and restores the caller's device afterwards.
 class DeviceGuard {
  public:
-  explicit DeviceGuard(int device) {
+  explicit DeviceGuard(int device) : device_(device) {
     check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
     if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
   }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
+  ~DeviceGuard() {
+    if (previous_ != device_) cudaSetDevice(previous_);
+  }
 
  private:
-  int previous_ = 0;
+  int previous_ = 0, device_ = 0;
 };
 
 StepParams params(const PgdStepArgs& a) {

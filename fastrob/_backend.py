@@ -106,6 +106,16 @@ def status(name: str) -> BackendStatus:
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
 
 
+def extension_runs_on(capability: tuple[int, int]) -> bool:
+    """Whether fastrob._C has code for a GPU of this compute capability: machine code for an
+    architecture of the same major version and no higher minor, or PTX (compiled for the last
+    listed architecture) that the driver can compile for a newer GPU."""
+    archs = [(int(a[:-1]), int(a[-1])) for a in extension_build_record().get("archs", [])]
+    if not archs:
+        return False
+    return any(major == capability[0] and minor <= capability[1] for major, minor in archs) or capability >= archs[-1]
+
+
 def _version(code: int) -> str:
     return f"{code // 1000}.{code % 1000 // 10}"
 
@@ -114,6 +124,10 @@ def check_backend_name(backend) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     return backend
+
+
+def _extension_runs_on_device(device: torch.device) -> bool:
+    return extension_runs_on(torch.cuda.get_device_capability(device))
 
 
 _warned_fallback = False
@@ -134,9 +148,10 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str,
     if backend == "auto":
         if device.type != "cuda" or dtype not in dtypes:
             return "torch"
-        for name in ("cuda", "triton"):
-            if status(name).available:
-                return name
+        if status("cuda").available and _extension_runs_on_device(device):
+            return "cuda"
+        if status("triton").available:
+            return "triton"
         global _warned_fallback
         if not _warned_fallback:
             _warned_fallback = True
@@ -151,6 +166,10 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str,
         raise RuntimeError(f"{op}: backend={backend!r} is unavailable: {st.reason}")
     if backend == "cuda" and device.type != "cuda":
         raise RuntimeError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
+    if backend == "cuda" and not _extension_runs_on_device(device):
+        raise RuntimeError(f"{op}: backend='cuda': fastrob._C was not compiled for {device} "
+                           f"(compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}); "
+                           "reinstall with FASTROB_CUDA_ARCH naming it")
     if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreter()):
         raise RuntimeError(
             f"{op}: backend='triton' needs CUDA tensors, got tensors on {device} "

@@ -25,7 +25,9 @@ def _info(args) -> int:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            print(f"cuda:{i}: {p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB")
+            compiled = "" if _backend.extension_runs_on((p.major, p.minor)) else " (fastrob._C has no code for it)"
+            print(f"cuda:{i}: {p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB"
+                  f"{compiled}")
     else:
         print("cuda: no GPU visible (torch.cuda.is_available() is False)")
     record = _backend.extension_build_record()

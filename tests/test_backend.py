@@ -37,12 +37,33 @@ def fake_status(available: dict):
 
 def test_auto_prefers_cuda_then_triton_on_gpu_tensors(monkeypatch):
     cuda = torch.device("cuda")
+    monkeypatch.setattr(_backend, "_extension_runs_on_device", lambda device: True)
     monkeypatch.setattr(_backend, "status", fake_status({"cuda": True, "triton": True}))
     assert _backend.resolve("auto", cuda, torch.float32, op="x") == "cuda"
     monkeypatch.setattr(_backend, "status", fake_status({"cuda": False, "triton": True}))
     assert _backend.resolve("auto", cuda, torch.bfloat16, op="x") == "triton"
     # dtypes the kernels lack go to the reference without a fuss
     assert _backend.resolve("auto", cuda, torch.float64, op="x") == "torch"
+    # a GPU the extension has no code for goes to Triton
+    monkeypatch.setattr(_backend, "status", fake_status({"cuda": True, "triton": True}))
+    monkeypatch.setattr(_backend, "_extension_runs_on_device", lambda device: False)
+    assert _backend.resolve("auto", cuda, torch.float32, op="x") == "triton"
+
+
+@pytest.mark.parametrize("capability, runs", [
+    ((8, 0), True), ((8, 6), True), ((8, 9), True),  # sm_80 machine code runs on later 8.x
+    ((9, 0), True),
+    ((10, 0), True), ((12, 0), True),                # through the sm_90 PTX
+    ((7, 5), False), ((7, 0), False),                # older than anything compiled
+])
+def test_extension_runs_on_compiled_archs(monkeypatch, capability, runs):
+    monkeypatch.setattr(_backend, "extension_build_record", lambda: {"built": True, "archs": ["80", "90"]})
+    assert _backend.extension_runs_on(capability) is runs
+
+
+def test_extension_runs_nowhere_when_not_built(monkeypatch):
+    monkeypatch.setattr(_backend, "extension_build_record", lambda: {"built": False, "reason": "test"})
+    assert not _backend.extension_runs_on((9, 0))
 
 
 def test_auto_falls_back_to_torch_with_one_warning(monkeypatch):
