@@ -65,7 +65,10 @@ def pgd_step_reference(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Te
 
 def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, *, alpha, eps,
              norm: str = "linf", lower: float = 0.0, upper: float = 1.0, backend: str = "auto") -> torch.Tensor:
-    """One projected gradient step, fused: each input is read once and the result written once.
+    """One projected gradient step, fused into one kernel on the triton and cuda backends.
+
+    Each input is read once and the result written once, except for L2 steps on samples of more
+    than 16384 elements, which read the inputs twice (per-sample sums first, then the update).
 
     Args:
         x_adv: the current iterate, [B, ...] (NCHW images, or any shape with the batch first).
@@ -109,7 +112,8 @@ def pgd_step_unchecked(x_adv, grad, x_orig, *, alpha, eps, norm, lower, upper, b
     """``pgd_step`` without argument checks, for loops that checked once (the attacks).
 
     ``backend`` is a resolved name ("torch", "triton" or "cuda"); ``alpha``/``eps`` are floats or
-    [B] tensors on the inputs' device (float32; float64 for float64 inputs), as ``per_sample_value`` returns them.
+    [B] tensors on the inputs' device (float32; float64 for float64 inputs), as ``per_sample_value``
+    returns them.
     """
     x_adv, grad, x_orig = x_adv.detach(), grad.detach(), x_orig.detach()
     if backend == "torch":
@@ -127,9 +131,9 @@ def pgd_step_unchecked(x_adv, grad, x_orig, *, alpha, eps, norm, lower, upper, b
 # pass torch.library.opcheck. Inputs arrive checked and in one batch-outermost layout.
 
 @torch.library.custom_op("fastrob::pgd_step_triton", mutates_args=())
-def _pgd_step_triton(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, eps_per_sample: Optional[torch.Tensor],
-                     alpha_per_sample: Optional[torch.Tensor], eps: float, alpha: float, norm: str, lower: float,
-                     upper: float) -> torch.Tensor:
+def _pgd_step_triton(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor,
+                     eps_per_sample: Optional[torch.Tensor], alpha_per_sample: Optional[torch.Tensor], eps: float,
+                     alpha: float, norm: str, lower: float, upper: float) -> torch.Tensor:
     from fastrob.triton import pgd_step as kernels  # imports triton only when first used
 
     out = torch.empty_like(x_adv)
@@ -138,9 +142,9 @@ def _pgd_step_triton(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tens
 
 
 @torch.library.custom_op("fastrob::pgd_step_cuda", mutates_args=(), device_types="cuda")
-def _pgd_step_cuda(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, eps_per_sample: Optional[torch.Tensor],
-                   alpha_per_sample: Optional[torch.Tensor], eps: float, alpha: float, norm: str, lower: float,
-                   upper: float) -> torch.Tensor:
+def _pgd_step_cuda(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor,
+                   eps_per_sample: Optional[torch.Tensor], alpha_per_sample: Optional[torch.Tensor], eps: float,
+                   alpha: float, norm: str, lower: float, upper: float) -> torch.Tensor:
     ext = _backend.extension()
     out = torch.empty_like(x_adv)
     batch = x_adv.shape[0]
