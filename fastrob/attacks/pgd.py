@@ -145,7 +145,8 @@ def _view(value, like):
 def _random_start(x, eps, kind, norm, generator):
     """One start for the whole batch, drawn exactly as torchattacks draws it (so that the same
     seed gives the same start): Linf uniform in the eps-box, L2 a Gaussian direction times a
-    U(0,1) radius, "trades" x + 0.001·N(0,1); then projected into the ball and [0, 1]."""
+    U(0,1) radius, clamped to [0, 1]; "trades" x + 0.001·N(0,1), projected into the ball but, as in
+    the TRADES reference, not clamped (the first step clamps it)."""
     if kind is False:
         return x.clone()
     if kind is True:
@@ -170,7 +171,7 @@ def _random_start(x, eps, kind, norm, generator):
     else:
         n = delta.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
         delta = delta * torch.clamp(e / n.clamp_min(1e-30), max=1.0)
-    return torch.clamp(x + delta, 0, 1)
+    return x + delta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +333,7 @@ def pgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255
             work.x_adv = step(work, grad)
         if not need_final:
             out = work.x_adv[:batch].clone()
+        out.clamp_(0, 1)  # a no-op except for an unstepped "trades" start
         if return_fooled:
             with torch.no_grad():
                 pred = forward(out).argmax(1)
