@@ -48,8 +48,9 @@ def kl_loss(logits: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
 
 
 def _objective(loss, logits, labels, p_clean, targeted):
-    """J per sample (the quantity ascended), computed in float32 even under autocast."""
-    logits = logits.float()
+    """J per sample (the quantity ascended); half-precision logits (autocast) are upcast to float32."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     if loss == "ce":
         value = F.cross_entropy(logits, labels, reduction="none")
     elif loss == "margin":
