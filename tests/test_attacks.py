@@ -1,6 +1,7 @@
 """fastrob.attacks: parity with torchattacks, constraints, restarts, compaction, model state, errors."""
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -11,6 +12,9 @@ import torch.nn.functional as F
 torchattacks = pytest.importorskip("torchattacks")
 
 import fastrob.attacks as fa  # noqa: E402
+
+# the module (``fastrob.attacks.pgd`` as an attribute is the function of that name)
+pgd_module = importlib.import_module("fastrob.attacks.pgd")
 
 
 def make_cnn(dtype=torch.float32):
@@ -396,7 +400,7 @@ def test_cuda_graph_falls_back_on_cpu(net, batch):
     x, y = batch
     torch.manual_seed(0)
     eager = fa.PGD(net, eps=0.1, alpha=0.03, steps=3)(x, y)
-    fa.pgd.__globals__["_warned_graph"] = False
+    pgd_module._warned_graph = False  # the warning is once per process
     torch.manual_seed(0)
     with pytest.warns(RuntimeWarning, match="cuda_graph"):
         graphed = fa.PGD(net, eps=0.1, alpha=0.03, steps=3, cuda_graph=True)(x, y)

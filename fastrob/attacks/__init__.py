@@ -6,11 +6,11 @@ from fastrob.attacks.pgd import (
     PGD,
     PGDL2,
     Attack,
-    attack_mode,
+    attack_context,
     kl_loss,
     margin_loss,
     pgd,
     trades_perturb,
 )
 
-__all__ = ["Attack", "FGSM", "PGD", "PGDL2", "attack_mode", "kl_loss", "margin_loss", "pgd", "trades_perturb"]
+__all__ = ["Attack", "FGSM", "PGD", "PGDL2", "attack_context", "kl_loss", "margin_loss", "pgd", "trades_perturb"]

@@ -70,7 +70,7 @@ def _objective(loss, logits, labels, p_clean, targeted):
 # model state: eval mode during the attack, parameters frozen, everything restored afterwards.
 
 @contextlib.contextmanager
-def attack_mode(model, training: Union[bool, Callable] = False):
+def attack_context(model, training: Union[bool, Callable] = False):
     """Runs the block with ``model`` in eval mode (``training=True``: train mode; a callable:
     called with the model to set modes itself) and every parameter's requires_grad off, so the
     backward computes input gradients only. Restores each module's ``training`` and each
@@ -224,7 +224,7 @@ def pgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255
         cuda_graph: capture the step loop as one CUDA graph (CUDA tensors, fixed shapes, no early
             stop); falls back to eager execution, with one warning, when it cannot.
         clamp_input: clamp x into [0, 1] instead of raising for values outside.
-        model_training: the model's mode during the attack (False: eval); see ``attack_mode``.
+        model_training: the model's mode during the attack (False: eval); see ``attack_context``.
         generator: torch.Generator for the random starts (default: the global RNG, as torchattacks).
         return_fooled: also return a [B] bool tensor: whether the returned input fools the model.
 
@@ -255,7 +255,7 @@ def pgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255
     alpha = per_sample_value("alpha", alpha, batch, x.device, dtype=compute)
     backend = _backend.resolve(backend, x.device, x.dtype, op="pgd")
 
-    with attack_mode(model, model_training):
+    with attack_context(model, model_training):
         autocast = (torch.autocast(x.device.type, dtype=torch.bfloat16) if amp == "bf16"
                     else contextlib.nullcontext())
 
@@ -522,7 +522,7 @@ class Attack:
 
     @torch.no_grad()
     def _clean_logits(self, images):
-        with attack_mode(self.model, False):
+        with attack_context(self.model, False):
             return self._model()(images)
 
     def get_random_target_label(self, images, labels=None):
