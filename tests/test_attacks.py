@@ -413,6 +413,12 @@ def test_triton_backend_matches_torch(net, batch, norm):
     kw = dict(eps=0.1 if norm == "linf" else 0.8, alpha=0.03, steps=2, norm=norm, random_start=False)
     torch.testing.assert_close(fa.pgd(net, x, y, backend="triton", **kw), fa.pgd(net, x, y, backend="torch", **kw),
                                atol=1e-6, rtol=0)
+    # per-sample eps, batched restarts and compaction go through the kernel's per-sample path
+    eps = torch.tensor([0.0, 0.05, 0.1, 0.3]) * (1 if norm == "linf" else 8)
+    kw = dict(eps=eps, alpha=eps / 2, steps=2, norm=norm, restarts=2, robust_only=True)
+    got = fa.pgd(net, x, y, backend="triton", generator=torch.Generator().manual_seed(0), **kw)
+    expected = fa.pgd(net, x, y, backend="torch", generator=torch.Generator().manual_seed(0), **kw)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.cuda

@@ -323,7 +323,7 @@ def pgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255
             if last and not need_final:
                 break
             logits, j, grad = objective(work.x_adv, work, need_grad=not last, check=k == 0)
-            fooled_rows = (logits.argmax(1) == work.y) if targeted else (logits.argmax(1) != work.y)
+            fooled_rows = _fooled(logits, work.y, targeted)
             if early_stop:
                 _record_first(out, done, work, fooled_rows, batch)
                 if robust_only and not last:
@@ -337,9 +337,14 @@ def pgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255
         out.clamp_(0, 1)  # a no-op except for an unstepped "trades" start
         if return_fooled:
             with torch.no_grad():
-                pred = forward(out).argmax(1)
-            return out, (pred == y) if targeted else (pred != y)
+                return out, _fooled(forward(out), y, targeted)
         return out
+
+
+def _fooled(logits, labels, targeted):
+    """Whether each row counts as fooled: argmax at the target (targeted), or off the label."""
+    pred = logits.argmax(1)
+    return pred == labels if targeted else pred != labels
 
 
 class _Work:
@@ -543,6 +548,8 @@ class Attack:
         return self._target_map_function(images, labels)
 
     def __call__(self, images, labels=None, **overrides):
+        """Adversarial images for ``images`` [B, ...] in [0, 1] and ``labels`` [B] (None: the model's
+        predictions). ``overrides`` replace constructor options for this call (any ``pgd`` keyword)."""
         return self.forward(images, labels, **overrides)
 
     def forward(self, images, labels=None, **overrides):
