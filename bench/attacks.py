@@ -1,0 +1,131 @@
+"""PGD throughput: fastrob versus torchattacks in the same process, same model, same inputs.
+
+    python -m bench.attacks [--quick]
+
+Rows (bench/results/<device>.csv), metric images_per_s unless stated:
+  pgd10            torchattacks.PGD vs fastrob.PGD (float32; on CUDA also bf16 and bf16 + CUDA graph)
+  pgd10_restarts4  four restarts as one batch of 4B vs the same four runs in a loop
+  pgd10_weak       robust_only compaction vs the full attack on a weak model (and its robust_acc)
+  robust_acc       robust accuracy of both libraries on the digits CNN (equal strength check)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastrob.attacks as fa
+from bench.common import append_rows, row, time_ms
+from fastrob.data import load_digits
+
+
+def small_cnn(channels, side, width=32):
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(2 * width * (side // 4) ** 2, 10),
+    )
+
+
+def train(model, x, y, epochs, device):
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), device=device)
+        for i in range(0, len(perm), 128):
+            b = perm[i:i + 128]
+            loss = F.cross_entropy(model(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def throughput(stats, batch):
+    """ms per call -> images per second (p20 of the time is p80 of the rate)."""
+    return {"median": batch * 1e3 / stats["median"], "p20": batch * 1e3 / stats["p80"],
+            "p80": batch * 1e3 / stats["p20"]}
+
+
+def robust_acc(model, x_adv, y):
+    with torch.no_grad():
+        return (model(x_adv).argmax(1) == y).float().mean().item()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller batches and fewer repetitions")
+    args = parser.parse_args()
+    import torchattacks
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reps = 3 if args.quick else 7
+    rows = []
+    torch.manual_seed(0)
+    digits = load_digits()
+    xd, yd = digits.x_train.to(device), digits.y_train.to(device)
+    digits_net = train(small_cnn(1, 8).to(device), xd, yd, 3 if args.quick else 10, device)
+
+    cifar_batch = 64 if args.quick else (512 if device.type == "cuda" else 128)
+    cases = [
+        ("digits-cnn", digits_net, digits.x_test.to(device)[:256 if args.quick else 448], digits.y_test.to(device),
+         0.1, 0.025),
+        ("cifar-shaped-cnn", small_cnn(3, 32).to(device).eval(), torch.rand(cifar_batch, 3, 32, 32, device=device),
+         torch.randint(0, 10, (cifar_batch,), device=device), 8 / 255, 2 / 255),
+    ]
+    for name, model, x, y, eps, alpha in cases:
+        y = y[:len(x)]
+        shape = (name,) + tuple(x.shape)
+        providers = {
+            "torchattacks": torchattacks.PGD(model, eps=eps, alpha=alpha, steps=10),
+            "fastrob": fa.PGD(model, eps=eps, alpha=alpha, steps=10),
+        }
+        if device.type == "cuda":
+            providers["fastrob-bf16"] = fa.PGD(model, eps=eps, alpha=alpha, steps=10, amp="bf16")
+            providers["fastrob-bf16-graph"] = fa.PGD(model, eps=eps, alpha=alpha, steps=10, amp="bf16",
+                                                     cuda_graph=True)
+        for provider, attack in providers.items():
+            stats = time_ms(lambda: attack(x, y), device, warmup=1, reps=reps)
+            rows.append(row("pgd10", provider, shape, x.dtype, "images_per_s", throughput(stats, len(x)), device))
+            if name == "digits-cnn":
+                torch.manual_seed(1)
+                acc = robust_acc(model, attack(x, y), y)
+                rows.append(row("robust_acc", provider, shape, x.dtype, "robust_acc",
+                                {"median": acc, "p20": acc, "p80": acc}, device))
+            print(f"pgd10 {name:18s} {provider:20s} {rows[-1 if name != 'digits-cnn' else -2]['median']:>10s} images/s")
+
+        batched = fa.PGD(model, eps=eps, alpha=alpha, steps=10, restarts=4)
+        single = fa.PGD(model, eps=eps, alpha=alpha, steps=10)
+
+        def loop():
+            for _ in range(4):
+                single(x, y)
+
+        for provider, fn in (("fastrob-batched", lambda: batched(x, y)), ("fastrob-loop", loop)):
+            stats = time_ms(fn, device, warmup=1, reps=reps)
+            rows.append(row("pgd10_restarts4", provider, shape, x.dtype, "images_per_s",
+                            throughput(stats, len(x)), device))
+            print(f"restarts4 {name:18s} {provider:20s} {rows[-1]['median']:>10s} images/s")
+
+    # A weak model: one epoch on the digits, so most test points fall within a few steps.
+    torch.manual_seed(0)
+    weak = train(small_cnn(1, 8).to(device), xd, yd, 1, device)
+    x, y = digits.x_test.to(device), digits.y_test.to(device)
+    shape = ("digits-weak-cnn",) + tuple(x.shape)
+    for provider, kw in (("fastrob-full", {}), ("fastrob-robust_only", {"robust_only": True})):
+        attack = fa.PGD(weak, eps=0.1, alpha=0.025, steps=10, restarts=4, **kw)
+        stats = time_ms(lambda: attack(x, y), device, warmup=1, reps=reps)
+        rows.append(row("pgd10_weak", provider, shape, x.dtype, "images_per_s", throughput(stats, len(x)), device))
+        torch.manual_seed(1)
+        acc = robust_acc(weak, attack(x, y), y)
+        rows.append(row("pgd10_weak", provider, shape, x.dtype, "robust_acc", {"median": acc, "p20": acc, "p80": acc},
+                        device))
+        print(f"weak model, 4 restarts {provider:20s} {rows[-2]['median']:>10s} images/s, robust acc {acc:.3f}")
+    print("wrote", append_rows(rows, device))
+
+
+if __name__ == "__main__":
+    main()
