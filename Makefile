@@ -35,6 +35,7 @@ test-all: setup
 
 bench: setup
 	$(PY) -m bench.pgd_step
+	$(PY) -m bench.attacks
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastrob/_C*.so fastrob/_C_build.json

@@ -6,12 +6,20 @@ step fused into Triton and CUDA kernels behind pure-torch references. See the RE
 
 from importlib.metadata import PackageNotFoundError, version
 
-from fastrob import data, ops
+from fastrob import attacks, data, ops, training
+from fastrob.attacks import FGSM, PGD, PGDL2, pgd
+from fastrob.objective import Objective
 from fastrob.ops import pgd_step
+from fastrob.training import adversarial_loss
 
 try:
     __version__ = version("fastrob")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["data", "ops", "pgd_step", "__version__"]
+__all__ = [
+    "attacks", "data", "ops", "training",
+    "FGSM", "PGD", "PGDL2", "pgd", "adversarial_loss",
+    "Objective", "pgd_step",
+    "__version__",
+]

@@ -1,8 +1,8 @@
 """``fastrob demo``: an end-to-end PGD evaluation on the built-in digits data.
 
 Trains a small MLP on the scikit-learn digits set, then attacks its test set with PGD (Linf and
-L2) at several radii, every step through the fused ``fastrob.ops.pgd_step``, and prints a table
-of robust accuracy. (The full demo, comparing regularized models, arrives with ``fastrob train``
+L2, ``fastrob.attacks.pgd``, every step through the fused ``pgd_step``) at several radii, and
+prints a table of robust accuracy. (The full demo, comparing regularized models, arrives with ``fastrob train``
 and ``fastrob eval``.)
 """
 
@@ -16,8 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 from fastrob import _backend
+from fastrob.attacks import pgd
 from fastrob.data import load_digits
-from fastrob.ops.pgd_step import pgd_step
 
 LINF_EPS = (0.05, 0.1, 0.2, 0.3)
 L2_EPS = (0.5, 1.0, 2.0)
@@ -45,22 +45,9 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: flo
                  seed: int) -> float:
     """Robust accuracy under PGD with a random start and step size 2.5 * eps / steps (Madry et al.)."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    alpha = 2.5 * eps / steps
-    if norm == "linf":
-        start = x + (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
-    else:  # Gaussian direction, radius uniform in [0, eps] (torchattacks' PGDL2)
-        direction = torch.randn(x.shape, generator=generator, device=x.device)
-        direction = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        radius = torch.rand(len(x), generator=generator, device=x.device).view(-1, 1, 1, 1) * eps
-        start = x + direction * radius
-    x_adv = start.clamp(0, 1)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), y)
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv = pgd_step(x_adv, grad, x, alpha=alpha, eps=eps, norm=norm)
-    with torch.no_grad():
-        return (model(x_adv).argmax(1) == y).float().mean().item()
+    _, fooled = pgd(model, x, y, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm, generator=generator,
+                    return_fooled=True)
+    return 1.0 - fooled.float().mean().item()
 
 
 def run(*, epochs: int = 30, seed: int = 0, device: str = "cpu", quiet: bool = False) -> list[dict]:
