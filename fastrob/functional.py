@@ -1,0 +1,214 @@
+"""Functional forms of the regularizers' penalties, for users who already have the logits or the
+per-sample losses of a forward pass, plus the model-calling helpers the regularizer classes share.
+
+Every penalty here is differentiable with respect to the model's parameters (it is built with
+``create_graph=True``) and is computed with ``torch.autograd.grad`` with respect to the input only,
+so no parameter's ``.grad`` changes until the caller runs ``backward``.
+
+Batch coupling. The gradients below are those of the *summed* loss (or logits) with respect to
+the batch: sample i's row is d(sum_j l_j)/dx_i. When samples do not interact (no BatchNorm in
+train mode) this is d l_i / d x_i exactly; with BatchNorm in train mode it also carries the terms
+through the batch statistics, which is what an eager double-backprop user computes too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from fastrob.ops._common import check_float, check_tensor
+
+INPUT_GRADIENT_NORMS = ("l2", "l1")
+
+
+# ---- the formulas ---------------------------------------------------------------------------
+
+def input_gradient_penalty(loss_per_sample: torch.Tensor, x: torch.Tensor, *, norm: str = "l2",
+                           weight: torch.Tensor | None = None) -> torch.Tensor:
+    """mean_i ||w * g_i||_2^2 (norm="l2") or mean_i ||w * g_i||_1^2 / d (norm="l1").
+
+    g_i = d(sum_j loss_per_sample_j) / d x_i is sample i's input gradient (see the module
+    docstring for batch coupling), d the number of elements of one sample and w an optional
+    elementwise weight broadcastable to ``x`` (1 when None; J-SIGR's 1 - saliency mask). l1 is the
+    dual norm of Linf attacks; dividing by d puts it on the scale of the l2 penalty
+    (||g||_1^2 / d <= ||g||_2^2). Differentiable by double backprop.
+
+    Args:
+        loss_per_sample: [B] per-sample losses computed from ``x`` (e.g. cross-entropy with
+            ``reduction="none"``).
+        x: [B, ...] the input the losses were computed from; it must require grad.
+    """
+    check_tensor("loss_per_sample", loss_per_sample)
+    check_tensor("x", x, min_dim=2)
+    if loss_per_sample.shape != (x.shape[0],):
+        raise ValueError(f"loss_per_sample must have shape [B] = ({x.shape[0]},), got {tuple(loss_per_sample.shape)}")
+    if norm not in INPUT_GRADIENT_NORMS:
+        raise ValueError(f"norm must be one of {INPUT_GRADIENT_NORMS}, got {norm!r}")
+    _check_differentiable(loss_per_sample, x)
+    (g,) = torch.autograd.grad(loss_per_sample.sum(), x, create_graph=True)
+    if weight is not None:
+        g = g * weight
+    return gradient_norm_penalty(g, norm)
+
+
+def gradient_norm_penalty(g: torch.Tensor, norm: str) -> torch.Tensor:
+    """mean_i ||g_i||_2^2, or mean_i ||g_i||_1^2 / d, of a [B, ...] gradient (float32 at least)."""
+    g = g.flatten(1)
+    if g.dtype in (torch.float16, torch.bfloat16):
+        g = g.float()  # squares of half-precision gradients underflow
+    if norm == "l2":
+        return g.pow(2).sum(1).mean()
+    return g.abs().sum(1).pow(2).mean() / g.shape[1]
+
+
+def jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, *, n_proj: int = 1, exact: bool = False,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """1/2 ||J||_F^2 / B with J = d logits / d x: Hoffman et al.'s random-projection estimate.
+
+    With J_b = d logits_b / d x_b (samples that do not interact), this is mean_b 1/2 ||J_b||_F^2;
+    estimated as 1/2 * C / (P * B) * sum_p sum_b ||v_pb^T J_b||^2, v_pb independent and uniform
+    on the unit sphere of R^C, which is unbiased because E[v v^T] = I / C. ``exact=True`` uses
+    the C one-hot vectors instead (P = C), which gives the exact value.
+
+    All P projections go through one batched vector-Jacobian product on the given graph
+    (``is_grads_batched``). When you own the model, ``JacobianRegularizer`` instead replicates
+    the input P times, which measured faster on CPU (docs/regularizers.md).
+
+    Args:
+        logits: [B, C] computed from ``x``.
+        x: [B, ...] the input, requiring grad.
+        n_proj: P, the number of random projections per sample (ignored when ``exact``).
+        generator: the random generator for the projections (default: torch's global one).
+    """
+    check_tensor("logits", logits, min_dim=2)
+    check_tensor("x", x, min_dim=2)
+    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"logits must have shape [B, C] with B = {x.shape[0]}, got {tuple(logits.shape)}")
+    n_proj = check_n_proj(n_proj)
+    _check_differentiable(logits, x)
+    v = projections(logits.shape[0], logits.shape[1], n_proj, exact, logits, generator)
+    return projected_jacobian_penalty(logits, x, v)
+
+
+def projections(rows: int, classes: int, n_proj: int, exact: bool, like: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """[P, rows, C] projection vectors: the C one-hot vectors (P = C) when ``exact``, else
+    P x rows independent vectors uniform on the unit sphere (normalised Gaussians)."""
+    if exact:
+        eye = torch.eye(classes, device=like.device, dtype=like.dtype)
+        return eye[:, None, :].expand(classes, rows, classes)
+    v = torch.randn(n_proj, rows, classes, device=like.device, dtype=torch.float32, generator=generator)
+    return (v / v.norm(dim=-1, keepdim=True)).to(like.dtype)
+
+
+def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """1/2 * C / (P * N) * sum_p sum_n ||v_pn^T J_n||^2 for projections v of shape [P, N, C].
+
+    The one formula behind every Jacobian penalty here: random unit v gives Hoffman's unbiased
+    estimate, the C one-hot vectors (P = C) the exact value. P = 1 is a plain VJP; P > 1 one
+    batched VJP.
+    """
+    n_proj, classes = v.shape[0], v.shape[-1]
+    if n_proj == 1:
+        (g,) = torch.autograd.grad(logits, x, v[0], create_graph=True)
+    else:
+        (g,) = torch.autograd.grad(logits, x, v, create_graph=True, is_grads_batched=True)
+    g = g.flatten(2 if n_proj > 1 else 1)
+    if g.dtype in (torch.float16, torch.bfloat16):
+        g = g.float()
+    return 0.5 * classes * g.pow(2).sum(-1).mean()
+
+
+# ---- argument checks and model calls shared by the regularizer classes ----------------------
+
+def check_n_proj(n_proj) -> int:
+    if isinstance(n_proj, bool) or not isinstance(n_proj, int) or n_proj < 1:
+        raise ValueError(f"n_proj must be an integer >= 1, got {n_proj!r}")
+    return n_proj
+
+
+def check_lam(name: str, lam) -> float:
+    return check_float(name, lam, min_value=0.0)
+
+
+def check_h(h) -> float:
+    h = check_float("h", h)
+    if h <= 0:
+        raise ValueError(f"h must be > 0, got {h}")
+    return h
+
+
+def check_inputs(model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks (model, x, y); returns a leaf copy of x that requires grad, and y.
+
+    x is never modified: the copy is a detached view, so the caller's tensor and its graph (if
+    any) stay as they were.
+    """
+    if not isinstance(model, torch.nn.Module) and not callable(model):
+        raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+    check_tensor("x", x, min_dim=2)
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"y must be an integer tensor of class labels, got {type(y).__name__}"
+                        + (f" of dtype {y.dtype}" if isinstance(y, torch.Tensor) else ""))
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape [B] = ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    return x.detach().requires_grad_(True), y.long()
+
+
+def forward(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """model(x), checked to be [N, C] logits with every label of y < C."""
+    logits = model(x)
+    n = x.shape[0]
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model must return logits of shape [B, C] = ({n}, C), got {shape}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+        raise ValueError(f"y must hold class labels in [0, {logits.shape[1]}), got range "
+                         f"[{int(y.min())}, {int(y.max())}]")
+    return logits
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy in float32 at least (bf16 autocast logits lose too much in log-softmax)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+@contextlib.contextmanager
+def preserved_buffers(model):
+    """Runs the block with scratch copies of ``model``'s buffers, and puts the originals back.
+
+    For the extra forward passes a regularizer makes: in train mode BatchNorm updates its running
+    statistics on every forward, and those must move once per training step, from the clean
+    batch. Swapping the buffers (rather than copying the old values back) leaves the originals
+    untouched, so autograd's version check on buffers the clean forward saved still passes.
+    """
+    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+    saved = [(m, dict(m._buffers)) for m in modules if m._buffers]
+    for m, buffers in saved:
+        for name, b in buffers.items():
+            if b is not None:
+                m._buffers[name] = b.clone()
+    try:
+        yield
+    finally:
+        for m, buffers in saved:
+            m._buffers.update(buffers)
+
+
+def couples_samples(model) -> bool:
+    """True if a module of ``model`` mixes samples in its forward: BatchNorm in train mode (batch
+    statistics). GroupNorm, LayerNorm and InstanceNorm normalise per sample and do not."""
+    if not isinstance(model, torch.nn.Module):
+        return True  # unknown callable: assume the worst
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+
+
+def _check_differentiable(out: torch.Tensor, x: torch.Tensor) -> None:
+    if not x.requires_grad:
+        raise ValueError("x must require grad and be the input the outputs were computed from")
+    if not out.requires_grad:
+        raise ValueError("the outputs do not depend on x (or were computed under torch.no_grad)")
