@@ -64,22 +64,32 @@ def gradient_norm_penalty(g: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, *, n_proj: int = 1, exact: bool = False,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """1/2 ||J||_F^2 / B with J = d logits / d x: Hoffman et al.'s random-projection estimate.
+                     samples_interact: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """1/2 ||J||_F^2 / B with J = d logits / d x the Jacobian of the whole batch, [B*C, B*d].
 
-    With J_b = d logits_b / d x_b (samples that do not interact), this is mean_b 1/2 ||J_b||_F^2;
-    estimated as 1/2 * C / (P * B) * sum_p sum_b ||v_pb^T J_b||^2, v_pb independent and uniform
-    on the unit sphere of R^C, which is unbiased because E[v v^T] = I / C. ``exact=True`` uses
-    the C one-hot vectors instead (P = C), which gives the exact value.
+    For samples that do not interact, J is block-diagonal and this is mean_b 1/2 ||J_b||_F^2,
+    J_b = d logits_b / d x_b. Estimated as Hoffman et al. do:
+        1/2 * C / (P * B) * sum_p ||v_p^T J||^2,
+    v_p = (v_p1, ..., v_pB) with P = n_proj independent v_pb uniform on the unit sphere of R^C per
+    sample. Unbiased because E[v v^T] = I / C within a sample and the samples' v are independent
+    (cross-sample terms vanish in expectation, so it is unbiased with train-mode BatchNorm too).
+
+    ``exact=True`` computes the value exactly: with the C one-hot vectors (the same e_c for every
+    sample, P = C) when samples do not interact; with ``samples_interact=True`` (BatchNorm in train
+    mode) one-hot vectors on one sample at a time, P = B*C, since a one-hot vector shared by the
+    batch would add the cross-sample products sum_{j != k} <d z_jc/dx, d z_kc/dx>. The latter costs
+    B*C VJPs: a check, not a training method.
 
     All P projections go through one batched vector-Jacobian product on the given graph
-    (``is_grads_batched``). When you own the model, ``JacobianRegularizer`` instead replicates
-    the input P times, which measured faster on CPU (docs/regularizers.md).
+    (``is_grads_batched``). When you own the model, ``JacobianRegularizer`` replicates the input
+    instead where that is exact, which measured faster on CPU (docs/regularizers.md).
 
     Args:
         logits: [B, C] computed from ``x``.
         x: [B, ...] the input, requiring grad.
         n_proj: P, the number of random projections per sample (ignored when ``exact``).
+        samples_interact: whether the logits of one sample depend on other samples' inputs
+            (matters for ``exact`` only).
         generator: the random generator for the projections (default: torch's global one).
     """
     check_tensor("logits", logits, min_dim=2)
@@ -88,8 +98,13 @@ def jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, *, n_proj: int = 1, 
         raise ValueError(f"logits must have shape [B, C] with B = {x.shape[0]}, got {tuple(logits.shape)}")
     n_proj = check_n_proj(n_proj)
     _check_differentiable(logits, x)
-    v = projections(logits.shape[0], logits.shape[1], n_proj, exact, logits, generator)
-    return projected_jacobian_penalty(logits, x, v)
+    rows, classes = logits.shape
+    if exact and samples_interact:
+        # v[b*C + c] is e_c on sample b and 0 elsewhere: every output element on its own.
+        v = torch.eye(rows * classes, device=logits.device, dtype=logits.dtype).view(rows * classes, rows, classes)
+        return projected_jacobian_penalty(logits, x, v, scale=1.0)
+    v = projections(rows, classes, n_proj, exact, logits, generator)
+    return projected_jacobian_penalty(logits, x, v, scale=classes / v.shape[0])
 
 
 def projections(rows: int, classes: int, n_proj: int, exact: bool, like: torch.Tensor,
@@ -103,22 +118,23 @@ def projections(rows: int, classes: int, n_proj: int, exact: bool, like: torch.T
     return (v / v.norm(dim=-1, keepdim=True)).to(like.dtype)
 
 
-def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """1/2 * C / (P * N) * sum_p sum_n ||v_pn^T J_n||^2 for projections v of shape [P, N, C].
+def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *,
+                               scale: float) -> torch.Tensor:
+    """1/2 * scale / N * sum_p ||v_p^T J||^2 for projections v of shape [P, N, C], J = d logits / d x.
 
-    The one formula behind every Jacobian penalty here: random unit v gives Hoffman's unbiased
-    estimate, the C one-hot vectors (P = C) the exact value. P = 1 is a plain VJP; P > 1 one
-    batched VJP.
+    The one formula behind every Jacobian penalty here; ``scale`` is C / P for one unit vector
+    per sample and projection (random: Hoffman's unbiased estimate; one-hot: the exact value).
+    P = 1 is a plain VJP; P > 1 one batched VJP.
     """
-    n_proj, classes = v.shape[0], v.shape[-1]
+    n_proj = v.shape[0]
     if n_proj == 1:
         (g,) = torch.autograd.grad(logits, x, v[0], create_graph=True)
+        g = g[None]
     else:
         (g,) = torch.autograd.grad(logits, x, v, create_graph=True, is_grads_batched=True)
-    g = g.flatten(2 if n_proj > 1 else 1)
     if g.dtype in (torch.float16, torch.bfloat16):
         g = g.float()
-    return 0.5 * classes * g.pow(2).sum(-1).mean()
+    return 0.5 * scale * g.pow(2).sum() / logits.shape[0]
 
 
 # ---- argument checks and model calls shared by the regularizer classes ----------------------

@@ -20,7 +20,8 @@ class JacobianRegularizer:
     The penalty is Hoffman et al.'s unbiased estimate 1/2 * C/(P*B) * sum_p sum_b ||v_pb^T J_b||^2
     with P = n_proj independent projections v_pb uniform on the unit sphere of R^C
     (``fastrob.functional.jacobian_penalty``); ``exact=True`` uses the C one-hot vectors, which
-    gives the exact value at C times the cost.
+    gives the exact value at C times the cost (B*C with BatchNorm in train mode, where a one-hot
+    vector shared by the batch would add cross-sample terms; see the functional form).
 
     How the P > 1 projections are batched (``batching``):
       "replicate": one forward of the input repeated P times (P*B samples), one VJP with one
@@ -40,7 +41,7 @@ class JacobianRegularizer:
     Args:
         lam: the weight of the penalty, >= 0 (default 0.01, Hoffman et al.).
         n_proj: random projections per sample, >= 1 (default 1).
-        exact: use the C one-hot projections (the exact Frobenius norm).
+        exact: compute the penalty exactly with one-hot projections.
         batching: "auto" | "replicate" | "vjp", see above.
         generator: torch.Generator for the projections (default: the global RNG).
         backend: "auto" | "torch".
@@ -78,7 +79,8 @@ def jacobian_objective_parts(model, x, y, *, n_proj, exact, batching, generator)
         replicate = False
     if not replicate:
         logits = Fn.forward(model, x, y)
-        return logits, Fn.jacobian_penalty(logits, x, n_proj=n_proj, exact=exact, generator=generator)
+        return logits, Fn.jacobian_penalty(logits, x, n_proj=n_proj, exact=exact, generator=generator,
+                                           samples_interact=Fn.couples_samples(model))
     if exact:
         # C is known only after a forward: the clean one, which the CE uses.
         logits = Fn.forward(model, x, y)
@@ -93,5 +95,5 @@ def jacobian_objective_parts(model, x, y, *, n_proj, exact, batching, generator)
         logits = logits_rep[:batch]
     v = Fn.projections(batch, logits.shape[1], n_rep, exact, logits_rep, generator)
     # Row p*B + b of the replicated batch takes projection v[p, b]: one VJP for all P.
-    penalty = Fn.projected_jacobian_penalty(logits_rep, x_rep, v.reshape(1, n_rep * batch, -1))
+    penalty = Fn.projected_jacobian_penalty(logits_rep, x_rep, v.reshape(1, n_rep * batch, -1), scale=logits.shape[1])
     return logits, penalty
