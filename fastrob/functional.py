@@ -80,9 +80,10 @@ def jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, *, n_proj: int = 1, 
     batch would add the cross-sample products sum_{j != k} <d z_jc/dx, d z_kc/dx>. The latter costs
     B*C VJPs: a check, not a training method.
 
-    All P projections go through one batched vector-Jacobian product on the given graph
-    (``is_grads_batched``). When you own the model, ``JacobianRegularizer`` replicates the input
-    instead where that is exact, which measured faster on CPU (docs/regularizers.md).
+    On a given graph the P vector-Jacobian products run one after another: batching them with
+    ``is_grads_batched`` (vmap over the backward) measured many times slower on CPU and fails on
+    GroupNorm's double backward (docs/regularizers.md). ``JacobianRegularizer``, which owns the
+    forward pass, batches the projections by replicating the input instead.
 
     Args:
         logits: [B, C] computed from ``x``.
@@ -124,17 +125,15 @@ def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.T
 
     The one formula behind every Jacobian penalty here; ``scale`` is C / P for one unit vector
     per sample and projection (random: Hoffman's unbiased estimate; one-hot: the exact value).
-    P = 1 is a plain VJP; P > 1 one batched VJP.
+    One VJP per projection (see ``jacobian_penalty`` for why not a vmapped one).
     """
-    n_proj = v.shape[0]
-    if n_proj == 1:
-        (g,) = torch.autograd.grad(logits, x, v[0], create_graph=True)
-        g = g[None]
-    else:
-        (g,) = torch.autograd.grad(logits, x, v, create_graph=True, is_grads_batched=True)
-    if g.dtype in (torch.float16, torch.bfloat16):
-        g = g.float()
-    return 0.5 * scale * g.pow(2).sum() / logits.shape[0]
+    total = 0.0
+    for p in range(v.shape[0]):
+        (g,) = torch.autograd.grad(logits, x, v[p], create_graph=True, retain_graph=True)
+        if g.dtype in (torch.float16, torch.bfloat16):
+            g = g.float()  # squares of half-precision gradients underflow
+        total = total + g.pow(2).sum()
+    return 0.5 * scale * total / logits.shape[0]
 
 
 # ---- argument checks and model calls shared by the regularizer classes ----------------------
@@ -215,12 +214,45 @@ def preserved_buffers(model):
             m._buffers.update(buffers)
 
 
-def couples_samples(model) -> bool:
-    """True if a module of ``model`` mixes samples in its forward: BatchNorm in train mode (batch
+def coupling_modules(model) -> list:
+    """The modules of ``model`` that mix samples in their forward: BatchNorm in train mode (batch
     statistics). GroupNorm, LayerNorm and InstanceNorm normalise per sample and do not."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+
+
+def couples_samples(model) -> bool:
     if not isinstance(model, torch.nn.Module):
-        return True  # unknown callable: assume the worst
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+        return True  # an unknown callable: assume the worst
+    return bool(coupling_modules(model))
+
+
+@contextlib.contextmanager
+def per_replica_batch_norm(model, replicas: int):
+    """Within the block, train-mode BatchNorm layers of ``model`` normalise a batch of
+    ``replicas`` stacked copies (rows r*B .. r*B + B - 1 for copy r) with each copy's own batch
+    statistics, so that every copy computes exactly the B-batch function, its cross-sample
+    derivatives through the statistics included, and no copy's derivatives leak into another's.
+
+    A forward hook replaces each layer's output; the layer's own forward still runs (its output is
+    dropped), so use this inside ``preserved_buffers``: its running-statistics update is not the
+    clean batch's. Covers ``torch.nn`` BatchNorm1d/2d/3d semantics (affine or not).
+    """
+    def hook(module, inputs, output):
+        x = inputs[0]
+        channels = x.shape[1]
+        # [R*B, C, ...] -> [B, R*C, ...]: channel r*C + c is channel c of copy r
+        xg = x.unflatten(0, (replicas, -1)).movedim(0, 1).flatten(1, 2)
+        weight = module.weight.repeat(replicas) if module.weight is not None else None
+        bias = module.bias.repeat(replicas) if module.bias is not None else None
+        y = F.batch_norm(xg, None, None, weight, bias, True, 0.0, module.eps)
+        return y.unflatten(1, (replicas, channels)).movedim(1, 0).flatten(0, 1)
+
+    handles = [m.register_forward_hook(hook) for m in coupling_modules(model)] if replicas > 1 else []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _check_differentiable(out: torch.Tensor, x: torch.Tensor) -> None:

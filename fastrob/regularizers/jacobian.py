@@ -10,7 +10,7 @@ from fastrob import functional as Fn
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
 
-BATCHING = ("auto", "replicate", "vjp")
+BATCHING = ("auto", "replicate", "graph")
 
 
 class JacobianRegularizer:
@@ -24,25 +24,28 @@ class JacobianRegularizer:
     vector shared by the batch would add cross-sample terms; see the functional form).
 
     How the P > 1 projections are batched (``batching``):
-      "replicate": one forward of the input repeated P times (P*B samples), one VJP with one
-          projection per row, then one double backward. Mathematically the same estimate, since
-          row (p, b) of the replicated batch has Jacobian J_b. The CE uses the first replica's
-          logits. Measured fastest on CPU (docs/regularizers.md). Only valid when samples do not
-          interact: with BatchNorm in train mode, replicas would share batch statistics and the
-          VJP of one replica's projection would leak into the others through them.
-      "vjp": one forward of B, and all P projections in one batched VJP on that graph
-          (``is_grads_batched``, i.e. vmap over the backward). Exact for any model, BatchNorm in
-          train mode included (there it is the Frobenius norm of the whole batch's Jacobian,
-          the terms through the batch statistics included, as the reference loop computes).
-      "auto": "replicate" unless a BatchNorm layer is in train mode, then "vjp".
-    n_proj=1 (the default, and Hoffman's) is one forward and one VJP either way. Forward passes
-    beyond the clean one do not move BatchNorm's running statistics.
+      "replicate": one forward of the input stacked P times (P*B rows), one VJP with one
+          projection per row, then one double backward: few large kernels instead of P passes
+          over the graph. Row (p, b) of the stack has Jacobian J_b, so the estimate is the same.
+          Samples that interact (BatchNorm in train mode) would also interact across copies
+          through shared batch statistics, and one copy's projection would leak into another's
+          derivative: there each BatchNorm layer normalises each copy with its own statistics
+          during this forward (``functional.per_replica_batch_norm``), which makes every copy
+          compute exactly the B-batch function; the CE then comes from a separate clean forward
+          of B, the only one that moves the running statistics. Without interacting samples the
+          CE reuses the first copy's logits and there is one forward in all.
+      "graph": one forward of B and P vector-Jacobian products on its graph, one after another
+          (what the reference implementation does).
+      "auto": "graph" for P = 1 and for exact=True with interacting samples (which needs B*C
+          single-sample projections), else "replicate" (measured faster, docs/regularizers.md).
+    Extra forward passes never move BatchNorm's running statistics: they move once per call, as
+    in a plain training step.
 
     Args:
         lam: the weight of the penalty, >= 0 (default 0.01, Hoffman et al.).
         n_proj: random projections per sample, >= 1 (default 1).
         exact: compute the penalty exactly with one-hot projections.
-        batching: "auto" | "replicate" | "vjp", see above.
+        batching: "auto" | "replicate" | "graph", see above.
         generator: torch.Generator for the projections (default: the global RNG).
         backend: "auto" | "torch".
     """
@@ -71,29 +74,30 @@ class JacobianRegularizer:
 
 def jacobian_objective_parts(model, x, y, *, n_proj, exact, batching, generator):
     """(logits of the clean batch, Jacobian penalty), x a checked leaf requiring grad."""
-    replicate = not (n_proj == 1 and not exact) and batching != "vjp"
-    if replicate and Fn.couples_samples(model):
-        if batching == "replicate":
-            raise ValueError("batching='replicate' needs samples that do not interact, but the model has "
-                             "BatchNorm in train mode; use batching='vjp' or 'auto'")
-        replicate = False
-    if not replicate:
+    coupled = Fn.couples_samples(model)
+    if batching == "replicate" and exact and coupled:
+        raise ValueError("batching='replicate' with exact=True needs samples that do not interact, but the "
+                         "model has BatchNorm in train mode (B*C single-sample projections); use 'graph' or 'auto'")
+    if batching == "graph" or (batching == "auto" and ((n_proj == 1 and not exact) or (exact and coupled))):
         logits = Fn.forward(model, x, y)
         return logits, Fn.jacobian_penalty(logits, x, n_proj=n_proj, exact=exact, generator=generator,
-                                           samples_interact=Fn.couples_samples(model))
-    if exact:
-        # C is known only after a forward: the clean one, which the CE uses.
-        logits = Fn.forward(model, x, y)
-        n_rep = logits.shape[1]
-    else:
-        logits, n_rep = None, n_proj
+                                           samples_interact=coupled)
+    # The clean forward comes first where the CE cannot take the first copy's logits: when the
+    # copies' forward must not move running statistics, and when C (the copies of exact mode)
+    # is known only from the logits.
+    logits = Fn.forward(model, x, y) if exact or coupled else None
+    copies = logits.shape[1] if exact else n_proj
     batch = x.shape[0]
-    x_rep = x.detach().repeat(n_rep, *([1] * (x.dim() - 1))).requires_grad_(True)
-    with Fn.preserved_buffers(model) if logits is not None else contextlib.nullcontext():
-        logits_rep = Fn.forward(model, x_rep, y.repeat(n_rep))
+    x_rep = x.detach().repeat(copies, *([1] * (x.dim() - 1))).requires_grad_(True)
+    with contextlib.ExitStack() as stack:
+        if logits is not None:
+            stack.enter_context(Fn.preserved_buffers(model))
+        stack.enter_context(Fn.per_replica_batch_norm(model, copies))
+        logits_rep = Fn.forward(model, x_rep, y.repeat(copies))
     if logits is None:
         logits = logits_rep[:batch]
-    v = Fn.projections(batch, logits.shape[1], n_rep, exact, logits_rep, generator)
-    # Row p*B + b of the replicated batch takes projection v[p, b]: one VJP for all P.
-    penalty = Fn.projected_jacobian_penalty(logits_rep, x_rep, v.reshape(1, n_rep * batch, -1), scale=logits.shape[1])
+    v = Fn.projections(batch, logits.shape[1], copies, exact, logits_rep, generator)
+    # Row p*B + b of the stack takes projection v[p, b]: one VJP for all P.
+    penalty = Fn.projected_jacobian_penalty(logits_rep, x_rep, v.reshape(1, copies * batch, -1),
+                                            scale=logits.shape[1])
     return logits, penalty

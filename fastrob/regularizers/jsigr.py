@@ -18,7 +18,7 @@ class JSIGRRegularizer:
     """loss = mean_i CE_i + lam_jacobian * 1/2 ||J||_F^2 / B + lam_saliency * mean_i ||(1 - S_i) * g_i||_2^2.
 
     J = d logits / d x, estimated with ``n_proj`` random projections as in ``JacobianRegularizer``
-    (one batched VJP on the shared forward); g_i = d(sum_j CE_j)/dx_i, by double backprop. S_i is
+    (VJPs on the shared forward's graph); g_i = d(sum_j CE_j)/dx_i, by double backprop. S_i is
     sample i's perturbation saliency, computed without gradient: the image is cut into
     patch x patch squares; for each square k, drop_ik = max(0, p_y(x_i) - p_y(x_i with square k
     replaced)), the replacement being the sample's per-channel mean ("mean") or a 3x3 box blur of
@@ -84,7 +84,9 @@ class JSIGRRegularizer:
         if logits is None:
             with Fn.preserved_buffers(model):
                 logits = model(x)
-        p_clean = logits.float().softmax(1).gather(1, y[:, None])[:, 0]
+        # probabilities in float32 at least: half-precision softmax would blur small drops
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        p_clean = logits.to(dtype).softmax(1).gather(1, y[:, None])[:, 0]
         if self.perturbation == "mean":
             replacement = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
         else:
@@ -99,7 +101,7 @@ class JSIGRRegularizer:
             for k0 in range(0, gh * gw, per_chunk):
                 m = masks[k0:k0 + per_chunk, None]  # [k, 1, 1, H, W]
                 xp = (x * (1 - m) + replacement * m).flatten(0, 1)  # [k*B, C, H, W]
-                p_pert = model(xp).float().softmax(1).gather(1, y.repeat(m.shape[0])[:, None])[:, 0]
+                p_pert = model(xp).to(dtype).softmax(1).gather(1, y.repeat(m.shape[0])[:, None])[:, 0]
                 drops.append((p_clean - p_pert.view(m.shape[0], b)).clamp_min(0))
         drops = torch.cat(drops).T  # [B, K]
         top = drops.max(1, keepdim=True).values
