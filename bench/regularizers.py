@@ -142,22 +142,25 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def track_rss_with_tensors():
-    """Makes glibc mmap every allocation of 64 KiB or more and give it back on free (a fixed
-    threshold: glibc otherwise raises it and keeps freed tensors in the heap), so that the
-    process's resident memory follows the live tensors."""
+def set_mmap_threshold(nbytes: int) -> None:
+    """glibc serves allocations of ``nbytes`` or more with mmap and gives them back on free.
+
+    At 64 KiB (set before anything is allocated: chunks already in the heap's free lists are
+    reused whatever the threshold) the process's resident memory follows the live tensors, which
+    makes peak RSS a measure of a step's peak tensor memory. It also slows the steps down, so the
+    timings run with 32 MiB, where glibc's own adaptive threshold ends up anyway."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 64 * 1024)
-    libc.mallopt(m_trim_threshold, 128 * 1024)
+    libc.mallopt(m_mmap_threshold, nbytes)
+    libc.mallopt(m_trim_threshold, 2 * nbytes)
 
 
 def peak_rss_rise_mib(step) -> float:
     """The rise of resident memory over one call of ``step``, sampled every 0.2 ms by a thread
-    (tracemalloc does not see torch's allocations; see track_rss_with_tensors)."""
+    (tracemalloc does not see torch's allocations; see set_mmap_threshold)."""
     before, peak, done = rss_mib(), [0.0], threading.Event()
 
     def poll():
@@ -182,7 +185,13 @@ def main():
     shape = (32, 3, 16, 16) if args.quick else (128, 3, 32, 32)
     rounds = args.reps or (5 if args.quick else 7)
     device = torch.device("cpu")
+    set_mmap_threshold(64 * 1024)
     steps = {name: setup(name, shape) for name in PROVIDERS}
+    memory = {}
+    for name, step in steps.items():
+        step()  # warm-up: lazily allocated state (optimizer, oneDNN) is not the step's
+        memory[name] = peak_rss_rise_mib(step)
+    set_mmap_threshold(32 * 2**20)
     # Round-robin, so that a load change on a shared machine hits every provider alike.
     times = {name: [] for name in PROVIDERS}
     for r in range(rounds + 2):  # the first two rounds warm up
@@ -192,8 +201,6 @@ def main():
             if r >= 2:
                 times[name].append((time.perf_counter() - start) * 1e3)
     stats = {name: summary(t) for name, t in times.items()}
-    track_rss_with_tensors()  # after the timings: mmap-ing every tensor slows the steps down
-    memory = {name: peak_rss_rise_mib(step) for name, step in steps.items()}
     rows = []
     print(f"{shape}, {rounds} rounds, {torch.get_num_threads()} threads")
     print(f"{'provider':30s} {'ms':>9s} {'x plain':>8s} {'ref/this':>9s} {'peak MiB':>9s}")
