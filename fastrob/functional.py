@@ -82,7 +82,7 @@ def jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, *, n_proj: int = 1, 
 
     On a given graph the P vector-Jacobian products run one after another: batching them with
     ``is_grads_batched`` (vmap over the backward) measured no faster on CPU (the issue measured
-    it 1.4x slower) and its double backward fails on GroupNorm (docs/regularizers.md). ``JacobianRegularizer``, which owns the
+    it 1.4x slower), and on torch 2.13 the batched VJP fails on GroupNorm (docs/regularizers.md). ``JacobianRegularizer``, which owns the
     forward pass, batches the projections by replicating the input instead.
 
     Args:
