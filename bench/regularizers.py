@@ -211,7 +211,8 @@ def main():
         rows.append(row(op, name, shape, torch.float32, "peak_rss_rise_mib",
                         {"median": memory[name], "p20": memory[name], "p80": memory[name]}, device))
         ratio = s["median"] / base
-        rows.append(row(op, name, shape, torch.float32, "ratio_vs_plain", {"median": ratio, "p20": ratio, "p80": ratio}, device))
+        rows.append(row(op, name, shape, torch.float32, "ratio_vs_plain",
+                        {"median": ratio, "p20": ratio, "p80": ratio}, device))
         speedup = ""
         if ref:
             sp = stats[ref]["median"] / s["median"]

@@ -81,9 +81,9 @@ def jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, *, n_proj: int = 1, 
     B*C VJPs: a check, not a training method.
 
     On a given graph the P vector-Jacobian products run one after another: batching them with
-    ``is_grads_batched`` (vmap over the backward) measured no faster on CPU (the issue measured
-    it 1.4x slower), and on torch 2.13 the batched VJP fails on GroupNorm (docs/regularizers.md). ``JacobianRegularizer``, which owns the
-    forward pass, batches the projections by replicating the input instead.
+    ``is_grads_batched`` (vmap over the backward) measured 1.5x slower on CPU, and on torch 2.13
+    the batched VJP fails on GroupNorm. ``JacobianRegularizer(batching="replicate")``, which owns
+    the forward pass, batches them by stacking the input instead (docs/regularizers.md).
 
     Args:
         logits: [B, C] computed from ``x``.

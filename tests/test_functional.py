@@ -18,7 +18,8 @@ def make_model(kind: str, bn: bool, train: bool, seed: int = 0) -> nn.Module:
     """A small float64 softplus classifier for [B, 2, 6, 6] inputs: "mlp" or "cnn", with or without BatchNorm."""
     torch.manual_seed(seed)
     if kind == "mlp":
-        layers = [nn.Flatten(), nn.Linear(72, 16)] + ([nn.BatchNorm1d(16)] if bn else []) + [nn.Softplus(), nn.Linear(16, C)]
+        layers = [nn.Flatten(), nn.Linear(72, 16)] + ([nn.BatchNorm1d(16)] if bn else []) + [
+            nn.Softplus(), nn.Linear(16, C)]
     else:
         layers = [nn.Conv2d(2, 4, 3, padding=1)] + ([nn.BatchNorm2d(4)] if bn else []) + [
             nn.Softplus(), nn.Conv2d(4, 4, 3, stride=2), nn.Softplus(), nn.Flatten(), nn.Linear(16, C)]
