@@ -1,0 +1,227 @@
+"""Regularized training steps against a plain step and against the reference a user would write.
+
+    python -m bench.regularizers [--quick]
+
+CPU, a small conv net with BatchNorm and softplus, CIFAR-shaped batches (128x3x32x32; --quick:
+32x3x16x16), float32. Each provider is a whole training step (zero_grad, objective, backward,
+SGD step). References: eager double backprop for the input gradient; Hoffman et al.'s
+jacobian_regularizer loop (one autograd.grad per projection) for the Jacobian, plus the two
+batchings the issue considered (is_grads_batched, and an input-space finite-difference
+estimator). Providers are timed round-robin (median over rounds), so that load on a shared
+machine hits them alike. Peak memory is the rise of the
+process's resident memory over one step (sampled by a thread). Rows are appended
+to bench/results/<device>.csv (metrics ms, peak_rss_rise_mib, ratio_vs_plain, speedup_vs_reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import resource
+import statistics
+import threading
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.common import append_rows, row
+from fastrob.regularizers import InputGradientRegularizer, JacobianRegularizer, JSIGRRegularizer
+
+LAM = 0.1
+
+
+def make_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.Softplus(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.Softplus(),
+        nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.BatchNorm2d(128), nn.Softplus(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+
+def reference_input_gradient(model, x, y):
+    """What a user writes: eager double backprop."""
+    x = x.clone().requires_grad_(True)
+    ce = F.cross_entropy(model(x), y)
+    (g,) = torch.autograd.grad(ce * x.shape[0], x, create_graph=True)  # gradient of the summed CE
+    return ce + LAM * g.pow(2).flatten(1).sum(1).mean()
+
+
+def reference_jacobian_loop(n_proj):
+    """facebookresearch/jacobian_regularizer: one autograd.grad per projection."""
+    def loss(model, x, y):
+        x = x.clone().requires_grad_(True)
+        z = model(x)
+        b, c = z.shape
+        r = 0.0
+        for _ in range(n_proj):
+            v = torch.randn(b, c)
+            v = v / v.norm(dim=1, keepdim=True)
+            (g,) = torch.autograd.grad(z, x, v, retain_graph=True, create_graph=True)
+            r = r + c * g.pow(2).sum() / (n_proj * b)
+        return F.cross_entropy(z, y) + LAM * 0.5 * r
+    return loss
+
+
+def vmapped_jacobian(n_proj):
+    """The "obvious" batching: all projections in one vmapped VJP (is_grads_batched)."""
+    def loss(model, x, y):
+        x = x.clone().requires_grad_(True)
+        z = model(x)
+        v = torch.randn(n_proj, *z.shape)
+        v = v / v.norm(dim=-1, keepdim=True)
+        (g,) = torch.autograd.grad(z, x, v, create_graph=True, is_grads_batched=True)
+        return F.cross_entropy(z, y) + LAM * 0.5 * z.shape[1] * g.pow(2).sum() / (n_proj * z.shape[0])
+    return loss
+
+
+def input_space_fd_jacobian(n_proj, h=0.01):
+    """The forward finite-difference estimator E_u ||(z(x + h u) - z(x)) / h||^2 ~ ||J||_F^2,
+    u ~ N(0, I), the P perturbed batches in one forward. Timing only: biased O(h), and it lets
+    the perturbed copies share BatchNorm statistics."""
+    def loss(model, x, y):
+        z = model(x)
+        u = torch.randn(n_proj, *x.shape)
+        z_h = model((x + h * u).flatten(0, 1)).view(n_proj, *z.shape)
+        return F.cross_entropy(z, y) + LAM * 0.5 * ((z_h - z) / h).pow(2).sum() / (n_proj * z.shape[0])
+    return loss
+
+
+def plain(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def fastrob_step(reg):
+    return lambda model, x, y: reg(model, x, y).loss
+
+
+PROVIDERS = {
+    # name: (op, objective, baseline provider for "speedup_vs_reference")
+    "plain": ("train_step", plain, None),
+    "input_grad_reference_eager": ("input_gradient_exact", reference_input_gradient, None),
+    "input_grad_exact": ("input_gradient_exact", fastrob_step(InputGradientRegularizer(LAM)),
+                         "input_grad_reference_eager"),
+    "input_grad_fd": ("input_gradient_fd", fastrob_step(InputGradientRegularizer(LAM, mode="fd")),
+                      "input_grad_reference_eager"),
+    "jacobian1_reference_loop": ("jacobian_nproj1", reference_jacobian_loop(1), None),
+    "jacobian1": ("jacobian_nproj1", fastrob_step(JacobianRegularizer(LAM, n_proj=1)), "jacobian1_reference_loop"),
+    "jacobian4_reference_loop": ("jacobian_nproj4", reference_jacobian_loop(4), None),
+    "jacobian4_is_grads_batched": ("jacobian_nproj4", vmapped_jacobian(4), "jacobian4_reference_loop"),
+    "jacobian4_input_space_fd": ("jacobian_nproj4", input_space_fd_jacobian(4), "jacobian4_reference_loop"),
+    "jacobian4_graph": ("jacobian_nproj4", fastrob_step(JacobianRegularizer(LAM, n_proj=4, batching="graph")),
+                        "jacobian4_reference_loop"),
+    "jacobian4_replicate": ("jacobian_nproj4", fastrob_step(JacobianRegularizer(LAM, n_proj=4, batching="replicate")),
+                            "jacobian4_reference_loop"),
+    "jsigr": ("jsigr", fastrob_step(JSIGRRegularizer(0.01, LAM, patch=8)), "input_grad_reference_eager"),
+}
+
+
+def setup(name, shape):
+    torch.manual_seed(0)
+    op, objective, _ = PROVIDERS[name]
+    model = make_net().train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.rand(shape)
+    y = torch.randint(0, 10, (shape[0],))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        objective(model, x, y).backward()
+        opt.step()
+    return step
+
+
+def summary(times: list) -> dict:
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return {"median": statistics.median(times), "p20": q[1], "p80": q[7]}
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def set_mmap_threshold(nbytes: int) -> None:
+    """glibc serves allocations of ``nbytes`` or more with mmap and gives them back on free.
+
+    At 64 KiB (set before anything is allocated: chunks already in the heap's free lists are
+    reused whatever the threshold) the process's resident memory follows the live tensors, which
+    makes peak RSS a measure of a step's peak tensor memory. It also slows the steps down, so the
+    timings run with 32 MiB, where glibc's own adaptive threshold ends up anyway."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, nbytes)
+    libc.mallopt(m_trim_threshold, 2 * nbytes)
+
+
+def peak_rss_rise_mib(step) -> float:
+    """The rise of resident memory over one call of ``step``, sampled every 0.2 ms by a thread
+    (tracemalloc does not see torch's allocations; see set_mmap_threshold)."""
+    before, peak, done = rss_mib(), [0.0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(2e-4)
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        step()
+    finally:
+        done.set()
+        thread.join()
+    return max(0.0, max(peak[0], rss_mib()) - before)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="32x3x16x16 batches, fewer repetitions")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 7, --quick 5)")
+    args = parser.parse_args()
+    shape = (32, 3, 16, 16) if args.quick else (128, 3, 32, 32)
+    rounds = args.reps or (5 if args.quick else 7)
+    device = torch.device("cpu")
+    set_mmap_threshold(64 * 1024)
+    steps = {name: setup(name, shape) for name in PROVIDERS}
+    memory = {}
+    for name, step in steps.items():
+        step()  # warm-up: lazily allocated state (optimizer, oneDNN) is not the step's
+        memory[name] = peak_rss_rise_mib(step)
+    set_mmap_threshold(32 * 2**20)
+    # Round-robin, so that a load change on a shared machine hits every provider alike.
+    times = {name: [] for name in PROVIDERS}
+    for r in range(rounds + 2):  # the first two rounds warm up
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if r >= 2:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    stats = {name: summary(t) for name, t in times.items()}
+    rows = []
+    print(f"{shape}, {rounds} rounds, {torch.get_num_threads()} threads")
+    print(f"{'provider':30s} {'ms':>9s} {'x plain':>8s} {'ref/this':>9s} {'peak MiB':>9s}")
+    for name, (op, _, ref) in PROVIDERS.items():
+        s = stats[name]
+        base = stats["plain"]["median"]
+        rows.append(row(op, name, shape, torch.float32, "ms", s, device))
+        rows.append(row(op, name, shape, torch.float32, "peak_rss_rise_mib",
+                        {"median": memory[name], "p20": memory[name], "p80": memory[name]}, device))
+        ratio = s["median"] / base
+        rows.append(row(op, name, shape, torch.float32, "ratio_vs_plain",
+                        {"median": ratio, "p20": ratio, "p80": ratio}, device))
+        speedup = ""
+        if ref:
+            sp = stats[ref]["median"] / s["median"]
+            rows.append(row(op, name, shape, torch.float32, "speedup_vs_reference",
+                            {"median": sp, "p20": sp, "p80": sp}, device))
+            speedup = f"{sp:9.2f}"
+        print(f"{name:30s} {s['median']:9.1f} {ratio:8.2f} {speedup:>9s} {memory[name]:9.1f}")
+    print("results:", append_rows(rows, device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Functional forms of the regularizers' penalties, for users who already have the logits or the
+per-sample losses of a forward pass, plus the model-calling helpers the regularizer classes share.
+
+Every penalty here is differentiable with respect to the model's parameters (it is built with
+``create_graph=True``) and is computed with ``torch.autograd.grad`` with respect to the input only,
+so no parameter's ``.grad`` changes until the caller runs ``backward``.
+
+Batch coupling. The gradients below are those of the *summed* loss (or logits) with respect to
+the batch: sample i's row is d(sum_j l_j)/dx_i. When samples do not interact (no BatchNorm in
+train mode) this is d l_i / d x_i exactly; with BatchNorm in train mode it also carries the terms
+through the batch statistics, which is what an eager double-backprop user computes too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from fastrob.ops._common import check_float, check_tensor
+
+INPUT_GRADIENT_NORMS = ("l2", "l1")
+
+
+# ---- the formulas ---------------------------------------------------------------------------
+
+def input_gradient_penalty(loss_per_sample: torch.Tensor, x: torch.Tensor, *, norm: str = "l2",
+                           weight: torch.Tensor | None = None) -> torch.Tensor:
+    """mean_i ||w * g_i||_2^2 (norm="l2") or mean_i ||w * g_i||_1^2 / d (norm="l1").
+
+    g_i = d(sum_j loss_per_sample_j) / d x_i is sample i's input gradient (see the module
+    docstring for batch coupling), d the number of elements of one sample and w an optional
+    elementwise weight broadcastable to ``x`` (1 when None; J-SIGR's 1 - saliency mask). l1 is the
+    dual norm of Linf attacks; dividing by d puts it on the scale of the l2 penalty
+    (||g||_1^2 / d <= ||g||_2^2). Differentiable by double backprop.
+
+    Args:
+        loss_per_sample: [B] per-sample losses computed from ``x`` (e.g. cross-entropy with
+            ``reduction="none"``).
+        x: [B, ...] the input the losses were computed from; it must require grad.
+    """
+    check_tensor("loss_per_sample", loss_per_sample)
+    check_tensor("x", x, min_dim=2)
+    if loss_per_sample.shape != (x.shape[0],):
+        raise ValueError(f"loss_per_sample must have shape [B] = ({x.shape[0]},), got {tuple(loss_per_sample.shape)}")
+    if norm not in INPUT_GRADIENT_NORMS:
+        raise ValueError(f"norm must be one of {INPUT_GRADIENT_NORMS}, got {norm!r}")
+    _check_differentiable(loss_per_sample, x)
+    (g,) = torch.autograd.grad(loss_per_sample.sum(), x, create_graph=True)
+    if weight is not None:
+        g = g * weight
+    return gradient_norm_penalty(g, norm)
+
+
+def gradient_norm_penalty(g: torch.Tensor, norm: str) -> torch.Tensor:
+    """mean_i ||g_i||_2^2, or mean_i ||g_i||_1^2 / d, of a [B, ...] gradient (float32 at least)."""
+    g = g.flatten(1)
+    if g.dtype in (torch.float16, torch.bfloat16):
+        g = g.float()  # squares of half-precision gradients underflow
+    if norm == "l2":
+        return g.pow(2).sum(1).mean()
+    return g.abs().sum(1).pow(2).mean() / g.shape[1]
+
+
+def jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, *, n_proj: int = 1, exact: bool = False,
+                     samples_interact: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """1/2 ||J||_F^2 / B with J = d logits / d x the Jacobian of the whole batch, [B*C, B*d].
+
+    For samples that do not interact, J is block-diagonal and this is mean_b 1/2 ||J_b||_F^2,
+    J_b = d logits_b / d x_b. Estimated as Hoffman et al. do:
+        1/2 * C / (P * B) * sum_p ||v_p^T J||^2,
+    v_p = (v_p1, ..., v_pB) with P = n_proj independent v_pb uniform on the unit sphere of R^C per
+    sample. Unbiased because E[v v^T] = I / C within a sample and the samples' v are independent
+    (cross-sample terms vanish in expectation, so it is unbiased with train-mode BatchNorm too).
+
+    ``exact=True`` computes the value exactly: with the C one-hot vectors (the same e_c for every
+    sample, P = C) when samples do not interact; with ``samples_interact=True`` (BatchNorm in train
+    mode) one-hot vectors on one sample at a time, P = B*C, since a one-hot vector shared by the
+    batch would add the cross-sample products sum_{j != k} <d z_jc/dx, d z_kc/dx>. The latter costs
+    B*C VJPs: a check, not a training method.
+
+    On a given graph the P vector-Jacobian products run one after another: batching them with
+    ``is_grads_batched`` (vmap over the backward) measured 1.5x slower on CPU, and on torch 2.13
+    the batched VJP fails on GroupNorm. ``JacobianRegularizer(batching="replicate")``, which owns
+    the forward pass, batches them by stacking the input instead (docs/regularizers.md).
+
+    Args:
+        logits: [B, C] computed from ``x``.
+        x: [B, ...] the input, requiring grad.
+        n_proj: P, the number of random projections per sample (ignored when ``exact``).
+        samples_interact: whether the logits of one sample depend on other samples' inputs
+            (matters for ``exact`` only).
+        generator: the random generator for the projections, on the logits' device (default:
+            torch's global one).
+    """
+    check_tensor("logits", logits, min_dim=2)
+    check_tensor("x", x, min_dim=2)
+    if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+        raise ValueError(f"logits must have shape [B, C] with B = {x.shape[0]}, got {tuple(logits.shape)}")
+    n_proj = check_n_proj(n_proj)
+    _check_differentiable(logits, x)
+    rows, classes = logits.shape
+    if exact and samples_interact:
+        # v[b*C + c] is e_c on sample b and 0 elsewhere: every output element on its own.
+        v = torch.eye(rows * classes, device=logits.device, dtype=logits.dtype).view(rows * classes, rows, classes)
+        return projected_jacobian_penalty(logits, x, v, scale=1.0)
+    v = projections(rows, classes, n_proj, exact, logits, generator)
+    return projected_jacobian_penalty(logits, x, v, scale=classes / v.shape[0])
+
+
+def projections(rows: int, classes: int, n_proj: int, exact: bool, like: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """[P, rows, C] projection vectors: the C one-hot vectors (P = C) when ``exact``, else
+    P x rows independent vectors uniform on the unit sphere (normalised Gaussians)."""
+    if exact:
+        eye = torch.eye(classes, device=like.device, dtype=like.dtype)
+        return eye[:, None, :].expand(classes, rows, classes)
+    v = torch.randn(n_proj, rows, classes, device=like.device, dtype=torch.float32, generator=generator)
+    return (v / v.norm(dim=-1, keepdim=True)).to(like.dtype)
+
+
+def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *,
+                               scale: float) -> torch.Tensor:
+    """1/2 * scale / N * sum_p ||v_p^T J||^2 for projections v of shape [P, N, C], J = d logits / d x.
+
+    The one formula behind every Jacobian penalty here; ``scale`` is C / P for one unit vector
+    per sample and projection (random: Hoffman's unbiased estimate; one-hot: the exact value).
+    One VJP per projection (see ``jacobian_penalty`` for why not a vmapped one).
+    """
+    total = 0.0
+    for p in range(v.shape[0]):
+        (g,) = torch.autograd.grad(logits, x, v[p], create_graph=True, retain_graph=True)
+        if g.dtype in (torch.float16, torch.bfloat16):
+            g = g.float()  # squares of half-precision gradients underflow
+        total = total + g.pow(2).sum()
+    return 0.5 * scale * total / logits.shape[0]
+
+
+# ---- argument checks and model calls shared by the regularizer classes ----------------------
+
+def check_n_proj(n_proj) -> int:
+    if isinstance(n_proj, bool) or not isinstance(n_proj, int) or n_proj < 1:
+        raise ValueError(f"n_proj must be an integer >= 1, got {n_proj!r}")
+    return n_proj
+
+
+def check_lam(name: str, lam) -> float:
+    return check_float(name, lam, min_value=0.0)
+
+
+def check_h(h) -> float:
+    h = check_float("h", h)
+    if h <= 0:
+        raise ValueError(f"h must be > 0, got {h}")
+    return h
+
+
+def check_inputs(model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks (model, x, y); returns a leaf copy of x that requires grad, and y.
+
+    x is never modified: the copy is a detached view, so the caller's tensor and its graph (if
+    any) stay as they were.
+    """
+    if not isinstance(model, torch.nn.Module) and not callable(model):
+        raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+    check_tensor("x", x, min_dim=2)
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"y must be an integer tensor of class labels, got {type(y).__name__}"
+                        + (f" of dtype {y.dtype}" if isinstance(y, torch.Tensor) else ""))
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape [B] = ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    return x.detach().requires_grad_(True), y.long()
+
+
+def forward(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """model(x), checked to be [N, C] logits with every label of y < C."""
+    logits = model(x)
+    n = x.shape[0]
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model must return logits of shape [B, C] = ({n}, C), got {shape}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+        raise ValueError(f"y must hold class labels in [0, {logits.shape[1]}), got range "
+                         f"[{int(y.min())}, {int(y.max())}]")
+    return logits
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy in float32 at least (bf16 autocast logits lose too much in log-softmax)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+@contextlib.contextmanager
+def preserved_buffers(model):
+    """Runs the block with scratch copies of ``model``'s buffers, and puts the originals back.
+
+    For the extra forward passes a regularizer makes: in train mode BatchNorm updates its running
+    statistics on every forward, and those must move once per training step, from the clean
+    batch. Swapping the buffers (rather than copying the old values back) leaves the originals
+    untouched, so autograd's version check on buffers the clean forward saved still passes.
+    """
+    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+    saved = [(m, dict(m._buffers)) for m in modules if m._buffers]
+    for m, buffers in saved:
+        for name, b in buffers.items():
+            if b is not None:
+                m._buffers[name] = b.clone()
+    try:
+        yield
+    finally:
+        for m, buffers in saved:
+            m._buffers.update(buffers)
+
+
+def coupling_modules(model) -> list:
+    """The modules of ``model`` that mix samples in their forward: BatchNorm in train mode (batch
+    statistics). GroupNorm, LayerNorm and InstanceNorm normalise per sample and do not."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+
+
+def couples_samples(model) -> bool:
+    if not isinstance(model, torch.nn.Module):
+        return True  # an unknown callable: assume the worst
+    return bool(coupling_modules(model))
+
+
+@contextlib.contextmanager
+def per_replica_batch_norm(model, replicas: int):
+    """Within the block, train-mode BatchNorm layers of ``model`` normalise a batch of
+    ``replicas`` stacked copies (rows r*B .. r*B + B - 1 for copy r) with each copy's own batch
+    statistics, so that every copy computes exactly the B-batch function, its cross-sample
+    derivatives through the statistics included, and no copy's derivatives leak into another's.
+
+    A forward hook replaces each layer's output; the layer's own forward still runs (its output is
+    dropped), so use this inside ``preserved_buffers``: its running-statistics update is not the
+    clean batch's. Covers ``torch.nn`` BatchNorm1d/2d/3d semantics (affine or not).
+    """
+    def hook(module, inputs, output):
+        x = inputs[0]
+        channels = x.shape[1]
+        # [R*B, C, ...] -> [B, R*C, ...]: channel r*C + c is channel c of copy r
+        xg = x.unflatten(0, (replicas, -1)).movedim(0, 1).flatten(1, 2)
+        weight = module.weight.repeat(replicas) if module.weight is not None else None
+        bias = module.bias.repeat(replicas) if module.bias is not None else None
+        y = F.batch_norm(xg, None, None, weight, bias, True, 0.0, module.eps)
+        return y.unflatten(1, (replicas, channels)).movedim(1, 0).flatten(0, 1)
+
+    handles = [m.register_forward_hook(hook) for m in coupling_modules(model)] if replicas > 1 else []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_differentiable(out: torch.Tensor, x: torch.Tensor) -> None:
+    if not x.requires_grad:
+        raise ValueError("x must require grad and be the input the outputs were computed from")
+    if not out.requires_grad:
+        raise ValueError("the outputs do not depend on x (or were computed under torch.no_grad)")

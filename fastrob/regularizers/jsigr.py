@@ -1,0 +1,110 @@
+"""J-SIGR (Liu et al. 2022/2024): Jacobian normalization plus selective input-gradient
+regularization toward a perturbation saliency map. METHODS.md, seed 003: the paper's exact loss
+was not recoverable, so this is fastrob's documented default."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastrob import functional as Fn
+from fastrob.objective import Objective
+from fastrob.regularizers.input_gradient import check_backend
+
+PERTURBATIONS = ("mean", "blur")
+
+
+class JSIGRRegularizer:
+    """loss = mean_i CE_i + lam_jacobian * 1/2 ||J||_F^2 / B + lam_saliency * mean_i ||(1 - S_i) * g_i||_2^2.
+
+    J = d logits / d x, estimated with ``n_proj`` random projections as in ``JacobianRegularizer``
+    (VJPs on the shared forward's graph); g_i = d(sum_j CE_j)/dx_i, by double backprop. S_i is
+    sample i's perturbation saliency, computed without gradient: the image is cut into
+    patch x patch squares; for each square k, drop_ik = max(0, p_y(x_i) - p_y(x_i with square k
+    replaced)), the replacement being the sample's per-channel mean ("mean") or a 3x3 box blur of
+    the image ("blur"); S_i = drop_i / max_k drop_ik (0 where no square lowers p_y), constant over
+    each square and the channels. The input gradient is thereby suppressed where the saliency says
+    the input does not matter, so that the gradient explanation imitates the saliency map.
+
+    ``Objective.penalty`` is the weighted sum lam_jacobian * R_J + lam_saliency * R_S (two terms,
+    so there is no single unweighted penalty): loss = ce + penalty.
+
+    The saliency forwards (one per square, batched in chunks of ``chunk`` samples) run in the
+    model's mode and do not move BatchNorm's running statistics. Inputs must be images [B, C, H, W].
+
+    Args:
+        lam_jacobian: weight of the Jacobian term, >= 0 (default 0.01, Hoffman et al.).
+        lam_saliency: weight of the selective input-gradient term, >= 0 (default 0.1).
+        patch: side of the squares, >= 1 (default 4).
+        perturbation: "mean" or "blur".
+        n_proj: random projections for the Jacobian estimate, >= 1.
+        chunk: at most this many perturbed images per saliency forward.
+        generator: torch.Generator for the projections.
+        backend: "auto" | "torch".
+    """
+
+    def __init__(self, lam_jacobian: float = 0.01, lam_saliency: float = 0.1, patch: int = 4,
+                 perturbation: str = "mean", n_proj: int = 1, chunk: int = 4096,
+                 generator: torch.Generator | None = None, backend: str = "auto"):
+        self.lam_jacobian = Fn.check_lam("lam_jacobian", lam_jacobian)
+        self.lam_saliency = Fn.check_lam("lam_saliency", lam_saliency)
+        for name, value in (("patch", patch), ("chunk", chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
+        self.patch, self.chunk, self.perturbation = patch, chunk, perturbation
+        self.n_proj = Fn.check_n_proj(n_proj)
+        self.generator = generator
+        self.backend = check_backend(backend, "JSIGRRegularizer")
+
+    def __repr__(self):
+        return (f"JSIGRRegularizer(lam_jacobian={self.lam_jacobian}, lam_saliency={self.lam_saliency}, "
+                f"patch={self.patch}, perturbation={self.perturbation!r}, n_proj={self.n_proj})")
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
+        x, y = Fn.check_inputs(model, x, y)
+        if x.dim() != 4:
+            raise ValueError(f"x must be a batch of images [B, C, H, W], got shape {tuple(x.shape)}")
+        logits = Fn.forward(model, x, y)
+        ce = Fn.cross_entropy(logits, y)
+        saliency = self.saliency(model, x.detach(), y, logits.detach())
+        r_s = Fn.input_gradient_penalty(ce, x, norm="l2", weight=1 - saliency)
+        r_j = Fn.jacobian_penalty(logits, x, n_proj=self.n_proj, generator=self.generator)
+        penalty = self.lam_jacobian * r_j + self.lam_saliency * r_s
+        mean_ce = ce.mean()
+        return Objective(mean_ce + penalty, mean_ce, penalty, logits)
+
+    @torch.no_grad()
+    def saliency(self, model, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """S(x) in [0, 1], shape [B, 1, H, W] (see the class docstring)."""
+        b, c, h, w = x.shape
+        p = self.patch
+        gh, gw = -(-h // p), -(-w // p)  # ceil: a partial square at the border is a square too
+        if logits is None:
+            with Fn.preserved_buffers(model):
+                logits = model(x)
+        # probabilities in float32 at least: half-precision softmax would blur small drops
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        p_clean = logits.to(dtype).softmax(1).gather(1, y[:, None])[:, 0]
+        if self.perturbation == "mean":
+            replacement = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+        else:
+            replacement = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        # masks[k] is 1 on square k: [K, 1, H, W]
+        cells = torch.arange(gh * gw, device=x.device).view(1, 1, gh, gw)
+        cells = cells.repeat_interleave(p, 2).repeat_interleave(p, 3)[..., :h, :w]
+        masks = (cells == torch.arange(gh * gw, device=x.device).view(-1, 1, 1, 1)).to(x.dtype)
+        drops = []
+        per_chunk = max(1, self.chunk // b)
+        with Fn.preserved_buffers(model):
+            for k0 in range(0, gh * gw, per_chunk):
+                m = masks[k0:k0 + per_chunk, None]  # [k, 1, 1, H, W]
+                xp = (x * (1 - m) + replacement * m).flatten(0, 1)  # [k*B, C, H, W]
+                p_pert = model(xp).to(dtype).softmax(1).gather(1, y.repeat(m.shape[0])[:, None])[:, 0]
+                drops.append((p_clean - p_pert.view(m.shape[0], b)).clamp_min(0))
+        drops = torch.cat(drops).T  # [B, K]
+        top = drops.max(1, keepdim=True).values
+        s = torch.where(top > 0, drops / top.clamp_min(torch.finfo(drops.dtype).tiny), torch.zeros_like(drops))
+        s = s.view(b, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)[..., :h, :w]
+        return s.to(x.dtype)
