@@ -35,6 +35,7 @@ test-all: setup
 
 bench: setup
 	$(PY) -m bench.pgd_step
+	$(PY) -m bench.regularizers
 	$(PY) -m bench.attacks
 
 clean:
