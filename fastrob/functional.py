@@ -18,7 +18,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from fastrob.ops._common import check_float, check_tensor
+from fastrob._checks import check_float, check_int, check_labels, check_logits, check_model, check_tensor
 
 INPUT_GRADIENT_NORMS = ("l2", "l1")
 
@@ -98,7 +98,7 @@ def jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, *, n_proj: int = 1, 
     check_tensor("x", x, min_dim=2)
     if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         raise ValueError(f"logits must have shape [B, C] with B = {x.shape[0]}, got {tuple(logits.shape)}")
-    n_proj = check_n_proj(n_proj)
+    n_proj = check_int("n_proj", n_proj, 1)
     _check_differentiable(logits, x)
     rows, classes = logits.shape
     if exact and samples_interact:
@@ -139,16 +139,6 @@ def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.T
 
 # ---- argument checks and model calls shared by the regularizer classes ----------------------
 
-def check_n_proj(n_proj) -> int:
-    if isinstance(n_proj, bool) or not isinstance(n_proj, int) or n_proj < 1:
-        raise ValueError(f"n_proj must be an integer >= 1, got {n_proj!r}")
-    return n_proj
-
-
-def check_lam(name: str, lam) -> float:
-    return check_float(name, lam, min_value=0.0)
-
-
 def check_h(h) -> float:
     h = check_float("h", h)
     if h <= 0:
@@ -157,32 +147,21 @@ def check_h(h) -> float:
 
 
 def check_inputs(model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checks (model, x, y); returns a leaf copy of x that requires grad, and y.
+    """Checks (model, x, y); returns a leaf copy of x that requires grad, and y as int64.
 
     x is never modified: the copy is a detached view, so the caller's tensor and its graph (if
     any) stay as they were.
     """
-    if not isinstance(model, torch.nn.Module) and not callable(model):
-        raise TypeError(f"model must be an nn.Module or a callable, got {type(model).__name__}")
+    check_model(model)
     check_tensor("x", x, min_dim=2)
-    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"y must be an integer tensor of class labels, got {type(y).__name__}"
-                        + (f" of dtype {y.dtype}" if isinstance(y, torch.Tensor) else ""))
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"y must have shape [B] = ({x.shape[0]},) to match x, got {tuple(y.shape)}")
-    return x.detach().requires_grad_(True), y.long()
+    y = check_labels(y, x.shape[0])
+    return x.detach().requires_grad_(True), y
 
 
 def forward(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """model(x), checked to be [N, C] logits with every label of y < C."""
     logits = model(x)
-    n = x.shape[0]
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != n:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"model must return logits of shape [B, C] = ({n}, C), got {shape}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
-        raise ValueError(f"y must hold class labels in [0, {logits.shape[1]}), got range "
-                         f"[{int(y.min())}, {int(y.max())}]")
+    check_logits(logits, x.shape[0], y)
     return logits
 
 

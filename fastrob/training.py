@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fastrob.attacks.pgd import Attack, kl_loss
 from fastrob.objective import Objective
-from fastrob.ops._common import check_float, check_tensor
+from fastrob._checks import check_float, check_tensor
 
 KINDS = ("pgd", "trades", "half")
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from numbers import Integral
 from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from fastrob import _backend
-from fastrob.ops._common import check_tensor, per_sample_value
+from fastrob._checks import check_int, check_labels, check_logits, check_model, check_tensor, per_sample_value
 from fastrob.ops.pgd_step import NORMS, pgd_step_unchecked
 
 LOSSES = ("ce", "margin", "kl")
@@ -98,17 +97,8 @@ def attack_context(model, training: Union[bool, Callable] = False):
 # ----------------------------------------------------------------------------------------------
 # argument checks
 
-def _check_int(name, value, min_value):
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < min_value:
-        raise ValueError(f"{name} must be >= {min_value}, got {value}")
-    return int(value)
-
-
 def _check_inputs(model, x, y, clamp_input):
-    if not callable(model):
-        raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
+    check_model(model)
     check_tensor("x", x, min_dim=2)
     if bool(torch.isnan(x).any()):
         raise ValueError("x contains NaN")
@@ -116,21 +106,7 @@ def _check_inputs(model, x, y, clamp_input):
         raise ValueError(f"x must lie in [0, 1] (got values in [{x.min().item():.4g}, {x.max().item():.4g}]); "
                          "pass clamp_input=True to clamp it")
     if y is not None:
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"y must be a torch.Tensor of class indices, got {type(y).__name__}")
-        if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-            raise TypeError(f"y must hold integer class indices, got dtype {y.dtype}")
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"y must have shape [batch] = ({x.shape[0]},), got {tuple(y.shape)}")
-
-
-def _check_logits(logits, batch, y):
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"model must return logits of shape [batch, classes] = ({batch}, C), got {got}")
-    if y is not None and y.numel() and (bool(y.min() < 0) or bool(y.max() >= logits.shape[1])):
-        raise ValueError(f"y must hold labels in [0, {logits.shape[1]}) for a model with {logits.shape[1]} "
-                         f"outputs, got values in [{y.min().item()}, {y.max().item()}]")
+        check_labels(y, x.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,8 +208,8 @@ def pgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255
         x_adv (x's shape and dtype, no grad), or (x_adv, fooled) with ``return_fooled``.
     """
     _check_inputs(model, x, y, clamp_input)
-    steps = _check_int("steps", steps, 0)
-    restarts = _check_int("restarts", restarts, 1)
+    steps = check_int("steps", steps, 0)
+    restarts = check_int("restarts", restarts, 1)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if not callable(loss) and loss not in LOSSES:
@@ -266,7 +242,7 @@ def pgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255
         with torch.no_grad():
             clean_logits = forward(x) if (y is None or loss == "kl") else None
         if clean_logits is not None:
-            _check_logits(clean_logits, batch, None)
+            check_logits(clean_logits, batch, None)
         if y is None:
             if targeted:
                 raise ValueError("targeted=True needs target labels y")
@@ -287,7 +263,7 @@ def pgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255
                 inp = inp.detach().requires_grad_(need_grad)
                 logits = forward(inp)
                 if check:  # checked once: the label check synchronises with the device
-                    _check_logits(logits, inp.shape[0], w.y)
+                    check_logits(logits, inp.shape[0], w.y)
                 j = _objective(loss, logits, w.y, w.p0, targeted)
                 grad = torch.autograd.grad(j.sum(), inp)[0] if need_grad else None
             return logits.detach(), j.detach(), grad

@@ -17,15 +17,8 @@ from typing import Optional
 import torch
 
 from fastrob import _backend
-from fastrob.ops._common import (
-    check_float,
-    check_like,
-    check_tensor,
-    cuda_dtype_code,
-    cuda_launch_context,
-    per_sample_value,
-    same_layout,
-)
+from fastrob._checks import check_float, check_like, check_tensor, per_sample_value
+from fastrob.ops._common import cuda_dtype_code, cuda_launch_context, same_layout
 
 NORMS = ("linf", "l2")
 

@@ -7,6 +7,7 @@ import torch
 
 from fastrob import _backend
 from fastrob import functional as Fn
+from fastrob._checks import check_float
 from fastrob.objective import Objective
 
 MODES = ("exact", "fd")
@@ -59,7 +60,7 @@ class InputGradientRegularizer:
 
     def __init__(self, lam: float = 0.1, norm: str = "l2", mode: str = "exact", h: float = 0.01,
                  backend: str = "auto"):
-        self.lam = Fn.check_lam("lam", lam)
+        self.lam = check_float("lam", lam, min_value=0.0)
         if norm not in Fn.INPUT_GRADIENT_NORMS:
             raise ValueError(f"norm must be one of {Fn.INPUT_GRADIENT_NORMS}, got {norm!r}")
         if mode not in MODES:

@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from fastrob import functional as Fn
+from fastrob._checks import check_float, check_int
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
 
@@ -53,8 +54,8 @@ class JacobianRegularizer:
 
     def __init__(self, lam: float = 0.01, n_proj: int = 1, exact: bool = False, batching: str = "auto",
                  generator: torch.Generator | None = None, backend: str = "auto"):
-        self.lam = Fn.check_lam("lam", lam)
-        self.n_proj = Fn.check_n_proj(n_proj)
+        self.lam = check_float("lam", lam, min_value=0.0)
+        self.n_proj = check_int("n_proj", n_proj, 1)
         self.exact = bool(exact)
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrob import functional as Fn
+from fastrob._checks import check_float, check_int
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
 
@@ -46,15 +47,15 @@ class JSIGRRegularizer:
     def __init__(self, lam_jacobian: float = 0.01, lam_saliency: float = 0.1, patch: int = 4,
                  perturbation: str = "mean", n_proj: int = 1, chunk: int = 4096,
                  generator: torch.Generator | None = None, backend: str = "auto"):
-        self.lam_jacobian = Fn.check_lam("lam_jacobian", lam_jacobian)
-        self.lam_saliency = Fn.check_lam("lam_saliency", lam_saliency)
+        self.lam_jacobian = check_float("lam_jacobian", lam_jacobian, min_value=0.0)
+        self.lam_saliency = check_float("lam_saliency", lam_saliency, min_value=0.0)
         for name, value in (("patch", patch), ("chunk", chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
         self.patch, self.chunk, self.perturbation = patch, chunk, perturbation
-        self.n_proj = Fn.check_n_proj(n_proj)
+        self.n_proj = check_int("n_proj", n_proj, 1)
         self.generator = generator
         self.backend = check_backend(backend, "JSIGRRegularizer")
 

@@ -1,0 +1,106 @@
+"""Argument checks shared by the whole package: each raises TypeError or ValueError naming the
+argument and what was expected (DESIGN.md, Conventions)."""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import torch
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_tensor(name: str, t, *, min_dim: int = 1) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {dtype_name(t.dtype)}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimensions (batch first), got shape {tuple(t.shape)}")
+    return t
+
+
+def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``t`` must match ``ref`` in shape, dtype and device."""
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the dtype of {ref_name} ({dtype_name(ref.dtype)}), got {dtype_name(t.dtype)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+
+
+def check_float(name: str, value, *, min_value: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{name} must be >= {min_value}, got {value}")
+    return value
+
+
+def per_sample_value(name: str, value, batch: int, device: torch.device, *, min_value: float = 0.0,
+                     dtype: torch.dtype = torch.float32):
+    """A float, or a per-sample tensor of shape [batch] (``dtype`` on ``device``) after checking it.
+
+    A 0-dim tensor counts as a float. Checking a CUDA tensor's values costs one synchronisation;
+    hot loops (the attacks) check once and then call the ops' unchecked entry points.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return check_float(name, value.item(), min_value=min_value)
+        if value.shape != (batch,):
+            raise ValueError(f"{name} must be a number or a tensor of shape [batch] = ({batch},), "
+                             f"got shape {tuple(value.shape)}")
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must hold real numbers, got dtype {dtype_name(value.dtype)}")
+        value = value.detach().to(device=device, dtype=dtype)
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} must be finite, got a non-finite entry")
+        if bool((value < min_value).any()):
+            raise ValueError(f"{name} must be >= {min_value}, got minimum {value.min().item()}")
+        return value.contiguous()
+    return check_float(name, value, min_value=min_value)
+
+
+def check_int(name: str, value, min_value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < min_value:
+        raise ValueError(f"{name} must be >= {min_value}, got {value}")
+    return int(value)
+
+
+def check_model(model) -> None:
+    if not callable(model):
+        raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
+
+
+def check_labels(y, batch: int) -> torch.Tensor:
+    """y as int64 class indices of shape [batch] (the range is checked against the logits)."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor of class indices, got {type(y).__name__}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"y must hold integer class indices, got dtype {dtype_name(y.dtype)}")
+    if y.shape != (batch,):
+        raise ValueError(f"y must have shape [batch] = ({batch},), got {tuple(y.shape)}")
+    return y.long()
+
+
+def check_logits(logits, batch: int, y: torch.Tensor | None = None) -> None:
+    """The model's output must be [batch, C] logits, and every label in y must be < C.
+
+    The label check reads y's range, a device synchronisation: loops check once."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"model must return logits of shape [batch, classes] = ({batch}, C), got {got}")
+    if y is not None and y.numel():
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= logits.shape[1]:
+            raise ValueError(f"y must hold labels in [0, {logits.shape[1]}) for a model with {logits.shape[1]} "
+                             f"outputs, got values in [{low}, {high}]")
