@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from fastrob import _backend
 from fastrob._checks import check_int, check_labels, check_logits, check_model, check_tensor, per_sample_value
+from fastrob.ops._common import per_sample_view
 from fastrob.ops.pgd_step import NORMS, pgd_step_unchecked
 
 LOSSES = ("ce", "margin", "kl")
@@ -112,13 +113,6 @@ def _check_inputs(model, x, y, clamp_input):
 # ----------------------------------------------------------------------------------------------
 # random starts
 
-def _view(value, like):
-    """A float as is; a per-sample [B] tensor as [B, 1, ..., 1] in ``like``'s dtype."""
-    if isinstance(value, torch.Tensor):
-        return value.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-    return value
-
-
 def _random_start(x, eps, kind, norm, generator):
     """One start for the whole batch, drawn exactly as torchattacks draws it (so that the same
     seed gives the same start): Linf uniform in the eps-box, L2 a Gaussian direction times a
@@ -130,7 +124,7 @@ def _random_start(x, eps, kind, norm, generator):
         kind = "uniform" if norm == "linf" else "normal"
     if kind == "uniform":
         if isinstance(eps, torch.Tensor):
-            delta = torch.empty_like(x).uniform_(-1, 1, generator=generator) * _view(eps, x)
+            delta = torch.empty_like(x).uniform_(-1, 1, generator=generator) * per_sample_view(eps, x)
         else:
             delta = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
         return torch.clamp(x + delta, 0, 1)
@@ -138,11 +132,11 @@ def _random_start(x, eps, kind, norm, generator):
         delta = torch.empty_like(x).normal_(generator=generator)
         n = delta.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (x.dim() - 1)))
         r = torch.zeros_like(n).uniform_(0, 1, generator=generator)
-        delta *= r / n * _view(eps, x)
+        delta *= r / n * per_sample_view(eps, x)
         return torch.clamp(x + delta, 0, 1)
     # "trades": a tiny Gaussian kick so that the KL (0 at x' = x, with zero gradient) can move.
     delta = 0.001 * torch.empty_like(x).normal_(generator=generator)
-    e = _view(eps, x)
+    e = per_sample_view(eps, x)
     if norm == "linf":
         delta = torch.clamp(delta, -e, e)
     else:

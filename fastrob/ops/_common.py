@@ -8,6 +8,14 @@ import torch
 _CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def per_sample_view(value, like: torch.Tensor):
+    """A float as is; a per-sample [B] tensor as [B, 1, ..., 1] in ``like``'s dtype, to broadcast
+    over each sample's elements."""
+    if isinstance(value, torch.Tensor):
+        return value.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    return value
+
+
 def batch_outermost_dense(t: torch.Tensor) -> bool:
     """True if each sample's elements form one contiguous block, in a layout shared by
     ``torch.empty_like(t)``: contiguous or channels_last(_3d) tensors."""

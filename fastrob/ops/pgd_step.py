@@ -18,16 +18,9 @@ import torch
 
 from fastrob import _backend
 from fastrob._checks import check_float, check_like, check_tensor, per_sample_value
-from fastrob.ops._common import cuda_dtype_code, cuda_launch_context, same_layout
+from fastrob.ops._common import cuda_dtype_code, cuda_launch_context, per_sample_view, same_layout
 
 NORMS = ("linf", "l2")
-
-
-def _per_sample_view(value, like: torch.Tensor):
-    """A float as is; a [B] tensor as [B, 1, ..., 1] in ``like``'s dtype, to broadcast over samples."""
-    if isinstance(value, torch.Tensor):
-        return value.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-    return value
 
 
 def pgd_step_reference(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, *, alpha, eps,
@@ -39,7 +32,7 @@ def pgd_step_reference(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Te
     """
     compute = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
     xa, g, xo = x_adv.to(compute), grad.to(compute), x_orig.to(compute)
-    alpha_b, eps_b = _per_sample_view(alpha, xa), _per_sample_view(eps, xa)
+    alpha_b, eps_b = per_sample_view(alpha, xa), per_sample_view(eps, xa)
     if norm == "linf":
         x = xa + alpha_b * g.sign()
         delta = torch.clamp(x - xo, -eps_b, eps_b)
