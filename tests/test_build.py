@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_ext(tmp_path, **env):
-    full_env = {**os.environ, **env}
+    # The caller's own switches (CI sets FASTROB_CUDA=1) must not leak into the case under test.
+    inherited = {k: v for k, v in os.environ.items() if k not in ("FASTROB_CUDA", "NVCC", "FASTROB_CUDA_ARCH")}
+    full_env = {**inherited, **env}
     result = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path),
                              "--build-temp", str(tmp_path / "temp")], cwd=ROOT, env=full_env,
                             capture_output=True, text=True, timeout=120)
