@@ -66,4 +66,13 @@ PYBIND11_MODULE(_C, m) {
   };
   bind_step("pgd_step_linf", &fastrob::pgd_step_linf);
   bind_step("pgd_step_l2", &fastrob::pgd_step_l2);
+
+  // The differentiable ops: see kernels/<op>.cuh for the math and fastrob/ops/<op>.py for use.
+  m.def("sqnorm_forward", &fastrob::sqnorm_forward, py::arg("g"), py::arg("out"), py::arg("rows"), py::arg("cols"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("sqnorm_backward", &fastrob::sqnorm_backward, py::arg("g"), py::arg("go"), py::arg("dg"), py::arg("rows"),
+        py::arg("cols"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("sqnorm_double_backward", &fastrob::sqnorm_double_backward, py::arg("g"), py::arg("go"), py::arg("v"),
+        py::arg("d_g"), py::arg("d_go"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"));
 }

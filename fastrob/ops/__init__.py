@@ -2,5 +2,6 @@
 pure-torch ``*_reference`` that defines what it computes (DESIGN.md, Backends and dispatch)."""
 
 from fastrob.ops.pgd_step import pgd_step, pgd_step_reference
+from fastrob.ops.sqnorm import sqnorm, sqnorm_reference
 
-__all__ = ["pgd_step", "pgd_step_reference"]
+__all__ = ["pgd_step", "pgd_step_reference", "sqnorm", "sqnorm_reference"]
