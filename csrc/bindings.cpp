@@ -75,4 +75,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("sqnorm_double_backward", &fastrob::sqnorm_double_backward, py::arg("g"), py::arg("go"), py::arg("v"),
         py::arg("d_g"), py::arg("d_go"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("device"),
         py::arg("stream"));
+  m.def("ce_forward", &fastrob::ce_forward, py::arg("z"), py::arg("target"), py::arg("loss"), py::arg("lse"),
+        py::arg("rows"), py::arg("cols"), py::arg("smoothing"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"));
+  m.def("ce_backward", &fastrob::ce_backward, py::arg("z"), py::arg("target"), py::arg("lse"), py::arg("gl"),
+        py::arg("gs"), py::arg("dz"), py::arg("rows"), py::arg("cols"), py::arg("smoothing"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"));
+  m.def("ce_double_backward", &fastrob::ce_double_backward, py::arg("z"), py::arg("target"), py::arg("lse"),
+        py::arg("gl"), py::arg("gs"), py::arg("v"), py::arg("d_z"), py::arg("d_gl"), py::arg("d_gs"), py::arg("rows"),
+        py::arg("cols"), py::arg("smoothing"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
 }

@@ -37,6 +37,13 @@ void sqnorm_backward(uintptr_t g, uintptr_t go, uintptr_t dg, int64_t rows, int6
                      uintptr_t stream);
 void sqnorm_double_backward(uintptr_t g, uintptr_t go, uintptr_t v, uintptr_t d_g, uintptr_t d_go, int64_t rows,
                             int64_t cols, int dtype, int device, uintptr_t stream);
+void ce_forward(uintptr_t z, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t rows, int64_t cols,
+                double smoothing, int dtype, int device, uintptr_t stream);
+void ce_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t gl, uintptr_t gs, uintptr_t dz,
+                 int64_t rows, int64_t cols, double smoothing, int dtype, int device, uintptr_t stream);
+void ce_double_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t gl, uintptr_t gs, uintptr_t v,
+                        uintptr_t d_z, uintptr_t d_gl, uintptr_t d_gs, int64_t rows, int64_t cols, double smoothing,
+                        int dtype, int device, uintptr_t stream);
 
 // Raises std::runtime_error naming `what` if `status` is an error.
 void check_cuda(int status, const char* what);
