@@ -84,4 +84,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("ce_double_backward", &fastrob::ce_double_backward, py::arg("z"), py::arg("target"), py::arg("lse"),
         py::arg("gl"), py::arg("gs"), py::arg("v"), py::arg("d_z"), py::arg("d_gl"), py::arg("d_gs"), py::arg("rows"),
         py::arg("cols"), py::arg("smoothing"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("bias_act_forward", &fastrob::bias_act_forward, py::arg("x"), py::arg("bias"), py::arg("y"),
+        py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("act"), py::arg("beta"),
+        py::arg("threshold"), py::arg("d"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("bias_act_backward", &fastrob::bias_act_backward, py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dx"),
+        py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("act"), py::arg("beta"),
+        py::arg("threshold"), py::arg("d"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("bias_act_double_backward", &fastrob::bias_act_double_backward, py::arg("dy"), py::arg("x"), py::arg("bias"),
+        py::arg("v"), py::arg("d_dy"), py::arg("d_x"), py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("act"), py::arg("beta"),
+        py::arg("threshold"), py::arg("d"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
 }

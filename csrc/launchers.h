@@ -44,6 +44,15 @@ void ce_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t gl, uin
 void ce_double_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t gl, uintptr_t gs, uintptr_t v,
                         uintptr_t d_z, uintptr_t d_gl, uintptr_t d_gs, int64_t rows, int64_t cols, double smoothing,
                         int dtype, int device, uintptr_t stream);
+// act: the activation code of fastrob.ops.bias_act.ACTIVATIONS; bias may be 0 (no bias).
+void bias_act_forward(uintptr_t x, uintptr_t bias, uintptr_t y, int64_t n, int64_t stride_c, int64_t channels,
+                      int act, double beta, double threshold, double d, int dtype, int device, uintptr_t stream);
+void bias_act_backward(uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dx, int64_t n, int64_t stride_c,
+                       int64_t channels, int act, double beta, double threshold, double d, int dtype, int device,
+                       uintptr_t stream);
+void bias_act_double_backward(uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t v, uintptr_t d_dy, uintptr_t d_x,
+                              int64_t n, int64_t stride_c, int64_t channels, int act, double beta, double threshold,
+                              double d, int dtype, int device, uintptr_t stream);
 
 // Raises std::runtime_error naming `what` if `status` is an error.
 void check_cuda(int status, const char* what);
