@@ -50,10 +50,18 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "
     name = resolve_backend(backend, logits, op="cross_entropy")
     if name == "torch":
         return cross_entropy_reference(logits, target, reduction, float(label_smoothing))
-    loss, _ = _OPS[name](logits, target.long().contiguous(), float(label_smoothing))
+    loss = cross_entropy_unchecked(logits, target, float(label_smoothing), backend=name)
     if reduction == "mean":
         return loss.mean()
     return loss.sum() if reduction == "sum" else loss
+
+
+def cross_entropy_unchecked(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0, *,
+                            backend: str) -> torch.Tensor:
+    """Per-sample losses on a resolved fused backend ("triton" or "cuda"), without argument checks
+    (the label range check costs a device synchronisation): for callers that checked already."""
+    loss, _ = _OPS[backend](logits, target.long().contiguous(), float(label_smoothing))
+    return loss
 
 
 def check_ce_args(logits, target, reduction, label_smoothing) -> None:
