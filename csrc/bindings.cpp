@@ -66,4 +66,31 @@ PYBIND11_MODULE(_C, m) {
   };
   bind_step("pgd_step_linf", &fastrob::pgd_step_linf);
   bind_step("pgd_step_l2", &fastrob::pgd_step_l2);
+
+  // The differentiable ops: see kernels/<op>.cuh for the math and fastrob/ops/<op>.py for use.
+  m.def("sqnorm_forward", &fastrob::sqnorm_forward, py::arg("g"), py::arg("out"), py::arg("rows"), py::arg("cols"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("sqnorm_backward", &fastrob::sqnorm_backward, py::arg("g"), py::arg("go"), py::arg("dg"), py::arg("rows"),
+        py::arg("cols"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("sqnorm_double_backward", &fastrob::sqnorm_double_backward, py::arg("g"), py::arg("go"), py::arg("v"),
+        py::arg("d_g"), py::arg("d_go"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"));
+  m.def("ce_forward", &fastrob::ce_forward, py::arg("z"), py::arg("target"), py::arg("loss"), py::arg("lse"),
+        py::arg("rows"), py::arg("cols"), py::arg("smoothing"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"));
+  m.def("ce_backward", &fastrob::ce_backward, py::arg("z"), py::arg("target"), py::arg("lse"), py::arg("gl"),
+        py::arg("gs"), py::arg("dz"), py::arg("rows"), py::arg("cols"), py::arg("smoothing"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"));
+  m.def("ce_double_backward", &fastrob::ce_double_backward, py::arg("z"), py::arg("target"), py::arg("lse"),
+        py::arg("gl"), py::arg("gs"), py::arg("v"), py::arg("d_z"), py::arg("d_gl"), py::arg("d_gs"), py::arg("rows"),
+        py::arg("cols"), py::arg("smoothing"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("bias_act_forward", &fastrob::bias_act_forward, py::arg("x"), py::arg("bias"), py::arg("y"),
+        py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("act"), py::arg("beta"),
+        py::arg("threshold"), py::arg("d"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("bias_act_backward", &fastrob::bias_act_backward, py::arg("dy"), py::arg("x"), py::arg("bias"), py::arg("dx"),
+        py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("act"), py::arg("beta"),
+        py::arg("threshold"), py::arg("d"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("bias_act_double_backward", &fastrob::bias_act_double_backward, py::arg("dy"), py::arg("x"), py::arg("bias"),
+        py::arg("v"), py::arg("d_dy"), py::arg("d_x"), py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("act"), py::arg("beta"),
+        py::arg("threshold"), py::arg("d"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
 }

@@ -28,6 +28,32 @@ void pgd_step_l2(const PgdStepArgs& a);
 // float32 elements of scratch the L2 step needs (0 when each sample fits one block's registers).
 int64_t pgd_step_l2_workspace_floats(int64_t batch, int64_t per_sample);
 
+// The differentiable ops (fastrob/ops/sqnorm.py, cross_entropy.py, bias_act.py): pointers and sizes
+// first, then the storage dtype of the first tensor, the device index and the stream. Per-row
+// values (norms, losses, logsumexps, their gradients) are float32 whatever the storage dtype.
+void sqnorm_forward(uintptr_t g, uintptr_t out, int64_t rows, int64_t cols, int dtype, int device,
+                    uintptr_t stream);
+void sqnorm_backward(uintptr_t g, uintptr_t go, uintptr_t dg, int64_t rows, int64_t cols, int dtype, int device,
+                     uintptr_t stream);
+void sqnorm_double_backward(uintptr_t g, uintptr_t go, uintptr_t v, uintptr_t d_g, uintptr_t d_go, int64_t rows,
+                            int64_t cols, int dtype, int device, uintptr_t stream);
+void ce_forward(uintptr_t z, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t rows, int64_t cols,
+                double smoothing, int dtype, int device, uintptr_t stream);
+void ce_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t gl, uintptr_t gs, uintptr_t dz,
+                 int64_t rows, int64_t cols, double smoothing, int dtype, int device, uintptr_t stream);
+void ce_double_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t gl, uintptr_t gs, uintptr_t v,
+                        uintptr_t d_z, uintptr_t d_gl, uintptr_t d_gs, int64_t rows, int64_t cols, double smoothing,
+                        int dtype, int device, uintptr_t stream);
+// act: the activation code of fastrob.ops.bias_act.ACTIVATIONS; bias may be 0 (no bias).
+void bias_act_forward(uintptr_t x, uintptr_t bias, uintptr_t y, int64_t n, int64_t stride_c, int64_t channels,
+                      int act, double beta, double threshold, double d, int dtype, int device, uintptr_t stream);
+void bias_act_backward(uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dx, int64_t n, int64_t stride_c,
+                       int64_t channels, int act, double beta, double threshold, double d, int dtype, int device,
+                       uintptr_t stream);
+void bias_act_double_backward(uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t v, uintptr_t d_dy, uintptr_t d_x,
+                              int64_t n, int64_t stride_c, int64_t channels, int act, double beta, double threshold,
+                              double d, int dtype, int device, uintptr_t stream);
+
 // Raises std::runtime_error naming `what` if `status` is an error.
 void check_cuda(int status, const char* what);
 

@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "csrc/launch_utils.h"
 #include "csrc/launchers.h"
 #include "kernels/pgd_step.cuh"
 
@@ -15,21 +16,6 @@ constexpr int64_t kMaxSampleInRegisters = 16384;
 // Larger samples are reduced in chunks of this many elements (two-pass path).
 constexpr int64_t kL2Chunk = 8192;
 constexpr int kThreads = 256;
-
-// Makes `device` current for the launch and restores the caller's device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) : device_(device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    if (previous_ != device_) cudaSetDevice(previous_);
-  }
-
- private:
-  int previous_ = 0, device_ = 0;
-};
 
 StepParams params(const PgdStepArgs& a) {
   return StepParams{reinterpret_cast<const float*>(a.eps_per_sample),
@@ -83,21 +69,14 @@ void l2(const PgdStepArgs& a) {
   }
 }
 
+template <typename T> struct LinfFn { static void run(const PgdStepArgs& a) { linf<T>(a); } };
+template <typename T> struct L2Fn { static void run(const PgdStepArgs& a) { l2<T>(a); } };
+
 template <template <typename> class Fn>
 void dispatch(const PgdStepArgs& a, const char* name) {
   if (a.batch == 0 || a.per_sample == 0) return;
-  DeviceGuard guard(a.device);
-  switch (a.dtype) {
-    case kFloat32: Fn<float>::run(a); break;
-    case kFloat16: Fn<__half>::run(a); break;
-    case kBFloat16: Fn<__nv_bfloat16>::run(a); break;
-    default: throw std::runtime_error(std::string(name) + ": unsupported dtype code " + std::to_string(a.dtype));
-  }
-  check_cuda(cudaGetLastError(), name);
+  with_storage_type(a.dtype, a.device, name, [&](auto tag) { Fn<typename decltype(tag)::type>::run(a); });
 }
-
-template <typename T> struct LinfFn { static void run(const PgdStepArgs& a) { linf<T>(a); } };
-template <typename T> struct L2Fn { static void run(const PgdStepArgs& a) { l2<T>(a); } };
 
 }  // namespace
 

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_int, check_labels, check_logits, check_model, check_tensor
+from fastrob.ops._common import resolve_backend
+from fastrob.ops.cross_entropy import cross_entropy_unchecked
+from fastrob.ops.sqnorm import sqnorm
 
 INPUT_GRADIENT_NORMS = ("l2", "l1")
 
@@ -26,7 +29,7 @@ INPUT_GRADIENT_NORMS = ("l2", "l1")
 # ---- the formulas ---------------------------------------------------------------------------
 
 def input_gradient_penalty(loss_per_sample: torch.Tensor, x: torch.Tensor, *, norm: str = "l2",
-                           weight: torch.Tensor | None = None) -> torch.Tensor:
+                           weight: torch.Tensor | None = None, backend: str = "torch") -> torch.Tensor:
     """mean_i ||w * g_i||_2^2 (norm="l2") or mean_i ||w * g_i||_1^2 / d (norm="l1").
 
     g_i = d(sum_j loss_per_sample_j) / d x_i is sample i's input gradient (see the module
@@ -39,6 +42,8 @@ def input_gradient_penalty(loss_per_sample: torch.Tensor, x: torch.Tensor, *, no
         loss_per_sample: [B] per-sample losses computed from ``x`` (e.g. cross-entropy with
             ``reduction="none"``).
         x: [B, ...] the input the losses were computed from; it must require grad.
+        backend: for the l2 norm's reduction (``fastrob.ops.sqnorm``); "torch" (default) or
+            "auto" | "triton" | "cuda".
     """
     check_tensor("loss_per_sample", loss_per_sample)
     check_tensor("x", x, min_dim=2)
@@ -50,11 +55,16 @@ def input_gradient_penalty(loss_per_sample: torch.Tensor, x: torch.Tensor, *, no
     (g,) = torch.autograd.grad(loss_per_sample.sum(), x, create_graph=True)
     if weight is not None:
         g = g * weight
-    return gradient_norm_penalty(g, norm)
+    return gradient_norm_penalty(g, norm, backend=backend)
 
 
-def gradient_norm_penalty(g: torch.Tensor, norm: str) -> torch.Tensor:
-    """mean_i ||g_i||_2^2, or mean_i ||g_i||_1^2 / d, of a [B, ...] gradient (float32 at least)."""
+def gradient_norm_penalty(g: torch.Tensor, norm: str, *, backend: str = "torch") -> torch.Tensor:
+    """mean_i ||g_i||_2^2, or mean_i ||g_i||_1^2 / d, of a [B, ...] gradient (float32 at least).
+
+    With a backend other than "torch", the l2 norms are ``fastrob.ops.sqnorm`` (fused, twice
+    differentiable; "auto" uses the reference on CPU)."""
+    if norm == "l2" and backend != "torch":
+        return sqnorm(g, backend=backend).mean()
     g = g.flatten(1)
     if g.dtype in (torch.float16, torch.bfloat16):
         g = g.float()  # squares of half-precision gradients underflow
@@ -165,8 +175,14 @@ def forward(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy in float32 at least (bf16 autocast logits lose too much in log-softmax)."""
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """Per-sample cross-entropy in float32 at least (bf16 autocast logits lose too much in log-softmax).
+
+    ``backend`` other than "torch" runs ``fastrob.ops.cross_entropy`` (fused, twice differentiable;
+    "auto" uses the reference on CPU). Labels are not checked again here: ``forward`` did."""
+    name = resolve_backend(backend, logits, op="cross_entropy")
+    if name != "torch":
+        return cross_entropy_unchecked(logits, y, backend=name)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return F.cross_entropy(logits, y, reduction="none")

@@ -59,4 +59,21 @@ __device__ __forceinline__ void block_sum(float (&v)[N], float* scratch) {
   for (int k = 0; k < N; ++k) v[k] = warp_sum(lane < n_warps ? scratch[k * 32 + lane] : 0.f);
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// The maximum of v over the whole block; every thread receives it. `scratch` holds 32 floats.
+// Must be reached by all threads of the block.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+  v = warp_max(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  return warp_max(lane < n_warps ? scratch[lane] : -INFINITY);
+}
+
 }  // namespace fastrob

@@ -23,6 +23,7 @@ from test_functional import (
 )
 
 import fastrob
+from fastrob import _backend
 from fastrob import functional as Fn
 from fastrob.regularizers import InputGradientRegularizer, JacobianRegularizer, JSIGRRegularizer
 
@@ -278,9 +279,28 @@ def test_bad_construction_arguments(make, name):
         make()
 
 
-def test_explicit_fused_backend_is_refused_until_it_exists():
-    with pytest.raises(RuntimeError, match="backend"):
-        InputGradientRegularizer(backend="triton")
+@pytest.mark.parametrize("reg_class", [InputGradientRegularizer, JacobianRegularizer, JSIGRRegularizer])
+def test_fused_backend_equals_torch(reg_class):
+    """The fused cross-entropy and squared-norm ops (Triton, through the interpreter on CPU) give
+    the torch path's objective and parameter gradients, the double backward included."""
+    if not (torch.cuda.is_available() or _backend.triton_interpreter()):
+        pytest.skip("triton cannot run here")
+    model = make_model("cnn", True, True)
+    x, y = make_batch()
+    kwargs = {} if reg_class is InputGradientRegularizer else dict(generator=torch.Generator().manual_seed(0))
+    fused = reg_class(backend="triton", **kwargs)(model, x, y)
+    if kwargs:
+        kwargs["generator"].manual_seed(0)
+    ref = reg_class(backend="torch", **kwargs)(model, x, y)
+    torch.testing.assert_close(fused.loss, ref.loss, rtol=1e-9, atol=1e-12)
+    assert_same_grads(param_grads(fused.loss, model), param_grads(ref.loss, model))
+
+
+def test_explicit_cuda_backend_raises_on_cpu_tensors():
+    model = make_model("cnn", False, True)
+    x, y = make_batch()
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        InputGradientRegularizer(backend="cuda")(model, x, y)
 
 
 @pytest.mark.parametrize("reg", REGULARIZERS, ids=REG_IDS)

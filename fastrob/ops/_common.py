@@ -49,3 +49,72 @@ def cuda_launch_context(t: torch.Tensor):
 
 def cuda_dtype_code(dtype: torch.dtype) -> int:
     return _CUDA_DTYPE_CODES[dtype]
+
+
+# ---- dispatch and launch glue of the differentiable fused ops (sqnorm, cross_entropy, bias_act) ----
+
+# The Triton kernels of the differentiable ops also run in float64 (arithmetic in float64), so that
+# gradcheck/gradgradcheck can test them through the interpreter; the CUDA kernels do not.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def resolve_backend(backend: str, t: torch.Tensor, *, op: str) -> str:
+    """``_backend.resolve`` for an op whose Triton kernels accept float64 as well."""
+    from fastrob import _backend
+
+    dtypes = TRITON_DTYPES if backend == "triton" else _backend.KERNEL_DTYPES
+    return _backend.resolve(backend, t.device, t.dtype, op=op, dtypes=dtypes)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions accumulate (and per-row results are returned) in: float64 for float64,
+    float32 otherwise (sums of half-precision squares and exponentials overflow or lose too much)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def ptr(t) -> int:
+    """The device pointer of an optional tensor (0 for None), for fastrob._C."""
+    return 0 if t is None else t.data_ptr()
+
+
+def cuda_launch(name: str, like: torch.Tensor, *args) -> None:
+    """Calls fastrob._C.<name>(*args, dtype code, device, stream) for tensors like ``like``.
+
+    The launchers take pointers and sizes first and the storage dtype, device index and stream
+    last, so every op's Python side forwards them the same way."""
+    from fastrob import _backend
+
+    device, stream = cuda_launch_context(like)
+    getattr(_backend.extension(), name)(*args, cuda_dtype_code(like.dtype), device, stream)
+
+
+def define_op(name: str, fn, fake, *, device_types=None):
+    """Registers ``fn`` as the custom op ``fastrob::<name>`` with its fake (meta) implementation.
+
+    The differentiable ops are built per backend by factories, so they are registered through this
+    call rather than the decorator form pgd_step uses."""
+    op = torch.library.custom_op(f"fastrob::{name}", fn, mutates_args=(), device_types=device_types)
+    op.register_fake(fake)
+    return op
+
+
+def launch(backend: str, op: str, kernel: str, tensors, sizes=(), scalars=()) -> None:
+    """Runs ``kernel`` of ``op`` on a fused backend.
+
+    triton: ``fastrob.triton.<op>.<kernel>(*tensors, *scalars)`` (sizes come from the shapes);
+    cuda:   ``fastrob._C.<kernel>(*pointers, *sizes, *scalars, dtype, device, stream)``, the
+            storage dtype being that of ``tensors[0]``. ``None`` tensors become null pointers."""
+    if backend == "triton":
+        import importlib
+
+        getattr(importlib.import_module(f"fastrob.triton.{op}"), kernel)(*tensors, *scalars)
+    elif backend == "cuda":
+        cuda_launch(kernel, tensors[0], *(ptr(t) for t in tensors), *sizes, *scalars)
+    else:
+        raise ValueError(f"no fused kernels for backend {backend!r}")
+
+
+def dense_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised contiguous tensor of ``t``'s shape, dtype and device (``t`` may be an
+    expanded gradient, e.g. that of a mean, whose empty_like would keep zero strides)."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)

@@ -14,13 +14,11 @@ MODES = ("exact", "fd")
 
 
 def check_backend(backend: str, op: str) -> str:
-    """The regularizers run on the torch reference only, for now: the fused double-backprop
-    kernels are the next issue's work, so asking for one explicitly is an error rather than a
-    silent fallback."""
-    _backend.check_backend_name(backend)
-    if backend in ("triton", "cuda"):
-        raise RuntimeError(f"{op}: backend={backend!r} has no fused kernel yet; use 'auto' or 'torch'")
-    return backend
+    """The backend of the fused ops a regularizer runs its cross-entropy (and, for input-gradient
+    penalties, the squared-norm reduction) through: "auto" | "torch" | "triton" | "cuda". "auto"
+    uses the fused kernels on a GPU and the torch reference on CPU; an explicit fused backend that
+    cannot run on the inputs raises when the regularizer is called (fastrob._backend.resolve)."""
+    return _backend.check_backend_name(backend)
 
 
 class InputGradientRegularizer:
@@ -55,7 +53,8 @@ class InputGradientRegularizer:
         norm: "l2" or "l1" (dual norm for Linf attacks).
         mode: "exact" or "fd".
         h: the finite-difference step of mode="fd", > 0 (default 0.01).
-        backend: "auto" | "torch" (the fused kernels come in a later issue).
+        backend: "auto" | "torch" | "triton" | "cuda": where the cross-entropy (whose backward the
+            exact penalty differentiates) and the l2 norm reduction run (``check_backend``).
     """
 
     def __init__(self, lam: float = 0.1, norm: str = "l2", mode: str = "exact", h: float = 0.01,
@@ -75,9 +74,9 @@ class InputGradientRegularizer:
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
         logits = Fn.forward(model, x, y)
-        ce = Fn.cross_entropy(logits, y)
+        ce = Fn.cross_entropy(logits, y, self.backend)
         if self.mode == "exact":
-            penalty = Fn.input_gradient_penalty(ce, x, norm=self.norm)
+            penalty = Fn.input_gradient_penalty(ce, x, norm=self.norm, backend=self.backend)
         else:
             penalty = self._fd_penalty(model, x, y, ce)
         mean_ce = ce.mean()
@@ -88,7 +87,7 @@ class InputGradientRegularizer:
         (g,) = torch.autograd.grad(ce.sum(), x, retain_graph=True)
         v = fd_direction(g, self.norm)
         with Fn.preserved_buffers(model):
-            ce_h = Fn.cross_entropy(Fn.forward(model, x.detach() + self.h * v, y), y)
+            ce_h = Fn.cross_entropy(Fn.forward(model, x.detach() + self.h * v, y), y, self.backend)
         return ((ce_h - ce) / self.h).pow(2).mean()
 
 

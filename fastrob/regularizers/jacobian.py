@@ -49,7 +49,7 @@ class JacobianRegularizer:
         exact: compute the penalty exactly with one-hot projections.
         batching: "auto" | "replicate" | "graph", see above.
         generator: torch.Generator for the projections (default: the global RNG).
-        backend: "auto" | "torch".
+        backend: "auto" | "torch" | "triton" | "cuda", for the cross-entropy (``check_backend``).
     """
 
     def __init__(self, lam: float = 0.01, n_proj: int = 1, exact: bool = False, batching: str = "auto",
@@ -70,7 +70,7 @@ class JacobianRegularizer:
         x, y = Fn.check_inputs(model, x, y)
         logits, penalty = jacobian_objective_parts(model, x, y, n_proj=self.n_proj, exact=self.exact,
                                                    batching=self.batching, generator=self.generator)
-        ce = Fn.cross_entropy(logits, y).mean()
+        ce = Fn.cross_entropy(logits, y, self.backend).mean()
         return Objective(ce + self.lam * penalty, ce, penalty, logits)
 
 

@@ -41,7 +41,8 @@ class JSIGRRegularizer:
         n_proj: random projections for the Jacobian estimate, >= 1.
         chunk: at most this many perturbed images per saliency forward.
         generator: torch.Generator for the projections.
-        backend: "auto" | "torch".
+        backend: "auto" | "torch" | "triton" | "cuda", for the cross-entropy and the saliency
+            term's norm reduction (``check_backend``).
     """
 
     def __init__(self, lam_jacobian: float = 0.01, lam_saliency: float = 0.1, patch: int = 4,
@@ -68,9 +69,9 @@ class JSIGRRegularizer:
         if x.dim() != 4:
             raise ValueError(f"x must be a batch of images [B, C, H, W], got shape {tuple(x.shape)}")
         logits = Fn.forward(model, x, y)
-        ce = Fn.cross_entropy(logits, y)
+        ce = Fn.cross_entropy(logits, y, self.backend)
         saliency = self.saliency(model, x.detach(), y, logits.detach())
-        r_s = Fn.input_gradient_penalty(ce, x, norm="l2", weight=1 - saliency)
+        r_s = Fn.input_gradient_penalty(ce, x, norm="l2", weight=1 - saliency, backend=self.backend)
         r_j = Fn.jacobian_penalty(logits, x, n_proj=self.n_proj, generator=self.generator)
         penalty = self.lam_jacobian * r_j + self.lam_saliency * r_s
         mean_ce = ce.mean()

@@ -1,0 +1,105 @@
+"""Benchmark of the differentiable fused ops against the eager torch composite a user would write.
+
+    python -m bench.ops            # GPU: CE 4096x1000 and 512x10, bias_act/sqnorm 128x64x32x32 and 128x256x8x8
+    python -m bench.ops --quick    # small shapes (CPU: the torch providers only)
+
+For each op three passes are timed: forward; forward + backward (first derivative); and
+forward + backward with create_graph + the backward of a squared-norm of that gradient (the
+double backward, as an input-gradient penalty runs it). Providers: ``eager`` (the plain torch
+composite: F.cross_entropy, x + b then the activation, g.pow(2).sum), and on a GPU ``triton``
+and ``cuda``. GB/s counts the bytes of the op's inputs and outputs of the forward pass only (a
+lower bound for the other passes) against the copy bandwidth measured in the same run. Rows go
+to bench/results/<device>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import append_rows, row, time_ms
+from bench.pgd_step import copy_bandwidth_gbps
+from fastrob import _backend
+from fastrob.ops import bias_act, cross_entropy, sqnorm
+
+
+def cases(device, quick):
+    """(op name, shape, make inputs, {provider: fn(*inputs)}, forward bytes)."""
+    ce_shapes = [(256, 10), (256, 1000)] if quick else [(4096, 1000), (512, 10)]
+    act_shapes = [(8, 16, 16, 16)] if quick else [(128, 64, 32, 32), (128, 256, 8, 8)]
+    fused = [b for b in ("triton", "cuda") if device.type == "cuda" and _backend.status(b).available]
+    out = []
+    for shape in ce_shapes:
+        def make(shape=shape):
+            z = torch.randn(shape, device=device, requires_grad=True)
+            return z, torch.randint(0, shape[1], (shape[0],), device=device)
+        fns = {"eager": lambda z, y: F.cross_entropy(z, y)}
+        fns.update({b: (lambda z, y, b=b: cross_entropy(z, y, backend=b)) for b in fused})
+        out.append(("cross_entropy", shape, make, fns, 4 * shape[0] * shape[1]))
+    for shape in act_shapes:
+        def make(shape=shape):
+            return (torch.randn(shape, device=device, requires_grad=True),
+                    torch.randn(shape[1], device=device, requires_grad=True))
+        fns = {"eager": lambda x, b: F.softplus(x + b.view(1, -1, 1, 1))}
+        fns.update({k: (lambda x, b, k=k: bias_act(x, b, "softplus", backend=k)) for k in fused})
+        out.append(("bias_act_softplus", shape, make, fns, 2 * 4 * torch.Size(shape).numel()))
+        fns = {"eager": lambda x, b: x.pow(2).sum((1, 2, 3))}
+        fns.update({k: (lambda x, b, k=k: sqnorm(x, backend=k)) for k in fused})
+        out.append(("sqnorm", shape, make, fns, 4 * torch.Size(shape).numel()))
+    return out
+
+
+def passes(fn, inputs):
+    """The three timed passes of fn on inputs (inputs[0] requires grad)."""
+    x = inputs[0]
+
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def backward():
+        torch.autograd.grad(fn(*inputs).sum(), x)
+
+    def double_backward():
+        (g,) = torch.autograd.grad(fn(*inputs).sum(), x, create_graph=True)
+        torch.autograd.grad(g.pow(2).sum(), x)
+
+    return {"forward": forward, "backward": backward, "double_backward": double_backward}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    copy_gbps = copy_bandwidth_gbps(device)
+    rows = [row("copy", "torch", "1GiB" if device.type == "cuda" else "256MiB", torch.float32, "gbps",
+                {"median": copy_gbps, "p20": copy_gbps, "p80": copy_gbps}, device)]
+    print(f"device: {rows[0]['device']}; copy bandwidth {copy_gbps:.0f} GB/s")
+    print(f"{'op':<19}{'shape':<16}{'pass':<16}{'provider':<9}{'ms':>9}{'fwd GB/s':>10}{'vs eager':>9}")
+    for op, shape, make, fns, moved in cases(device, args.quick):
+        inputs = make()
+        eager = {}
+        for provider, fn in fns.items():
+            for name, run in passes(fn, inputs).items():
+                stats = time_ms(run, device, reps=10 if args.quick else 20)
+                eager.setdefault(name, stats["median"])
+                rows.append(row(f"{op}_{name}", provider, shape, torch.float32, "time_ms", stats, device))
+                gbps = moved / (stats["median"] * 1e-3) / 1e9 if name == "forward" else float("nan")
+                if name == "forward":
+                    rows.append(row(f"{op}_{name}", provider, shape, torch.float32, "gbps",
+                                    {"median": gbps, "p20": moved / (stats["p80"] * 1e-3) / 1e9,
+                                     "p80": moved / (stats["p20"] * 1e-3) / 1e9}, device))
+                print(f"{op:<19}{'x'.join(map(str, shape)):<16}{name:<16}{provider:<9}{stats['median']:>9.3f}"
+                      f"{gbps:>10.1f}{eager[name] / stats['median']:>8.2f}x")
+    if args.quick:
+        print("--quick: results not written")
+        return
+    print(f"results appended to {append_rows(rows, device)}")
+
+
+if __name__ == "__main__":
+    main()
