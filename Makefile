@@ -37,6 +37,7 @@ bench: setup
 	$(PY) -m bench.pgd_step
 	$(PY) -m bench.regularizers
 	$(PY) -m bench.attacks
+	$(PY) -m bench.ops
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastrob/_C*.so fastrob/_C_build.json
