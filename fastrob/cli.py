@@ -237,7 +237,7 @@ def _explain(args) -> int:
 def _demo(args) -> int:
     from fastrob import demo
 
-    demo.run(epochs=args.epochs, seed=args.seed, device=args.device, out=args.out, quiet=args.quiet)
+    demo.run(epochs=args.epochs, seed=args.seed, device=args.device, out=args.out, n=args.n, quiet=args.quiet)
     return 0
 
 
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Jacobian, TRADES), evaluate them side by side, print one table and write the "
                                    "plots and checkpoints to --out.")
     p.add_argument("--epochs", type=_positive_int, default=30, help="training epochs per model (default 30)")
+    p.add_argument("--n", type=_positive_int, default=None, help="evaluate on the first N test images (default all "
+                                                                 "450)")
     _common(p, "runs/demo")
     p.set_defaults(func=_demo)
     return parser

@@ -17,7 +17,7 @@ import time
 import torch
 
 from fastrob import _backend, evaluation, plots
-from fastrob.data import load_dataset
+from fastrob.data import load_dataset, subset
 from fastrob.trainer import TrainConfig, describe, train
 
 # (directory name, method and its parameters): chosen on digits so that each method visibly
@@ -32,8 +32,10 @@ SURFACE_MODELS = ("plain", "trades")
 SAMPLES = (0, 1, 2)
 
 
-def run(*, epochs: int = 30, seed: int = 0, device: str = "cpu", out: str = "runs/demo", quiet: bool = False) -> dict:
-    """Trains, evaluates, prints the table and writes the outputs; returns the JSON summary."""
+def run(*, epochs: int = 30, seed: int = 0, device: str = "cpu", out: str = "runs/demo", n: int | None = None,
+        quiet: bool = False) -> dict:
+    """Trains, evaluates (on the first ``n`` test images, default all), prints the table and writes
+    the outputs; returns the JSON summary."""
     start_all = time.perf_counter()
     dataset = load_dataset("digits", seed=seed)
     split = dataset.split
@@ -54,9 +56,10 @@ def run(*, epochs: int = 30, seed: int = 0, device: str = "cpu", out: str = "run
                         "test_accuracy": history[-1]["test_accuracy"]})
         print(f"  trained {name:<24} {seconds:6.1f} s   clean test accuracy {history[-1]['test_accuracy']:.1%}")
 
-    settings = evaluation.EvalSettings(norm="linf", eps=[0.05, 0.1, 0.15, 0.2], steps=20, ara_n=len(split.y_test),
-                                       kl_eps=0.1, seed=seed)
-    x, y = split.x_test.to(device), split.y_test.to(device)
+    x, y = subset(split.x_test, split.y_test, n)
+    x, y = x.to(device), y.to(device)
+    settings = evaluation.EvalSettings(norm="linf", eps=[0.05, 0.1, 0.15, 0.2], steps=20, ara_n=len(y), kl_eps=0.1,
+                                       seed=seed)
     start = time.perf_counter()
     results = evaluation.evaluate(models, x, y, settings, quiet=quiet)
     eval_seconds = time.perf_counter() - start
@@ -65,7 +68,7 @@ def run(*, epochs: int = 30, seed: int = 0, device: str = "cpu", out: str = "run
     print("\n" + evaluation.legend(settings))
 
     paths = evaluation.write_plots(results, out)
-    picked = torch.tensor(SAMPLES)
+    picked = torch.tensor([i for i in SAMPLES if i < len(y)], device=x.device)
     xs, ys = x[picked], y[picked]
     paths.append(plots.surfaces({names[k]: models[names[k]] for k in SURFACE_MODELS}, xs, ys,
                                 os.path.join(out, "surfaces.png"), span=0.3))
