@@ -176,7 +176,9 @@ def _eval(args) -> int:
     models, x, y, data = _load_models(args)
     eps = args.eps or ([0.05, 0.1, 0.2, 0.3] if args.norm == "linf" else [0.5, 1.0, 2.0])
     settings = evaluation.EvalSettings(norm=args.norm, eps=eps, steps=args.steps, restarts=args.restarts,
-                                       ara_n=args.ara_n, ara_kind=args.ara_kind, kl_eps=args.kl_eps,
+                                       ara_n=args.ara_n, ara_kind=args.ara_kind,
+                                       kl_eps=args.kl_eps if args.kl_eps is not None else (0.1 if args.norm == "linf"
+                                                                                           else 0.5),
                                        kl_steps=args.kl_steps, seed=args.seed)
     results = evaluation.evaluate(models, x, y, settings, quiet=args.quiet)
     print(f"fastrob eval: {len(models)} model(s) on {len(y)} test images of {data}\n")
@@ -309,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=None, help="evaluate the first N test images (default all)")
     p.add_argument("--ara-n", type=int, default=1000, help="images for ARA, 0 to skip (default 1000)")
     p.add_argument("--ara-kind", choices=("attack", "btr"), default="attack", help="ARA success (default attack)")
-    p.add_argument("--kl-eps", type=_float(), default=0.1, help="radius of the KL bound, 0 to skip (default 0.1)")
+    p.add_argument("--kl-eps", type=_float(), default=None,
+                   help="radius of the KL bound in --norm, 0 to skip (default linf 0.1, l2 0.5)")
     p.add_argument("--kl-steps", type=_positive_int, default=10, help="ascent steps of the KL bound (default 10)")
     _common(p, "runs/eval")
     p.set_defaults(func=_eval)
