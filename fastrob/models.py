@@ -76,7 +76,8 @@ class MLP(nn.Sequential):
 
 
 class SmallCNN(nn.Module):
-    """Three 3x3 convolutions, then a CAM head: global average pooling and one linear layer.
+    """Three 3x3 convolutions with BatchNorm, then a CAM head: global average pooling and one linear
+    layer.
 
     With A(x) the last feature map (K channels) and W, b the head, the class activation map is
     I_c(x) = Σ_k W_{c,k} A_k(x) and the logit z_c = mean_{h,w} I_c(x) + b_c (Zhou et al. 2016;
@@ -89,10 +90,14 @@ class SmallCNN(nn.Module):
         in_channels = check_int("in_channels", in_channels, 1)
         num_classes = check_int("num_classes", num_classes, 2)
         width = check_int("width", width, 1)
+        # BatchNorm after each convolution: without it the GAP head trains very slowly (on digits
+        # 16x16, 36% test accuracy after 4 epochs with ReLU and chance with softplus)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), activation(activation_name),
-            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), activation(activation_name),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), activation(activation_name),
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), activation(activation_name),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(2 * width),
+            activation(activation_name),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width),
+            activation(activation_name),
         )
         self.head = nn.Linear(2 * width, num_classes)
 
