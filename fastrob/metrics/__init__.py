@@ -11,7 +11,8 @@ small dataclass with an ``as_dict()`` for JSON. Every attack inside goes through
 Extension point: interpretation discrepancy (seed 000) and neuron sensitivity (seed 002) belong
 to the seed-methods issue. When it lands, add ``interpretation.py`` / ``sensitivity.py`` here with
 the same shape (model, data, ..., quiet) -> dataclass with ``as_dict()``, export them below, and
-add one entry each to ``fastrob.cli.EVAL_METRICS`` so that ``fastrob eval`` reports them.
+add one entry each to ``fastrob.evaluation.EVAL_METRICS`` (and a table column) so that
+``fastrob eval`` and the demo report them.
 """
 
 from fastrob.metrics.ara import ARAResult, ara, ara_from_radii
