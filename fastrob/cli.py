@@ -122,7 +122,8 @@ def _train(args) -> int:
     _, history, dataset = train(config, args.out, device=args.device, resume=args.resume, quiet=args.quiet)
     with open(os.path.join(args.out, METRICS)) as f:
         summary = json.load(f)
-    print(f"fastrob train: {summary['method']}, {config.model} ({summary['config']['activation']}) on "
+    config = summary["config"]  # on --resume, the checkpoint's
+    print(f"fastrob train: {summary['method']}, {config['model']} ({config['activation']}) on "
           f"{dataset.name} {'x'.join(map(str, dataset.in_shape))}, {len(dataset.split.y_train)} train / "
           f"{len(dataset.split.y_test)} test images")
     print(f"{'epoch':>5}{'loss':>9}{'ce':>9}{'penalty':>9}{'train acc':>11}{'test acc':>10}{'time (s)':>10}")
