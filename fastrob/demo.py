@@ -77,6 +77,7 @@ def run(*, epochs: int = 30, seed: int = 0, device: str = "cpu", out: str = "run
                "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - start_all}
     with open(os.path.join(out, "demo.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"\nwrote {os.path.join(out, 'demo.json')}, {', '.join(paths)}; checkpoints in {os.path.join(out, 'models')}/")
+    print(f"\nwrote {os.path.join(out, 'demo.json')}, {', '.join(paths)}; "
+          f"checkpoints in {os.path.join(out, 'models')}/")
     print(f"total {summary['total_seconds']:.0f} s")
     return summary

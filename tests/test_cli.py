@@ -1,7 +1,6 @@
 """The fastrob command, run as a user runs it (a subprocess)."""
 
 import json
-import os
 import subprocess
 import sys
 

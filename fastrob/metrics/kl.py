@@ -32,7 +32,8 @@ class KLRobustness:
         return {"q10": float(q[0]), "median": float(q[1]), "q90": float(q[2])}
 
     def as_dict(self) -> dict:
-        return {"mean": self.mean, "eps": self.eps, "norm": self.norm, "steps": self.steps, "restarts": self.restarts, "n": len(self.values),
+        return {"mean": self.mean, "eps": self.eps, "norm": self.norm, "steps": self.steps, "restarts": self.restarts,
+                "n": len(self.values),
                 **self.quantiles}
 
 
