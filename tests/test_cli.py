@@ -231,3 +231,11 @@ def test_bad_data_from_the_command_line_has_no_traceback(tmp_path):
 def test_every_subcommand_has_help(capsys, command):
     code, out, _ = in_process(capsys, command, "--help")
     assert code == 0 and f"usage: fastrob {command}" in out
+
+
+def test_checkpoint_and_data_that_do_not_fit(capsys, trained):
+    root, _, _ = trained
+    code, _, err = in_process(capsys, "eval", "--checkpoint", str(root / "plain"), "--size", "16", "--quiet")
+    assert code == 2 and "does not take digits images of shape (1, 16, 16)" in err
+    code, _, err = in_process(capsys, "explain", "--checkpoint", str(root / "plain"), "--samples", "500", "--quiet")
+    assert code == 2 and "index 500 is out of range for 450 test images" in err
