@@ -42,13 +42,6 @@ def _info(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    from fastrob import demo
-
-    demo.run(epochs=args.epochs, seed=args.seed, device=args.device, quiet=args.quiet)
-    return 0
-
-
 def _device(value: str) -> str:
     try:
         device = torch.device(value)
@@ -69,23 +62,296 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _float(low: float = 0.0, strict: bool = False):
+    """argparse type: a float >= low (> low when strict)."""
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            x = float("nan")
+        if not (x > low if strict else x >= low) or x != x or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {low:g}, got {value!r}")
+        return x
+    return parse
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        items = []
+    if not items or min(items) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated indices >= 0, e.g. 0,1,2; got {value!r}")
+    return items
+
+
+def _eps_list(value: str) -> list[float]:
+    try:
+        items = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        items = []
+    if not items or min(items) < 0 or any(e != e or e == float("inf") for e in items):
+        raise argparse.ArgumentTypeError(f"expected comma-separated radii >= 0, e.g. 0.05,0.1,0.2; got {value!r}")
+    return items
+
+
+def _size(value: str) -> int:
+    n = _positive_int(value)
+    if n < 4:
+        raise argparse.ArgumentTypeError(f"expected an image size >= 4, got {value!r}")
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# fastrob train
+
+def _train(args) -> int:
+    import json
+    import os
+
+    from fastrob.trainer import CHECKPOINT, CURVE, METRICS, TrainConfig, train
+
+    config = TrainConfig(data=args.data, size=args.size, model=args.model, activation=args.activation,
+                         method=args.method, eps=args.eps, alpha=args.alpha, attack_steps=args.attack_steps,
+                         norm=args.norm, beta=args.beta, lam=args.lam, lam_saliency=args.lam_saliency,
+                         patch=args.patch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         test_fraction=args.test_fraction)
+    if not args.resume and os.path.isfile(os.path.join(args.out, CHECKPOINT)) and not args.overwrite:
+        raise ValueError(f"{args.out} already holds a checkpoint: pass --resume to continue it or --overwrite "
+                         "to start again")
+    _, history, dataset = train(config, args.out, device=args.device, resume=args.resume, quiet=args.quiet)
+    with open(os.path.join(args.out, METRICS)) as f:
+        summary = json.load(f)
+    config = summary["config"]  # on --resume, the checkpoint's
+    print(f"fastrob train: {summary['method']}, {config['model']} ({config['activation']}) on "
+          f"{dataset.name} {'x'.join(map(str, dataset.in_shape))}, {len(dataset.split.y_train)} train / "
+          f"{len(dataset.split.y_test)} test images")
+    print(f"{'epoch':>5}{'loss':>9}{'ce':>9}{'penalty':>9}{'train acc':>11}{'test acc':>10}{'time (s)':>10}")
+    for h in history:
+        print(f"{h['epoch']:>5}{h['loss']:>9.4f}{h['ce']:>9.4f}{h['penalty']:>9.4f}{h['train_accuracy']:>11.1%}"
+              f"{h['test_accuracy']:>10.1%}{h['seconds']:>10.2f}")
+    print(f"wrote {', '.join(os.path.join(args.out, n) for n in (CHECKPOINT, METRICS, CURVE))}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# fastrob eval / explain: checkpoints in, one test set
+
+def _load_models(args):
+    """{name: model}, and the test tensors (x, y) of the data the first checkpoint was trained on
+    (or of --data)."""
+    from fastrob.data import load_dataset, subset
+    from fastrob.trainer import describe, load_checkpoint
+
+    models, configs = {}, []
+    for path in args.checkpoint:
+        model, config = load_checkpoint(path, args.device)
+        name = describe(config)
+        if name in models:
+            name = f"{name} ({path})"
+        models[name] = model
+        configs.append(config)
+    first = configs[0]
+    data = args.data or first.data
+    dataset = load_dataset(data, args.size if args.size else first.size, first.test_fraction, first.seed)
+    x, y = subset(dataset.split.x_test, dataset.split.y_test, getattr(args, "n", None))
+    for (name, model), config in zip(models.items(), configs):
+        try:
+            with torch.no_grad():
+                out = model(x[:1].to(args.device))
+        except RuntimeError as err:
+            raise ValueError(f"{name}: the model does not take {data} images of shape {tuple(x.shape[1:])} "
+                             f"(trained on {config.data}, size {config.size}): {str(err).splitlines()[0]}") from None
+        if int(y.max()) >= out.shape[1]:
+            raise ValueError(f"{name}: {data} has labels up to {int(y.max())} but the model has {out.shape[1]} "
+                             "outputs")
+    return models, x.to(args.device), y.to(args.device), data
+
+
+def _eval(args) -> int:
+    import json
+    import os
+
+    from fastrob import evaluation
+
+    models, x, y, data = _load_models(args)
+    eps = args.eps or ([0.05, 0.1, 0.2, 0.3] if args.norm == "linf" else [0.5, 1.0, 2.0])
+    settings = evaluation.EvalSettings(norm=args.norm, eps=eps, steps=args.steps, restarts=args.restarts,
+                                       ara_n=args.ara_n, ara_kind=args.ara_kind,
+                                       kl_eps=args.kl_eps if args.kl_eps is not None else (0.1 if args.norm == "linf"
+                                                                                           else 0.5),
+                                       kl_steps=args.kl_steps, seed=args.seed)
+    results = evaluation.evaluate(models, x, y, settings, quiet=args.quiet)
+    print(f"fastrob eval: {len(models)} model(s) on {len(y)} test images of {data}\n")
+    print(evaluation.table(results, settings))
+    print("\n" + evaluation.legend(settings))
+    os.makedirs(args.out, exist_ok=True)
+    paths = evaluation.write_plots(results, args.out)
+    path = os.path.join(args.out, "eval.json")
+    with open(path, "w") as f:
+        json.dump({"data": data, "n": len(y), "settings": vars(settings), "results": evaluation.as_json(results)},
+                  f, indent=2)
+    print(f"\nwrote {path}, {', '.join(paths)}")
+    return 0
+
+
+def _explain(args) -> int:
+    import json
+    import os
+
+    from fastrob import plots
+
+    models, x, y, data = _load_models(args)
+    if max(args.samples) >= len(y):
+        raise ValueError(f"--samples: index {max(args.samples)} is out of range for {len(y)} test images")
+    idx = torch.tensor(args.samples)
+    xs, ys = x[idx.to(x.device)], y[idx.to(y.device)]
+    os.makedirs(args.out, exist_ok=True)
+    paths = [plots.saliency_grid(models, xs, ys, os.path.join(args.out, "saliency.png")),
+             plots.surfaces(models, xs, ys, os.path.join(args.out, "surfaces.png"), span=args.span,
+                            resolution=args.resolution, seed=args.seed)]
+    summary = {"data": data, "samples": args.samples, "labels": ys.tolist(), "span": args.span, "models": {}}
+    print(f"fastrob explain: samples {args.samples} of the {data} test set, plane span {args.span:g}\n")
+    print(f"{'model':<28}{'sample':>7}{'label':>6}{'pred':>5}{'margin':>8}{'boundary along u':>18}")
+    for name, model in models.items():
+        s = plots.surface(model, xs, ys, args.span, args.resolution, args.seed)
+        center = args.resolution // 2
+        rows = []
+        for i, k in enumerate(args.samples):
+            with torch.no_grad():
+                pred = int(model(xs[i:i + 1]).argmax(1))
+            along_u = s["margin"][i, center]  # b = 0: the gradient-sign line
+            crossing = [float(a) for a, m in zip(s["a"], along_u) if a >= 0 and m <= 0]
+            dist = min(crossing) if crossing else None
+            rows.append({"sample": k, "label": int(ys[i]), "prediction": pred,
+                         "margin": float(s["margin"][i, center, center]), "boundary_along_u": dist})
+            print(f"{name:<28}{k:>7}{int(ys[i]):>6}{pred:>5}{rows[-1]['margin']:>8.2f}"
+                  f"{(f'a = {dist:.3f}' if dist is not None else f'> {args.span:g}'):>18}")
+        summary["models"][name] = rows
+    path = os.path.join(args.out, "explain.json")
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+    print("\n(margin = z_y - max_{j!=y} z_j at the input; boundary along u = the smallest a >= 0 on the "
+          "gradient-sign line where the margin reaches 0, i.e. an Linf distance to the boundary)")
+    print(f"wrote {path}, {', '.join(paths)}")
+    return 0
+
+
+def _demo(args) -> int:
+    from fastrob import demo
+
+    demo.run(epochs=args.epochs, seed=args.seed, device=args.device, out=args.out, n=args.n, quiet=args.quiet)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the parser
+
+def _common(p, out_default: str) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", default=out_default, help=f"output directory (default {out_default})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _checkpoint_args(p) -> None:
+    p.add_argument("--checkpoint", action="append", required=True, metavar="PATH",
+                   help="a training output directory or its checkpoint.pt; repeat to compare models")
+    p.add_argument("--data", default=None,
+                   help="digits, an .npz file or a folder of class subfolders (default: the checkpoint's data)")
+    p.add_argument("--size", type=_size, default=None, help="resize images to SIZE x SIZE (default: as trained)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fastrob.models import ACTIVATIONS, MODELS
+    from fastrob.trainer import METHODS
+
     parser = argparse.ArgumentParser(prog="fastrob", description="Fast robust and interpretable classification.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices and which backends can run here")
     p.set_defaults(func=_info)
-    p = sub.add_parser("demo", help="train a small model on the digits data and attack it with PGD")
-    p.add_argument("--epochs", type=_positive_int, default=30, help="training epochs (default 30)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("train", help="train a model (plain, adversarial training or a regularizer); resumable",
+                       description="Train a classifier and write checkpoint.pt, metrics.json and training.png to "
+                                   "--out. Adversarial methods (pgd, trades, half) use --eps/--alpha/--attack-steps/"
+                                   "--norm; regularizers use --lam (input_gradient default 0.1, jacobian 0.01, "
+                                   "jsigr lam_jacobian 0.01) and jsigr also --lam-saliency/--patch.")
+    p.add_argument("--data", default="digits", help="digits, an .npz file (x NCHW in [0,1], y int) or a folder "
+                                                    "of class subfolders of PNGs (default digits)")
+    p.add_argument("--size", type=_size, default=None, help="resize images to SIZE x SIZE (digits: 8, 16 or 32)")
+    p.add_argument("--model", choices=MODELS, default="mlp", help="architecture (default mlp)")
+    p.add_argument("--activation", choices=ACTIVATIONS, default="relu", help="activation (default relu)")
+    p.add_argument("--method", choices=METHODS, default="none", help="training method (default none)")
+    p.add_argument("--eps", type=_float(), default=0.1, help="attack radius for pgd/trades/half (default 0.1)")
+    p.add_argument("--alpha", type=_float(), default=None, help="attack step (default 2.5*eps/attack-steps)")
+    p.add_argument("--attack-steps", type=_positive_int, default=7, help="attack steps (default 7)")
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="attack norm (default linf)")
+    p.add_argument("--beta", type=_float(), default=6.0, help="TRADES beta (default 6)")
+    p.add_argument("--lam", type=_float(), default=None, help="regularizer weight (default: the method's)")
+    p.add_argument("--lam-saliency", type=_float(), default=0.1, help="J-SIGR saliency weight (default 0.1)")
+    p.add_argument("--patch", type=_positive_int, default=4, help="J-SIGR saliency patch size (default 4)")
+    p.add_argument("--epochs", type=_positive_int, default=20, help="total epochs (default 20)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default 64)")
+    p.add_argument("--lr", type=_float(strict=True), default=2e-3, help="Adam learning rate (default 2e-3)")
+    p.add_argument("--test-fraction", type=_float(strict=True), default=0.25, help="test split (default 0.25)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt up to --epochs")
+    p.add_argument("--overwrite", action="store_true", help="start again even if --out holds a checkpoint")
+    _common(p, "runs/train")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="robust accuracy over eps, ARA and the KL bound for one or more checkpoints",
+                       description="Evaluate checkpoints on the test split of their data: PGD robust accuracy at "
+                                   "each eps, the accuracy-robustness area (ARA) and the KL divergence bound. "
+                                   "Prints a table and writes eval.json, accuracy.png and ara.png to --out.")
+    _checkpoint_args(p)
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="attack norm (default linf)")
+    p.add_argument("--eps", type=_eps_list, default=None,
+                   help="comma-separated radii (default linf 0.05,0.1,0.2,0.3; l2 0.5,1,2)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="PGD steps (default 20)")
+    p.add_argument("--restarts", type=_positive_int, default=1, help="PGD random restarts (default 1)")
+    p.add_argument("--n", type=_positive_int, default=None, help="evaluate the first N test images (default all)")
+    p.add_argument("--ara-n", type=int, default=1000, help="images for ARA, 0 to skip (default 1000)")
+    p.add_argument("--ara-kind", choices=("attack", "btr"), default="attack", help="ARA success (default attack)")
+    p.add_argument("--kl-eps", type=_float(), default=None,
+                   help="radius of the KL bound in --norm, 0 to skip (default linf 0.1, l2 0.5)")
+    p.add_argument("--kl-steps", type=_positive_int, default=10, help="ascent steps of the KL bound (default 10)")
+    _common(p, "runs/eval")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("explain", help="saliency/CAM maps and decision/loss surfaces for chosen test samples",
+                       description="For chosen test samples, write saliency.png (input-gradient saliency, and CAM "
+                                   "for cnn models), surfaces.png (margin and loss over the plane x + a*u + b*v, u "
+                                   "the gradient sign, v random) and explain.json.")
+    _checkpoint_args(p)
+    p.add_argument("--samples", type=_int_list, default=[0, 1, 2], help="test indices (default 0,1,2)")
+    p.add_argument("--span", type=_float(strict=True), default=0.3, help="plane half-width in a, b (default 0.3)")
+    p.add_argument("--resolution", type=_positive_int, default=41, help="grid points per axis (default 41)")
+    _common(p, "runs/explain")
+    p.set_defaults(func=_explain)
+
+    p = sub.add_parser("demo", help="train plain, regularized and adversarially trained models on digits and "
+                                    "compare their robustness",
+                       description="On the digits data: train a plain MLP and three robust ones (input gradient, "
+                                   "Jacobian, TRADES), evaluate them side by side, print one table and write the "
+                                   "plots and checkpoints to --out.")
+    p.add_argument("--epochs", type=_positive_int, default=30, help="training epochs per model (default 30)")
+    p.add_argument("--n", type=_positive_int, default=None, help="evaluate on the first N test images (default all "
+                                                                 "450)")
+    _common(p, "runs/demo")
     p.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as err:
+        # bad data or settings found after parsing: one line, as argparse reports its own errors
+        parser.exit(2, f"fastrob: error: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "fastrob: interrupted\n")
 
 
 if __name__ == "__main__":

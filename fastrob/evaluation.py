@@ -1,0 +1,98 @@
+"""Side-by-side evaluation of several models (``fastrob eval`` and ``fastrob demo``): the metrics of
+``fastrob.metrics`` on one test set, a JSON-ready result, a plain-text table, and the plots."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from fastrob import metrics, plots
+
+
+@dataclass
+class EvalSettings:
+    """norm, eps: the PGD accuracy curve (``steps`` steps, ``restarts`` starts, alpha 2.5·eps/steps);
+    ara_n: samples for ARA (0: skip); kl_eps, kl_steps: the KL bound (kl_eps 0: skip)."""
+
+    norm: str = "linf"
+    eps: list = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
+    steps: int = 20
+    restarts: int = 1
+    ara_n: int = 1000
+    ara_kind: str = "attack"
+    kl_eps: float = 0.1
+    kl_steps: int = 10
+    seed: int = 0
+
+
+# What ``evaluate`` computes per model, in order: (key, function(model, data, settings, quiet) ->
+# result with as_dict(), enabled(settings)). Extension point: interpretation discrepancy and neuron
+# sensitivity (the seed-methods issue) are one entry each here, plus a column in ``table``.
+EVAL_METRICS: list[tuple[str, Callable, Callable]] = [
+    ("curve", lambda m, d, s, q: metrics.accuracy_curve(m, d, s.eps, s.norm, steps=s.steps, restarts=s.restarts,
+                                                        seed=s.seed, quiet=q), lambda s: True),
+    ("ara", lambda m, d, s, q: metrics.ara(m, d, n=s.ara_n, kind=s.ara_kind, seed=s.seed, quiet=q),
+     lambda s: s.ara_n > 0),
+    ("kl", lambda m, d, s, q: metrics.kl_robustness(m, d, s.kl_eps, s.norm, s.kl_steps, seed=s.seed, quiet=q),
+     lambda s: s.kl_eps > 0),
+]
+
+
+def evaluate(models: Mapping[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
+             quiet: bool = False) -> dict:
+    """{model name: {metric key: result object}} for every enabled metric of ``EVAL_METRICS``."""
+    out = {}
+    for name, model in models.items():
+        out[name] = {key: fn(model, (x, y), settings, quiet) for key, fn, enabled in EVAL_METRICS if enabled(settings)}
+    return out
+
+
+def as_json(results: Mapping[str, Mapping[str, object]]) -> dict:
+    return {name: {key: r.as_dict() for key, r in res.items()} for name, res in results.items()}
+
+
+def table(results: Mapping[str, Mapping[str, object]], settings: EvalSettings) -> str:
+    """One row per model: clean accuracy, robust accuracy at each eps, ARA, mean KL bound."""
+    width = max([len(n) for n in results] + [5]) + 2
+    eps = [e for e in sorted(settings.eps) if e > 0]
+    head = f"{'model':<{width}}{'clean':>7}" + "".join(f"{f'{settings.norm} {e:g}':>11}" for e in eps)
+    any_ara = any("ara" in r for r in results.values())
+    any_kl = any("kl" in r for r in results.values())
+    if any_ara:
+        head += f"{'ARA':>9}"
+    if any_kl:
+        head += f"{f'KL@{settings.kl_eps:g}':>9}"
+    lines = [head]
+    for name, res in results.items():
+        c = res["curve"]
+        acc = dict(zip(c.eps, c.accuracy))
+        row = f"{name:<{width}}{c.clean_accuracy:>7.1%}" + "".join(f"{acc[e]:>11.1%}" for e in eps)
+        if any_ara:
+            row += f"{res['ara'].ara:>9.4f}" if "ara" in res else f"{'-':>9}"
+        if any_kl:
+            row += f"{res['kl'].mean:>9.3f}" if "kl" in res else f"{'-':>9}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def legend(settings: EvalSettings) -> str:
+    parts = [f"robust accuracy: PGD-{settings.norm}, {settings.steps} steps of 2.5*eps/{settings.steps}"
+             f"{f', {settings.restarts} restarts' if settings.restarts > 1 else ', random start'}"]
+    if settings.ara_n > 0:
+        parts.append(f"ARA: accuracy-robustness area over RMSE radii ({settings.ara_kind}; higher is more robust)")
+    if settings.kl_eps > 0:
+        parts.append(f"KL@{settings.kl_eps:g}: mean max KL(p(x)||p(x+d)) over the {settings.norm} ball "
+                     "(lower is more stable)")
+    return "\n".join(parts)
+
+
+def write_plots(results: Mapping[str, Mapping[str, object]], out_dir: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [plots.accuracy_curves({n: r["curve"] for n, r in results.items()}, os.path.join(out_dir, "accuracy.png"))]
+    aras = {n: r["ara"] for n, r in results.items() if "ara" in r}
+    if aras:
+        paths.append(plots.ara_curves(aras, os.path.join(out_dir, "ara.png")))
+    return paths

@@ -1,0 +1,105 @@
+"""Robust accuracy under one attack, and the accuracy-vs-eps curve with compaction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from fastrob._checks import check_float, check_int
+from fastrob.attacks.pgd import pgd
+from fastrob.metrics._common import batches, clean_logits, model_device
+
+
+@dataclass
+class RobustAccuracy:
+    """accuracy: fraction of samples classified correctly both clean and after the attack;
+    clean_accuracy: without the attack; n: number of samples; robust: the per-sample mask [n]."""
+
+    accuracy: float
+    clean_accuracy: float
+    n: int
+    robust: torch.Tensor = field(repr=False)
+
+
+@dataclass
+class AccuracyCurve:
+    """Robust accuracy at each eps (ascending), with the clean accuracy and the attack settings."""
+
+    eps: list[float]
+    accuracy: list[float]
+    clean_accuracy: float
+    n: int
+    norm: str
+    steps: int
+
+    def as_dict(self) -> dict:
+        return {"eps": self.eps, "accuracy": self.accuracy, "clean_accuracy": self.clean_accuracy, "n": self.n,
+                "norm": self.norm, "steps": self.steps}
+
+
+def robust_accuracy(model, data, attack, *, batch_size: int = 256, device=None, quiet: bool = False,
+                    n: int | None = None) -> RobustAccuracy:
+    """Fraction of samples with argmax f(x) = y and argmax f(attack(x, y)) = y.
+
+    ``attack`` is any callable attack(x, y) -> x_adv (a fastrob attack such as
+    ``fastrob.PGD(model, eps=...)``, or a torchattacks attack). Samples the model already gets
+    wrong are not attacked (they cannot count as robust), so the attack sees only the clean-correct
+    rows of each batch; ``n`` caps the number of samples read."""
+    if not callable(attack):
+        raise TypeError(f"attack must be callable as attack(x, y) -> x_adv, got {type(attack).__name__}")
+    device = model_device(model, device)
+    masks, n_clean = [], 0
+    for x, y in batches(data, batch_size, device, desc="robust accuracy", quiet=quiet, limit=n):
+        correct = clean_logits(model, x, y).argmax(1) == y
+        n_clean += int(correct.sum())
+        robust = correct.clone()
+        if bool(correct.any()):
+            x_adv = attack(x[correct], y[correct])
+            robust[correct] = clean_logits(model, x_adv).argmax(1) == y[correct]
+        masks.append(robust.cpu())
+    robust = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
+    total = max(len(robust), 1)
+    return RobustAccuracy(float(robust.float().sum()) / total, n_clean / total, len(robust), robust)
+
+
+def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *, steps: int = 20,
+                   alpha_factor: float = 2.5, restarts: int = 1, random_start=True, loss: str = "ce",
+                   seed: int = 0, batch_size: int = 256, device=None, quiet: bool = False,
+                   n: int | None = None) -> AccuracyCurve:
+    """Robust accuracy under PGD (``fastrob.attacks.pgd``) at each eps in ``eps_list``.
+
+    PGD with ``steps`` steps of size alpha = alpha_factor·eps/steps (Madry et al.'s 2.5·eps/steps),
+    ``restarts`` random starts and early stop. Compaction: eps are visited in ascending order and a
+    sample fooled at a smaller eps counts as fooled at every larger one (the ball contains the
+    smaller ball), so each eps attacks only the survivors of the previous one, and PGD's
+    ``robust_only`` drops a sample inside an attack as soon as it is fooled. The curve is therefore
+    non-increasing by construction, and it is never above the per-eps ``robust_accuracy`` of the
+    same attack. Random starts come from one generator seeded with ``seed``.
+    """
+    eps_values = [check_float("eps_list", e, min_value=0.0) for e in eps_list]
+    if not eps_values:
+        raise ValueError("eps_list must hold at least one eps")
+    steps = check_int("steps", steps, 1)
+    alpha_factor = check_float("alpha_factor", alpha_factor, min_value=0.0)
+    order = sorted(range(len(eps_values)), key=eps_values.__getitem__)
+    device = model_device(model, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    alive_count = [0] * len(eps_values)
+    n_total = n_clean = 0
+    for x, y in batches(data, batch_size, device, desc=f"accuracy curve ({norm})", quiet=quiet, limit=n):
+        alive = (clean_logits(model, x, y).argmax(1) == y).nonzero().squeeze(1)
+        n_total += len(y)
+        n_clean += len(alive)
+        for k in order:
+            eps = eps_values[k]
+            if eps > 0 and len(alive):
+                _, fooled = pgd(model, x[alive], y[alive], eps=eps, alpha=alpha_factor * eps / steps, steps=steps,
+                                norm=norm, restarts=restarts, random_start=random_start, loss=loss,
+                                robust_only=True, return_fooled=True, generator=generator)
+                alive = alive[~fooled]
+            alive_count[k] += len(alive)
+    total = max(n_total, 1)
+    return AccuracyCurve([eps_values[k] for k in order], [alive_count[k] / total for k in order], n_clean / total,
+                         n_total, norm, steps)

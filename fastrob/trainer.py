@@ -1,0 +1,233 @@
+"""Training runs behind ``fastrob train`` and ``fastrob demo``: a configuration, the objective it
+names (plain, adversarial training or a regularizer), the loop with its progress bar, and
+checkpoints that a later run resumes from.
+
+An output directory holds
+    checkpoint.pt   model + optimizer + RNG states + history + config (resumable)
+    metrics.json    the config, the per-epoch history and the final clean test accuracy
+    training.png    the training curves
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fastrob._checks import check_float, check_int
+from fastrob.data import Dataset, load_dataset
+from fastrob.models import ACTIVATIONS, MODELS, build_model
+from fastrob.objective import Objective
+
+METHODS = ("none", "pgd", "trades", "half", "input_gradient", "jacobian", "jsigr")
+# the regularizers' own defaults (README: Regularizers), used when --lam is not given
+DEFAULT_LAM = {"input_gradient": 0.1, "jacobian": 0.01, "jsigr": 0.01}
+CHECKPOINT, METRICS, CURVE = "checkpoint.pt", "metrics.json", "training.png"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; stored in the checkpoint so that eval/explain/resume rebuild it.
+
+    eps/alpha/attack_steps/norm configure the adversary of pgd/trades/half (alpha default
+    2.5·eps/attack_steps); lam is the regularizer weight (input_gradient, jacobian; jsigr's
+    lam_jacobian), lam_saliency and patch are J-SIGR's; beta is TRADES'."""
+
+    data: str = "digits"
+    size: int | None = None
+    model: str = "mlp"
+    activation: str = "relu"
+    method: str = "none"
+    eps: float = 0.1
+    alpha: float | None = None
+    attack_steps: int = 7
+    norm: str = "linf"
+    beta: float = 6.0
+    lam: float | None = None
+    lam_saliency: float = 0.1
+    patch: int = 4
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+    test_fraction: float = 0.25
+
+    def check(self) -> "TrainConfig":
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.norm not in ("linf", "l2"):
+            raise ValueError(f"norm must be linf or l2, got {self.norm!r}")
+        check_float("eps", self.eps, min_value=0.0)
+        if self.alpha is not None:
+            check_float("alpha", self.alpha, min_value=0.0)
+        check_int("attack_steps", self.attack_steps, 1)
+        check_float("beta", self.beta, min_value=0.0)
+        if self.lam is not None:
+            check_float("lam", self.lam, min_value=0.0)
+        check_float("lam_saliency", self.lam_saliency, min_value=0.0)
+        check_int("patch", self.patch, 1)
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        if check_float("lr", self.lr, min_value=0.0) == 0:
+            raise ValueError("lr must be > 0")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def describe(config: TrainConfig) -> str:
+    """A short human name for the method and its parameters, e.g. 'PGD-AT linf eps=0.1'."""
+    m = config.method
+    if m == "none":
+        return "plain"
+    if m in ("pgd", "trades", "half"):
+        name = {"pgd": "PGD-AT", "trades": f"TRADES b={config.beta:g}", "half": "half-AT"}[m]
+        return f"{name} {config.norm} eps={config.eps:g}"
+    lam = DEFAULT_LAM[m] if config.lam is None else config.lam
+    if m == "jsigr":
+        return f"J-SIGR lam={lam:g},{config.lam_saliency:g}"
+    return f"{'input grad' if m == 'input_gradient' else 'Jacobian'} lam={lam:g}"
+
+
+def build_objective(config: TrainConfig, model) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Objective]:
+    """objective(model, x, y) -> Objective for the configured method (METHODS.md)."""
+    from fastrob import attacks, regularizers
+    from fastrob.training import adversarial_loss
+
+    m = config.method
+    if m == "none":
+        def plain(model, x, y):
+            logits = model(x)
+            ce = F.cross_entropy(logits, y)
+            return Objective(loss=ce, ce=ce, penalty=ce.new_zeros(()), logits=logits)
+        return plain
+    if m in ("pgd", "trades", "half"):
+        alpha = config.alpha if config.alpha is not None else 2.5 * config.eps / config.attack_steps
+        cls = attacks.PGD if config.norm == "linf" else attacks.PGDL2
+        attack = cls(model, eps=config.eps, alpha=alpha, steps=config.attack_steps, random_start=True)
+        return lambda model, x, y: adversarial_loss(model, x, y, attack, kind=m, beta=config.beta)
+    lam = DEFAULT_LAM[m] if config.lam is None else config.lam
+    if m == "input_gradient":
+        return regularizers.InputGradientRegularizer(lam=lam)
+    if m == "jacobian":
+        return regularizers.JacobianRegularizer(lam=lam)
+    return regularizers.JSIGRRegularizer(lam_jacobian=lam, lam_saliency=config.lam_saliency, patch=config.patch)
+
+
+@torch.no_grad()
+def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    training = model.training
+    model.eval()
+    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(y), batch_size))
+    model.train(training)
+    return correct / max(len(y), 1)
+
+
+def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu", resume: bool = False,
+          quiet: bool = False, dataset: Dataset | None = None, desc: str | None = None):
+    """Trains ``config`` (to ``config.epochs`` epochs in all) and returns (model, history, dataset).
+
+    With ``out_dir``, writes checkpoint.pt after every epoch, and metrics.json + training.png at the
+    end. ``resume=True`` continues from out_dir/checkpoint.pt: its config is used (with the
+    ``epochs`` asked for now) and the model, optimizer and RNG states are restored, so an
+    interrupted run resumed gives the run that was not interrupted."""
+    config.check()
+    ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    state = None
+    if resume:
+        if not ckpt_path or not os.path.isfile(ckpt_path):
+            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        config = TrainConfig.from_dict(dict(state["config"], epochs=config.epochs)).check()
+    torch.manual_seed(config.seed)
+    if dataset is None:
+        dataset = load_dataset(config.data, config.size, config.test_fraction, config.seed)
+    model = build_model(config.model, dataset.in_shape, dataset.num_classes, config.activation).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    history, start_epoch = [], 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start_epoch = state["history"], state["epoch"]
+    objective = build_objective(config, model)
+    split = dataset.split
+    x_train, y_train = split.x_train.to(device), split.y_train.to(device)
+    x_test, y_test = split.x_test.to(device), split.y_test.to(device)
+    n_batches = -(-len(y_train) // config.batch_size)
+    bar = tqdm(total=(config.epochs - start_epoch) * n_batches, desc=desc or f"train {describe(config)}",
+               disable=quiet, leave=False, unit="batch")
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        start = time.perf_counter()
+        sums = {"loss": 0.0, "ce": 0.0, "penalty": 0.0}
+        for idx in torch.randperm(len(y_train), generator=generator).split(config.batch_size):
+            idx = idx.to(device)
+            out = objective(model, x_train[idx], y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            for k in sums:
+                sums[k] += float(getattr(out, k).detach()) * len(idx)
+            bar.update(1)
+        record = {k: v / len(y_train) for k, v in sums.items()}
+        record.update(epoch=epoch + 1, seconds=time.perf_counter() - start,
+                      train_accuracy=accuracy(model, x_train, y_train), test_accuracy=accuracy(model, x_test, y_test))
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", test_acc=f"{record['test_accuracy']:.3f}")
+        if ckpt_path:
+            os.makedirs(out_dir, exist_ok=True)
+            torch.save({"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
+                        "history": history, "in_shape": dataset.in_shape, "num_classes": dataset.num_classes},
+                       ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)  # never leave a half-written checkpoint
+    bar.close()
+    model.eval()
+    if out_dir:
+        write_outputs(out_dir, config, history)
+    return model, history, dataset
+
+
+def write_outputs(out_dir: str, config: TrainConfig, history: list[dict]) -> None:
+    from fastrob import plots
+
+    final = history[-1] if history else {}
+    summary = {"config": asdict(config), "method": describe(config), "epochs": len(history),
+               "test_accuracy": final.get("test_accuracy"), "train_seconds": sum(h["seconds"] for h in history),
+               "history": history}
+    with open(os.path.join(out_dir, METRICS), "w") as f:
+        json.dump(summary, f, indent=2)
+    plots.training_curves(history, os.path.join(out_dir, CURVE), title=describe(config))
+
+
+def load_checkpoint(path: str, device: str = "cpu"):
+    """(model in eval mode, TrainConfig) from a checkpoint.pt, or from a directory holding one."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint: no such file {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        config = TrainConfig.from_dict(state["config"])
+        model = build_model(config.model, state["in_shape"], state["num_classes"], config.activation)
+        model.load_state_dict(state["model"])
+    except Exception as err:  # torch.load raises many types for a file that is not a checkpoint
+        raise ValueError(f"{path}: not a fastrob checkpoint ({type(err).__name__}: {err})") from None
+    return model.to(device).eval(), config
