@@ -6,8 +6,9 @@ step fused into Triton and CUDA kernels behind pure-torch references. See the RE
 
 from importlib.metadata import PackageNotFoundError, version
 
-from fastrob import attacks, data, functional, nn, ops, regularizers, training
+from fastrob import attacks, data, functional, metrics, models, nn, ops, regularizers, training
 from fastrob.attacks import FGSM, PGD, PGDL2, pgd
+from fastrob.metrics import accuracy_curve, ara, kl_robustness, robust_accuracy
 from fastrob.objective import Objective
 from fastrob.ops import bias_act, cross_entropy, pgd_step, sqnorm
 from fastrob.regularizers import InputGradientRegularizer, JacobianRegularizer, JSIGRRegularizer
@@ -19,9 +20,10 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "attacks", "data", "functional", "nn", "ops", "regularizers", "training",
+    "attacks", "data", "functional", "metrics", "models", "nn", "ops", "regularizers", "training",
     "InputGradientRegularizer", "JacobianRegularizer", "JSIGRRegularizer",
     "FGSM", "PGD", "PGDL2", "pgd", "adversarial_loss",
+    "accuracy_curve", "ara", "kl_robustness", "robust_accuracy",
     "Objective", "bias_act", "cross_entropy", "pgd_step", "sqnorm",
     "__version__",
 ]

@@ -14,48 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastrob._checks import check_float, check_int
+from fastrob._checks import check_int
+from fastrob.nn import BiasAct
 
 ACTIVATIONS = ("relu", "softplus", "half_huber")
 MODELS = ("mlp", "cnn", "resnet18")
 
 
-class HalfHuberReLU(nn.Module):
-    """Half-Huber ReLU (Woods et al. 2019), d > 0 (default 0.5):
-
-        h(x) = 0             for x < 0
-             = x² / (2d)     for 0 <= x <= d
-             = x - d/2       for x > d
-
-    C¹ everywhere (h' = 0, x/d, 1), with h'' = 1/d on [0, d]: a ReLU whose kink is rounded, so
-    double backprop sees curvature. Plain torch ops, twice differentiable by autograd; a fused
-    kernel arrives in another issue.
-    """
-
-    def __init__(self, d: float = 0.5):
-        super().__init__()
-        self.d = check_float("d", d, min_value=0.0)
-        if self.d == 0:
-            raise ValueError("d must be > 0, got 0.0")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # clamp_min(0) makes both branches 0 with zero gradient for x < 0.
-        pos = x.clamp_min(0)
-        return torch.where(pos <= self.d, pos * pos / (2 * self.d), pos - self.d / 2)
-
-    def extra_repr(self) -> str:
-        return f"d={self.d}"
-
-
 def activation(name: str) -> nn.Module:
-    """A fresh activation module by name: "relu", "softplus" (beta = 1) or "half_huber" (d = 0.5)."""
-    if name == "relu":
-        return nn.ReLU()
-    if name == "softplus":
-        return nn.Softplus()
-    if name == "half_huber":
-        return HalfHuberReLU(0.5)
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    """A fresh activation module by name: "relu", "softplus" (beta = 1) or "half_huber" (d = 0.5),
+    as a ``fastrob.nn.BiasAct``: the fused bias_act kernels (first and second derivative) on a GPU,
+    the torch reference on CPU. The half-Huber ReLU (Woods et al. 2019) is 0 for x < 0, x²/(2d) on
+    [0, d] and x − d/2 above: C¹, with the second derivative 1/d on [0, d] that double backprop needs."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    return BiasAct(act=name)
 
 
 class MLP(nn.Sequential):

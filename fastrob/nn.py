@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastrob import _backend
-from fastrob.ops.bias_act import ACTIVATIONS, bias_act
+from fastrob.ops.bias_act import ACTIVATIONS, bias_act, check_act_params
 
 
 class BiasAct(nn.Module):
@@ -27,6 +27,7 @@ class BiasAct(nn.Module):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {tuple(ACTIVATIONS)}, got {act!r}")
+        beta, threshold, d = check_act_params(beta, threshold, d)
         self.act, self.dim, self.beta, self.threshold, self.d = act, dim, beta, threshold, d
         self.backend = _backend.check_backend_name(backend)
         self.bias = nn.Parameter(torch.zeros(channels)) if channels is not None else None

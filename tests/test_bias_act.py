@@ -96,7 +96,8 @@ def test_opcheck():
     (dict(act="tanh"), ValueError, "act must be one of"),
     (dict(bias=torch.zeros(4)), ValueError, "bias must have shape"),
     (dict(bias=torch.zeros(3, dtype=torch.float64)), TypeError, "bias must have the dtype of x"),
-    (dict(dim=4), ValueError, "dim must be an int indexing"),
+    (dict(dim=4, bias=torch.zeros(3)), ValueError, "dim must be an int indexing"),
+    (dict(dim="channels"), ValueError, "dim must be an int indexing"),
     (dict(beta=0.0), ValueError, "beta must be > 0"),
     (dict(d=-1.0), ValueError, "d must be > 0"),
     (dict(x=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "x must be a floating-point"),
@@ -106,6 +107,13 @@ def test_bad_input_names_the_argument(kwargs, error, words):
     x = kwargs.pop("x", torch.zeros(2, 3, 4))
     with pytest.raises(error, match=words):
         bias_act(x, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3)], ids=str)
+def test_without_bias_any_rank(shape):
+    """Without a bias the dimension plays no part: a BiasAct module may follow any layer."""
+    x = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(bias_act(x, act="softplus", dim=1), torch.nn.functional.softplus(x))
 
 
 def test_swap_activations_keeps_the_function():

@@ -42,6 +42,18 @@ def activation_reference(u: torch.Tensor, act: str, *, beta: float = 1.0, thresh
     return half_huber(u, d)
 
 
+def check_act_params(beta, threshold, d) -> tuple[float, float, float]:
+    """softplus's beta (> 0) and threshold, half_huber's d (> 0), as floats."""
+    beta = check_float("beta", beta)
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    threshold = check_float("threshold", threshold)
+    d = check_float("d", d)
+    if d <= 0:
+        raise ValueError(f"d must be > 0, got {d}")
+    return beta, threshold, d
+
+
 def bias_act_reference(x: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "relu", dim: int = 1, *,
                        beta: float = 1.0, threshold: float = 20.0, d: float = 0.5) -> torch.Tensor:
     """f(x + bias) with bias broadcast along ``dim``, computed in float32 for half-precision input
@@ -69,11 +81,18 @@ def bias_act(x: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "r
     Returns:
         A tensor of x's shape, dtype and memory format (contiguous or channels_last).
     """
-    check_tensor("x", x)
+    check_tensor("x", x, min_dim=0)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"dim must be an int indexing the {x.dim()} dimensions of x, got {dim!r}")
+    if bias is None:
+        dim = 0  # without a bias the dimension plays no part (a BiasAct may see inputs of any rank)
+        if x.dim() == 0:  # the kernels index a dense array: give a scalar one dimension
+            return bias_act(x.reshape(1), None, act, 0, beta=beta, threshold=threshold, d=d,
+                            backend=backend).reshape(())
+    elif not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim must be an int indexing the {x.dim()} dimensions of x, got {dim!r}")
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {tuple(ACTIVATIONS)}, got {act!r}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be an int indexing the {x.dim()} dimensions of x, got {dim!r}")
     dim %= x.dim()
     if bias is not None:
         check_tensor("bias", bias)
@@ -83,13 +102,7 @@ def bias_act(x: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "r
             raise TypeError(f"bias must have the dtype of x ({dtype_name(x.dtype)}), got {dtype_name(bias.dtype)}")
         if bias.device != x.device:
             raise ValueError(f"bias must be on the device of x ({x.device}), got {bias.device}")
-    beta = check_float("beta", beta)
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    threshold = check_float("threshold", threshold)
-    d = check_float("d", d)
-    if d <= 0:
-        raise ValueError(f"d must be > 0, got {d}")
+    beta, threshold, d = check_act_params(beta, threshold, d)
     name = resolve_backend(backend, x, op="bias_act")
     if name == "torch":
         return bias_act_reference(x, bias, act, dim, beta=beta, threshold=threshold, d=d)
