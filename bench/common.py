@@ -51,6 +51,15 @@ def time_ms(fn, device: torch.device | str, *, warmup: int = 3, reps: int = 20) 
     return {"median": statistics.median(times), "p20": q[1], "p80": q[7]}
 
 
+def copy_bandwidth_gbps(device) -> float:
+    """Device copy bandwidth, counting bytes read and written, on a 1 GiB (GPU) / 256 MiB (CPU) buffer."""
+    n = (2**30 if torch.device(device).type == "cuda" else 2**28) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    stats = time_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / (stats["median"] * 1e-3) / 1e9
+
+
 def row(op: str, provider: str, shape, dtype, metric: str, stats: dict, device) -> dict:
     try:
         import triton

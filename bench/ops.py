@@ -19,8 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bench.common import append_rows, row, time_ms
-from bench.pgd_step import copy_bandwidth_gbps
+from bench.common import append_rows, copy_bandwidth_gbps, row, time_ms
 from fastrob import _backend
 from fastrob.ops import bias_act, cross_entropy, sqnorm
 

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from bench.common import append_rows, row, time_ms
+from bench.common import append_rows, copy_bandwidth_gbps, row, time_ms
 from fastrob import _backend
 from fastrob.ops.pgd_step import pgd_step, pgd_step_unchecked
 
@@ -33,15 +33,6 @@ def eager_step(x_adv, grad, x_orig, alpha, eps, norm):
     delta = adv - x_orig
     factor = torch.clamp(eps / torch.norm(delta.view(b, -1), p=2, dim=1), max=1.0)
     return torch.clamp(x_orig + delta * factor.view(-1, 1, 1, 1), min=0, max=1)
-
-
-def copy_bandwidth_gbps(device) -> float:
-    """Device copy bandwidth, counting bytes read and written, on a 1 GiB (GPU) / 256 MiB (CPU) buffer."""
-    n = (2**30 if torch.device(device).type == "cuda" else 2**28) // 4
-    src = torch.empty(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    stats = time_ms(lambda: dst.copy_(src), device)
-    return 2 * src.numel() * 4 / (stats["median"] * 1e-3) / 1e9
 
 
 def main(argv=None) -> None:

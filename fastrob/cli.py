@@ -75,24 +75,21 @@ def _float(low: float = 0.0, strict: bool = False):
     return parse
 
 
-def _int_list(value: str) -> list[int]:
-    try:
-        items = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        items = []
-    if not items or min(items) < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated indices >= 0, e.g. 0,1,2; got {value!r}")
-    return items
+def _number_list(cast, what: str, example: str):
+    """An argparse type: comma-separated numbers of type ``cast``, each finite and >= 0."""
+    def parse(value: str) -> list:
+        try:
+            items = [cast(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            items = []
+        if not items or min(items) < 0 or any(v != v or v == float("inf") for v in items):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} >= 0, e.g. {example}; got {value!r}")
+        return items
+    return parse
 
 
-def _eps_list(value: str) -> list[float]:
-    try:
-        items = [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        items = []
-    if not items or min(items) < 0 or any(e != e or e == float("inf") for e in items):
-        raise argparse.ArgumentTypeError(f"expected comma-separated radii >= 0, e.g. 0.05,0.1,0.2; got {value!r}")
-    return items
+_int_list = _number_list(int, "indices", "0,1,2")
+_eps_list = _number_list(float, "radii", "0.05,0.1,0.2")
 
 
 def _size(value: str) -> int:
