@@ -151,7 +151,7 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
     if resume:
         if not ckpt_path or not os.path.isfile(ckpt_path):
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         config = TrainConfig.from_dict(dict(state["config"], epochs=config.epochs)).check()
     torch.manual_seed(config.seed)
     if dataset is None:
@@ -224,10 +224,12 @@ def load_checkpoint(path: str, device: str = "cpu"):
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint: no such file {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         config = TrainConfig.from_dict(state["config"])
         model = build_model(config.model, state["in_shape"], state["num_classes"], config.activation)
         model.load_state_dict(state["model"])
     except Exception as err:  # torch.load raises many types for a file that is not a checkpoint
-        raise ValueError(f"{path}: not a fastrob checkpoint ({type(err).__name__}: {err})") from None
+        # the first line is enough: weights_only's refusal runs to a page of advice
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: not a fastrob checkpoint ({type(err).__name__}: {reason})") from None
     return model.to(device).eval(), config
