@@ -55,10 +55,10 @@ def robust_acc(model, x_adv, y):
         return (model(x_adv).argmax(1) == y).float().mean().item()
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller batches and fewer repetitions")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import torchattacks
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

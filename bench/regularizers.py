@@ -177,11 +177,11 @@ def peak_rss_rise_mib(step) -> float:
     return max(0.0, max(peak[0], rss_mib()) - before)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="32x3x16x16 batches, fewer repetitions")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 7, --quick 5)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     shape = (32, 3, 16, 16) if args.quick else (128, 3, 32, 32)
     rounds = args.reps or (5 if args.quick else 7)
     device = torch.device("cpu")
