@@ -34,10 +34,7 @@ test-all: setup
 	$(PY) -m pytest -m ""
 
 bench: setup
-	$(PY) -m bench.pgd_step
-	$(PY) -m bench.regularizers
-	$(PY) -m bench.attacks
-	$(PY) -m bench.ops
+	$(VENV)/bin/fastrob bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastrob/_C*.so fastrob/_C_build.json

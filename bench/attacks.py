@@ -6,6 +6,7 @@ Rows (bench/results/<device>.csv), metric images_per_s unless stated:
   pgd10            torchattacks.PGD vs fastrob.PGD (float32; on CUDA also bf16 and bf16 + CUDA graph)
   pgd10_restarts4  four restarts as one batch of 4B vs the same four runs in a loop
   pgd10_weak       robust_only compaction vs the full attack on a weak model (and its robust_acc)
+  peak memory      of one pgd10 call (bench.common.peak_memory)
   robust_acc       robust accuracy of both libraries on the digits CNN (equal strength check)
 """
 
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastrob.attacks as fa
-from bench.common import append_rows, row, time_ms
+from bench.common import append_rows, peak_memory, row, time_ms
 from fastrob.data import load_digits
 
 
@@ -55,10 +56,10 @@ def robust_acc(model, x_adv, y):
         return (model(x_adv).argmax(1) == y).float().mean().item()
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller batches and fewer repetitions")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import torchattacks
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,6 +90,8 @@ def main():
                                                      cuda_graph=True)
         for provider, attack in providers.items():
             stats = time_ms(lambda: attack(x, y), device, warmup=1, reps=reps)
+            metric, mib = peak_memory(lambda: attack(x, y), device)
+            rows.append(row("pgd10", provider, shape, x.dtype, metric, {"median": mib, "p20": mib, "p80": mib}, device))
             rows.append(row("pgd10", provider, shape, x.dtype, "images_per_s", throughput(stats, len(x)), device))
             if name == "digits-cnn":
                 torch.manual_seed(1)

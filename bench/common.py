@@ -7,7 +7,9 @@ import csv
 import datetime
 import platform
 import re
+import resource
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -58,6 +60,46 @@ def copy_bandwidth_gbps(device) -> float:
     dst = torch.empty_like(src)
     stats = time_ms(lambda: dst.copy_(src), device)
     return 2 * src.numel() * 4 / (stats["median"] * 1e-3) / 1e9
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_rise_mib(step) -> float:
+    """The rise of resident memory over one call of ``step``, sampled every 0.2 ms by a thread
+    (tracemalloc does not see torch's allocations; see bench.regularizers.set_mmap_threshold, without
+    which freed heap memory is reused and the rise can read low)."""
+    before, peak, done = rss_mib(), [0.0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(2e-4)
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        step()
+    finally:
+        done.set()
+        thread.join()
+    return max(0.0, max(peak[0], rss_mib()) - before)
+
+
+def peak_memory(fn, device) -> tuple[str, float]:
+    """(metric, MiB): the peak memory of one call of ``fn`` above what was allocated before it:
+    torch.cuda.max_memory_allocated on a GPU (peak_cuda_mib), the rise of resident memory on
+    CPU (peak_rss_rise_mib)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return "peak_cuda_mib", (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return "peak_rss_rise_mib", peak_rss_rise_mib(fn)
 
 
 def row(op: str, provider: str, shape, dtype, metric: str, stats: dict, device) -> dict:

@@ -7,7 +7,7 @@ Providers: ``eager`` (torchattacks' update sequence, in the input dtype), ``torc
 reference), and on a GPU ``triton`` and ``cuda``. The step moves 4 tensors (reads x_adv, grad,
 x_orig, writes the result); achieved GB/s counts those bytes and is compared with the device's
 copy bandwidth measured in the same run (a copy counts its read and its write). Rows go to
-bench/results/<device>.csv.
+bench/results/<device>.csv, with the peak memory of one step (bench.common.peak_memory).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from bench.common import append_rows, copy_bandwidth_gbps, row, time_ms
+from bench.common import append_rows, copy_bandwidth_gbps, peak_memory, row, time_ms
 from fastrob import _backend
 from fastrob.ops.pgd_step import pgd_step, pgd_step_unchecked
 
@@ -75,6 +75,8 @@ def main(argv=None) -> None:
                     rows.append(row(op, provider, shape, dtype, "gbps",
                                     {"median": gbps, "p20": moved / (stats["p80"] * 1e-3) / 1e9,
                                      "p80": moved / (stats["p20"] * 1e-3) / 1e9}, device))
+                    metric, mib = peak_memory(fn, device)
+                    rows.append(row(op, provider, shape, dtype, metric, {"median": mib, "p20": mib, "p80": mib}, device))
                     print(f"{norm:<5}{'x'.join(map(str, shape)):<16}{str(dtype)[6:]:<10}{provider:<8}"
                           f"{stats['median']:>9.3f}{gbps:>9.0f}{gbps / copy_gbps:>8.0%}"
                           f"{eager_ms / stats['median']:>8.2f}x")

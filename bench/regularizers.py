@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import resource
 import statistics
-import threading
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.common import append_rows, row
+from bench.common import append_rows, peak_rss_rise_mib, row
 from fastrob.regularizers import InputGradientRegularizer, JacobianRegularizer, JSIGRRegularizer
 
 LAM = 0.1
@@ -137,11 +135,6 @@ def summary(times: list) -> dict:
     return {"median": statistics.median(times), "p20": q[1], "p80": q[7]}
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def set_mmap_threshold(nbytes: int) -> None:
     """glibc serves allocations of ``nbytes`` or more with mmap and gives them back on free.
 
@@ -158,30 +151,11 @@ def set_mmap_threshold(nbytes: int) -> None:
     libc.mallopt(m_trim_threshold, 2 * nbytes)
 
 
-def peak_rss_rise_mib(step) -> float:
-    """The rise of resident memory over one call of ``step``, sampled every 0.2 ms by a thread
-    (tracemalloc does not see torch's allocations; see set_mmap_threshold)."""
-    before, peak, done = rss_mib(), [0.0], threading.Event()
-
-    def poll():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mib())
-            time.sleep(2e-4)
-    thread = threading.Thread(target=poll)
-    thread.start()
-    try:
-        step()
-    finally:
-        done.set()
-        thread.join()
-    return max(0.0, max(peak[0], rss_mib()) - before)
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="32x3x16x16 batches, fewer repetitions")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default 7, --quick 5)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     shape = (32, 3, 16, 16) if args.quick else (128, 3, 32, 32)
     rounds = args.reps or (5 if args.quick else 7)
     device = torch.device("cpu")

@@ -244,6 +244,26 @@ def _demo(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # the parser
 
+BENCH_MODULES = ("pgd_step", "ops", "regularizers", "attacks")
+
+
+def _bench(args) -> int:
+    import importlib
+    from pathlib import Path
+
+    modules = [m for m in BENCH_MODULES if args.filter is None or args.filter in m]
+    if not modules:
+        raise ValueError(f"--filter {args.filter!r} matches no benchmark module (of {', '.join(BENCH_MODULES)})")
+    roots = [r for r in (Path.cwd(), Path(__file__).resolve().parent.parent) if (r / "bench" / "report.py").is_file()]
+    if not roots:
+        raise ValueError("no bench/ folder here or beside the fastrob package: run from a fastrob source checkout")
+    sys.path.insert(0, str(roots[0]))
+    for name in modules:
+        print(f"== bench.{name}", flush=True)
+        importlib.import_module(f"bench.{name}").main(["--quick"] if args.quick else [])
+    return importlib.import_module("bench.report").main([])
+
+
 def _common(p, out_default: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
@@ -336,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "450)")
     _common(p, "runs/demo")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("bench", help="run the benchmarks against the reference implementations (from a source "
+                       "checkout), then regenerate the README's table and bench/results/speedup.png")
+    p.add_argument("--quick", action="store_true", help="small shapes, fewer repetitions")
+    p.add_argument("--filter", metavar="SUBSTR", help="only the modules whose name contains SUBSTR "
+                   f"({', '.join(BENCH_MODULES)})")
+    p.set_defaults(func=_bench)
     return parser
 
 
