@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastrob.attacks as fa
-from bench.common import append_rows, peak_memory, row, time_ms
+from bench.common import peak_memory, row, save_results, time_ms
 from fastrob.data import load_digits
 
 
@@ -127,7 +127,7 @@ def main(argv=None):
         rows.append(row("pgd10_weak", provider, shape, x.dtype, "robust_acc", {"median": acc, "p20": acc, "p80": acc},
                         device))
         print(f"weak model, 4 restarts {provider:20s} {rows[-2]['median']:>10s} images/s, robust acc {acc:.3f}")
-    print("wrote", append_rows(rows, device))
+    save_results(rows, device, quick=args.quick)
 
 
 if __name__ == "__main__":

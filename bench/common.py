@@ -127,3 +127,12 @@ def append_rows(rows: list[dict], device) -> Path:
             writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def save_results(rows: list[dict], device, *, quick: bool) -> None:
+    """Appends a full run's rows to the device's CSV; a ``--quick`` run is a smoke test of the
+    benchmark itself, and its small-shape numbers stay out of the results (and the README table)."""
+    if quick:
+        print("--quick: results not written")
+        return
+    print(f"results appended to {append_rows(rows, device)}")

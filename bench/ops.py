@@ -19,7 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bench.common import append_rows, copy_bandwidth_gbps, row, time_ms
+from bench.common import copy_bandwidth_gbps, row, save_results, time_ms
 from fastrob import _backend
 from fastrob.ops import bias_act, cross_entropy, sqnorm
 
@@ -94,10 +94,7 @@ def main(argv=None) -> None:
                                      "p80": moved / (stats["p20"] * 1e-3) / 1e9}, device))
                 print(f"{op:<19}{'x'.join(map(str, shape)):<16}{name:<16}{provider:<9}{stats['median']:>9.3f}"
                       f"{gbps:>10.1f}{eager[name] / stats['median']:>8.2f}x")
-    if args.quick:
-        print("--quick: results not written")
-        return
-    print(f"results appended to {append_rows(rows, device)}")
+    save_results(rows, device, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from bench.common import append_rows, copy_bandwidth_gbps, peak_memory, row, time_ms
+from bench.common import copy_bandwidth_gbps, peak_memory, row, save_results, time_ms
 from fastrob import _backend
 from fastrob.ops.pgd_step import pgd_step, pgd_step_unchecked
 
@@ -80,8 +80,7 @@ def main(argv=None) -> None:
                     print(f"{norm:<5}{'x'.join(map(str, shape)):<16}{str(dtype)[6:]:<10}{provider:<8}"
                           f"{stats['median']:>9.3f}{gbps:>9.0f}{gbps / copy_gbps:>8.0%}"
                           f"{eager_ms / stats['median']:>8.2f}x")
-    path = append_rows(rows, device)
-    print(f"results appended to {path}")
+    save_results(rows, device, quick=args.quick)
 
 
 if __name__ == "__main__":

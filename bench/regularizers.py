@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.common import append_rows, peak_rss_rise_mib, row
+from bench.common import peak_rss_rise_mib, row, save_results
 from fastrob.regularizers import InputGradientRegularizer, JacobianRegularizer, JSIGRRegularizer
 
 LAM = 0.1
@@ -194,7 +194,7 @@ def main(argv=None):
                             {"median": sp, "p20": sp, "p80": sp}, device))
             speedup = f"{sp:9.2f}"
         print(f"{name:30s} {s['median']:9.1f} {ratio:8.2f} {speedup:>9s} {memory[name]:9.1f}")
-    print("results:", append_rows(rows, device))
+    save_results(rows, device, quick=args.quick)
 
 
 if __name__ == "__main__":
