@@ -68,6 +68,14 @@ def per_sample_value(name: str, value, batch: int, device: torch.device, *, min_
     return check_float(name, value, min_value=min_value)
 
 
+def check_positive(name: str, value) -> float:
+    """A finite real number > 0 (a step, a rate, a width), as a float."""
+    value = check_float(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
 def check_int(name: str, value, min_value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

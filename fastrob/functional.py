@@ -18,7 +18,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from fastrob._checks import check_float, check_int, check_labels, check_logits, check_model, check_tensor
+from fastrob._checks import check_int, check_labels, check_logits, check_model, check_tensor
 from fastrob.ops._common import resolve_backend
 from fastrob.ops.cross_entropy import cross_entropy_unchecked
 from fastrob.ops.sqnorm import sqnorm
@@ -148,13 +148,6 @@ def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.T
 
 
 # ---- argument checks and model calls shared by the regularizer classes ----------------------
-
-def check_h(h) -> float:
-    h = check_float("h", h)
-    if h <= 0:
-        raise ValueError(f"h must be > 0, got {h}")
-    return h
-
 
 def check_inputs(model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks (model, x, y); returns a leaf copy of x that requires grad, and y as int64.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastrob._checks import check_float, check_int
+from fastrob._checks import check_float, check_int, check_positive
 from fastrob.data import Dataset, load_dataset
 from fastrob.models import ACTIVATIONS, MODELS, build_model
 from fastrob.objective import Objective
@@ -78,8 +78,7 @@ class TrainConfig:
         check_int("patch", self.patch, 1)
         check_int("epochs", self.epochs, 1)
         check_int("batch_size", self.batch_size, 1)
-        if check_float("lr", self.lr, min_value=0.0) == 0:
-            raise ValueError("lr must be > 0")
+        check_positive("lr", self.lr)
         return self
 
     @classmethod

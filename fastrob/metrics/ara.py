@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fastrob._checks import check_float, check_int
+from fastrob._checks import check_int, check_positive
 from fastrob.attacks.pgd import pgd
 from fastrob.metrics._common import batches, clean_logits, model_device
 
@@ -80,9 +80,7 @@ def ara(model, data, n: int = 1000, kind: str = "attack", *, steps: int = 20, se
     n = check_int("n", n, 1)
     steps = check_int("steps", steps, 1)
     search_steps = check_int("search_steps", search_steps, 1)
-    max_rmse = check_float("max_rmse", max_rmse, min_value=0.0)
-    if max_rmse == 0:
-        raise ValueError("max_rmse must be > 0")
+    max_rmse = check_positive("max_rmse", max_rmse)
     device = model_device(model, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     all_radii, n_correct, num_classes = [], 0, None

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastrob._checks import check_float, check_tensor, dtype_name
+from fastrob._checks import check_float, check_positive, check_tensor, dtype_name
 from fastrob.ops._common import batch_outermost_dense, define_op, launch, resolve_backend, same_layout
 
 # codes shared with the kernels (fastrob/triton/bias_act.py, kernels/bias_act.cuh)
@@ -44,14 +44,7 @@ def activation_reference(u: torch.Tensor, act: str, *, beta: float = 1.0, thresh
 
 def check_act_params(beta, threshold, d) -> tuple[float, float, float]:
     """softplus's beta (> 0) and threshold, half_huber's d (> 0), as floats."""
-    beta = check_float("beta", beta)
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    threshold = check_float("threshold", threshold)
-    d = check_float("d", d)
-    if d <= 0:
-        raise ValueError(f"d must be > 0, got {d}")
-    return beta, threshold, d
+    return check_positive("beta", beta), check_float("threshold", threshold), check_positive("d", d)
 
 
 def bias_act_reference(x: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "relu", dim: int = 1, *,

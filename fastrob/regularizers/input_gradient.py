@@ -7,7 +7,7 @@ import torch
 
 from fastrob import _backend
 from fastrob import functional as Fn
-from fastrob._checks import check_float
+from fastrob._checks import check_float, check_positive
 from fastrob.objective import Objective
 
 MODES = ("exact", "fd")
@@ -64,7 +64,7 @@ class InputGradientRegularizer:
             raise ValueError(f"norm must be one of {Fn.INPUT_GRADIENT_NORMS}, got {norm!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.norm, self.mode, self.h = norm, mode, Fn.check_h(h)
+        self.norm, self.mode, self.h = norm, mode, check_positive("h", h)
         self.backend = check_backend(backend, "InputGradientRegularizer")
 
     def __repr__(self):
