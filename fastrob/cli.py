@@ -106,6 +106,7 @@ def _train(args) -> int:
     import json
     import os
 
+    from fastrob import distributed as dist_utils
     from fastrob.trainer import CHECKPOINT, CURVE, METRICS, TrainConfig, train
 
     config = TrainConfig(data=args.data, size=args.size, model=args.model, activation=args.activation,
@@ -116,7 +117,16 @@ def _train(args) -> int:
     if not args.resume and os.path.isfile(os.path.join(args.out, CHECKPOINT)) and not args.overwrite:
         raise ValueError(f"{args.out} already holds a checkpoint: pass --resume to continue it or --overwrite "
                          "to start again")
-    _, history, dataset = train(config, args.out, device=args.device, resume=args.resume, quiet=args.quiet)
+    # Under torchrun (WORLD_SIZE > 1) every rank runs this: DDP training, rank 0 prints and writes
+    device, started = dist_utils.init_from_env(args.device)
+    main = dist_utils.is_main_process()
+    try:
+        _, history, dataset = train(config, args.out, device=device, resume=args.resume, quiet=args.quiet)
+    finally:
+        if started:
+            dist_utils.destroy()
+    if not main:
+        return 0
     with open(os.path.join(args.out, METRICS)) as f:
         summary = json.load(f)
     config = summary["config"]  # on --resume, the checkpoint's
@@ -292,7 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a classifier and write checkpoint.pt, metrics.json and training.png to "
                                    "--out. Adversarial methods (pgd, trades, half) use --eps/--alpha/--attack-steps/"
                                    "--norm; regularizers use --lam (input_gradient default 0.1, jacobian 0.01, "
-                                   "jsigr lam_jacobian 0.01) and jsigr also --lam-saliency/--patch.")
+                                   "jsigr lam_jacobian 0.01) and jsigr also --lam-saliency/--patch. Under "
+                                   "'torchrun --nproc_per_node N -m fastrob train ...' it trains with "
+                                   "DistributedDataParallel (gloo on cpu, nccl on cuda: rank r takes GPU r), "
+                                   "--batch-size being the global batch; rank 0 prints and writes the files.")
     p.add_argument("--data", default="digits", help="digits, an .npz file (x NCHW in [0,1], y int) or a folder "
                                                     "of class subfolders of PNGs (default digits)")
     p.add_argument("--size", type=_size, default=None, help="resize images to SIZE x SIZE (digits: 8, 16 or 32)")

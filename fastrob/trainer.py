@@ -6,6 +6,12 @@ An output directory holds
     checkpoint.pt   model + optimizer + RNG states + history + config (resumable)
     metrics.json    the config, the per-epoch history and the final clean test accuracy
     training.png    the training curves
+
+Inside a ``torch.distributed`` process group of W > 1 ranks (``torchrun``, see
+docs/distributed.md) ``train`` wraps the model in ``DistributedDataParallel``: every rank draws
+the same permutation, each global batch of ``batch_size`` is cut into W nearly equal shards, and
+the loss is weighted so that DDP's gradient average is the gradient of the global batch mean.
+Only rank 0 shows the progress bar and writes the outputs.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fastrob import distributed as dist_utils
 from fastrob._checks import check_float, check_int, check_positive
 from fastrob.data import Dataset, load_dataset
 from fastrob.models import ACTIVATIONS, MODELS, build_model
@@ -128,12 +135,19 @@ def build_objective(config: TrainConfig, model) -> Callable[[torch.nn.Module, to
 
 @torch.no_grad()
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Clean accuracy of ``model`` on (x, y). In a process group of W > 1 ranks every rank must call
+    it with the same (x, y): rank r counts rows r, r + W, ... and the counts are summed."""
+    model = dist_utils.unwrap(model)
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    if dist_utils.is_distributed():
+        x, y = x[rank::world], y[rank::world]
     training = model.training
     model.eval()
     correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
                   for i in range(0, len(y), batch_size))
     model.train(training)
-    return correct / max(len(y), 1)
+    correct, total = (int(v) for v in dist_utils.all_reduce_sum([correct, len(y)]))
+    return correct / max(total, 1)
 
 
 def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu", resume: bool = False,
@@ -143,8 +157,16 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
     With ``out_dir``, writes checkpoint.pt after every epoch, and metrics.json + training.png at the
     end. ``resume=True`` continues from out_dir/checkpoint.pt: its config is used (with the
     ``epochs`` asked for now) and the model, optimizer and RNG states are restored, so an
-    interrupted run resumed gives the run that was not interrupted."""
+    interrupted run resumed gives the run that was not interrupted.
+
+    In a process group of W > 1 ranks (every rank calls ``train`` with the same arguments) the
+    model trains as ``DistributedDataParallel`` (``device``: this rank's device), ``batch_size`` is
+    the global batch, and only rank 0 shows the bar and writes files; the returned model is the
+    unwrapped module. Module docstring and docs/distributed.md."""
     config.check()
+    distributed, main = dist_utils.is_distributed(), dist_utils.is_main_process()
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    quiet = quiet or not main
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     state = None
     if resume:
@@ -165,7 +187,14 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, start_epoch = state["history"], state["epoch"]
-    objective = build_objective(config, model)
+    net = model
+    if distributed:
+        # DDP broadcasts rank 0's parameters and buffers here; the default settings (no
+        # find_unused_parameters, no static_graph) are what fastrob's objectives need least of
+        # (docs/distributed.md)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(device)] if torch.device(device).type == "cuda" else None)
+    objective = build_objective(config, net)
     split = dataset.split
     x_train, y_train = split.x_train.to(device), split.y_train.to(device)
     x_test, y_test = split.x_test.to(device), split.y_test.to(device)
@@ -176,31 +205,52 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
         model.train()
         start = time.perf_counter()
         sums = {"loss": 0.0, "ce": 0.0, "penalty": 0.0}
+        seen = 0
         for idx in torch.randperm(len(y_train), generator=generator).split(config.batch_size):
+            bar.update(1)
+            if distributed:
+                # this rank's shard of the global batch; a tail batch smaller than W is skipped by
+                # every rank alike (an empty shard has no mean loss)
+                if len(idx) < world:
+                    continue
+                global_size, idx = len(idx), torch.tensor_split(idx, world)[rank]
             idx = idx.to(device)
-            out = objective(model, x_train[idx], y_train[idx])
+            out = objective(net, x_train[idx], y_train[idx])
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss = out.loss
+            if distributed:
+                # DDP averages the ranks' gradients; weighting each shard's mean loss by
+                # W * n_r / N makes that average the gradient of the global batch's mean loss
+                loss = loss * (world * len(idx) / global_size)
+            loss.backward()
             optimizer.step()
             for k in sums:
                 sums[k] += float(getattr(out, k).detach()) * len(idx)
-            bar.update(1)
-        record = {k: v / len(y_train) for k, v in sums.items()}
+            seen += len(idx)
+        if distributed:
+            totals = dist_utils.all_reduce_sum([sums["loss"], sums["ce"], sums["penalty"], seen])
+            sums, seen = dict(zip(sums, totals[:3].tolist())), int(totals[3])
+            # BatchNorm running statistics moved on each rank's shard since DDP last broadcast
+            # them: evaluate, and save, rank 0's
+            dist_utils.broadcast_buffers(model)
+        record = {k: v / max(seen, 1) for k, v in sums.items()}
         record.update(epoch=epoch + 1, seconds=time.perf_counter() - start,
                       train_accuracy=accuracy(model, x_train, y_train), test_accuracy=accuracy(model, x_test, y_test))
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", test_acc=f"{record['test_accuracy']:.3f}")
-        if ckpt_path:
+        if ckpt_path and main:
             os.makedirs(out_dir, exist_ok=True)
             torch.save({"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
                         "history": history, "in_shape": dataset.in_shape, "num_classes": dataset.num_classes},
                        ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)  # never leave a half-written checkpoint
+        dist_utils.barrier()  # no rank starts the next epoch (or returns) before the checkpoint exists
     bar.close()
     model.eval()
-    if out_dir:
+    if out_dir and main:
         write_outputs(out_dir, config, history)
+    dist_utils.barrier()
     return model, history, dataset
 
 

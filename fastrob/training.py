@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrob.attacks.pgd import Attack, kl_loss
+from fastrob.distributed import unwrap
 from fastrob.objective import Objective
 from fastrob._checks import check_float, check_tensor
 
@@ -25,6 +26,10 @@ def adversarial_loss(model, x: torch.Tensor, y: torch.Tensor, attack, kind: str 
         other callable ``attack(x, y)`` is used as the adversary as it is).
     kind="half" (Woods et al. 2019): the first ⌊B/2⌋ samples are replaced by attack(x, y), the
         rest stay clean, and L = mean CE over the mixed batch.
+
+    Under ``DistributedDataParallel`` pass the DDP model: the attack runs the wrapped module (no
+    communication), the loss makes one DDP forward (TRADES' second forward runs the wrapped module)
+    and ``.loss.backward()`` reduces the gradients once (docs/distributed.md).
 
     The attack runs with the model in eval mode (fastrob attacks restore the mode afterwards; use
     ``attack.set_model_training_mode`` to attack in train mode), so adversarial batches never move
@@ -61,7 +66,9 @@ def adversarial_loss(model, x: torch.Tensor, y: torch.Tensor, attack, kind: str 
         x_adv = _adversary(attack, x, y)
     logits = model(x)
     ce = F.cross_entropy(logits, y)
-    kl = kl_loss(model(x_adv), F.softmax(logits, dim=1)).mean()
+    # Under DDP the second forward skips the wrapper: one reducer preparation and one buffer
+    # broadcast per step; its graph reaches the same parameters, reduced once by the backward.
+    kl = kl_loss(unwrap(model)(x_adv), F.softmax(logits, dim=1)).mean()
     return Objective(loss=ce + beta * kl, ce=ce, penalty=kl, logits=logits)
 
 

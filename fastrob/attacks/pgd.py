@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from fastrob import _backend
 from fastrob._checks import check_int, check_labels, check_logits, check_model, check_tensor, per_sample_value
+from fastrob.distributed import unwrap
 from fastrob.ops._common import per_sample_view
 from fastrob.ops.pgd_step import NORMS, pgd_step_unchecked
 
@@ -202,6 +203,9 @@ def pgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255
         x_adv (x's shape and dtype, no grad), or (x_adv, fooled) with ``return_fooled``.
     """
     _check_inputs(model, x, y, clamp_input)
+    # Under DDP the attack runs the wrapped module: a DDP forward would prepare the reducer and
+    # broadcast buffers, a collective that ranks attacking different numbers of steps would hang in.
+    model = unwrap(model)
     steps = check_int("steps", steps, 0)
     restarts = check_int("restarts", restarts, 1)
     if norm not in NORMS:
@@ -491,14 +495,16 @@ class Attack:
         self.device = device
 
     def _model(self):
+        model = unwrap(self.model)  # no DDP communication inside attacks (fastrob.distributed)
         if self._normalization is None:
-            return self.model
-        return _Normalized(self.model, *self._normalization)
+            return model
+        return _Normalized(model, *self._normalization)
 
     @torch.no_grad()
     def _clean_logits(self, images):
-        with attack_context(self.model, False):
-            return self._model()(images)
+        model = self._model()
+        with attack_context(model, False):
+            return model(images)
 
     def get_random_target_label(self, images, labels=None):
         logits = self._clean_logits(images)

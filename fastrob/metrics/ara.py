@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from fastrob._checks import check_int, check_positive
 from fastrob.attacks.pgd import pgd
-from fastrob.metrics._common import batches, clean_logits, model_device
+from fastrob.distributed import all_reduce_max, unwrap
+from fastrob.metrics._common import batches, clean_logits, model_device, shard
 
 KINDS = ("attack", "btr")
 
@@ -55,7 +56,8 @@ def ara_from_radii(radii: torch.Tensor, num_classes: int) -> float:
 
 
 def ara(model, data, n: int = 1000, kind: str = "attack", *, steps: int = 20, search_steps: int = 10,
-        max_rmse: float = 1.0, seed: int = 0, batch_size: int = 256, device=None, quiet: bool = False) -> ARAResult:
+        max_rmse: float = 1.0, seed: int = 0, batch_size: int = 256, device=None, quiet: bool = False,
+        distributed: bool | None = None) -> ARAResult:
     """Accuracy-robustness area over the first ``n`` samples of ``data``.
 
     For each sample, r_i = the smallest RMSE ‖δ‖₂/√d of a successful perturbation found by a
@@ -74,6 +76,10 @@ def ara(model, data, n: int = 1000, kind: str = "attack", *, steps: int = 20, se
     kind="attack": success is argmax f(x+δ) ≠ y (PGD on the CW margin, with early stop and
         compaction: ``robust_only``). kind="btr" (better than random): success is p_y(x+δ) <= 1/C
         (PGD on the cross-entropy, which is -log p_y, last iterate); clean "errors" are p_y(x) <= 1/C.
+
+    Distributed: as ``robust_accuracy`` (``n`` is global; each rank searches its shard's radii, the
+    radii are gathered in the sampler's order and every rank gets the same area). The search has
+    no random start, so the result equals the single-process one on the same samples.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -81,10 +87,12 @@ def ara(model, data, n: int = 1000, kind: str = "attack", *, steps: int = 20, se
     steps = check_int("steps", steps, 1)
     search_steps = check_int("search_steps", search_steps, 1)
     max_rmse = check_positive("max_rmse", max_rmse)
+    model = unwrap(model)
     device = model_device(model, device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    part = shard(data, n, distributed)
+    generator = torch.Generator(device=device).manual_seed(seed + (part.rank if part else 0))
     all_radii, n_correct, num_classes = [], 0, None
-    for x, y in batches(data, batch_size, device, desc=f"ARA ({kind})", quiet=quiet, limit=n):
+    for x, y in batches(data, batch_size, device, desc=f"ARA ({kind})", quiet=quiet, limit=n, shard=part):
         logits = clean_logits(model, x, y)
         num_classes = logits.shape[1]
         correct = _success(logits, y, kind).logical_not()
@@ -94,9 +102,13 @@ def ara(model, data, n: int = 1000, kind: str = "attack", *, steps: int = 20, se
         if len(rows):
             radii[rows] = _minimal_rmse(model, x[rows], y[rows], kind, steps, search_steps, max_rmse, generator)
         all_radii.append(radii.cpu())
+    radii = torch.cat(all_radii) if all_radii else torch.zeros(0, dtype=torch.float64)
+    if part is not None:  # before any raise: a rank with an empty shard must still join
+        radii, n_correct = part.gather(radii), int(part.sum(n_correct))
+        num_classes = all_reduce_max(-1 if num_classes is None else num_classes)
+        num_classes = None if num_classes < 0 else num_classes
     if num_classes is None:
         raise ValueError("data holds no samples")
-    radii = torch.cat(all_radii)
     return ARAResult(ara_from_radii(radii, num_classes), radii.float(), kind, num_classes,
                      n_correct / len(radii), max_rmse)
 

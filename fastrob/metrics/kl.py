@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_int
 from fastrob.attacks.pgd import kl_loss, pgd
-from fastrob.metrics._common import batches, clean_logits, model_device
+from fastrob.distributed import unwrap
+from fastrob.metrics._common import batches, clean_logits, model_device, shard
 
 
 @dataclass
@@ -39,7 +40,7 @@ class KLRobustness:
 
 def kl_robustness(model, data, eps: float, norm: str = "linf", steps: int = 10, *, alpha: float | None = None,
                   restarts: int = 4, seed: int = 0, batch_size: int = 256, device=None, quiet: bool = False,
-                  n: int | None = None) -> KLRobustness:
+                  n: int | None = None, distributed: bool | None = None) -> KLRobustness:
     """psi(x) = max_{‖δ‖ <= eps, x+δ ∈ [0,1]} KL(p(x) ‖ p(x + δ)) per sample (Yu et al. 2019), and its mean.
 
     The max is found as in TRADES' inner maximisation: ``steps`` PGD steps of size ``alpha``
@@ -53,15 +54,21 @@ def kl_robustness(model, data, eps: float, norm: str = "linf", steps: int = 10, 
     points). Every value is the KL of a point of the ball: a lower estimate of the true maximum,
     which is what the paper's gradient ascent computes. Labels are not used: the divergence is from
     the model's own prediction.
+
+    Distributed: as ``robust_accuracy`` (per-sample values gathered in the sampler's order, ``n``
+    global); rank r seeds its random starts with ``seed + r``.
     """
     eps = check_float("eps", eps, min_value=0.0)
     steps = check_int("steps", steps, 0)
     restarts = check_int("restarts", restarts, 1)
     alpha = 2.5 * eps / max(steps, 1) if alpha is None else check_float("alpha", alpha, min_value=0.0)
+    model = unwrap(model)
     device = model_device(model, device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    part = shard(data, n, distributed)
+    generator = torch.Generator(device=device).manual_seed(seed + (part.rank if part else 0))
     values = []
-    for x, y in batches(data, batch_size, device, desc=f"KL bound ({norm}, eps={eps:g})", quiet=quiet, limit=n):
+    for x, y in batches(data, batch_size, device, desc=f"KL bound ({norm}, eps={eps:g})", quiet=quiet, limit=n,
+                        shard=part):
         p = F.softmax(clean_logits(model, x), dim=1)
         if eps == 0:
             values.append(torch.zeros(len(y)))
@@ -75,4 +82,6 @@ def kl_robustness(model, data, eps: float, norm: str = "linf", steps: int = 10, 
             kl = torch.maximum(kl, kl_loss(clean_logits(model, x_adv), p))
         values.append(kl.clamp_min(0).cpu())
     values = torch.cat(values) if values else torch.zeros(0)
+    if part is not None:
+        values = part.gather(values)
     return KLRobustness(float(values.mean()) if len(values) else 0.0, values, eps, norm, steps, restarts)

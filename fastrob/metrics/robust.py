@@ -9,7 +9,8 @@ import torch
 
 from fastrob._checks import check_float, check_int
 from fastrob.attacks.pgd import pgd
-from fastrob.metrics._common import batches, clean_logits, model_device
+from fastrob.distributed import unwrap
+from fastrob.metrics._common import batches, clean_logits, model_device, shard
 
 
 @dataclass
@@ -40,26 +41,38 @@ class AccuracyCurve:
 
 
 def robust_accuracy(model, data, attack, *, batch_size: int = 256, device=None, quiet: bool = False,
-                    n: int | None = None) -> RobustAccuracy:
+                    n: int | None = None, distributed: bool | None = None) -> RobustAccuracy:
     """Fraction of samples with argmax f(x) = y and argmax f(attack(x, y)) = y.
 
     ``attack`` is any callable attack(x, y) -> x_adv (a fastrob attack such as
     ``fastrob.PGD(model, eps=...)``, or a torchattacks attack). Samples the model already gets
     wrong are not attacked (they cannot count as robust), so the attack sees only the clean-correct
-    rows of each batch; ``n`` caps the number of samples read."""
+    rows of each batch; ``n`` caps the number of samples read.
+
+    Distributed (``fastrob.metrics._common.shard``): with a DistributedSampler-sharded loader (or
+    ``distributed=True``), each rank attacks its shard without communicating, and the per-sample
+    masks are gathered, so every rank returns the global result, ``robust`` in the sampler's order;
+    the sampler's padding repeats are not counted and ``n`` caps the global number of samples. A
+    DDP model runs its wrapped module; a non-fastrob attack must do the same (attack the module).
+    """
     if not callable(attack):
         raise TypeError(f"attack must be callable as attack(x, y) -> x_adv, got {type(attack).__name__}")
+    model = unwrap(model)
     device = model_device(model, device)
-    masks, n_clean = [], 0
-    for x, y in batches(data, batch_size, device, desc="robust accuracy", quiet=quiet, limit=n):
+    part = shard(data, n, distributed)
+    masks, clean = [], []
+    for x, y in batches(data, batch_size, device, desc="robust accuracy", quiet=quiet, limit=n, shard=part):
         correct = clean_logits(model, x, y).argmax(1) == y
-        n_clean += int(correct.sum())
+        clean.append(correct.cpu())
         robust = correct.clone()
         if bool(correct.any()):
             x_adv = attack(x[correct], y[correct])
             robust[correct] = clean_logits(model, x_adv).argmax(1) == y[correct]
         masks.append(robust.cpu())
     robust = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
+    n_clean = int(torch.cat(clean).sum()) if clean else 0
+    if part is not None:
+        robust, n_clean = part.gather(robust), int(part.sum(n_clean))
     total = max(len(robust), 1)
     return RobustAccuracy(float(robust.float().sum()) / total, n_clean / total, len(robust), robust)
 
@@ -67,7 +80,7 @@ def robust_accuracy(model, data, attack, *, batch_size: int = 256, device=None, 
 def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *, steps: int = 20,
                    alpha_factor: float = 2.5, restarts: int = 1, random_start=True, loss: str = "ce",
                    seed: int = 0, batch_size: int = 256, device=None, quiet: bool = False,
-                   n: int | None = None) -> AccuracyCurve:
+                   n: int | None = None, distributed: bool | None = None) -> AccuracyCurve:
     """Robust accuracy under PGD (``fastrob.attacks.pgd``) at each eps in ``eps_list``.
 
     PGD with ``steps`` steps of size alpha = alpha_factor·eps/steps (Madry et al.'s 2.5·eps/steps),
@@ -77,6 +90,10 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
     ``robust_only`` drops a sample inside an attack as soon as it is fooled. The curve is therefore
     non-increasing by construction, and it is never above the per-eps ``robust_accuracy`` of the
     same attack. Random starts come from one generator seeded with ``seed``.
+
+    Distributed: as ``robust_accuracy`` (each rank attacks its shard, the counts are summed over
+    ranks); rank r seeds its generator with ``seed + r``, so with random starts the curve equals a
+    single-process one in distribution, and exactly with ``random_start=False``.
     """
     eps_values = [check_float("eps_list", e, min_value=0.0) for e in eps_list]
     if not eps_values:
@@ -84,11 +101,14 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
     steps = check_int("steps", steps, 1)
     alpha_factor = check_float("alpha_factor", alpha_factor, min_value=0.0)
     order = sorted(range(len(eps_values)), key=eps_values.__getitem__)
+    model = unwrap(model)
     device = model_device(model, device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    part = shard(data, n, distributed)
+    generator = torch.Generator(device=device).manual_seed(seed + (part.rank if part else 0))
     alive_count = [0] * len(eps_values)
     n_total = n_clean = 0
-    for x, y in batches(data, batch_size, device, desc=f"accuracy curve ({norm})", quiet=quiet, limit=n):
+    for x, y in batches(data, batch_size, device, desc=f"accuracy curve ({norm})", quiet=quiet, limit=n,
+                        shard=part):
         alive = (clean_logits(model, x, y).argmax(1) == y).nonzero().squeeze(1)
         n_total += len(y)
         n_clean += len(alive)
@@ -100,6 +120,8 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
                                 robust_only=True, return_fooled=True, generator=generator)
                 alive = alive[~fooled]
             alive_count[k] += len(alive)
+    if part is not None:
+        n_total, n_clean, *alive_count = (int(v) for v in part.sum([n_total, n_clean, *alive_count]))
     total = max(n_total, 1)
     return AccuracyCurve([eps_values[k] for k in order], [alive_count[k] / total for k in order], n_clean / total,
                          n_total, norm, steps)

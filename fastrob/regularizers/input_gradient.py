@@ -8,6 +8,7 @@ import torch
 from fastrob import _backend
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_positive
+from fastrob.distributed import unwrap
 from fastrob.objective import Objective
 
 MODES = ("exact", "fd")
@@ -73,12 +74,14 @@ class InputGradientRegularizer:
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
-        logits = Fn.forward(model, x, y)
+        # Under DDP the input gradient is taken on the wrapped module's output (Fn.forward_pair)
+        logits, inner = Fn.forward_pair(model, x, y)
         ce = Fn.cross_entropy(logits, y, self.backend)
+        ce_inner = ce if inner is logits else Fn.cross_entropy(inner, y, self.backend)
         if self.mode == "exact":
-            penalty = Fn.input_gradient_penalty(ce, x, norm=self.norm, backend=self.backend)
+            penalty = Fn.input_gradient_penalty(ce_inner, x, norm=self.norm, backend=self.backend)
         else:
-            penalty = self._fd_penalty(model, x, y, ce)
+            penalty = self._fd_penalty(model, x, y, ce_inner)
         mean_ce = ce.mean()
         return Objective(mean_ce + self.lam * penalty, mean_ce, penalty, logits)
 
@@ -86,8 +89,11 @@ class InputGradientRegularizer:
         # The graph of the clean forward is kept: the objective is differentiated through it.
         (g,) = torch.autograd.grad(ce.sum(), x, retain_graph=True)
         v = fd_direction(g, self.norm)
-        with Fn.preserved_buffers(model):
-            ce_h = Fn.cross_entropy(Fn.forward(model, x.detach() + self.h * v, y), y, self.backend)
+        # The extra forward skips DDP's wrapper (one reducer preparation and one buffer broadcast
+        # per step, from the clean forward); its graph reaches the same parameters.
+        module = unwrap(model)
+        with Fn.preserved_buffers(module):
+            ce_h = Fn.cross_entropy(Fn.forward(module, x.detach() + self.h * v, y), y, self.backend)
         return ((ce_h - ce) / self.h).pow(2).mean()
 
 

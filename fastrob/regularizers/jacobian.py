@@ -8,6 +8,7 @@ import torch
 
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_int
+from fastrob.distributed import is_ddp, unwrap
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
 
@@ -81,13 +82,17 @@ def jacobian_objective_parts(model, x, y, *, n_proj, exact, batching, generator)
         raise ValueError("batching='replicate' with exact=True needs samples that do not interact, but the "
                          "model has BatchNorm in train mode (B*C single-sample projections); use 'graph' or 'auto'")
     if batching in ("auto", "graph") or (n_proj == 1 and not exact):
-        logits = Fn.forward(model, x, y)
-        return logits, Fn.jacobian_penalty(logits, x, n_proj=n_proj, exact=exact, generator=generator,
+        # Under DDP the VJPs run on the wrapped module's output (Fn.forward_pair)
+        logits, inner = Fn.forward_pair(model, x, y)
+        return logits, Fn.jacobian_penalty(inner, x, n_proj=n_proj, exact=exact, generator=generator,
                                            samples_interact=coupled)
     # The clean forward comes first where the CE cannot take the first copy's logits: when the
-    # copies' forward must not move running statistics, and when C (the copies of exact mode)
-    # is known only from the logits.
-    logits = Fn.forward(model, x, y) if exact or coupled else None
+    # copies' forward must not move running statistics, when C (the copies of exact mode) is known
+    # only from the logits, and under DDP, whose one forward per step must be the loss's (the
+    # stacked forward then runs on the unwrapped module).
+    ddp = is_ddp(model)
+    logits = Fn.forward(model, x, y) if exact or coupled or ddp else None
+    model = unwrap(model)
     copies = logits.shape[1] if exact else n_proj
     batch = x.shape[0]
     x_rep = x.detach().repeat(copies, *([1] * (x.dim() - 1))).requires_grad_(True)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_int
+from fastrob.distributed import unwrap
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
 
@@ -68,11 +69,14 @@ class JSIGRRegularizer:
         x, y = Fn.check_inputs(model, x, y)
         if x.dim() != 4:
             raise ValueError(f"x must be a batch of images [B, C, H, W], got shape {tuple(x.shape)}")
-        logits = Fn.forward(model, x, y)
+        # Under DDP both penalties differentiate the wrapped module's output (Fn.forward_pair), and
+        # the saliency forwards run on the unwrapped module (no communication)
+        logits, inner = Fn.forward_pair(model, x, y)
         ce = Fn.cross_entropy(logits, y, self.backend)
-        saliency = self.saliency(model, x.detach(), y, logits.detach())
-        r_s = Fn.input_gradient_penalty(ce, x, norm="l2", weight=1 - saliency, backend=self.backend)
-        r_j = Fn.jacobian_penalty(logits, x, n_proj=self.n_proj, generator=self.generator)
+        ce_inner = ce if inner is logits else Fn.cross_entropy(inner, y, self.backend)
+        saliency = self.saliency(unwrap(model), x.detach(), y, logits.detach())
+        r_s = Fn.input_gradient_penalty(ce_inner, x, norm="l2", weight=1 - saliency, backend=self.backend)
+        r_j = Fn.jacobian_penalty(inner, x, n_proj=self.n_proj, generator=self.generator)
         penalty = self.lam_jacobian * r_j + self.lam_saliency * r_s
         mean_ce = ce.mean()
         return Objective(mean_ce + penalty, mean_ce, penalty, logits)
@@ -80,6 +84,7 @@ class JSIGRRegularizer:
     @torch.no_grad()
     def saliency(self, model, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """S(x) in [0, 1], shape [B, 1, H, W] (see the class docstring)."""
+        model = unwrap(model)
         b, c, h, w = x.shape
         p = self.patch
         gh, gw = -(-h // p), -(-w // p)  # ceil: a partial square at the border is a square too
