@@ -6,7 +6,7 @@ step fused into Triton and CUDA kernels behind pure-torch references. See the RE
 
 from importlib.metadata import PackageNotFoundError, version
 
-from fastrob import attacks, data, functional, metrics, models, nn, ops, regularizers, training
+from fastrob import attacks, data, distributed, functional, metrics, models, nn, ops, regularizers, training
 from fastrob.attacks import FGSM, PGD, PGDL2, pgd
 from fastrob.metrics import accuracy_curve, ara, kl_robustness, robust_accuracy
 from fastrob.objective import Objective
@@ -20,7 +20,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "attacks", "data", "functional", "metrics", "models", "nn", "ops", "regularizers", "training",
+    "attacks", "data", "distributed", "functional", "metrics", "models", "nn", "ops", "regularizers", "training",
     "InputGradientRegularizer", "JacobianRegularizer", "JSIGRRegularizer",
     "FGSM", "PGD", "PGDL2", "pgd", "adversarial_loss",
     "accuracy_curve", "ara", "kl_robustness", "robust_accuracy",
