@@ -63,7 +63,8 @@ def discrepancy(maps_clean: torch.Tensor, maps_adv: torch.Tensor, y: torch.Tenso
         return d1
     # p~: the softmax over c != y (the y entry masked to -inf gets weight 0)
     mask = torch.zeros_like(diff, dtype=torch.bool).scatter_(1, y[:, None], True)
-    p_other = torch.softmax(logits_adv.float().masked_fill(mask, float("-inf")), dim=1).to(diff.dtype)
+    z = logits_adv.float() if logits_adv.dtype in (torch.float16, torch.bfloat16) else logits_adv
+    p_other = torch.softmax(z.masked_fill(mask, float("-inf")), dim=1).to(diff.dtype)
     return d1 + (p_other * diff.masked_fill(mask, 0.0)).sum(1)
 
 
