@@ -311,3 +311,17 @@ def test_int_and_int2_lower_the_interpretation_discrepancy_under_attack(digits, 
     for name, (acc, d, rel) in results.items():
         assert acc > acc0 - 0.05, (name, acc, acc0)
         assert d < 0.85 * d0 and rel < 0.9 * rel0, (name, d, d0, rel, rel0)
+
+
+@pytest.mark.parametrize("kind", ["int", "int2_adv"])
+def test_bf16_autocast(kind):
+    model = SmallCNN(1, 10, width=4)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    ref = InterpretationRegularizer(kind, generator=torch.Generator().manual_seed(0))(copy.deepcopy(model), x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = InterpretationRegularizer(kind, generator=torch.Generator().manual_seed(0))(model, x, y)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(out.penalty, ref.penalty, rtol=0.1, atol=1e-3)

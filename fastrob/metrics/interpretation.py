@@ -44,6 +44,9 @@ def discrepancy(maps_clean: torch.Tensor, maps_adv: torch.Tensor, y: torch.Tenso
                          f"got {tuple(maps_adv.shape)}")
     batch, k = maps_clean.shape[:2]
     y = check_labels(y, batch).to(maps_clean.device)
+    if maps_adv.dtype in (torch.float16, torch.bfloat16) or maps_clean.dtype in (torch.float16, torch.bfloat16):
+        # autocast maps: sums of many half-precision terms lose too much
+        maps_clean, maps_adv = maps_clean.float(), maps_adv.float()
     diff = (maps_adv - maps_clean).flatten(2).abs().sum(2)  # [B, K]: ||I_c(x') - I_c(x)||_1
     if kind == "1class" and k == 1:
         return diff[:, 0]
