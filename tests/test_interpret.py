@@ -5,8 +5,6 @@ about the model's state.
 
 The small float64 networks here are also used by test_interpretation.py and test_isa.py."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
