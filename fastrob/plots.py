@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from fastrob import interpret  # noqa: E402
 from fastrob.attacks.pgd import attack_context, margin_loss  # noqa: E402
 
 
@@ -176,20 +177,21 @@ def surfaces(models: Mapping[str, torch.nn.Module], x: torch.Tensor, y: torch.Te
 
 
 def saliency(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Input-gradient saliency |∂z_y/∂x|, max over channels: [B, H, W] (Simonyan et al. 2014)."""
+    """Input-gradient saliency |∂z_y/∂x|, max over channels: [B, H, W] (Simonyan et al. 2014;
+    ``fastrob.interpret.saliency`` with the model in eval mode and its parameters frozen)."""
     with attack_context(model):
-        xg = x.detach().clone().requires_grad_(True)
-        grad, = torch.autograd.grad(model(xg).gather(1, y[:, None]).sum(), xg)
-    return grad.abs().amax(1).detach()
+        maps = interpret.saliency(model, x.detach(), y, create_graph=False)  # [B, 1, C, H, W]
+    return maps[:, 0].abs().amax(1).detach()
 
 
 def cam(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-    """The class activation map of class y upsampled to the input size, [B, H, W], for models with a
-    ``cam`` method (``fastrob.models.SmallCNN``); None for others."""
-    if not hasattr(model, "cam"):
+    """The class activation map of class y (``fastrob.interpret.cam``) upsampled to the input size,
+    [B, H, W], for models with a CAM head (``.features`` and an ``nn.Linear`` ``.head``, as
+    ``fastrob.models.SmallCNN``); None for others."""
+    if interpret.cam_parts(model) is None:
         return None
     with torch.no_grad(), attack_context(model):
-        maps = model.cam(x)[torch.arange(len(y), device=y.device), y][:, None]
+        maps = interpret.cam(model, x, y)
     return F.interpolate(maps, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
 
 

@@ -1,0 +1,191 @@
+"""Interpretability-aware robust training (Boopathy et al., ICML 2020; METHODS.md, seed 000): the
+objectives Int, Int-Adv, Int2 and Int2-Adv, which penalise the interpretation discrepancy between
+an input and a perturbed copy of it."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from fastrob import functional as Fn
+from fastrob._checks import check_float, check_int, check_logits
+from fastrob.attacks.pgd import _random_start, attack_context, pgd
+from fastrob.interpret import map_function
+from fastrob.metrics.interpretation import KINDS as DISCREPANCIES
+from fastrob.metrics.interpretation import discrepancy
+from fastrob.objective import Objective
+from fastrob.ops.pgd_step import NORMS, pgd_step
+
+KINDS = ("int", "int_adv", "int2", "int2_adv")
+
+
+class InterpretationRegularizer:
+    """Boopathy et al.'s interpretability-aware objectives, with D the l1 interpretation
+    discrepancy (``fastrob.metrics.interpretation.discrepancy``, 2-class by default) and
+    x* the inner attack's result in the ball B(x, eps) ∩ [0, 1]:
+
+        kind        inner attack maximises        loss
+        "int"       lam·D(x, x')                  CE(f(x), y)  + lam·D(x, x*)
+        "int_adv"   CE(f(x'), y) + lam·D(x, x')   CE(f(x*), y) + lam·D(x, x*)
+        "int2"      CE(f(x'), y)  (plain PGD)     CE(f(x), y)  + lam·D(x, x*)
+        "int2_adv"  CE(f(x'), y)  (plain PGD)     CE(f(x*), y) + lam·D(x, x*)
+
+    CE is the batch mean and D the batch mean of the per-sample discrepancies. ``Objective.penalty``
+    is mean D (unweighted) and ``Objective.logits`` the logits the CE used (x* for the -adv kinds).
+
+    Inner attack: ``steps`` PGD steps of size ``alpha`` (default 2.5·eps/steps) from a random
+    start (``random_start``, as ``fastrob.attacks.pgd``), with the model in eval mode and its
+    parameters frozen (restored afterwards). Int2/Int2-Adv use the ``pgd`` engine on the CE; Int and
+    Int-Adv need the maps inside the attack objective, so they run their own loop of
+    ``fastrob.ops.pgd_step``. Maps at x' are differentiated w.r.t. x' (for gradient maps that is
+    double backprop). D is 0 with a zero gradient at x' = x, which is why the start is random.
+
+    The loss part runs in the model's own mode: the clean forward moves BatchNorm's running
+    statistics once; the forward at x* does not move them. Maps at x and at x* are both
+    differentiated w.r.t. the parameters (gradient maps: by double backprop, so use smooth
+    activations for them; CAM needs none).
+
+    eps schedule (the authors' warm-up): the radius at a call is eps·s(step), where ``step`` counts
+    this object's calls (every call, in train or eval mode; set ``reg.step`` to resume a run) and
+        s(step) = 0 for step < start, (step - start)/(full - start) for start <= step < full,
+        1 for step >= full,
+    with ``warmup=(start, full)`` (MNIST in the paper: (2000, 10000)); ``warmup=None`` is s = 1;
+    a callable warmup(step) -> s in [0, 1] replaces the ramp. alpha is scaled by the same s (a
+    given alpha keeps its ratio to eps). While s = 0 there is no attack and no penalty: the loss is
+    the plain CE.
+
+    Args:
+        kind: "int" | "int_adv" | "int2" | "int2_adv".
+        lam: lambda >= 0 (default 0.01, the paper's).
+        eps, alpha, steps, norm: the inner attack (defaults: eps 0.1, alpha 2.5·eps/steps, 7 steps,
+            "linf"; Madry's MNIST setting is eps 0.3, alpha 0.01, 40 steps).
+        map: "cam" (default; needs a CAM head, ``fastrob.interpret.cam``) | "grad_cam" | "saliency" |
+            "ig", or a callable (model, x, classes) -> maps [B, K, ...].
+        map_kwargs: the map's keyword arguments (grad_cam: {"layer": module}; ig: {"steps": 5}).
+        discrepancy: "2class" (default) or "1class".
+        warmup: None, (start, full) with 0 <= start <= full, or a callable step -> s.
+        random_start: the inner attack's start (True, False, "uniform", "normal").
+        generator: torch.Generator for the random start (default: the global RNG).
+    """
+
+    def __init__(self, kind: str = "int2", lam: float = 0.01, eps: float = 0.1, alpha: Optional[float] = None,
+                 steps: int = 7, norm: str = "linf", map: Union[str, Callable] = "cam",
+                 discrepancy: str = "2class", warmup: Union[None, Sequence[int], Callable[[int], float]] = None,
+                 map_kwargs: Optional[dict] = None, random_start: Union[bool, str] = True,
+                 generator: Optional[torch.Generator] = None):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if discrepancy not in DISCREPANCIES:
+            raise ValueError(f"discrepancy must be one of {DISCREPANCIES}, got {discrepancy!r}")
+        if random_start not in (True, False, "uniform", "normal"):
+            raise ValueError(f"random_start must be True, False, 'uniform' or 'normal', got {random_start!r}")
+        self.kind, self.norm, self.discrepancy, self.random_start = kind, norm, discrepancy, random_start
+        self.lam = check_float("lam", lam, min_value=0.0)
+        self.eps = check_float("eps", eps, min_value=0.0)
+        self.alpha = None if alpha is None else check_float("alpha", alpha, min_value=0.0)
+        self.steps = check_int("steps", steps, 0)
+        self.map, self.map_kwargs = map, dict(map_kwargs or {})
+        self._map_fn = map_function(map, **self.map_kwargs)
+        self.warmup = _check_warmup(warmup)
+        self.generator = generator
+        self.step = 0
+
+    def __repr__(self):
+        return (f"InterpretationRegularizer(kind={self.kind!r}, lam={self.lam}, eps={self.eps}, alpha={self.alpha}, "
+                f"steps={self.steps}, norm={self.norm!r}, map={self.map!r}, discrepancy={self.discrepancy!r}, "
+                f"warmup={self.warmup!r}, step={self.step})")
+
+    # ---- the eps schedule ----------------------------------------------------------------------
+
+    def schedule(self, step: Optional[int] = None) -> float:
+        """s(step) in [0, 1], the fraction of eps used at call number ``step`` (default: the next)."""
+        step = self.step if step is None else step
+        w = self.warmup
+        if w is None:
+            return 1.0
+        if callable(w):
+            s = check_float("warmup(step)", w(step), min_value=0.0)
+            if s > 1.0:
+                raise ValueError(f"warmup(step) must return a fraction in [0, 1], got {s} at step {step}")
+            return s
+        start, full = w
+        if step < start:
+            return 0.0
+        if step >= full:
+            return 1.0
+        return (step - start) / (full - start)
+
+    def current_eps(self, step: Optional[int] = None) -> tuple[float, float]:
+        """(eps, alpha) of call number ``step`` (default: the next call)."""
+        s = self.schedule(step)
+        eps = self.eps * s
+        alpha = 2.5 * eps / max(self.steps, 1) if self.alpha is None else self.alpha * s
+        return eps, alpha
+
+    # ---- the objective ---------------------------------------------------------------------------
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
+        x, y = Fn.check_inputs(model, x, y)
+        eps, alpha = self.current_eps()
+        self.step += 1
+        x_adv = self.perturb(model, x, y, eps=eps, alpha=alpha) if eps > 0 else None
+        return self.objective(model, x, y, x_adv)
+
+    def _classes(self, y):
+        # the 1-class discrepancy needs the maps of class y only (one backward, not C, for gradient maps)
+        return None if self.discrepancy == "2class" else y
+
+    def perturb(self, model, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float) -> torch.Tensor:
+        """x*, the inner attack's result for this kind (see the class docstring), detached."""
+        x = x.detach()
+        if self.kind in ("int2", "int2_adv"):
+            return pgd(model, x, y, eps=eps, alpha=alpha, steps=self.steps, norm=self.norm,
+                       random_start=self.random_start, loss="ce", generator=self.generator)
+        classes = self._classes(y)
+        with attack_context(model):
+            maps_clean, _ = self._map_fn(model, x, classes, create_graph=False)
+            maps_clean = maps_clean.detach()
+            x_adv = _random_start(x, eps, self.random_start, self.norm, self.generator)
+            for _ in range(self.steps):
+                with torch.enable_grad():
+                    xa = x_adv.detach().requires_grad_(True)
+                    maps_adv, logits = self._map_fn(model, xa, classes, create_graph=True)
+                    j = self.lam * discrepancy(maps_clean, maps_adv, y, logits, self.discrepancy)
+                    if self.kind == "int_adv":
+                        j = j + Fn.cross_entropy(logits, y)
+                    (grad,) = torch.autograd.grad(j.sum(), xa)
+                x_adv = pgd_step(x_adv, grad, x, alpha=alpha, eps=eps, norm=self.norm)
+        return x_adv.detach()
+
+    def objective(self, model, x: torch.Tensor, y: torch.Tensor, x_adv: Optional[torch.Tensor]) -> Objective:
+        """The loss for a given x* (None: no attack, the loss is the plain CE and the penalty 0).
+        ``x`` must be the checked leaf of ``fastrob.functional.check_inputs``."""
+        if x_adv is None:
+            logits = Fn.forward(model, x, y)
+            ce = Fn.cross_entropy(logits, y).mean()
+            return Objective(ce, ce, ce.new_zeros(()), logits)
+        classes = self._classes(y)
+        maps_clean, logits_clean = self._map_fn(model, x, classes, create_graph=True)
+        check_logits(logits_clean, x.shape[0], y)
+        with Fn.preserved_buffers(model):  # running statistics move once, from the clean batch
+            maps_adv, logits_adv = self._map_fn(model, x_adv.detach(), classes, create_graph=True)
+        penalty = discrepancy(maps_clean, maps_adv, y, logits_adv, self.discrepancy).mean()
+        logits = logits_adv if self.kind.endswith("_adv") else logits_clean
+        ce = Fn.cross_entropy(logits, y).mean()
+        return Objective(ce + self.lam * penalty, ce, penalty, logits)
+
+
+def _check_warmup(warmup):
+    if warmup is None or callable(warmup):
+        return warmup
+    if not isinstance(warmup, (tuple, list)) or len(warmup) != 2:
+        raise ValueError(f"warmup must be None, a pair (start, full) of call counts or a callable step -> "
+                         f"fraction, got {warmup!r}")
+    start = check_int("warmup start", warmup[0], 0)
+    full = check_int("warmup full", warmup[1], 0)
+    if full < start:
+        raise ValueError(f"warmup must have start <= full, got ({start}, {full})")
+    return (start, full)
