@@ -168,7 +168,21 @@ def objectives(rank):
                 lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="pgd").loss),
         "half (seed 001, Woods et al.)": (lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="half").loss,
                                           half_reference),
+        # seed 000 (Boopathy et al.): saliency maps (the MLP has no CAM head), so the penalty is a
+        # double backprop too; deterministic inner attacks. int runs its own map-driven attack loop,
+        # int2_adv the pgd engine and the CE at x*.
+        "int (seed 000)": (interpretation("int"), interpretation("int")),
+        "int2_adv (seed 000)": (interpretation("int2_adv"), interpretation("int2_adv")),
     }
+
+
+def interpretation(kind):
+    def objective(model, x, y):
+        from fastrob.regularizers.interpretation import InterpretationRegularizer
+
+        return InterpretationRegularizer(kind, lam=LAM, eps=0.1, alpha=0.05, steps=2, map="saliency",
+                                         random_start=False)(model, x, y).loss
+    return objective
 
 
 def max_error(grads, reference):
@@ -292,6 +306,7 @@ def evaluate(model, data, rank=0, **kw):
     """Every distributed metric on ``data`` (a DDP model on the ranks), as plain numbers."""
     import fastrob.attacks as fa
     from fastrob.metrics import accuracy_curve, ara, kl_robustness, robust_accuracy
+    from fastrob.metrics.interpretation import interpretation_discrepancy
 
     attack = fa.PGD(model, eps=0.1, alpha=0.025, steps=5, random_start=False)
     ra = robust_accuracy(model, data, attack, quiet=True, **kw)
@@ -300,12 +315,14 @@ def evaluate(model, data, rank=0, **kw):
     curve = accuracy_curve(model, data, [0.05, 0.1, 0.2], steps=5, random_start=False, quiet=True, **kw)
     area = ara(model, data, n=30, steps=5, search_steps=4, quiet=True, **kw)
     kl = kl_robustness(model, data, eps=0.1, steps=3, restarts=1, seed=7, quiet=True, **kw)
+    interp = interpretation_discrepancy(model, data, attack, map="saliency", quiet=True, **kw)
     return {"robust": [ra.accuracy, ra.clean_accuracy, ra.n, ra.robust.tolist()],
             "robust_n20": [ra_n.accuracy, ra_n.clean_accuracy, ra_n.n],
             "robust_n1": [ra_1.accuracy, ra_1.n],
             "curve": [curve.accuracy, curve.clean_accuracy, curve.n],
             "ara": [area.ara, area.clean_accuracy, area.radii.tolist()],
-            "kl": kl.values.tolist()}
+            "kl": kl.values.tolist(),
+            "interpretation": [interp.mean, interp.values.tolist(), interp.fooled.tolist()]}
 
 
 def metrics_worker(rank, payload):
@@ -349,6 +366,9 @@ def test_distributed_metrics_equal_the_single_process_ones(spawned):
             assert got["ara"][:2] == pytest.approx(single["ara"][:2], rel=1e-6), where
             assert got["ara"][2] == pytest.approx(single["ara"][2], rel=1e-5), where
             assert got["kl"] == pytest.approx(kl_ref.tolist(), rel=1e-4, abs=1e-7), where
+            assert got["interpretation"][0] == pytest.approx(single["interpretation"][0], rel=1e-5), where
+            assert got["interpretation"][1] == pytest.approx(single["interpretation"][1], rel=1e-5), where
+            assert got["interpretation"][2] == single["interpretation"][2], where
 
 
 # ---- fastrob train under torchrun ---------------------------------------------------------------

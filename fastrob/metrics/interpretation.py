@@ -11,7 +11,8 @@ import torch
 from fastrob._checks import check_labels, check_tensor
 from fastrob.attacks.pgd import attack_context
 from fastrob.interpret import default_map, map_function
-from fastrob.metrics._common import batches, clean_logits, model_device
+from fastrob.distributed import unwrap
+from fastrob.metrics._common import batches, clean_logits, model_device, shard
 
 KINDS = ("2class", "1class")
 
@@ -97,7 +98,8 @@ class InterpretationDiscrepancy:
 
 def interpretation_discrepancy(model, data, attack: Callable, *, map: Union[str, Callable] = "cam",
                                kind: str = "2class", map_kwargs: Optional[dict] = None, batch_size: int = 256,
-                               device=None, quiet: bool = False, n: Optional[int] = None) -> InterpretationDiscrepancy:
+                               device=None, quiet: bool = False, n: Optional[int] = None,
+                               distributed: Optional[bool] = None) -> InterpretationDiscrepancy:
     """The mean interpretation discrepancy D(x, attack(x, y)) over ``data`` (``discrepancy``,
     with the true labels y), and its per-sample values.
 
@@ -111,18 +113,23 @@ def interpretation_discrepancy(model, data, attack: Callable, *, map: Union[str,
         kind: "2class" or "1class".
         map_kwargs: keyword arguments of the map (grad_cam: {"layer": module}; ig: {"steps": 5}).
         n: read at most this many samples.
+        distributed: as ``fastrob.metrics.robust_accuracy``: with a DistributedSampler-sharded
+            loader (or True) each rank evaluates its shard and every rank gets the global result.
     """
     if not callable(attack):
         raise TypeError(f"attack must be callable as attack(x, y) -> x_adv, got {type(attack).__name__}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    model = unwrap(model)  # a DDP model's wrapped module: no communication
     if map == "auto":
         map = default_map(model)
     fn = map_function(map, **(map_kwargs or {}))
     name = map if isinstance(map, str) else getattr(map, "__name__", "custom")
     device = model_device(model, device)
+    part = shard(data, n, distributed)
     values, fooled = [], []
-    for x, y in batches(data, batch_size, device, desc=f"interpretation discrepancy ({name})", quiet=quiet, limit=n):
+    for x, y in batches(data, batch_size, device, desc=f"interpretation discrepancy ({name})", quiet=quiet, limit=n,
+                        shard=part):
         x_adv = attack(x, y).detach()
         with attack_context(model):
             maps_clean, _ = fn(model, x, None, create_graph=False)
@@ -132,4 +139,6 @@ def interpretation_discrepancy(model, data, attack: Callable, *, map: Union[str,
         fooled.append((clean_logits(model, x_adv).argmax(1) != y).cpu())
     values = torch.cat(values) if values else torch.zeros(0)
     fooled = torch.cat(fooled) if fooled else torch.zeros(0, dtype=torch.bool)
+    if part is not None:
+        values, fooled = part.gather(values), part.gather(fooled)
     return InterpretationDiscrepancy(float(values.mean()) if len(values) else 0.0, values, fooled, name, kind)

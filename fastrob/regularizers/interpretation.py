@@ -4,12 +4,14 @@ an input and a perturbed copy of it."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_int, check_logits
+from fastrob.distributed import unwrap
 from fastrob.attacks.pgd import _random_start, attack_context, pgd
 from fastrob.interpret import map_function
 from fastrob.metrics.interpretation import KINDS as DISCREPANCIES
@@ -44,7 +46,8 @@ class InterpretationRegularizer:
     The loss part runs in the model's own mode: the clean forward moves BatchNorm's running
     statistics once; the forward at x* does not move them. Maps at x and at x* are both
     differentiated w.r.t. the parameters (gradient maps: by double backprop, so use smooth
-    activations for them; CAM needs none).
+    activations for them; CAM needs none). Under DistributedDataParallel the attack and the maps run
+    the wrapped module and the CE one extra forward of the DDP model (docs/distributed.md).
 
     eps schedule (the authors' warm-up): the radius at a call is eps·s(step), where ``step`` counts
     this object's calls (every call, in train or eval mode; set ``reg.step`` to resume a run) and
@@ -131,7 +134,8 @@ class InterpretationRegularizer:
         x, y = Fn.check_inputs(model, x, y)
         eps, alpha = self.current_eps()
         self.step += 1
-        x_adv = self.perturb(model, x, y, eps=eps, alpha=alpha) if eps > 0 else None
+        # the attack runs the DDP-wrapped module: no communication (fastrob.distributed)
+        x_adv = self.perturb(unwrap(model), x, y, eps=eps, alpha=alpha) if eps > 0 else None
         return self.objective(model, x, y, x_adv)
 
     def _classes(self, y):
@@ -168,12 +172,24 @@ class InterpretationRegularizer:
             ce = Fn.cross_entropy(logits, y).mean()
             return Objective(ce, ce, ce.new_zeros(()), logits)
         classes = self._classes(y)
-        maps_clean, logits_clean = self._map_fn(model, x, classes, create_graph=True)
+        # Under DDP the maps come from the wrapped module (CAM needs its features and head, and a
+        # gradient map's inner backward must not pass DDP's output, docs/distributed.md) and the CE
+        # from one forward of the DDP model, which makes the outer backward all-reduce the
+        # gradients; running statistics then move once, from that forward.
+        module = unwrap(model)
+        ddp = module is not model
+        with Fn.preserved_buffers(module) if ddp else nullcontext():
+            maps_clean, logits_clean = self._map_fn(module, x, classes, create_graph=True)
         check_logits(logits_clean, x.shape[0], y)
-        with Fn.preserved_buffers(model):  # running statistics move once, from the clean batch
-            maps_adv, logits_adv = self._map_fn(model, x_adv.detach(), classes, create_graph=True)
+        with Fn.preserved_buffers(module):  # running statistics move once, from the clean batch
+            maps_adv, logits_adv = self._map_fn(module, x_adv.detach(), classes, create_graph=True)
         penalty = discrepancy(maps_clean, maps_adv, y, logits_adv, self.discrepancy).mean()
-        logits = logits_adv if self.kind.endswith("_adv") else logits_clean
+        adv = self.kind.endswith("_adv")
+        if ddp:
+            with Fn.preserved_buffers(module) if adv else nullcontext():
+                logits = Fn.forward(model, x_adv.detach() if adv else x, y)
+        else:
+            logits = logits_adv if adv else logits_clean
         ce = Fn.cross_entropy(logits, y).mean()
         return Objective(ce + self.lam * penalty, ce, penalty, logits)
 
