@@ -72,7 +72,7 @@ def adversarial_explanation(model, x: torch.Tensor, target, rho: float = 0.1, ov
     overshoot = check_positive("overshoot", overshoot)
     steps = check_int("steps", steps, 1)
     batch = x.shape[0]
-    target = _targets(target, batch, x.device)
+    target = check_targets(target, batch, x.device)
     x = x.detach()
     delta = torch.zeros_like(x)
     view = (-1,) + (1,) * (x.dim() - 1)
@@ -97,7 +97,8 @@ def adversarial_explanation(model, x: torch.Tensor, target, rho: float = 0.1, ov
     return (x + delta).clamp_(0, 1)
 
 
-def _targets(target, batch: int, device) -> torch.Tensor:
+def check_targets(target, batch: int, device) -> torch.Tensor:
+    """target (an int or a [B] or 0-dim integer tensor) as [B] int64 class indices on ``device``."""
     if isinstance(target, bool):
         raise TypeError("target must be an int class index or a [B] tensor of class indices, got bool")
     if isinstance(target, int):
