@@ -68,6 +68,7 @@ def test_outputs_follow_the_documented_draws_and_frequencies():
     torch.manual_seed(0)
     logits = torch.randn(7, C, dtype=torch.float64)
     y = torch.randint(0, C, (7,))
+    y[:3] = logits[:3].argmax(1)  # where y is the top class, the margin is positive
     for zeta in (0.0, 0.2, 1.0):
         c, margin = draws(7, C, zeta, seed=3)
         s = lipschitz_outputs(logits, y, zeta, torch.Generator().manual_seed(3))
@@ -248,3 +249,29 @@ def test_lipschitz_regularized_model_has_smaller_input_gradients_on_digits(digit
         assert jac < 0.5 * jac0 and ce < ce0, (name, jac0, jac, ce0, ce)
     assert default.R == 0.0 and default.psi == 220.0
     assert weak.R > 1.0 and weak.psi > 22.0 * math.exp(0.02)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    # zeta = 1: every output is the margin, so the random draws (device-dependent) do not matter
+    model = make_model("cnn", True, True)
+    x, y = make_batch(6)
+    cpu = LipschitzRegularizer(psi=2.0, zeta=1.0)(copy.deepcopy(model), x, y)
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu = LipschitzRegularizer(psi=2.0, zeta=1.0)(gpu_model, x.cuda(), y.cuda())
+    torch.testing.assert_close(gpu.loss.cpu(), cpu.loss)
+    gpu.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in gpu_model.parameters())
+
+
+def test_bf16_autocast():
+    model = make_model("cnn", True, True).float()
+    x, y = make_batch(8)
+    x = x.float()
+    ref = LipschitzRegularizer(psi=2.0, zeta=1.0)(copy.deepcopy(model), x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = LipschitzRegularizer(psi=2.0, zeta=1.0)(model, x, y)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.penalty, ref.penalty, rtol=0.15, atol=1e-4)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

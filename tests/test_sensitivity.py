@@ -12,10 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from test_functional import assert_same_grads, param_grads
 
-import fastrob
 from fastrob.attacks import PGD, pgd
 from fastrob.metrics.sensitivity import (
-    FeatureRecorder,
     default_layers,
     neuron_sensitivity,
     neuron_sensitivity_metric,
@@ -228,7 +226,8 @@ def test_metric_over_data_equals_the_pairwise_form():
 
 def brute_sns(model, x, x_adv, y, lam, k, names):
     """The SNS objective from the layer-by-layer features: per layer, sigma on the batch, the top
-    ceil(k C) channels (k channels for an int k) by sorting the detached sigma, the mean of their sigma; then the adversarial CE."""
+    ceil(k C) channels (k channels for an int k) by sorting the detached sigma, the mean of their
+    sigma; then the adversarial CE."""
     clean = {n: f for n, f in brute_features(model, x).items() if n in names}
     adv = brute_features(model, x_adv)
     penalty = 0
@@ -336,3 +335,18 @@ def test_adversarial_training_lowers_neuron_sensitivity_and_sns_lowers_it_furthe
 @pytest.mark.slow
 def test_adversarial_training_lowers_neuron_sensitivity_and_sns_lowers_it_further_full(digits, one_thread):
     check_sensitivity_ordering(digits, epochs=5, n=len(digits.y_test), steps=10)
+
+
+@pytest.mark.cuda
+def test_sns_and_sensitivity_cuda_match_cpu():
+    model = tiny_cnn(bn=True).train()
+    x, x_adv, y = batch()
+    cpu = SNSRegularizer(attack=lambda a, b: x_adv)(copy.deepcopy(model), x, y)
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu = SNSRegularizer(attack=lambda a, b: x_adv.cuda())(gpu_model, x.cuda(), y.cuda())
+    torch.testing.assert_close(gpu.loss.cpu(), cpu.loss)
+    gpu.loss.backward()
+    s_cpu = neuron_sensitivity(model, x, x_adv)
+    s_gpu = neuron_sensitivity(copy.deepcopy(model).cuda(), x.cuda(), x_adv.cuda())
+    for name in s_cpu:
+        torch.testing.assert_close(s_gpu[name], s_cpu[name])
