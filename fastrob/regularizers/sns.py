@@ -36,6 +36,13 @@ class SNSRegularizer:
     in train mode each of the two forwards normalises with its own batch's statistics. Hooks are
     registered for the two forwards of each call and removed afterwards, also after an exception.
 
+    The penalty can be lowered by switching channels off (a channel that is 0 on both x and x' has
+    sigma 0), so too large a lam kills the network: on digits (MLP 64-128 wide, eps 0.1, Adam
+    2e-3) lam = 1 trained well with ReLU (test accuracy 0.90 after 4 epochs, like PGD-AT) but
+    collapsed to chance with the half-Huber ReLU, whose slope vanishes at 0, even with the
+    pre-activation Linear outputs watched; lam = 0.05 trained there (0.87). Check the clean
+    accuracy, and lower lam if it falls to chance.
+
     Args:
         attack: a callable attack(x, y) -> x_adv (e.g. ``fastrob.attacks.PGD(model, ...)``); None
             (default) runs ``pgd`` with the next four arguments.
