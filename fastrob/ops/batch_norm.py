@@ -87,7 +87,8 @@ def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         training: batch statistics (True) or running statistics (False).
         momentum: the running statistics' update factor, in [0, 1].
         eps: added to the variance, > 0.
-        backend: "auto" | "torch" | "triton" | "cuda". Triton also runs float64.
+        backend: "auto" | "torch" | "triton" | "cuda". "torch" is F.batch_norm (equal to
+            batch_norm_reference); Triton also runs float64.
 
     Returns:
         A tensor of x's shape, dtype and memory format.
@@ -110,7 +111,9 @@ def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         raise ValueError(f"training mode needs more than one value per channel, got x of shape {tuple(x.shape)}")
     name = resolve_backend(backend, x, op="batch_norm")
     if name == "torch":
-        return batch_norm_reference(x, weight, bias, running_mean, running_var, training, momentum, eps)
+        # torch's own batch norm: what batch_norm_reference spells out, in one native kernel (so a
+        # swapped module computes on CPU exactly what nn.BatchNorm2d computes)
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     acc = accumulate_dtype(x.dtype)
     # per-channel vectors enter the kernels in the accumulation dtype (a differentiable cast)
     w = weight.to(acc) if weight is not None else None
