@@ -1,6 +1,7 @@
 """Benchmark of the differentiable fused ops against the eager torch composite a user would write.
 
-    python -m bench.ops            # GPU: CE 4096x1000 and 512x10, bias_act/sqnorm/batch_norm 128x64x32x32 and 128x256x8x8
+    python -m bench.ops            # GPU: CE 4096x1000 and 512x10; bias_act, sqnorm, batch_norm at
+                                   # 128x64x32x32 and 128x256x8x8
     python -m bench.ops --quick    # small shapes (CPU: the torch providers only)
 
 For each op three passes are timed: forward; forward + backward (first derivative); and

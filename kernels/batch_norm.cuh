@@ -81,7 +81,9 @@ __global__ void bn_reduce_kernel(const T* __restrict__ x, const T* __restrict__ 
   }
   if (threadIdx.y == 0 && active) {
 #pragma unroll
-    for (int k = 0; k < K; ++k) part[(static_cast<int64_t>(blockIdx.y) * kBnSums + k) * g.c + c] = smem[k * lanes + threadIdx.x];
+    for (int k = 0; k < K; ++k) {
+      part[(static_cast<int64_t>(blockIdx.y) * kBnSums + k) * g.c + c] = smem[k * lanes + threadIdx.x];
+    }
   }
 }
 
