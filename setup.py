@@ -25,10 +25,10 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ["csrc/bindings.cpp", "csrc/pgd_step.cu", "csrc/sqnorm.cu", "csrc/cross_entropy.cu",
-           "csrc/bias_act.cu"]
+           "csrc/bias_act.cu", "csrc/batch_norm.cu"]
 HEADERS = ["csrc/launchers.h", "csrc/launch_utils.h", "kernels/common.cuh", "kernels/pgd_step.cuh",
            "kernels/sqnorm.cuh", "kernels/cross_entropy.cuh",
-           "kernels/bias_act.cuh"]
+           "kernels/bias_act.cuh", "kernels/batch_norm.cuh"]
 BUILD_RECORD = "_C_build.json"  # written next to the extension: what was built, or why not
 
 

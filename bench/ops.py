@@ -1,12 +1,14 @@
 """Benchmark of the differentiable fused ops against the eager torch composite a user would write.
 
-    python -m bench.ops            # GPU: CE 4096x1000 and 512x10, bias_act/sqnorm 128x64x32x32 and 128x256x8x8
+    python -m bench.ops            # GPU: CE 4096x1000 and 512x10; bias_act, sqnorm, batch_norm at
+                                   # 128x64x32x32 and 128x256x8x8
     python -m bench.ops --quick    # small shapes (CPU: the torch providers only)
 
 For each op three passes are timed: forward; forward + backward (first derivative); and
 forward + backward with create_graph + the backward of a squared-norm of that gradient (the
 double backward, as an input-gradient penalty runs it). Providers: ``eager`` (the plain torch
-composite: F.cross_entropy, x + b then the activation, g.pow(2).sum), and on a GPU ``triton``
+composite: F.cross_entropy, x + b then the activation, g.pow(2).sum, F.batch_norm in training
+mode, whose double backward is torch's composite of many kernels), and on a GPU ``triton``
 and ``cuda``. GB/s counts the bytes of the op's inputs and outputs of the forward pass only (a
 lower bound for the other passes) against the copy bandwidth measured in the same run. Rows go
 to bench/results/<device>.csv.
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 
 from bench.common import copy_bandwidth_gbps, row, save_results, time_ms
 from fastrob import _backend
-from fastrob.ops import bias_act, cross_entropy, sqnorm
+from fastrob.ops import batch_norm, bias_act, cross_entropy, sqnorm
 
 
 def cases(device, quick):
@@ -47,6 +49,14 @@ def cases(device, quick):
         fns = {"eager": lambda x, b: x.pow(2).sum((1, 2, 3))}
         fns.update({k: (lambda x, b, k=k: sqnorm(x, backend=k)) for k in fused})
         out.append(("sqnorm", shape, make, fns, 4 * torch.Size(shape).numel()))
+
+        def make_bn(shape=shape):
+            return (torch.randn(shape, device=device, requires_grad=True),
+                    torch.randn(shape[1], device=device, requires_grad=True),
+                    torch.randn(shape[1], device=device, requires_grad=True))
+        fns = {"eager": lambda x, w, b: F.batch_norm(x, None, None, w, b, True)}
+        fns.update({k: (lambda x, w, b, k=k: batch_norm(x, w, b, None, None, True, backend=k)) for k in fused})
+        out.append(("batch_norm", shape, make_bn, fns, 2 * 4 * torch.Size(shape).numel()))
     return out
 
 

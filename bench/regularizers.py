@@ -11,6 +11,12 @@ estimator). Providers are timed round-robin (median over rounds), so that load o
 machine hits them alike. Peak memory is the rise of the
 process's resident memory over one step (sampled by a thread). Rows are appended
 to bench/results/<device>.csv (metrics ms, peak_rss_rise_mib, ratio_vs_plain, speedup_vs_reference).
+
+End to end (``resnet18_*`` rows, on the GPU when there is one): the exact input-gradient training
+step of PreAct-ResNet-18 with BatchNorm and softplus (fastrob.models, whose BatchNorm2d and
+activations are the fused ops on a GPU), 128x3x32x32, against a plain step of the same model and
+against eager double backprop through torch's ops (the same model on backend="torch"). On CPU
+the batch is 16x3x32x32 (--quick: 4x3x16x16).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.common import peak_rss_rise_mib, row, save_results
+from bench.common import peak_rss_rise_mib, row, save_results, time_ms
+from fastrob.models import PreActResNet18
 from fastrob.regularizers import InputGradientRegularizer, JacobianRegularizer, JSIGRRegularizer
 
 LAM = 0.1
@@ -130,6 +137,53 @@ def setup(name, shape):
     return step
 
 
+def resnet_steps(device: torch.device, shape) -> dict:
+    """name -> (one training step of PreAct-ResNet-18 with BN, baseline name or None)."""
+    def step_of(objective, backend):
+        torch.manual_seed(0)
+        model = PreActResNet18(10, shape[1], activation_name="softplus").to(device).train()
+        for m in model.modules():  # fastrob.nn.BatchNorm2d and BiasAct: the fused ops, or torch's
+            if hasattr(m, "backend"):
+                m.backend = backend
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        x = torch.rand(shape, device=device)
+        y = torch.randint(0, 10, (shape[0],), device=device)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            objective(model, x, y).backward()
+            opt.step()
+        return step
+    return {
+        "resnet18_plain": (step_of(plain, "auto"), None),
+        "resnet18_input_grad_reference_eager": (step_of(reference_input_gradient, "torch"), None),
+        "resnet18_input_grad_exact": (step_of(fastrob_step(InputGradientRegularizer(LAM)), "auto"),
+                                      "resnet18_input_grad_reference_eager"),
+    }
+
+
+def resnet_rows(quick: bool) -> list:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = (128, 3, 32, 32) if device.type == "cuda" else (4, 3, 16, 16) if quick else (16, 3, 32, 32)
+    steps = resnet_steps(device, shape)
+    stats = {name: time_ms(step, device, warmup=1, reps=3 if quick else 10) for name, (step, _) in steps.items()}
+    rows = []
+    print(f"PreAct-ResNet-18 + BN, exact input gradient, {'x'.join(map(str, shape))} on {device}")
+    for name, (_, ref) in steps.items():
+        s, ratio = stats[name], stats[name]["median"] / stats["resnet18_plain"]["median"]
+        rows.append(row("resnet18_input_gradient_exact", name, shape, torch.float32, "ms", s, device))
+        rows.append(row("resnet18_input_gradient_exact", name, shape, torch.float32, "ratio_vs_plain",
+                        {"median": ratio, "p20": ratio, "p80": ratio}, device))
+        speedup = ""
+        if ref:
+            sp = stats[ref]["median"] / s["median"]
+            rows.append(row("resnet18_input_gradient_exact", name, shape, torch.float32, "speedup_vs_reference",
+                            {"median": sp, "p20": sp, "p80": sp}, device))
+            speedup = f"{sp:9.2f}"
+        print(f"{name:36s} {s['median']:9.1f} ms {ratio:8.2f}x plain {speedup:>9s}")
+    return rows
+
+
 def summary(times: list) -> dict:
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
     return {"median": statistics.median(times), "p20": q[1], "p80": q[7]}
@@ -195,6 +249,8 @@ def main(argv=None):
             speedup = f"{sp:9.2f}"
         print(f"{name:30s} {s['median']:9.1f} {ratio:8.2f} {speedup:>9s} {memory[name]:9.1f}")
     save_results(rows, device, quick=args.quick)
+    resnet = resnet_rows(args.quick)
+    save_results(resnet, torch.device("cuda" if torch.cuda.is_available() else "cpu"), quick=args.quick)
 
 
 if __name__ == "__main__":

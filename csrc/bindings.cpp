@@ -93,4 +93,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("bias_act_double_backward", &fastrob::bias_act_double_backward, py::arg("dy"), py::arg("x"), py::arg("bias"),
         py::arg("v"), py::arg("d_dy"), py::arg("d_x"), py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("act"), py::arg("beta"),
         py::arg("threshold"), py::arg("d"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("bn_forward", &fastrob::bn_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("mean"),
+        py::arg("invstd"), py::arg("work"), py::arg("n"), py::arg("c"), py::arg("s"), py::arg("channels_last"),
+        py::arg("splits"), py::arg("eps"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("bn_backward", &fastrob::bn_backward, py::arg("gy"), py::arg("x"), py::arg("w"), py::arg("mean"),
+        py::arg("invstd"), py::arg("gx"), py::arg("gw"), py::arg("gb"), py::arg("work"), py::arg("n"), py::arg("c"),
+        py::arg("s"), py::arg("channels_last"), py::arg("splits"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"));
+  m.def("bn_double_backward", &fastrob::bn_double_backward, py::arg("gy"), py::arg("x"), py::arg("w"),
+        py::arg("mean"), py::arg("invstd"), py::arg("ggx"), py::arg("ggw"), py::arg("ggb"), py::arg("d_gy"),
+        py::arg("d_x"), py::arg("d_w"), py::arg("work"), py::arg("n"), py::arg("c"), py::arg("s"),
+        py::arg("channels_last"), py::arg("splits"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("bn_eval", &fastrob::bn_eval, py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("coef"), py::arg("y"),
+        py::arg("n"), py::arg("c"), py::arg("s"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"));
 }

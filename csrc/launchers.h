@@ -53,6 +53,21 @@ void bias_act_backward(uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t dx, 
 void bias_act_double_backward(uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr_t v, uintptr_t d_dy, uintptr_t d_x,
                               int64_t n, int64_t stride_c, int64_t channels, int act, double beta, double threshold,
                               double d, int dtype, int device, uintptr_t stream);
+// Batch norm (fastrob/ops/batch_norm.py) over x [n, c, s] stored densely (NCHW or channels_last):
+// per-channel vectors and `work` ((splits * 5 + 8) * c floats of scratch) are float32; w, b, d_w
+// may be 0 (absent).
+void bn_forward(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, uintptr_t mean, uintptr_t invstd, uintptr_t work,
+                int64_t n, int64_t c, int64_t s, bool channels_last, int splits, double eps, int dtype, int device,
+                uintptr_t stream);
+void bn_backward(uintptr_t gy, uintptr_t x, uintptr_t w, uintptr_t mean, uintptr_t invstd, uintptr_t gx,
+                 uintptr_t gw, uintptr_t gb, uintptr_t work, int64_t n, int64_t c, int64_t s, bool channels_last,
+                 int splits, int dtype, int device, uintptr_t stream);
+void bn_double_backward(uintptr_t gy, uintptr_t x, uintptr_t w, uintptr_t mean, uintptr_t invstd, uintptr_t ggx,
+                        uintptr_t ggw, uintptr_t ggb, uintptr_t d_gy, uintptr_t d_x, uintptr_t d_w, uintptr_t work,
+                        int64_t n, int64_t c, int64_t s, bool channels_last, int splits, int dtype, int device,
+                        uintptr_t stream);
+void bn_eval(uintptr_t x, uintptr_t mean, uintptr_t invstd, uintptr_t coef, uintptr_t y, int64_t n, int64_t c,
+             int64_t s, bool channels_last, int dtype, int device, uintptr_t stream);
 
 // Raises std::runtime_error naming `what` if `status` is an error.
 void check_cuda(int status, const char* what);

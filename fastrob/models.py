@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastrob._checks import check_int
-from fastrob.nn import BiasAct
+from fastrob.nn import BatchNorm2d, BiasAct
 
 ACTIVATIONS = ("relu", "softplus", "half_huber")
 MODELS = ("mlp", "cnn", "resnet18")
@@ -49,8 +49,8 @@ class MLP(nn.Sequential):
 
 
 class SmallCNN(nn.Module):
-    """Three 3x3 convolutions with BatchNorm, then a CAM head: global average pooling and one linear
-    layer.
+    """Three 3x3 convolutions with BatchNorm (``fastrob.nn.BatchNorm2d``), then a CAM head: global
+    average pooling and one linear layer.
 
     With A(x) the last feature map (K channels) and W, b the head, the class activation map is
     I_c(x) = Σ_k W_{c,k} A_k(x) and the logit z_c = mean_{h,w} I_c(x) + b_c (Zhou et al. 2016;
@@ -66,10 +66,10 @@ class SmallCNN(nn.Module):
         # BatchNorm after each convolution: without it the GAP head trains very slowly (on digits
         # 16x16, 36% test accuracy after 4 epochs with ReLU and chance with softplus)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), activation(activation_name),
-            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2, bias=False), nn.BatchNorm2d(2 * width),
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), BatchNorm2d(width), activation(activation_name),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2, bias=False), BatchNorm2d(2 * width),
             activation(activation_name),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), BatchNorm2d(2 * width),
             activation(activation_name),
         )
         self.head = nn.Linear(2 * width, num_classes)
@@ -87,10 +87,10 @@ class _PreActBlock(nn.Module):
 
     def __init__(self, in_planes: int, planes: int, stride: int, activation_name: str):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.bn1 = BatchNorm2d(in_planes)
         self.act1 = activation(activation_name)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         self.act2 = activation(activation_name)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.shortcut = None
@@ -108,7 +108,8 @@ class _PreActBlock(nn.Module):
 class PreActResNet18(nn.Module):
     """PreAct-ResNet-18 (He et al. 2016) in the CIFAR shape: a 3x3 stem, four stages of two
     pre-activation blocks (64, 128, 256, 512 channels; strides 1, 2, 2, 2), BN-act, global average
-    pooling, linear. Works on any input of at least 8x8 (adaptive pooling)."""
+    pooling, linear. Works on any input of at least 8x8 (adaptive pooling). Its BatchNorm layers are
+    ``fastrob.nn.BatchNorm2d`` (state_dict keys as torch's)."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, activation_name: str = "relu"):
         super().__init__()
@@ -121,7 +122,7 @@ class PreActResNet18(nn.Module):
                 blocks.append(_PreActBlock(in_planes, planes, s, activation_name))
                 in_planes = planes
         self.layers = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(512)
+        self.bn = BatchNorm2d(512)
         self.act = activation(activation_name)
         self.linear = nn.Linear(512, num_classes)
 

@@ -1,6 +1,6 @@
-"""Modules built on the fused ops: ``BiasAct`` and ``swap_activations``, which puts them into an
-existing model so that its double backprop runs through the fused first- and second-derivative
-kernels."""
+"""Modules built on the fused ops: ``BiasAct`` and ``BatchNorm2d``, and ``swap_activations``,
+``swap_batch_norm`` and ``patch_model``, which put them into an existing model so that its double
+backprop runs through the fused first- and second-derivative kernels."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastrob import _backend
+from fastrob.ops.batch_norm import batch_norm
 from fastrob.ops.bias_act import ACTIVATIONS, bias_act, check_act_params
 
 
@@ -74,4 +75,76 @@ def swap_activations(model: nn.Module, act: str | None = None, *, backend: str =
             replacement = _as_bias_act(child, act, backend)
             if replacement is not None:
                 setattr(parent, name, replacement)
+    return model
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` computed by ``fastrob.ops.batch_norm``, whose double backward (the
+    part of a gradient penalty's parameter gradient that runs through BN) is fused on a GPU.
+
+    A drop-in replacement: a subclass (isinstance checks hold), with the same parameters, buffers
+    and state_dict keys, and the same semantics for momentum (None: cumulative average),
+    track_running_stats and affine. ``backend`` picks the op's backend ("auto": the fused kernels
+    on a GPU, the torch reference on CPU).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, backend: str = "auto"):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.backend = _backend.check_backend_name(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        # torch.nn.modules.batchnorm._BatchNorm.forward, with fastrob's op in place of F.batch_norm
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        return batch_norm(x, self.weight, self.bias, self.running_mean if use_running else None,
+                          self.running_var if use_running else None, use_batch_stats, factor, self.eps,
+                          backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend!r}"
+
+    @classmethod
+    def from_module(cls, module: nn.BatchNorm2d, backend: str = "auto") -> "BatchNorm2d":
+        """A fastrob BatchNorm2d with ``module``'s settings, sharing its parameter and buffer
+        tensors (so an optimizer holding them keeps working) and its training mode."""
+        new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                  backend=backend)
+        for name, p in module._parameters.items():
+            new._parameters[name] = p
+        for name, b in module._buffers.items():
+            new._buffers[name] = b
+        new.train(module.training)
+        return new
+
+
+def swap_batch_norm(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Replaces, in place, every ``torch.nn.BatchNorm2d`` of ``model`` (not SyncBatchNorm, nor an
+    already fused one) by a ``fastrob.nn.BatchNorm2d`` with the same settings, parameters and
+    buffers (the same tensors: optimizers and state_dict keys are unaffected). Returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _backend.check_backend_name(backend)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:  # exactly: subclasses may compute something else
+                setattr(parent, name, BatchNorm2d.from_module(child, backend))
+    return model
+
+
+def patch_model(model: nn.Module, act: str | None = None, batch_norm: bool = True, *,
+                backend: str = "auto") -> nn.Module:
+    """Both swaps: ``swap_activations(model, act)`` and, with ``batch_norm=True``,
+    ``swap_batch_norm(model)``, so that double backprop through the model's activations and
+    BatchNorm layers runs through the fused kernels. Returns ``model``."""
+    if not isinstance(batch_norm, bool):
+        raise TypeError(f"batch_norm must be a bool, got {type(batch_norm).__name__}")
+    swap_activations(model, act, backend=backend)
+    if batch_norm:
+        swap_batch_norm(model, backend=backend)
     return model

@@ -84,3 +84,26 @@ def test_bad_model_arguments(args, words):
 def test_mlp_hidden_widths():
     model = MLP((1, 4, 4), 3, hidden=(5,))
     assert [m.out_features for m in model if isinstance(m, torch.nn.Linear)] == [5, 3]
+
+
+@pytest.mark.parametrize("name, shape", [("cnn", (1, 8, 8)), ("resnet18", (3, 8, 8))])
+def test_models_use_fastrob_batch_norm_and_load_torch_checkpoints(name, shape):
+    """Old checkpoints (torch.nn.BatchNorm2d layers) load: same keys; the layers are fastrob's."""
+    from torch import nn
+
+    from fastrob.nn import BatchNorm2d
+
+    model = build_model(name, shape, 10)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(type(m) is BatchNorm2d for m in bns)
+    old = build_model(name, shape, 10)
+    for parent in list(old.modules()):  # the pre-fastrob model: torch's BatchNorm2d in the same places
+        for child_name, child in list(parent.named_children()):
+            if type(child) is BatchNorm2d:
+                setattr(parent, child_name, nn.BatchNorm2d(child.num_features))
+    old.train()(torch.rand(4, *shape))  # running statistics and num_batches_tracked move
+    model.load_state_dict(old.state_dict())  # strict
+    old.eval()
+    model.eval()
+    x = torch.rand(2, *shape)
+    torch.testing.assert_close(model(x), old(x))
