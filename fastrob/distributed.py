@@ -101,6 +101,16 @@ def all_gather_variable(values: torch.Tensor) -> list[torch.Tensor]:
     return [o.bool() for o in out] if bool_in else out
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable ``obj`` (e.g. a dict of CPU tensors whose keys a rank that read no
+    data does not know), in rank order. One process: [obj]."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_buffers(model) -> None:
     """Copies rank 0's buffers (BatchNorm running statistics) into every rank's ``model``."""
     if not is_distributed():

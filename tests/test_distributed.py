@@ -173,7 +173,28 @@ def objectives(rank):
         # int2_adv the pgd engine and the CE at x*.
         "int (seed 000)": (interpretation("int"), interpretation("int")),
         "int2_adv (seed 000)": (interpretation("int2_adv"), interpretation("int2_adv")),
+        # seed 001 (Woods et al.): zeta = 1 (always the margin) and a fixed psi make it
+        # deterministic; the random-logit choice and the adaptive psi are per rank
+        "lipschitz margin (seed 001)": (lipschitz, lipschitz),
+        # seed 002 (Zhang et al.): k = 1.0 (all channels); a top-k selection is made on each
+        # rank's shard, as BatchNorm's statistics are
+        "sns all channels (seed 002)": (sns, sns),
     }
+
+
+def lipschitz(model, x, y):
+    from fastrob.regularizers.lipschitz import LipschitzRegularizer
+
+    return LipschitzRegularizer(psi=LAM, zeta=1.0)(model, x, y).loss
+
+
+def sns(model, x, y):
+    from fastrob.regularizers.sns import SNSRegularizer
+
+    from fastrob.attacks import pgd
+
+    attack = lambda a, b: pgd(model, a, b, eps=0.1, alpha=0.05, steps=2, random_start=False)  # noqa: E731
+    return SNSRegularizer(attack, lam=LAM, k=1.0)(model, x, y).loss
 
 
 def interpretation(kind):
@@ -307,6 +328,7 @@ def evaluate(model, data, rank=0, **kw):
     import fastrob.attacks as fa
     from fastrob.metrics import accuracy_curve, ara, kl_robustness, robust_accuracy
     from fastrob.metrics.interpretation import interpretation_discrepancy
+    from fastrob.metrics.sensitivity import neuron_sensitivity_metric
 
     attack = fa.PGD(model, eps=0.1, alpha=0.025, steps=5, random_start=False)
     ra = robust_accuracy(model, data, attack, quiet=True, **kw)
@@ -316,13 +338,15 @@ def evaluate(model, data, rank=0, **kw):
     area = ara(model, data, n=30, steps=5, search_steps=4, quiet=True, **kw)
     kl = kl_robustness(model, data, eps=0.1, steps=3, restarts=1, seed=7, quiet=True, **kw)
     interp = interpretation_discrepancy(model, data, attack, map="saliency", quiet=True, **kw)
+    sensitivity = neuron_sensitivity_metric(model, data, attack, quiet=True, **kw)
     return {"robust": [ra.accuracy, ra.clean_accuracy, ra.n, ra.robust.tolist()],
             "robust_n20": [ra_n.accuracy, ra_n.clean_accuracy, ra_n.n],
             "robust_n1": [ra_1.accuracy, ra_1.n],
             "curve": [curve.accuracy, curve.clean_accuracy, curve.n],
             "ara": [area.ara, area.clean_accuracy, area.radii.tolist()],
             "kl": kl.values.tolist(),
-            "interpretation": [interp.mean, interp.values.tolist(), interp.fooled.tolist()]}
+            "interpretation": [interp.mean, interp.values.tolist(), interp.fooled.tolist()],
+            "sensitivity": [sensitivity.n, {k: v.tolist() for k, v in sensitivity.sigma.items()}]}
 
 
 def metrics_worker(rank, payload):
@@ -369,6 +393,10 @@ def test_distributed_metrics_equal_the_single_process_ones(spawned):
             assert got["interpretation"][0] == pytest.approx(single["interpretation"][0], rel=1e-5), where
             assert got["interpretation"][1] == pytest.approx(single["interpretation"][1], rel=1e-5), where
             assert got["interpretation"][2] == single["interpretation"][2], where
+            assert got["sensitivity"][0] == single["sensitivity"][0] == N_EVAL, where
+            assert got["sensitivity"][1].keys() == single["sensitivity"][1].keys(), where
+            for layer, sigma in single["sensitivity"][1].items():
+                assert got["sensitivity"][1][layer] == pytest.approx(sigma, rel=1e-6, abs=1e-9), (where, layer)
 
 
 # ---- fastrob train under torchrun ---------------------------------------------------------------

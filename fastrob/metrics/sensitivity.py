@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from fastrob._checks import check_float, check_int, check_model, check_tensor
 from fastrob.attacks.pgd import attack_context, pgd
-from fastrob.metrics._common import batches, model_device
+from fastrob.distributed import all_gather_objects, unwrap
+from fastrob.metrics._common import batches, model_device, shard
 from fastrob.nn import BiasAct
 
 ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -259,13 +260,18 @@ def neuron_sensitivity(model, x: torch.Tensor, x_adv: torch.Tensor, layers=None,
 def neuron_sensitivity_metric(model, data, attack: Optional[Callable] = None, *, eps: float = 0.1,
                               norm: str = "linf", steps: int = 10, alpha: float | None = None, layers=None,
                               batch_size: int = 256, seed: int = 0, device=None, quiet: bool = False,
-                              n: int | None = None) -> NeuronSensitivity:
+                              n: int | None = None, distributed: bool | None = None) -> NeuronSensitivity:
     """Neuron sensitivity of ``model`` over ``data`` (a pair (x, y) or a DataLoader), each benign
     input paired with its adversarial example from ``attack(x, y)`` (any callable; default: PGD
     from ``fastrob.attacks.pgd`` with ``eps``, ``norm``, ``steps``, step ``alpha`` = 2.5·eps/steps,
     a random start drawn from a generator seeded with ``seed``, against the true labels). ``n``:
-    use only the first n samples. The shape of ``evaluation.EVAL_METRICS``' functions."""
+    use only the first n samples. The shape of ``evaluation.EVAL_METRICS``' functions.
+
+    Distributed (as ``fastrob.metrics.robust_accuracy``): with a DistributedSampler-sharded loader
+    (or ``distributed=True``) each rank attacks its shard (the default PGD's generator seeded with
+    seed + rank) and the per-channel sums are gathered, so every rank gets the global result."""
     check_model(model)
+    model = unwrap(model)  # a DDP model's wrapped module: no communication in attacks and forwards
     device = model_device(model, device)
     eps = check_float("eps", eps, min_value=0.0)
     steps = check_int("steps", steps, 0)
@@ -273,10 +279,11 @@ def neuron_sensitivity_metric(model, data, attack: Optional[Callable] = None, *,
     if attack is not None and not callable(attack):
         raise TypeError(f"attack must be callable as attack(x, y) -> x_adv, got {type(attack).__name__}")
     names = [name for name, _ in resolve_layers(model, layers)]  # checked once, before any attack
-    generator = torch.Generator(device=device).manual_seed(seed)
+    part = shard(data, n, distributed)
+    generator = torch.Generator(device=device).manual_seed(seed + (part.rank if part is not None else 0))
     totals: dict = {}
     count = 0
-    for x, y in batches(data, batch_size, device, desc="neuron sensitivity", quiet=quiet, limit=n):
+    for x, y in batches(data, batch_size, device, desc="neuron sensitivity", quiet=quiet, limit=n, shard=part):
         if attack is None:
             x_adv = pgd(model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, generator=generator)
         else:
@@ -285,4 +292,11 @@ def neuron_sensitivity_metric(model, data, attack: Optional[Callable] = None, *,
         with attack_context(model), torch.no_grad(), FeatureRecorder(model, names, detach=True) as rec:
             _accumulate(totals, model, x, x_adv.detach().to(x.device), rec)
         count += len(y)
+    if part is not None:
+        # a rank that read no sample does not know the layers' channel counts: gather objects
+        gathered, totals, count = all_gather_objects(({k: v.cpu() for k, v in totals.items()}, count)), {}, 0
+        for rank_totals, rank_count in gathered:
+            for k, v in rank_totals.items():
+                totals[k] = totals[k] + v if k in totals else v
+            count += rank_count
     return NeuronSensitivity({k: (v / max(count, 1)).cpu() for k, v in totals.items()}, count)

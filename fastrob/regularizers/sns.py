@@ -12,6 +12,7 @@ import torch
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_int
 from fastrob.attacks.pgd import pgd
+from fastrob.distributed import unwrap
 from fastrob.metrics.sensitivity import FeatureRecorder, channel_deviation, resolve_layers, top_k_sensitive
 from fastrob.objective import Objective
 from fastrob.ops.pgd_step import NORMS
@@ -51,7 +52,8 @@ class SNSRegularizer:
         lam: the penalty weight, >= 0 (default 1.0: not fixed by the paper; fastrob's choice).
         k: the top-k fraction in (0, 1] (default 0.1), or an int count of channels per layer.
         layers: the watched layers (None: the defaults of ``fastrob.metrics.sensitivity``), as
-            module names or modules of the model the regularizer is called with.
+            module names or modules of the model the regularizer is called with (of its wrapped
+            module under DistributedDataParallel).
         generator: torch.Generator for the default PGD's random start.
         backend: "auto" | "torch" | "triton" | "cuda", for the cross-entropy and the default PGD's
             fused step (``check_backend``).
@@ -91,13 +93,16 @@ class SNSRegularizer:
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
         x = x.detach()  # no input gradient is needed here
-        names = [name for name, _ in resolve_layers(model, self.layers)]
+        # Under DDP the layers are the wrapped module's, and the clean forward skips the wrapper:
+        # the step makes one DDP forward (the loss's, at x_adv), whose backward all-reduces once.
+        module = unwrap(model)
+        names = [name for name, _ in resolve_layers(module, self.layers)]
         x_adv = self.adversary(model, x, y).detach()
         if x_adv.shape != x.shape:
             raise ValueError(f"attack must return x_adv of x's shape {tuple(x.shape)}, got {tuple(x_adv.shape)}")
-        with FeatureRecorder(model, names) as rec:
-            with Fn.preserved_buffers(model):
-                model(x)
+        with FeatureRecorder(module, names) as rec:
+            with Fn.preserved_buffers(module):
+                module(x)
             clean = rec.features
             rec.clear()
             logits = Fn.forward(model, x_adv, y)
