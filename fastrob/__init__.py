@@ -6,12 +6,15 @@ step fused into Triton and CUDA kernels behind pure-torch references. See the RE
 
 from importlib.metadata import PackageNotFoundError, version
 
-from fastrob import attacks, data, distributed, functional, metrics, models, nn, ops, regularizers, training
-from fastrob.attacks import FGSM, PGD, PGDL2, pgd
-from fastrob.metrics import accuracy_curve, ara, kl_robustness, robust_accuracy
+from fastrob import (attacks, data, distributed, functional, interpret, metrics, models, nn, ops, regularizers,
+                     training)
+from fastrob.attacks import FGSM, PGD, PGDL2, adversarial_explanation, isa, pgd
+from fastrob.metrics import (accuracy_curve, ara, interpretation_discrepancy, kl_robustness, neuron_sensitivity,
+                             neuron_sensitivity_metric, robust_accuracy)
 from fastrob.objective import Objective
-from fastrob.ops import bias_act, cross_entropy, pgd_step, sqnorm
-from fastrob.regularizers import InputGradientRegularizer, JacobianRegularizer, JSIGRRegularizer
+from fastrob.ops import batch_norm, bias_act, cross_entropy, pgd_step, sqnorm
+from fastrob.regularizers import (InputGradientRegularizer, InterpretationRegularizer, JacobianRegularizer,
+                                  JSIGRRegularizer, LipschitzRegularizer, SNSRegularizer)
 from fastrob.training import adversarial_loss
 
 try:
@@ -20,10 +23,13 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "attacks", "data", "distributed", "functional", "metrics", "models", "nn", "ops", "regularizers", "training",
-    "InputGradientRegularizer", "JacobianRegularizer", "JSIGRRegularizer",
-    "FGSM", "PGD", "PGDL2", "pgd", "adversarial_loss",
-    "accuracy_curve", "ara", "kl_robustness", "robust_accuracy",
-    "Objective", "bias_act", "cross_entropy", "pgd_step", "sqnorm",
+    "attacks", "data", "distributed", "functional", "interpret", "metrics", "models", "nn", "ops", "regularizers",
+    "training",
+    "InputGradientRegularizer", "InterpretationRegularizer", "JacobianRegularizer", "JSIGRRegularizer",
+    "LipschitzRegularizer", "SNSRegularizer",
+    "FGSM", "PGD", "PGDL2", "adversarial_explanation", "isa", "pgd", "adversarial_loss",
+    "accuracy_curve", "ara", "interpretation_discrepancy", "kl_robustness", "neuron_sensitivity",
+    "neuron_sensitivity_metric", "robust_accuracy",
+    "Objective", "batch_norm", "bias_act", "cross_entropy", "pgd_step", "sqnorm",
     "__version__",
 ]

@@ -26,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
 def digits():
     """The scikit-learn digits set, split once per test session."""
     return fastrob.data.load_digits()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests that train small nets: on a loaded 2-core machine they ran
+    10-40x faster than on two contended threads (3 epochs of digits training: 7.0 s -> 0.18 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -38,13 +38,6 @@ def rmse(d):
     return d.flatten(1).pow(2).mean(1).sqrt()
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def digits_model(digits):

@@ -253,14 +253,6 @@ def test_interpretation_discrepancy_metric_equals_per_batch_brute_force():
 
 # ---- digits: training runs, and the paper's claim --------------------------------------------------------
 
-@pytest.fixture
-def one_thread():
-    """Tiny nets on a shared 2-core CPU run ~10x faster on one thread than on contended threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def train_digits(digits, reg, epochs=5, n=None, batch=64):
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from test_interpret import C, CamNet, brute_cam, make_batch
-from test_interpretation import brute_discrepancy, one_thread, train_digits  # noqa: F401 (fixture)
+from test_interpretation import brute_discrepancy, train_digits
 
 from fastrob.attacks.isa import _descend, isa
 from fastrob.interpret import map_function

@@ -54,15 +54,6 @@ def per_sample_penalty(model, x, y, c, margin, z):
     return total / x.numel()
 
 
-@pytest.fixture
-def one_thread():
-    """Small nets on a shared 2-core machine: one intra-op thread was 10-40x faster than two under
-    load (measured: 3 epochs of this file's digits training 7.0 s -> 0.18 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_outputs_follow_the_documented_draws_and_frequencies():
     torch.manual_seed(0)

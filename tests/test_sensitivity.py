@@ -72,15 +72,6 @@ def batch(n=7, seed=1):
     return x, x_adv, y
 
 
-@pytest.fixture
-def one_thread():
-    """Small nets on a shared 2-core machine: one intra-op thread was 10-40x faster than two under
-    load (measured: 3 epochs of this file's digits training 7.0 s -> 0.18 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ---- neuron sensitivity ---------------------------------------------------------------------------
 

@@ -1,6 +1,9 @@
 """Attacks: batched PGD (Linf / L2), FGSM and TRADES' inner maximisation, with torchattacks'
-class interface (``PGD``, ``PGDL2``, ``FGSM``) over the functional engine ``pgd``."""
+class interface (``PGD``, ``PGDL2``, ``FGSM``) over the functional engine ``pgd``; the
+interpretability sneaking attack ``isa`` (seed 000) and ``adversarial_explanation`` (seed 001)."""
 
+from fastrob.attacks.explanation import adversarial_explanation
+from fastrob.attacks.isa import ISAResult, isa
 from fastrob.attacks.pgd import (
     FGSM,
     PGD,
@@ -13,4 +16,5 @@ from fastrob.attacks.pgd import (
     trades_perturb,
 )
 
-__all__ = ["Attack", "FGSM", "PGD", "PGDL2", "attack_context", "kl_loss", "margin_loss", "pgd", "trades_perturb"]
+__all__ = ["Attack", "FGSM", "ISAResult", "PGD", "PGDL2", "adversarial_explanation", "attack_context", "isa",
+           "kl_loss", "margin_loss", "pgd", "trades_perturb"]

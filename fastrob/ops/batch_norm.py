@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastrob._checks import check_float, check_tensor, dtype_name
+from fastrob._checks import check_float, check_tensor
 from fastrob.ops._common import accumulate_dtype, batch_outermost_dense, define_op, launch, resolve_backend, same_layout
 
 
