@@ -300,9 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (plain, adversarial training or a regularizer); resumable",
                        description="Train a classifier and write checkpoint.pt, metrics.json and training.png to "
-                                   "--out. Adversarial methods (pgd, trades, half) use --eps/--alpha/--attack-steps/"
-                                   "--norm; regularizers use --lam (input_gradient default 0.1, jacobian 0.01, "
-                                   "jsigr lam_jacobian 0.01) and jsigr also --lam-saliency/--patch. Under "
+                                   "--out. Adversarial methods (pgd, trades, half) and the attacks inside int, int_adv, "
+                                   "int2, int2_adv and sns use --eps/--alpha/--attack-steps/--norm; regularizers "
+                                   "use --lam (input_gradient default 0.1, jacobian 0.01, jsigr lam_jacobian 0.01, "
+                                   "int* 0.01, sns 1.0; lipschitz: psi, adaptive when not given) and jsigr also "
+                                   "--lam-saliency/--patch. Under "
                                    "'torchrun --nproc_per_node N -m fastrob train ...' it trains with "
                                    "DistributedDataParallel (gloo on cpu, nccl on cuda: rank r takes GPU r), "
                                    "--batch-size being the global batch; rank 0 prints and writes the files.")
@@ -317,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-steps", type=_positive_int, default=7, help="attack steps (default 7)")
     p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="attack norm (default linf)")
     p.add_argument("--beta", type=_float(), default=6.0, help="TRADES beta (default 6)")
-    p.add_argument("--lam", type=_float(), default=None, help="regularizer weight (default: the method's)")
+    p.add_argument("--lam", type=_float(), default=None, help="regularizer weight (default: the method's; "
+                                                                         "lipschitz: a fixed psi)")
     p.add_argument("--lam-saliency", type=_float(), default=0.1, help="J-SIGR saliency weight (default 0.1)")
     p.add_argument("--patch", type=_positive_int, default=4, help="J-SIGR saliency patch size (default 4)")
     p.add_argument("--epochs", type=_positive_int, default=20, help="total epochs (default 20)")

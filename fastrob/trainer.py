@@ -32,9 +32,13 @@ from fastrob.data import Dataset, load_dataset
 from fastrob.models import ACTIVATIONS, MODELS, build_model
 from fastrob.objective import Objective
 
-METHODS = ("none", "pgd", "trades", "half", "input_gradient", "jacobian", "jsigr")
-# the regularizers' own defaults (README: Regularizers), used when --lam is not given
-DEFAULT_LAM = {"input_gradient": 0.1, "jacobian": 0.01, "jsigr": 0.01}
+INTERPRETATION_KINDS = ("int", "int_adv", "int2", "int2_adv")  # seed 000, Boopathy et al.
+METHODS = ("none", "pgd", "trades", "half", "input_gradient", "jacobian", "jsigr", *INTERPRETATION_KINDS,
+           "lipschitz", "sns")
+# the regularizers' own defaults (README: Regularizers), used when --lam is not given; lipschitz
+# has none: without --lam its psi adapts (Woods et al.), with --lam psi is fixed to it
+DEFAULT_LAM = {"input_gradient": 0.1, "jacobian": 0.01, "jsigr": 0.01, "sns": 1.0,
+               **{kind: 0.01 for kind in INTERPRETATION_KINDS}}
 CHECKPOINT, METRICS, CURVE = "checkpoint.pt", "metrics.json", "training.png"
 
 
@@ -42,9 +46,10 @@ CHECKPOINT, METRICS, CURVE = "checkpoint.pt", "metrics.json", "training.png"
 class TrainConfig:
     """Everything a run depends on; stored in the checkpoint so that eval/explain/resume rebuild it.
 
-    eps/alpha/attack_steps/norm configure the adversary of pgd/trades/half (alpha default
-    2.5·eps/attack_steps); lam is the regularizer weight (input_gradient, jacobian; jsigr's
-    lam_jacobian), lam_saliency and patch are J-SIGR's; beta is TRADES'."""
+    eps/alpha/attack_steps/norm configure the adversary of pgd/trades/half and the inner attacks
+    of the int* kinds and sns (alpha default 2.5·eps/attack_steps); lam is the regularizer weight
+    (input_gradient, jacobian, int*, sns; jsigr's lam_jacobian; lipschitz's fixed psi, adaptive
+    when None), lam_saliency and patch are J-SIGR's; beta is TRADES'."""
 
     data: str = "digits"
     size: int | None = None
@@ -102,7 +107,12 @@ def describe(config: TrainConfig) -> str:
     if m in ("pgd", "trades", "half"):
         name = {"pgd": "PGD-AT", "trades": f"TRADES b={config.beta:g}", "half": "half-AT"}[m]
         return f"{name} {config.norm} eps={config.eps:g}"
+    if m == "lipschitz":
+        return "Lipschitz psi=adaptive" if config.lam is None else f"Lipschitz psi={config.lam:g}"
     lam = DEFAULT_LAM[m] if config.lam is None else config.lam
+    if m in INTERPRETATION_KINDS or m == "sns":
+        name = {"int": "Int", "int_adv": "Int-Adv", "int2": "Int2", "int2_adv": "Int2-Adv", "sns": "SNS"}[m]
+        return f"{name} lam={lam:g} {config.norm} eps={config.eps:g}"
     if m == "jsigr":
         return f"J-SIGR lam={lam:g},{config.lam_saliency:g}"
     return f"{'input grad' if m == 'input_gradient' else 'Jacobian'} lam={lam:g}"
@@ -110,7 +120,7 @@ def describe(config: TrainConfig) -> str:
 
 def build_objective(config: TrainConfig, model) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Objective]:
     """objective(model, x, y) -> Objective for the configured method (METHODS.md)."""
-    from fastrob import attacks, regularizers
+    from fastrob import attacks, interpret, regularizers
     from fastrob.training import adversarial_loss
 
     m = config.method
@@ -120,12 +130,22 @@ def build_objective(config: TrainConfig, model) -> Callable[[torch.nn.Module, to
             ce = F.cross_entropy(logits, y)
             return Objective(loss=ce, ce=ce, penalty=ce.new_zeros(()), logits=logits)
         return plain
+    alpha = config.alpha if config.alpha is not None else 2.5 * config.eps / config.attack_steps
     if m in ("pgd", "trades", "half"):
-        alpha = config.alpha if config.alpha is not None else 2.5 * config.eps / config.attack_steps
         cls = attacks.PGD if config.norm == "linf" else attacks.PGDL2
         attack = cls(model, eps=config.eps, alpha=alpha, steps=config.attack_steps, random_start=True)
         return lambda model, x, y: adversarial_loss(model, x, y, attack, kind=m, beta=config.beta)
+    if m == "lipschitz":
+        return regularizers.LipschitzRegularizer(psi=config.lam)
     lam = DEFAULT_LAM[m] if config.lam is None else config.lam
+    if m in INTERPRETATION_KINDS:
+        # CAM for the cnn (its GAP head), input-gradient saliency for the others
+        return regularizers.InterpretationRegularizer(m, lam=lam, eps=config.eps, alpha=alpha,
+                                                      steps=config.attack_steps, norm=config.norm,
+                                                      map=interpret.default_map(dist_utils.unwrap(model)))
+    if m == "sns":
+        return regularizers.SNSRegularizer(eps=config.eps, alpha=alpha, steps=config.attack_steps, norm=config.norm,
+                                           lam=lam)
     if m == "input_gradient":
         return regularizers.InputGradientRegularizer(lam=lam)
     if m == "jacobian":
@@ -195,6 +215,8 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.device(device)] if torch.device(device).type == "cuda" else None)
     objective = build_objective(config, net)
+    if state is not None and state.get("objective") is not None:
+        objective.load_state_dict(state["objective"])  # Lipschitz's adaptive psi, Int's warm-up position
     split = dataset.split
     x_train, y_train = split.x_train.to(device), split.y_train.to(device)
     x_test, y_test = split.x_test.to(device), split.y_test.to(device)
@@ -242,7 +264,8 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
             os.makedirs(out_dir, exist_ok=True)
             torch.save({"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
-                        "history": history, "in_shape": dataset.in_shape, "num_classes": dataset.num_classes},
+                        "history": history, "in_shape": dataset.in_shape, "num_classes": dataset.num_classes,
+                        "objective": objective.state_dict() if hasattr(objective, "state_dict") else None},
                        ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)  # never leave a half-written checkpoint
         dist_utils.barrier()  # no rank starts the next epoch (or returns) before the checkpoint exists

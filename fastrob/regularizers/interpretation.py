@@ -101,6 +101,15 @@ class InterpretationRegularizer:
                 f"steps={self.steps}, norm={self.norm!r}, map={self.map!r}, discrepancy={self.discrepancy!r}, "
                 f"warmup={self.warmup!r}, step={self.step})")
 
+    def state_dict(self) -> dict:
+        """The warm-up position (``step``), for checkpoints; ``load_state_dict`` restores it."""
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError(f"state must be a dict with key 'step' (from state_dict()), got {state!r}")
+        self.step = check_int("state['step']", state["step"], 0)
+
     # ---- the eps schedule ----------------------------------------------------------------------
 
     def schedule(self, step: Optional[int] = None) -> float:

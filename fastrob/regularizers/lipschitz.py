@@ -9,6 +9,7 @@ import torch
 
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_positive
+from fastrob.distributed import all_reduce_sum, is_ddp, is_distributed, world_size
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
 
@@ -60,7 +61,8 @@ class LipschitzRegularizer:
     that batch, which is the same sequence shifted by one batch. A batch whose cross-entropy is not
     finite leaves R unchanged; L_class = 0 counts as +eps_better. ``state_dict()`` /
     ``load_state_dict()`` carry R, so a resumed run continues the same psi sequence. A fixed
-    ``psi`` disables the adaptation.
+    ``psi`` disables the adaptation. Called with a DistributedDataParallel model, R is updated from
+    the mean CE over the ranks, so every rank keeps the same psi.
 
     Args:
         psi: a fixed penalty weight >= 0, or None for the adaptive weight (default).
@@ -135,7 +137,12 @@ class LipschitzRegularizer:
         penalty = self.gradient_penalty(g)
         psi = self.psi
         if self.adaptive:
-            self.update(float(ce.detach()))
+            class_loss = float(ce.detach())
+            if is_ddp(model) and is_distributed():
+                # every rank must keep the same psi: update it from the global batch's CE (the mean
+                # of the ranks' means, exact for equal shards), one all-reduce per step
+                class_loss = float(all_reduce_sum(class_loss)) / world_size()
+            self.update(class_loss)
         return Objective(ce + psi * penalty, ce, penalty, logits)
 
     def gradient_penalty(self, g: torch.Tensor) -> torch.Tensor:

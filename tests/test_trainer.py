@@ -1,0 +1,59 @@
+"""fastrob.trainer: the seed methods behind `fastrob train --method`, and checkpoints that carry an
+objective's own state (the Lipschitz regularizer's adaptive psi, the Int warm-up position)."""
+
+import math
+
+import pytest
+import torch
+
+from fastrob import regularizers
+from fastrob import trainer
+from fastrob.trainer import TrainConfig, describe, train
+
+
+@pytest.mark.parametrize("method, model, name", [
+    ("int", "cnn", "Int lam=0.01 linf eps=0.1"),
+    ("int_adv", "cnn", "Int-Adv lam=0.01 linf eps=0.1"),
+    ("int2", "mlp", "Int2 lam=0.01 linf eps=0.1"),
+    ("int2_adv", "mlp", "Int2-Adv lam=0.01 linf eps=0.1"),
+    ("lipschitz", "mlp", "Lipschitz psi=adaptive"),
+    ("sns", "mlp", "SNS lam=1 linf eps=0.1"),
+])
+def test_seed_methods_train_from_the_config(method, model, name, one_thread):
+    # SNS's default lam = 1 suits ReLU; with a smooth activation it needs a smaller lam (sns.py)
+    activation = "relu" if method == "sns" else "softplus"
+    config = TrainConfig(method=method, model=model, activation=activation, epochs=2, attack_steps=2, seed=1)
+    assert describe(config) == name
+    objective = trainer.build_objective(config, torch.nn.Linear(1, 1) if model == "mlp" else
+                                        trainer.build_model("cnn", (1, 8, 8), 10))
+    expected = {"lipschitz": regularizers.LipschitzRegularizer, "sns": regularizers.SNSRegularizer}
+    assert isinstance(objective, expected.get(method, regularizers.InterpretationRegularizer))
+    if method.startswith("int"):
+        # the cnn's GAP head gives CAM maps; models without one use input-gradient saliency
+        assert objective.kind == method and objective.map == ("cam" if model == "cnn" else "saliency")
+    _, history, _ = train(config, quiet=True)
+    assert all(math.isfinite(h["loss"]) and h["penalty"] >= 0 for h in history)
+    assert history[-1]["test_accuracy"] > 0.2  # chance is 0.1: it learned something in two epochs
+
+
+def test_lam_fixes_the_lipschitz_psi():
+    objective = trainer.build_objective(TrainConfig(method="lipschitz", lam=5.0), None)
+    assert not objective.adaptive and objective.psi == 5.0
+    assert describe(TrainConfig(method="lipschitz", lam=5.0)) == "Lipschitz psi=5"
+
+
+def test_resume_restores_the_objective_state(tmp_path, monkeypatch, one_thread):
+    # a target loss above digits' CE makes the adaptive R grow every batch, so the psi of the
+    # resumed epochs depends on the R saved in the checkpoint
+    build = trainer.build_objective
+    monkeypatch.setattr(trainer, "build_objective",
+                        lambda config, model: regularizers.LipschitzRegularizer(target_loss=3.0)
+                        if config.method == "lipschitz" else build(config, model))
+    config = dict(method="lipschitz", activation="softplus", epochs=3, seed=2)
+    _, straight, _ = train(TrainConfig(**config), quiet=True)
+    out = str(tmp_path / "run")
+    train(TrainConfig(**dict(config, epochs=2)), out, quiet=True)
+    saved = torch.load(f"{out}/checkpoint.pt", weights_only=True)["objective"]
+    assert saved["R"] > 1.0
+    _, resumed, _ = train(TrainConfig(**config), out, resume=True, quiet=True)
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in straight], rel=1e-6)
