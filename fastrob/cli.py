@@ -175,6 +175,11 @@ def _load_models(args):
     return models, x.to(args.device), y.to(args.device), data
 
 
+def _default_radius(value, norm: str) -> float:
+    """A metric's radius: the one given, else 0.1 in linf and 0.5 in l2 (0 skips the metric)."""
+    return value if value is not None else (0.1 if norm == "linf" else 0.5)
+
+
 def _eval(args) -> int:
     import json
     import os
@@ -185,9 +190,9 @@ def _eval(args) -> int:
     eps = args.eps or ([0.05, 0.1, 0.2, 0.3] if args.norm == "linf" else [0.5, 1.0, 2.0])
     settings = evaluation.EvalSettings(norm=args.norm, eps=eps, steps=args.steps, restarts=args.restarts,
                                        ara_n=args.ara_n, ara_kind=args.ara_kind,
-                                       kl_eps=args.kl_eps if args.kl_eps is not None else (0.1 if args.norm == "linf"
-                                                                                           else 0.5),
-                                       kl_steps=args.kl_steps, seed=args.seed)
+                                       kl_eps=_default_radius(args.kl_eps, args.norm),
+                                       kl_steps=args.kl_steps, interp_eps=_default_radius(args.interp_eps, args.norm),
+                                       sens_eps=_default_radius(args.sens_eps, args.norm), seed=args.seed)
     results = evaluation.evaluate(models, x, y, settings, quiet=args.quiet)
     print(f"fastrob eval: {len(models)} model(s) on {len(y)} test images of {data}\n")
     print(evaluation.table(results, settings))
@@ -332,9 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "runs/train")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="robust accuracy over eps, ARA and the KL bound for one or more checkpoints",
+    p = sub.add_parser("eval", help="robust accuracy over eps, ARA, KL bound, D and NS for one or more checkpoints",
                        description="Evaluate checkpoints on the test split of their data: PGD robust accuracy at "
-                                   "each eps, the accuracy-robustness area (ARA) and the KL divergence bound. "
+                                   "each eps, the accuracy-robustness area (ARA), the KL divergence bound, the "
+                                   "interpretation discrepancy (D) and the neuron sensitivity (NS). "
                                    "Prints a table and writes eval.json, accuracy.png and ara.png to --out.")
     _checkpoint_args(p)
     p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="attack norm (default linf)")
@@ -348,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-eps", type=_float(), default=None,
                    help="radius of the KL bound in --norm, 0 to skip (default linf 0.1, l2 0.5)")
     p.add_argument("--kl-steps", type=_positive_int, default=10, help="ascent steps of the KL bound (default 10)")
+    p.add_argument("--interp-eps", type=_float(), default=None,
+                   help="PGD radius for the interpretation discrepancy D, 0 to skip (default linf 0.1, l2 0.5)")
+    p.add_argument("--sens-eps", type=_float(), default=None,
+                   help="PGD radius for the neuron sensitivity NS, 0 to skip (default linf 0.1, l2 0.5)")
     _common(p, "runs/eval")
     p.set_defaults(func=_eval)
 

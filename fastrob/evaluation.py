@@ -9,13 +9,15 @@ from typing import Callable, Mapping
 
 import torch
 
-from fastrob import metrics, plots
+from fastrob import attacks, metrics, plots
 
 
 @dataclass
 class EvalSettings:
     """norm, eps: the PGD accuracy curve (``steps`` steps, ``restarts`` starts, alpha 2.5·eps/steps);
-    ara_n: samples for ARA (0: skip); kl_eps, kl_steps: the KL bound (kl_eps 0: skip)."""
+    ara_n: samples for ARA (0: skip); kl_eps, kl_steps: the KL bound (kl_eps 0: skip); interp_eps:
+    the radius of the PGD (``steps`` steps) under which the interpretation discrepancy is measured,
+    sens_eps: the same for neuron sensitivity (0: skip)."""
 
     norm: str = "linf"
     eps: list = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
@@ -25,12 +27,19 @@ class EvalSettings:
     ara_kind: str = "attack"
     kl_eps: float = 0.1
     kl_steps: int = 10
+    interp_eps: float = 0.1
+    sens_eps: float = 0.1
     seed: int = 0
 
 
+def _pgd(model, eps: float, s: EvalSettings):
+    """The fixed-seed PGD of the seed-method metrics: ``s.steps`` steps of 2.5·eps/steps in ``s.norm``."""
+    return lambda x, y: attacks.pgd(model, x, y, eps=eps, alpha=2.5 * eps / s.steps, steps=s.steps, norm=s.norm,
+                                    generator=torch.Generator(x.device).manual_seed(s.seed))
+
+
 # What ``evaluate`` computes per model, in order: (key, function(model, data, settings, quiet) ->
-# result with as_dict(), enabled(settings)). Extension point: interpretation discrepancy and neuron
-# sensitivity (the seed-methods issue) are one entry each here, plus a column in ``table``.
+# result with as_dict(), enabled(settings)); ``table`` has a column for each.
 EVAL_METRICS: list[tuple[str, Callable, Callable]] = [
     ("curve", lambda m, d, s, q: metrics.accuracy_curve(m, d, s.eps, s.norm, steps=s.steps, restarts=s.restarts,
                                                         seed=s.seed, quiet=q), lambda s: True),
@@ -38,6 +47,12 @@ EVAL_METRICS: list[tuple[str, Callable, Callable]] = [
      lambda s: s.ara_n > 0),
     ("kl", lambda m, d, s, q: metrics.kl_robustness(m, d, s.kl_eps, s.norm, s.kl_steps, seed=s.seed, quiet=q),
      lambda s: s.kl_eps > 0),
+    # seed 000: the 2-class l1 discrepancy of CAM (models with a GAP head) or saliency maps
+    ("interp", lambda m, d, s, q: metrics.interpretation_discrepancy(m, d, _pgd(m, s.interp_eps, s), map="auto",
+                                                                     quiet=q), lambda s: s.interp_eps > 0),
+    # seed 002: mean neuron sensitivity of the activation layers
+    ("sensitivity", lambda m, d, s, q: metrics.neuron_sensitivity_metric(m, d, _pgd(m, s.sens_eps, s), quiet=q),
+     lambda s: s.sens_eps > 0),
 ]
 
 
@@ -55,7 +70,8 @@ def as_json(results: Mapping[str, Mapping[str, object]]) -> dict:
 
 
 def table(results: Mapping[str, Mapping[str, object]], settings: EvalSettings) -> str:
-    """One row per model: clean accuracy, robust accuracy at each eps, ARA, mean KL bound."""
+    """One row per model: clean accuracy, robust accuracy at each eps, ARA, mean KL bound, mean
+    interpretation discrepancy, mean neuron sensitivity (the metrics that ran)."""
     width = max([len(n) for n in results] + [5]) + 2
     eps = [e for e in sorted(settings.eps) if e > 0]
     head = f"{'model':<{width}}{'clean':>7}" + "".join(f"{f'{settings.norm} {e:g}':>11}" for e in eps)
@@ -65,6 +81,12 @@ def table(results: Mapping[str, Mapping[str, object]], settings: EvalSettings) -
         head += f"{'ARA':>9}"
     if any_kl:
         head += f"{f'KL@{settings.kl_eps:g}':>9}"
+    any_interp = any("interp" in r for r in results.values())
+    any_sens = any("sensitivity" in r for r in results.values())
+    if any_interp:
+        head += f"{f'D@{settings.interp_eps:g}':>9}"
+    if any_sens:
+        head += f"{f'NS@{settings.sens_eps:g}':>9}"
     lines = [head]
     for name, res in results.items():
         c = res["curve"]
@@ -74,6 +96,10 @@ def table(results: Mapping[str, Mapping[str, object]], settings: EvalSettings) -
             row += f"{res['ara'].ara:>9.4f}" if "ara" in res else f"{'-':>9}"
         if any_kl:
             row += f"{res['kl'].mean:>9.3f}" if "kl" in res else f"{'-':>9}"
+        if any_interp:
+            row += f"{res['interp'].mean:>9.2f}" if "interp" in res else f"{'-':>9}"
+        if any_sens:
+            row += f"{res['sensitivity'].mean:>9.4f}" if "sensitivity" in res else f"{'-':>9}"
         lines.append(row)
     return "\n".join(lines)
 
@@ -86,6 +112,13 @@ def legend(settings: EvalSettings) -> str:
     if settings.kl_eps > 0:
         parts.append(f"KL@{settings.kl_eps:g}: mean max KL(p(x)||p(x+d)) over the {settings.norm} ball "
                      "(lower is more stable)")
+    if settings.interp_eps > 0:
+        parts.append(f"D@{settings.interp_eps:g}: mean 2-class l1 interpretation discrepancy under PGD-{settings.norm} "
+                     "(CAM for models with a GAP head, else input-gradient saliency: compare like with like; "
+                     "lower is more stable)")
+    if settings.sens_eps > 0:
+        parts.append(f"NS@{settings.sens_eps:g}: mean neuron sensitivity of the activation layers under "
+                     f"PGD-{settings.norm} (lower is more stable)")
     return "\n".join(parts)
 
 

@@ -154,13 +154,16 @@ def test_eval_compares_checkpoints(trained, tmp_path):
                      "--quiet", "--out", str(out))
     assert result.returncode == 0, result.stderr
     header, rows = parse_table(result.stdout)
-    assert header == ["model", "clean", "linf", "0.05", "linf", "0.1", "ARA", "KL@0.1"]
+    assert header == ["model", "clean", "linf", "0.05", "linf", "0.1", "ARA", "KL@0.1", "D@0.1", "NS@0.1"]
     assert list(rows) == ["plain", "PGD-AT linf eps=0.1"]
     report = json.loads((out / "eval.json").read_text())
     assert report["n"] == 60
     plain = report["results"]["plain"]
     assert plain["curve"]["eps"] == [0.05, 0.1] and plain["ara"]["n"] == 20 and plain["kl"]["n"] == 60
     assert f"{plain['curve']['accuracy'][1]:.1%}" == rows["plain"][2]
+    assert plain["interp"]["n"] == 60 and plain["interp"]["map"] == "saliency"  # the mlp has no CAM head
+    assert f"{plain['interp']['mean']:.2f}" == rows["plain"][5]
+    assert f"{plain['sensitivity']['mean']:.4f}" == rows["plain"][6] and plain["sensitivity"]["n"] == 60
     assert (out / "accuracy.png").is_file() and (out / "ara.png").is_file()
 
 
@@ -189,7 +192,11 @@ def test_train_and_eval_on_user_npz_data(tmp_path):
                  "--kl-eps", "0", "--quiet", "--out", str(tmp_path / "ev"))
     assert ev.returncode == 0, ev.stderr
     header, rows = parse_table(ev.stdout)
-    assert header == ["model", "clean", "linf", "0.1"] and len(rows) == 1
+    assert header == ["model", "clean", "linf", "0.1", "D@0.1", "NS@0.1"] and len(rows) == 1  # cnn: CAM maps
+    skipped = fastrob("eval", "--checkpoint", str(tmp_path / "npz"), "--eps", "0.1", "--steps", "2", "--ara-n", "0",
+                      "--kl-eps", "0", "--interp-eps", "0", "--sens-eps", "0", "--quiet", "--out", str(tmp_path / "ev"))
+    assert skipped.returncode == 0, skipped.stderr
+    assert parse_table(skipped.stdout)[0] == ["model", "clean", "linf", "0.1"]
 
 
 @pytest.mark.parametrize("setup, args, words", [
