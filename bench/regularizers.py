@@ -7,7 +7,9 @@ CPU, a small conv net with BatchNorm and softplus, CIFAR-shaped batches (128x3x3
 SGD step). References: eager double backprop for the input gradient; Hoffman et al.'s
 jacobian_regularizer loop (one autograd.grad per projection) for the Jacobian, plus the two
 batchings the issue considered (is_grads_batched, and an input-space finite-difference
-estimator). Providers are timed round-robin (median over rounds), so that load on a shared
+estimator). The seed methods (3-step PGD at eps 8/255): Int2 with 1-class saliency maps against
+the eager version a user writes, Lipschitz (fixed psi) against Woods et al.'s eager double
+backprop, SNS against eager PGD adversarial training. Providers are timed round-robin (median over rounds), so that load on a shared
 machine hits them alike. Peak memory is the rise of the
 process's resident memory over one step (sampled by a thread). Rows are appended
 to bench/results/<device>.csv (metrics ms, peak_rss_rise_mib, ratio_vs_plain, speedup_vs_reference).
@@ -32,7 +34,8 @@ import torch.nn.functional as F
 
 from bench.common import peak_rss_rise_mib, row, save_results, time_ms
 from fastrob.models import PreActResNet18
-from fastrob.regularizers import InputGradientRegularizer, JacobianRegularizer, JSIGRRegularizer
+from fastrob.regularizers import (InputGradientRegularizer, InterpretationRegularizer, JacobianRegularizer,
+                                  JSIGRRegularizer, LipschitzRegularizer, SNSRegularizer)
 
 LAM = 0.1
 
@@ -97,6 +100,56 @@ def plain(model, x, y):
     return F.cross_entropy(model(x), y)
 
 
+# ---- the seed methods (METHODS.md seeds 000-002), with short attacks to keep CPU runs short ----
+
+SEED_EPS, SEED_STEPS, LAM_INT = 8 / 255, 3, 0.01
+
+
+def eager_pgd(model, x, y):
+    """The PGD a user writes: eval mode, uniform start, sign steps on the CE, clamp to the ball."""
+    alpha = 2.5 * SEED_EPS / SEED_STEPS
+    model.eval()
+    x_adv = (x + torch.empty_like(x).uniform_(-SEED_EPS, SEED_EPS)).clamp(0, 1)
+    for _ in range(SEED_STEPS):
+        x_adv.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + alpha * g.sign(), x - SEED_EPS), x + SEED_EPS).clamp(0, 1)
+    model.train()
+    return x_adv
+
+
+def reference_int2(model, x, y):
+    """Int2 with 1-class saliency maps, as a user writes it: PGD on the CE, then
+    CE(x) + lam * ||dz_y/dx(x*) - dz_y/dx(x)||_1 by double backprop through both forwards."""
+    x_adv = eager_pgd(model, x, y)
+
+    def saliency(inputs):
+        inputs = inputs.clone().requires_grad_(True)
+        z = model(inputs)
+        (g,) = torch.autograd.grad(z.gather(1, y[:, None]).sum(), inputs, create_graph=True)
+        return z, g
+    z, g = saliency(x)
+    _, g_adv = saliency(x_adv)
+    return F.cross_entropy(z, y) + LAM_INT * (g_adv - g).abs().flatten(1).sum(1).mean()
+
+
+def reference_lipschitz(model, x, y):
+    """Woods et al.'s penalty as their code computes it: the input gradient of a random logit (the
+    margin w.p. 0.2), psi * mean g^2, by eager double backprop (psi fixed at psi0 = 220)."""
+    x = x.clone().requires_grad_(True)
+    z = model(x)
+    s = z.gather(1, torch.randint(0, z.shape[1], (z.shape[0], 1)))[:, 0]
+    other = z.scatter(1, y[:, None], float("-inf")).amax(1)
+    margin = torch.rand(z.shape[0]) < 0.2
+    s = torch.where(margin, z.gather(1, y[:, None])[:, 0] - other, s)
+    (g,) = torch.autograd.grad(s.sum(), x, create_graph=True)
+    return F.cross_entropy(z, y) + 220.0 * g.pow(2).mean()
+
+
+def pgd_at(model, x, y):
+    return F.cross_entropy(model(eager_pgd(model, x, y)), y)
+
+
 def fastrob_step(reg):
     return lambda model, x, y: reg(model, x, y).loss
 
@@ -119,6 +172,14 @@ PROVIDERS = {
     "jacobian4_replicate": ("jacobian_nproj4", fastrob_step(JacobianRegularizer(LAM, n_proj=4, batching="replicate")),
                             "jacobian4_reference_loop"),
     "jsigr": ("jsigr", fastrob_step(JSIGRRegularizer(0.01, LAM, patch=8)), "input_grad_reference_eager"),
+    "int2_reference_eager": ("int2_saliency_1class", reference_int2, None),
+    "int2": ("int2_saliency_1class", fastrob_step(InterpretationRegularizer(
+        "int2", lam=LAM_INT, eps=SEED_EPS, steps=SEED_STEPS, map="saliency", discrepancy="1class")),
+        "int2_reference_eager"),
+    "lipschitz_reference_eager": ("lipschitz", reference_lipschitz, None),
+    "lipschitz": ("lipschitz", fastrob_step(LipschitzRegularizer(psi=220.0)), "lipschitz_reference_eager"),
+    "pgd_at_eager": ("sns", pgd_at, None),
+    "sns": ("sns", fastrob_step(SNSRegularizer(eps=SEED_EPS, steps=SEED_STEPS)), "pgd_at_eager"),
 }
 
 
