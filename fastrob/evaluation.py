@@ -75,31 +75,19 @@ def table(results: Mapping[str, Mapping[str, object]], settings: EvalSettings) -
     width = max([len(n) for n in results] + [5]) + 2
     eps = [e for e in sorted(settings.eps) if e > 0]
     head = f"{'model':<{width}}{'clean':>7}" + "".join(f"{f'{settings.norm} {e:g}':>11}" for e in eps)
-    any_ara = any("ara" in r for r in results.values())
-    any_kl = any("kl" in r for r in results.values())
-    if any_ara:
-        head += f"{'ARA':>9}"
-    if any_kl:
-        head += f"{f'KL@{settings.kl_eps:g}':>9}"
-    any_interp = any("interp" in r for r in results.values())
-    any_sens = any("sensitivity" in r for r in results.values())
-    if any_interp:
-        head += f"{f'D@{settings.interp_eps:g}':>9}"
-    if any_sens:
-        head += f"{f'NS@{settings.sens_eps:g}':>9}"
+    # the optional columns after the accuracies: (metric key, header, the cell of its result)
+    columns = [("ara", "ARA", lambda r: f"{r.ara:.4f}"),
+               ("kl", f"KL@{settings.kl_eps:g}", lambda r: f"{r.mean:.3f}"),
+               ("interp", f"D@{settings.interp_eps:g}", lambda r: f"{r.mean:.2f}"),
+               ("sensitivity", f"NS@{settings.sens_eps:g}", lambda r: f"{r.mean:.4f}")]
+    columns = [c for c in columns if any(c[0] in r for r in results.values())]
+    head += "".join(f"{header:>9}" for _, header, _ in columns)
     lines = [head]
     for name, res in results.items():
         c = res["curve"]
         acc = dict(zip(c.eps, c.accuracy))
         row = f"{name:<{width}}{c.clean_accuracy:>7.1%}" + "".join(f"{acc[e]:>11.1%}" for e in eps)
-        if any_ara:
-            row += f"{res['ara'].ara:>9.4f}" if "ara" in res else f"{'-':>9}"
-        if any_kl:
-            row += f"{res['kl'].mean:>9.3f}" if "kl" in res else f"{'-':>9}"
-        if any_interp:
-            row += f"{res['interp'].mean:>9.2f}" if "interp" in res else f"{'-':>9}"
-        if any_sens:
-            row += f"{res['sensitivity'].mean:>9.4f}" if "sensitivity" in res else f"{'-':>9}"
+        row += "".join(f"{cell(res[key]) if key in res else '-':>9}" for key, _, cell in columns)
         lines.append(row)
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from fastrob._checks import check_int, check_logits, check_model, check_positive, check_tensor
 from fastrob.attacks.pgd import attack_context
+from fastrob.distributed import unwrap
 
 
 def rmse(delta: torch.Tensor) -> torch.Tensor:
@@ -63,6 +64,7 @@ def adversarial_explanation(model, x: torch.Tensor, target, rho: float = 0.1, ov
         x_expl, x's shape and dtype, in [0, 1], no grad.
     """
     check_model(model)
+    model = unwrap(model)  # a DDP model's wrapped module: attacks never communicate
     check_tensor("x", x, min_dim=2)
     if bool(torch.isnan(x).any()):
         raise ValueError("x contains NaN")

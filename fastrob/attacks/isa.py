@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from fastrob._checks import check_float, check_int, check_labels, check_logits, check_model, check_tensor
 from fastrob.attacks.pgd import _random_start, attack_context
+from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
 from fastrob.metrics.interpretation import KINDS, discrepancy
 from fastrob.ops.pgd_step import NORMS, pgd_step
@@ -86,6 +87,7 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
         quiet: hide the progress bar over the 1 + 2·search_steps tries (hidden by default).
     """
     check_model(model)
+    model = unwrap(model)  # a DDP model's wrapped module: attacks never communicate
     check_tensor("x", x, min_dim=2)
     y = check_labels(y, x.shape[0]).to(x.device)
     if bool(torch.isnan(x).any()):

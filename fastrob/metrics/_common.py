@@ -23,6 +23,14 @@ def model_device(model, device=None) -> torch.device:
         return torch.device("cpu")
 
 
+def quantiles(values: torch.Tensor) -> dict:
+    """The 10%, 50% and 90% quantiles of per-sample values ({} for none), for as_dict()."""
+    if not len(values):
+        return {}
+    q = torch.quantile(values.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    return {"q10": float(q[0]), "median": float(q[1]), "q90": float(q[2])}
+
+
 def num_samples(data) -> int | None:
     if isinstance(data, (tuple, list)):
         return len(data[1])

@@ -12,7 +12,7 @@ from fastrob._checks import check_labels, check_tensor
 from fastrob.attacks.pgd import attack_context
 from fastrob.interpret import default_map, map_function
 from fastrob.distributed import unwrap
-from fastrob.metrics._common import batches, clean_logits, model_device, shard
+from fastrob.metrics._common import batches, clean_logits, model_device, quantiles, shard
 
 KINDS = ("2class", "1class")
 
@@ -86,10 +86,7 @@ class InterpretationDiscrepancy:
 
     @property
     def quantiles(self) -> dict:
-        if not len(self.values):
-            return {}
-        q = torch.quantile(self.values.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-        return {"q10": float(q[0]), "median": float(q[1]), "q90": float(q[2])}
+        return quantiles(self.values)
 
     def as_dict(self) -> dict:
         return {"mean": self.mean, "map": self.map, "kind": self.kind, "n": len(self.values),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fastrob._checks import check_float, check_int
 from fastrob.attacks.pgd import kl_loss, pgd
 from fastrob.distributed import unwrap
-from fastrob.metrics._common import batches, clean_logits, model_device, shard
+from fastrob.metrics._common import batches, clean_logits, model_device, quantiles, shard
 
 
 @dataclass
@@ -27,10 +27,7 @@ class KLRobustness:
 
     @property
     def quantiles(self) -> dict:
-        if not len(self.values):
-            return {}
-        q = torch.quantile(self.values.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-        return {"q10": float(q[0]), "median": float(q[1]), "q90": float(q[2])}
+        return quantiles(self.values)
 
     def as_dict(self) -> dict:
         return {"mean": self.mean, "eps": self.eps, "norm": self.norm, "steps": self.steps, "restarts": self.restarts,
