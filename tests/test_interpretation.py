@@ -143,6 +143,27 @@ def test_regularizer_equals_brute_force(kind, spec):
     assert out.logits.shape == (4, C)
 
 
+@pytest.mark.parametrize("kind", ["int_adv", "int2"])
+def test_fused_backend_equals_torch(kind):
+    # backend="triton" (the interpreter on CPU) runs the CE and the inner attack's PGD step fused:
+    # int_adv its own loop of pgd_step + the CE inside the attack, int2 the pgd engine
+    model = CamNet().float().eval()  # float32: the Triton pgd_step has no float64
+    x, y = make_batch()
+    x = x.float()
+    out = {}
+    for backend in ("torch", "triton"):
+        m = copy.deepcopy(model)
+        reg = InterpretationRegularizer(kind, lam=0.3, eps=0.2, alpha=0.07, steps=2, backend=backend,
+                                        generator=torch.Generator().manual_seed(5))
+        o = reg(m, x, y)
+        out[backend] = (o.loss.detach(), param_grads(o.loss, m))
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-6)
+    assert_same_grads(out["triton"][1], out["torch"][1], rtol=1e-4, atol=1e-5)
+    # the backend reaches the ops (else both runs above would be torch): cuda cannot take CPU tensors
+    with pytest.raises(RuntimeError, match="cuda"):
+        InterpretationRegularizer(kind, eps=0.2, alpha=0.07, steps=2, backend="cuda")(model, x, y)
+
+
 def test_int_attack_increases_the_discrepancy():
     # Int's inner attack ascends D: more steps from the same start give a larger D than the start
     model = CamNet().eval()

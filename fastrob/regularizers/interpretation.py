@@ -18,6 +18,7 @@ from fastrob.metrics.interpretation import KINDS as DISCREPANCIES
 from fastrob.metrics.interpretation import discrepancy
 from fastrob.objective import Objective
 from fastrob.ops.pgd_step import NORMS, pgd_step
+from fastrob.regularizers.input_gradient import check_backend
 
 KINDS = ("int", "int_adv", "int2", "int2_adv")
 
@@ -70,13 +71,15 @@ class InterpretationRegularizer:
         warmup: None, (start, full) with 0 <= start <= full, or a callable step -> s.
         random_start: the inner attack's start (True, False, "uniform", "normal").
         generator: torch.Generator for the random start (default: the global RNG).
+        backend: "auto" | "torch" | "triton" | "cuda": where the cross-entropy and the inner
+            attack's PGD step run (``fastrob.regularizers.input_gradient.check_backend``).
     """
 
     def __init__(self, kind: str = "int2", lam: float = 0.01, eps: float = 0.1, alpha: Optional[float] = None,
                  steps: int = 7, norm: str = "linf", map: Union[str, Callable] = "cam",
                  discrepancy: str = "2class", warmup: Union[None, Sequence[int], Callable[[int], float]] = None,
                  map_kwargs: Optional[dict] = None, random_start: Union[bool, str] = True,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, backend: str = "auto"):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if norm not in NORMS:
@@ -94,6 +97,7 @@ class InterpretationRegularizer:
         self._map_fn = map_function(map, **self.map_kwargs)
         self.warmup = _check_warmup(warmup)
         self.generator = generator
+        self.backend = check_backend(backend, "InterpretationRegularizer")
         self.step = 0
 
     def __repr__(self):
@@ -155,7 +159,7 @@ class InterpretationRegularizer:
         """x*, the inner attack's result for this kind (see the class docstring), detached."""
         x = x.detach()
         if self.kind in ("int2", "int2_adv"):
-            return pgd(model, x, y, eps=eps, alpha=alpha, steps=self.steps, norm=self.norm,
+            return pgd(model, x, y, eps=eps, alpha=alpha, steps=self.steps, norm=self.norm, backend=self.backend,
                        random_start=self.random_start, loss="ce", generator=self.generator)
         classes = self._classes(y)
         with attack_context(model):
@@ -168,9 +172,9 @@ class InterpretationRegularizer:
                     maps_adv, logits = self._map_fn(model, xa, classes, create_graph=True)
                     j = self.lam * discrepancy(maps_clean, maps_adv, y, logits, self.discrepancy)
                     if self.kind == "int_adv":
-                        j = j + Fn.cross_entropy(logits, y)
+                        j = j + Fn.cross_entropy(logits, y, self.backend)
                     (grad,) = torch.autograd.grad(j.sum(), xa)
-                x_adv = pgd_step(x_adv, grad, x, alpha=alpha, eps=eps, norm=self.norm)
+                x_adv = pgd_step(x_adv, grad, x, alpha=alpha, eps=eps, norm=self.norm, backend=self.backend)
         return x_adv.detach()
 
     def objective(self, model, x: torch.Tensor, y: torch.Tensor, x_adv: Optional[torch.Tensor]) -> Objective:
@@ -178,7 +182,7 @@ class InterpretationRegularizer:
         ``x`` must be the checked leaf of ``fastrob.functional.check_inputs``."""
         if x_adv is None:
             logits = Fn.forward(model, x, y)
-            ce = Fn.cross_entropy(logits, y).mean()
+            ce = Fn.cross_entropy(logits, y, self.backend).mean()
             return Objective(ce, ce, ce.new_zeros(()), logits)
         classes = self._classes(y)
         # Under DDP the maps come from the wrapped module (CAM needs its features and head, and a
@@ -199,7 +203,7 @@ class InterpretationRegularizer:
                 logits = Fn.forward(model, x_adv.detach() if adv else x, y)
         else:
             logits = logits_adv if adv else logits_clean
-        ce = Fn.cross_entropy(logits, y).mean()
+        ce = Fn.cross_entropy(logits, y, self.backend).mean()
         return Objective(ce + self.lam * penalty, ce, penalty, logits)
 
 
