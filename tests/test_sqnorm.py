@@ -1,6 +1,8 @@
 """fastrob.ops.sqnorm: the reference by hand, every backend's value and first and second
 derivatives against it, float64 gradcheck/gradgradcheck, opcheck, layouts and errors."""
 
+import sys
+
 import pytest
 import torch
 from op_checks import assert_derivatives_close, triton_device, triton_runs_here
@@ -38,6 +40,18 @@ def test_triton_channels_last_and_views():
     assert_derivatives_close(lambda t: sqnorm(t, backend="triton"), sqnorm_reference, [g], **TOL[torch.float32])
     view = torch.randn(3, 8, device=triton_device())[:, ::2]
     torch.testing.assert_close(sqnorm(view, backend="triton"), sqnorm_reference(view))
+
+
+@needs_triton
+def test_per_sample_norms_of_channels_last_g_read_it_in_place(monkeypatch):
+    # the rows handed to the kernel are a view of g's memory (no channels_last -> contiguous copy)
+    module = sys.modules["fastrob.ops.sqnorm"]  # fastrob.ops.sqnorm the attribute is the function
+    seen = []
+    op = module._OPS["triton"]
+    monkeypatch.setitem(module._OPS, "triton", lambda rows: seen.append(rows) or op(rows))
+    g = torch.randn(2, 3, 4, 5, device=triton_device()).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(sqnorm(g, backend="triton"), sqnorm_reference(g))
+    assert seen[0].is_contiguous() and seen[0].data_ptr() == g.data_ptr()
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])

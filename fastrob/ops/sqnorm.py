@@ -42,7 +42,11 @@ def sqnorm(g: torch.Tensor, dim=None, *, backend: str = "auto") -> torch.Tensor:
         return sqnorm_reference(g, dims)
     kept = [d for d in range(g.dim()) if d not in dims]
     kept_shape = [g.shape[d] for d in kept]
-    # Reduced dimensions last, one row per kept index: a view for per-sample norms of contiguous g.
+    if kept == [0]:
+        # Per-sample norms do not depend on the order of a sample's elements: reduce them in memory
+        # order (largest stride first), so that a channels_last g gives a view, not a copy.
+        dims = tuple(sorted(dims, key=lambda d: -g.stride(d)))
+    # Reduced dimensions last, one row per kept index: a view for per-sample norms of dense g.
     rows = g.permute(*kept, *dims).reshape(_numel(kept_shape), _numel([g.shape[d] for d in dims]))
     return _OPS[name](rows).view(kept_shape)
 
