@@ -154,6 +154,37 @@ def build_objective(config: TrainConfig, model) -> Callable[[torch.nn.Module, to
 
 
 @torch.no_grad()
+def recalibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """"Precise BN": the BatchNorm running statistics recomputed at the model's current weights,
+    as the plain average of the batch statistics over the batches of ``x`` (train-mode forwards
+    without gradient; momentum, num_batches_tracked and the model's mode are restored).
+
+    Why: the exponential running averages lag behind weights that Adam moves fast. Measured on
+    digits 16x16, SmallCNN with softplus after 4 epochs: 94% test accuracy with the batches' own
+    statistics (train mode) but 30% in eval mode with the running ones, and 93% after this
+    recalibration; the first epoch of every cnn run sat at chance in eval mode. Models without
+    BatchNorm (tracking running statistics) are left alone at no cost."""
+    norms = [m for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    training = model.training
+    model.train()
+    try:
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size])
+    finally:
+        model.train(training)
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+@torch.no_grad()
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
     """Clean accuracy of ``model`` on (x, y). In a process group of W > 1 ranks every rank must call
     it with the same (x, y): rank r counts rows r, r + W, ... and the counts are summed."""
@@ -249,11 +280,12 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
             for k in sums:
                 sums[k] += float(getattr(out, k).detach()) * len(idx)
             seen += len(idx)
+        recalibrate_batch_norm(model, x_train, config.batch_size)
         if distributed:
             totals = dist_utils.all_reduce_sum([sums["loss"], sums["ce"], sums["penalty"], seen])
             sums, seen = dict(zip(sums, totals[:3].tolist())), int(totals[3])
-            # BatchNorm running statistics moved on each rank's shard since DDP last broadcast
-            # them: evaluate, and save, rank 0's
+            # every rank recalibrated on the same data and weights, equal up to float reductions:
+            # evaluate, and save, rank 0's statistics
             dist_utils.broadcast_buffers(model)
         record = {k: v / max(seen, 1) for k, v in sums.items()}
         record.update(epoch=epoch + 1, seconds=time.perf_counter() - start,
