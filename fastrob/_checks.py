@@ -84,6 +84,18 @@ def check_int(name: str, value, min_value: int) -> int:
     return int(value)
 
 
+def check_generator(generator, device: torch.device, name: str = "generator") -> None:
+    """None, or a torch.Generator on ``device``'s type (torch draws on the generator's device:
+    a CPU generator cannot fill CUDA tensors)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(f"{name} must be on the inputs' device type {torch.device(device).type!r}, got a generator "
+                         f"on {generator.device} (e.g. torch.Generator(device=x.device))")
+
+
 def check_model(model) -> None:
     if not callable(model):
         raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")

@@ -112,6 +112,8 @@ def test_isa_given_targets_and_hiding(digits_model, digits, one_thread):
     (dict(steps=0), ValueError, "steps"),
     (dict(kind="l2"), ValueError, "kind"),
     (dict(map="lime"), ValueError, "map"),
+    (dict(random_start="unifrom"), ValueError, "random_start"),
+    (dict(generator=123), TypeError, "generator"),
 ])
 def test_bad_arguments(kwargs, error, match):
     x, y = make_batch()
@@ -128,7 +130,9 @@ def test_bad_targets_and_inputs():
         isa(model, x, y, target=torch.full_like(y, C + 1))
     with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
         isa(model, x + 2, y)
-    state = copy.deepcopy(model.state_dict())
+    headless = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(72, C)).double()
+    state = copy.deepcopy(headless.state_dict())
     with pytest.raises(ValueError, match="features=.*head="):
-        isa(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(72, C)).double(), x, y)
-    assert all(torch.equal(a, b) for a, b in zip(state.values(), model.state_dict().values()))
+        isa(headless, x, y)
+    assert headless.training and all(p.requires_grad for p in headless.parameters())  # restored on the error
+    assert all(torch.equal(a, b) for a, b in zip(state.values(), headless.state_dict().values()))

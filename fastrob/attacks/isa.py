@@ -10,8 +10,9 @@ from typing import Callable, Optional, Union
 import torch
 from tqdm import tqdm
 
-from fastrob._checks import check_float, check_int, check_labels, check_logits, check_model, check_tensor
-from fastrob.attacks.pgd import _random_start, attack_context
+from fastrob._checks import (check_float, check_generator, check_int, check_labels, check_logits, check_model,
+                             check_tensor)
+from fastrob.attacks.pgd import _random_start, attack_context, margin_loss
 from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
 from fastrob.metrics.interpretation import KINDS, discrepancy
@@ -62,9 +63,9 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
     1. eps: bisection on [0, eps_max] for the smallest radius at which the plain targeted attack
        (gamma = 0) succeeds (argmax = t): first a try at eps_max (samples failing there are
        failures), then ``search_steps`` halvings.
-    2. gamma: at that radius, bisection on [0, gamma_max] for the largest gamma that still
-       succeeds, ``search_steps`` halvings, which hides the interpretation change as far as the
-       radius allows. The result is the successful iterate of the largest successful gamma (the
+    2. gamma: at that radius, the largest gamma in [0, gamma_max] that still succeeds: first a try
+       at gamma_max (samples succeeding there keep it), then ``search_steps`` halvings, which
+       hides the interpretation change as far as the radius allows. The result is the successful iterate of the largest successful gamma (the
        plain attack's where none > 0 succeeded).
 
     Each try is ``steps`` descent steps of ``fastrob.ops.pgd_step`` of size alpha_factor·eps/steps
@@ -103,6 +104,9 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
         raise ValueError(f"eps_max must be > 0, got {eps_max}")
     kappa = check_float("kappa", kappa, min_value=0.0)
     gamma_max = check_float("gamma_max", gamma_max, min_value=0.0)
+    if random_start not in (True, False, "uniform", "normal"):
+        raise ValueError(f"random_start must be True, False, 'uniform' or 'normal', got {random_start!r}")
+    check_generator(generator, x.device)
     alpha_factor = check_float("alpha_factor", alpha_factor, min_value=0.0)
     steps = check_int("steps", steps, 1)
     search_steps = check_int("search_steps", search_steps, 0)
@@ -130,7 +134,7 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
 
         every = torch.arange(batch, device=x.device)
         zeros = torch.zeros(batch, device=x.device, dtype=compute)
-        bar = tqdm(total=1 + 2 * search_steps, desc="ISA", disable=quiet, leave=False)
+        bar = tqdm(total=2 + 2 * search_steps, desc="ISA", disable=quiet, leave=False)
         # 1. the smallest successful radius of the plain targeted attack
         hi = torch.full((batch,), eps_max, device=x.device, dtype=compute)
         lo = zeros.clone()
@@ -147,8 +151,14 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
         x_plain = x_out.clone()
         # 2. the largest gamma that still succeeds at that radius
         g_lo, g_hi = zeros.clone(), torch.full((batch,), gamma_max, device=x.device, dtype=compute)
+        rows = success.nonzero().squeeze(1)
+        if len(rows) and gamma_max > 0:  # first a try at gamma_max, as at eps_max: who succeeds is done
+            xa, ok = attack(rows, hi[rows], g_hi[rows])
+            g_lo[rows[ok]], x_out[rows[ok]] = gamma_max, xa[ok]
+        bar.update(1)
+        searching = success & (g_lo < gamma_max)
         for _ in range(search_steps):
-            rows = success.nonzero().squeeze(1)
+            rows = searching.nonzero().squeeze(1)
             if len(rows) and gamma_max > 0:
                 mid = (g_lo[rows] + g_hi[rows]) / 2
                 xa, ok = attack(rows, hi[rows], mid)
@@ -167,8 +177,7 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
 
 def _targets(target, y, num_classes, generator):
     if target is None:
-        shift = torch.randint(1, num_classes, y.shape, generator=generator, device=y.device) if generator is not None \
-            else torch.randint(1, num_classes, y.shape, device=y.device)
+        shift = torch.randint(1, num_classes, y.shape, generator=generator, device=y.device)
         return (y + shift) % num_classes
     target = check_labels(target, y.shape[0]).to(y.device)
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
@@ -180,9 +189,8 @@ def _targets(target, y, num_classes, generator):
 
 
 def _hinge(logits, target, kappa):
-    true = logits.gather(1, target[:, None]).squeeze(1)
-    other = logits.scatter(1, target[:, None], float("-inf")).amax(1)
-    return torch.clamp(other - true, min=-kappa)
+    # max(max_{j != t} z_j - z_t, -kappa): the CW margin toward the target, clipped at -kappa
+    return torch.clamp(margin_loss(logits, target), min=-kappa)
 
 
 def _discrepancy(model, fn, x_adv, y, maps_clean, classes, kind):
@@ -209,7 +217,8 @@ def _descend(model, fn, x, y, target, maps_clean, classes, eps, gamma, *, kappa,
             else:
                 logits = model(xa)
                 d = torch.zeros(len(x), device=x.device, dtype=eps.dtype)
-            loss = _hinge(logits, target, kappa) + gamma.to(logits.dtype) * d.to(logits.dtype)
+            # float32 at least: under autocast the logits are bf16, the discrepancy float32
+            loss = _hinge(logits.float(), target, kappa) + gamma.float() * d.float()
             grad = torch.autograd.grad(loss.sum(), xa)[0] if k < steps else None
         hit = logits.detach().argmax(1) == target
         better = hit & ((d.detach().to(best_d.dtype) < best_d) if use_maps else ~found)

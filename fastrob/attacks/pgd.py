@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from fastrob import _backend
-from fastrob._checks import check_int, check_labels, check_logits, check_model, check_tensor, per_sample_value
+from fastrob._checks import (check_generator, check_int, check_labels, check_logits, check_model, check_tensor,
+                             per_sample_value)
 from fastrob.distributed import unwrap
 from fastrob.ops._common import per_sample_view
 from fastrob.ops.pgd_step import NORMS, pgd_step_unchecked
@@ -203,6 +204,7 @@ def pgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255
         x_adv (x's shape and dtype, no grad), or (x_adv, fooled) with ``return_fooled``.
     """
     _check_inputs(model, x, y, clamp_input)
+    check_generator(generator, x.device)
     # Under DDP the attack runs the wrapped module: a DDP forward would prepare the reducer and
     # broadcast buffers, a collective that ranks attacking different numbers of steps would hang in.
     model = unwrap(model)
