@@ -229,6 +229,15 @@ def preserved_buffers(model):
             m._buffers.update(buffers)
 
 
+@torch.no_grad()
+def update_running_stats(model, x: torch.Tensor) -> None:
+    """Moves BatchNorm's running statistics as one train-mode forward of ``x`` does (the one move
+    per training step), for objectives whose differentiated forwards all run under
+    ``preserved_buffers``; nothing when no BatchNorm is in train mode."""
+    if coupling_modules(model):
+        model(x)
+
+
 def coupling_modules(model) -> list:
     """The modules of ``model`` that mix samples in their forward: BatchNorm in train mode (batch
     statistics). GroupNorm, LayerNorm and InstanceNorm normalise per sample and do not."""

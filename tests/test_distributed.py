@@ -171,7 +171,14 @@ def objectives(rank):
         # seed 000 (Boopathy et al.): saliency maps (the MLP has no CAM head), so the penalty is a
         # double backprop too; deterministic inner attacks. int runs its own map-driven attack loop,
         # int2_adv the pgd engine and the CE at x*.
-        "int (seed 000)": (interpretation("int"), interpretation("int")),
+        # int's attack needs a random start (D has zero gradient at x' = x): rank r draws it from
+        # a generator seeded 100 + r; the reference is one process over the same two shards with
+        # the same draws (the mean of the shards' objectives is the full batch's, for equal shards)
+        "int (seed 000)": (
+            interpretation("int", seed=100 + rank),
+            lambda m, x, y: sum(interpretation("int", seed=100 + r)(m, x[r * shard:(r + 1) * shard],
+                                                                     y[r * shard:(r + 1) * shard])
+                                for r in range(WORLD)) / WORLD),
         "int2_adv (seed 000)": (interpretation("int2_adv"), interpretation("int2_adv")),
         # seed 001 (Woods et al.): zeta = 1 (always the margin) and a fixed psi make it
         # deterministic; the random-logit choice and the adaptive psi are per rank
@@ -197,12 +204,16 @@ def sns(model, x, y):
     return SNSRegularizer(attack, lam=LAM, k=1.0)(model, x, y).loss
 
 
-def interpretation(kind):
+def interpretation(kind, seed=None):
+    """An Int objective on saliency maps; without a seed, no random start (deterministic)."""
     def objective(model, x, y):
         from fastrob.regularizers.interpretation import InterpretationRegularizer
 
-        return InterpretationRegularizer(kind, lam=LAM, eps=0.1, alpha=0.05, steps=2, map="saliency",
-                                         random_start=False)(model, x, y).loss
+        start = dict(random_start=False) if seed is None else dict(generator=torch.Generator().manual_seed(seed))
+        out = InterpretationRegularizer(kind, lam=LAM, eps=0.1, alpha=0.05, steps=2, map="saliency",
+                                        **start)(model, x, y)
+        assert float(out.penalty) > 1e-6  # the attack moved the maps: the penalty is part of the check
+        return out.loss
     return objective
 
 
@@ -266,8 +277,19 @@ def bn_worker(rank, payload):
     with Fn.per_replica_batch_norm(per_shard, WORLD):  # one process, statistics per shard
         eager_input_gradient(per_shard, x, y).backward()
     eager_input_gradient(whole, x, y).backward()  # one process, statistics of the whole batch
+    # Int2-Adv under DDP: the running statistics move once per call, from the rank's clean shard
+    from fastrob.regularizers.interpretation import InterpretationRegularizer
+
+    xs = x[rank * shard:(rank + 1) * shard]
+    model, moved_once = DDP(net()), net()
+    InterpretationRegularizer("int2_adv", eps=0.1, alpha=0.05, steps=2, map="saliency", random_start=False)(
+        model, xs, y[rank * shard:(rank + 1) * shard]).loss.backward()
+    with torch.no_grad():
+        moved_once(xs)
+    buffers = max(float((a.float() - b.float()).abs().max())
+                  for a, b in zip(model.module.buffers(), moved_once.buffers()))
     return {"per_shard": max_error(grads, [p.grad for p in per_shard.parameters()]),
-            "whole": max_error(grads, [p.grad for p in whole.parameters()])}
+            "whole": max_error(grads, [p.grad for p in whole.parameters()]), "int_buffers": buffers}
 
 
 def lipschitz_psi_worker(rank, payload):
@@ -327,6 +349,7 @@ def test_batchnorm_without_syncbatchnorm_normalises_per_shard(spawned):
     for rank, r in spawned[0].items():
         assert r["bn"]["per_shard"] < 1e-5, (rank, r["bn"])
         assert r["bn"]["whole"] > 1e-2, (rank, r["bn"])
+        assert r["bn"]["int_buffers"] < 1e-6, (rank, r["bn"])  # moved exactly once, by Int2-Adv under DDP
 
 
 # ---- distributed evaluation == single-process evaluation ---------------------------------------

@@ -229,14 +229,24 @@ def test_bad_calls():
         InterpretationRegularizer(warmup=lambda s: 2.0)(CamNet(), x, y)
 
 
-@pytest.mark.parametrize("kind", ["int", "int_adv", "int2", "int2_adv"])
+def own_saliency(model, x, classes, create_graph=True):
+    """A user's callable map: it makes two forwards of its own (each would move BatchNorm)."""
+    model(x)
+    return fastrob.interpret.saliency(model, x, classes, create_graph=create_graph)
+
+
+# every kind with CAM; IG (whose path forwards keep the statistics) and a callable map (which makes
+# forwards of its own) with one kind of each attack (the maps' handling is the same for all kinds)
+@pytest.mark.parametrize("kind, map_name", [(k, "cam") for k in ("int", "int_adv", "int2", "int2_adv")]
+                         + [(k, m) for k in ("int_adv", "int2") for m in ("ig", "callable")])
 @pytest.mark.parametrize("train", [True, False])
-def test_model_state_x_and_grads_are_left_alone(kind, train):
+def test_model_state_x_and_grads_are_left_alone(kind, map_name, train):
     model = CamNet(bn=True).train(train)
     reference = copy.deepcopy(model)
     x, y = make_batch(6)
     x_before = x.clone()
-    out = InterpretationRegularizer(kind, eps=0.1, steps=2)(model, x, y)
+    map_fn = own_saliency if map_name == "callable" else map_name
+    out = InterpretationRegularizer(kind, eps=0.1, steps=2, map=map_fn)(model, x, y)
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(x, x_before) and not x.requires_grad
     reference(x)  # BatchNorm's running statistics move exactly as after one plain forward

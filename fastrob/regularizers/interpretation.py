@@ -4,13 +4,12 @@ an input and a perturbed copy of it."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from fastrob import functional as Fn
-from fastrob._checks import check_float, check_int, check_logits
+from fastrob._checks import check_float, check_generator, check_int, check_logits
 from fastrob.distributed import unwrap
 from fastrob.attacks.pgd import _random_start, attack_context, pgd
 from fastrob.interpret import map_function
@@ -44,10 +43,11 @@ class InterpretationRegularizer:
     ``fastrob.ops.pgd_step``. Maps at x' are differentiated w.r.t. x' (for gradient maps that is
     double backprop). D is 0 with a zero gradient at x' = x, which is why the start is random.
 
-    The loss part runs in the model's own mode: the clean forward moves BatchNorm's running
-    statistics once; the forward at x* does not move them. Maps at x and at x* are both
-    differentiated w.r.t. the parameters (gradient maps: by double backprop, so use smooth
-    activations for them; CAM needs none). Under DistributedDataParallel the attack and the maps run
+    The loss part runs in the model's own mode; its forward passes (the maps', at x and at x*)
+    keep BatchNorm's running statistics, which then move once per call, from the clean batch (one
+    extra forward without gradient, for models with BatchNorm in train mode). Maps at x and at x*
+    are both differentiated w.r.t. the parameters (gradient maps: by double backprop, so use
+    smooth activations for them; CAM needs none). Under DistributedDataParallel the attack and the maps run
     the wrapped module and the CE one extra forward of the DDP model (docs/distributed.md).
 
     eps schedule (the authors' warm-up): the radius at a call is eps·s(step), where ``step`` counts
@@ -88,6 +88,10 @@ class InterpretationRegularizer:
             raise ValueError(f"discrepancy must be one of {DISCREPANCIES}, got {discrepancy!r}")
         if random_start not in (True, False, "uniform", "normal"):
             raise ValueError(f"random_start must be True, False, 'uniform' or 'normal', got {random_start!r}")
+        if random_start is False and kind in ("int", "int_adv"):
+            # D(x, x') = 0 with zero gradient at x' = x: Int's attack would never leave x
+            raise ValueError(f"kind={kind!r} needs a random start (D has zero gradient at x' = x); got "
+                             "random_start=False")
         self.kind, self.norm, self.discrepancy, self.random_start = kind, norm, discrepancy, random_start
         self.lam = check_float("lam", lam, min_value=0.0)
         self.eps = check_float("eps", eps, min_value=0.0)
@@ -145,6 +149,7 @@ class InterpretationRegularizer:
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
+        check_generator(self.generator, x.device)
         eps, alpha = self.current_eps()
         self.step += 1
         # the attack runs the DDP-wrapped module: no communication (fastrob.distributed)
@@ -185,24 +190,22 @@ class InterpretationRegularizer:
             ce = Fn.cross_entropy(logits, y, self.backend).mean()
             return Objective(ce, ce, ce.new_zeros(()), logits)
         classes = self._classes(y)
-        # Under DDP the maps come from the wrapped module (CAM needs its features and head, and a
-        # gradient map's inner backward must not pass DDP's output, docs/distributed.md) and the CE
-        # from one forward of the DDP model, which makes the outer backward all-reduce the
-        # gradients; running statistics then move once, from that forward.
+        # The maps come from the wrapped module under DDP (CAM needs its features and head, and a
+        # gradient map's inner backward must not pass DDP's output, docs/distributed.md), and the
+        # CE then from one forward of the DDP model, which makes the outer backward all-reduce.
+        # Every differentiated forward keeps BatchNorm's running statistics, which then move once,
+        # from the clean batch, whatever the map (IG's path forwards, a callable's own forwards).
         module = unwrap(model)
         ddp = module is not model
-        with Fn.preserved_buffers(module) if ddp else nullcontext():
-            maps_clean, logits_clean = self._map_fn(module, x, classes, create_graph=True)
-        check_logits(logits_clean, x.shape[0], y)
-        with Fn.preserved_buffers(module):  # running statistics move once, from the clean batch
-            maps_adv, logits_adv = self._map_fn(module, x_adv.detach(), classes, create_graph=True)
-        penalty = discrepancy(maps_clean, maps_adv, y, logits_adv, self.discrepancy).mean()
         adv = self.kind.endswith("_adv")
-        if ddp:
-            with Fn.preserved_buffers(module) if adv else nullcontext():
-                logits = Fn.forward(model, x_adv.detach() if adv else x, y)
-        else:
-            logits = logits_adv if adv else logits_clean
+        with Fn.preserved_buffers(module):
+            maps_clean, logits_clean = self._map_fn(module, x, classes, create_graph=True)
+            check_logits(logits_clean, x.shape[0], y)
+            maps_adv, logits_adv = self._map_fn(module, x_adv.detach(), classes, create_graph=True)
+            logits = Fn.forward(model, x_adv.detach() if adv else x, y) if ddp else (
+                logits_adv if adv else logits_clean)
+        Fn.update_running_stats(module, x)
+        penalty = discrepancy(maps_clean, maps_adv, y, logits_adv, self.discrepancy).mean()
         ce = Fn.cross_entropy(logits, y, self.backend).mean()
         return Objective(ce + self.lam * penalty, ce, penalty, logits)
 
