@@ -9,7 +9,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from fastrob import attacks, metrics, plots
+from fastrob import attacks, distributed, metrics, plots
 
 
 @dataclass
@@ -33,9 +33,12 @@ class EvalSettings:
 
 
 def _pgd(model, eps: float, s: EvalSettings):
-    """The fixed-seed PGD of the seed-method metrics: ``s.steps`` steps of 2.5·eps/steps in ``s.norm``."""
+    """The PGD of the interpretation discrepancy: ``s.steps`` steps of 2.5·eps/steps in ``s.norm``,
+    random starts from one generator per evaluation seeded with seed + rank (as the other metrics)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(s.seed + distributed.rank())
     return lambda x, y: attacks.pgd(model, x, y, eps=eps, alpha=2.5 * eps / s.steps, steps=s.steps, norm=s.norm,
-                                    generator=torch.Generator(x.device).manual_seed(s.seed))
+                                    generator=generator)
 
 
 # What ``evaluate`` computes per model, in order: (key, function(model, data, settings, quiet) ->
@@ -51,7 +54,8 @@ EVAL_METRICS: list[tuple[str, Callable, Callable]] = [
     ("interp", lambda m, d, s, q: metrics.interpretation_discrepancy(m, d, _pgd(m, s.interp_eps, s), map="auto",
                                                                      quiet=q), lambda s: s.interp_eps > 0),
     # seed 002: mean neuron sensitivity of the activation layers
-    ("sensitivity", lambda m, d, s, q: metrics.neuron_sensitivity_metric(m, d, _pgd(m, s.sens_eps, s), quiet=q),
+    ("sensitivity", lambda m, d, s, q: metrics.neuron_sensitivity_metric(m, d, eps=s.sens_eps, norm=s.norm,
+                                                                        steps=s.steps, seed=s.seed, quiet=q),
      lambda s: s.sens_eps > 0),
 ]
 

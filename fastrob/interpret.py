@@ -18,7 +18,8 @@ The model is called in its current mode (train or eval), its mode and its parame
 ``requires_grad`` are never changed, and no parameter's ``.grad`` moves (gradients are taken with
 ``torch.autograd.grad``). ``cam``, ``grad_cam`` and ``saliency`` make one forward pass, which in
 train mode moves BatchNorm's running statistics as ``model(x)`` would; ``integrated_gradients``
-makes ``steps`` forward passes that leave them alone.
+evaluates the ``steps`` path points (stacked into batches of ``batch_size``) with the running
+statistics left alone.
 
 Batch coupling: the gradient maps are gradients of the class scores summed over the batch, as in
 ``fastrob.functional``; they are per-sample gradients unless the model mixes samples (BatchNorm in

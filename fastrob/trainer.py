@@ -194,9 +194,11 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> 
         x, y = x[rank::world], y[rank::world]
     training = model.training
     model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(y), batch_size))
-    model.train(training)
+    try:
+        correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                      for i in range(0, len(y), batch_size))
+    finally:
+        model.train(training)
     correct, total = (int(v) for v in dist_utils.all_reduce_sum([correct, len(y)]))
     return correct / max(total, 1)
 
@@ -237,6 +239,9 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            # the objectives' random starts and draws on a GPU come from the CUDA generators
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         history, start_epoch = state["history"], state["epoch"]
     net = model
     if distributed:
@@ -295,7 +300,9 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
         if ckpt_path and main:
             os.makedirs(out_dir, exist_ok=True)
             torch.save({"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1,
+                        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                        "epoch": epoch + 1,
                         "history": history, "in_shape": dataset.in_shape, "num_classes": dataset.num_classes,
                         "objective": objective.state_dict() if hasattr(objective, "state_dict") else None},
                        ckpt_path + ".tmp")

@@ -275,6 +275,10 @@ def test_interpretation_discrepancy_metric_equals_per_batch_brute_force():
     assert torch.equal(res.fooled, fooled)
     d = res.as_dict()
     assert d["n"] == 10 and d["map"] == "cam" and d["kind"] == "2class" and 0 <= d["fooled_rate"] <= 1
+    one = interpretation_discrepancy(model, (x, y), attack, kind="1class", batch_size=4, quiet=True)
+    with torch.no_grad():
+        expected = brute_discrepancy(brute_cam(ev, x), brute_cam(ev, x_adv), y, ev(x_adv), "1class")
+    torch.testing.assert_close(one.values, expected.float())
     auto = interpretation_discrepancy(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(72, C)).double(),
                                       (x, y), attack, map="auto", kind="1class", quiet=True)
     assert auto.map == "saliency" and auto.values.shape == (10,)

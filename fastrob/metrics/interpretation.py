@@ -12,7 +12,7 @@ from fastrob._checks import check_labels, check_tensor
 from fastrob.attacks.pgd import attack_context
 from fastrob.interpret import default_map, map_function
 from fastrob.distributed import unwrap
-from fastrob.metrics._common import batches, clean_logits, model_device, quantiles, shard
+from fastrob.metrics._common import batches, model_device, quantiles, shard
 
 KINDS = ("2class", "1class")
 
@@ -129,11 +129,12 @@ def interpretation_discrepancy(model, data, attack: Callable, *, map: Union[str,
                         shard=part):
         x_adv = attack(x, y).detach()
         with attack_context(model):
-            maps_clean, _ = fn(model, x, None, create_graph=False)
-            maps_adv, logits_adv = fn(model, x_adv, None, create_graph=False)
+            classes = y if kind == "1class" else None  # 1-class D needs class y's maps only
+            maps_clean, _ = fn(model, x, classes, create_graph=False)
+            maps_adv, logits_adv = fn(model, x_adv, classes, create_graph=False)
             d = discrepancy(maps_clean.detach(), maps_adv.detach(), y, logits_adv.detach(), kind)
         values.append(d.float().cpu())
-        fooled.append((clean_logits(model, x_adv).argmax(1) != y).cpu())
+        fooled.append((logits_adv.argmax(1) != y).cpu())  # eval-mode logits at x_adv
     values = torch.cat(values) if values else torch.zeros(0)
     fooled = torch.cat(fooled) if fooled else torch.zeros(0, dtype=torch.bool)
     if part is not None:

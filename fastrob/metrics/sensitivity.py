@@ -245,6 +245,7 @@ def neuron_sensitivity(model, x: torch.Tensor, x_adv: torch.Tensor, layers=None,
         quiet: hide the progress bar.
     """
     check_model(model)
+    model = unwrap(model)  # a DDP model's wrapped module: its layer names, no communication
     check_tensor("x", x, min_dim=2)
     check_tensor("x_adv", x_adv, min_dim=2)
     if x.shape != x_adv.shape:

@@ -9,7 +9,7 @@ import torch
 
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_positive
-from fastrob.distributed import all_reduce_sum, is_ddp, is_distributed, world_size
+from fastrob.distributed import all_reduce_sum, is_ddp, is_distributed, unwrap, world_size
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
 
@@ -61,7 +61,8 @@ class LipschitzRegularizer:
     that batch, which is the same sequence shifted by one batch. A batch whose cross-entropy is not
     finite leaves R unchanged; L_class = 0 counts as +eps_better. ``state_dict()`` /
     ``load_state_dict()`` carry R, so a resumed run continues the same psi sequence. A fixed
-    ``psi`` disables the adaptation. Called with a DistributedDataParallel model, R is updated from
+    ``psi`` disables the adaptation, and so does a call with the model in eval mode (a validation
+    loss does not move psi). Called with a DistributedDataParallel model, R is updated from
     the mean CE over the ranks, so every rank keeps the same psi.
 
     Args:
@@ -136,7 +137,7 @@ class LipschitzRegularizer:
         (g,) = torch.autograd.grad(s.sum(), x, create_graph=True)
         penalty = self.gradient_penalty(g)
         psi = self.psi
-        if self.adaptive:
+        if self.adaptive and unwrap(model).training:  # a validation call (eval mode) leaves psi alone
             class_loss = float(ce.detach())
             if is_ddp(model) and is_distributed():
                 # every rank must keep the same psi: update it from the global batch's CE (the mean
@@ -149,7 +150,7 @@ class LipschitzRegularizer:
         """mean of |g|^z over every element of the [B, ...] gradient (float32 at least)."""
         if self.z == 2:
             # mean of g^2 = mean_b ||g_b||^2 / d: the fused sqnorm on a GPU
-            return Fn.gradient_norm_penalty(g, "l2", backend=self.backend) / g[0].numel()
+            return Fn.gradient_norm_penalty(g, "l2", backend=self.backend) / g.flatten(1).shape[1]
         if g.dtype in (torch.float16, torch.bfloat16):
             g = g.float()
         return g.abs().pow(self.z).mean()

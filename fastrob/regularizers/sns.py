@@ -13,7 +13,7 @@ from fastrob import functional as Fn
 from fastrob._checks import check_float, check_int
 from fastrob.attacks.pgd import pgd
 from fastrob.distributed import unwrap
-from fastrob.metrics.sensitivity import FeatureRecorder, channel_deviation, resolve_layers, top_k_sensitive
+from fastrob.metrics.sensitivity import FeatureRecorder, channel_deviation, resolve_layers, top_k_count, top_k_sensitive
 from fastrob.objective import Objective
 from fastrob.ops.pgd_step import NORMS
 from fastrob.regularizers.input_gradient import check_backend
@@ -73,7 +73,7 @@ class SNSRegularizer:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.norm = norm
         self.lam = check_float("lam", lam, min_value=0.0)
-        top_k_sensitive(torch.zeros(1), k)  # checks k
+        top_k_count(1, k)  # checks k
         self.k = k
         self.layers = layers
         self.generator = generator
