@@ -89,6 +89,14 @@ def _number_list(cast, what: str, example: str):
 
 
 _int_list = _number_list(int, "indices", "0,1,2")
+_warmup_pair = _number_list(float, "epochs", "1,5")
+
+
+def _warmup(value: str) -> list:
+    pair = _warmup_pair(value)
+    if len(pair) != 2 or pair[1] < pair[0]:
+        raise argparse.ArgumentTypeError(f"expected START,FULL epochs with START <= FULL, e.g. 1,5; got {value!r}")
+    return pair
 _eps_list = _number_list(float, "radii", "0.05,0.1,0.2")
 
 
@@ -112,7 +120,7 @@ def _train(args) -> int:
     config = TrainConfig(data=args.data, size=args.size, model=args.model, activation=args.activation,
                          method=args.method, eps=args.eps, alpha=args.alpha, attack_steps=args.attack_steps,
                          norm=args.norm, beta=args.beta, lam=args.lam, lam_saliency=args.lam_saliency,
-                         patch=args.patch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         patch=args.patch, warmup=args.warmup, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          test_fraction=args.test_fraction)
     if not args.resume and os.path.isfile(os.path.join(args.out, CHECKPOINT)) and not args.overwrite:
         raise ValueError(f"{args.out} already holds a checkpoint: pass --resume to continue it or --overwrite "
@@ -328,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                          "lipschitz: a fixed psi)")
     p.add_argument("--lam-saliency", type=_float(), default=0.1, help="J-SIGR saliency weight (default 0.1)")
     p.add_argument("--patch", type=_positive_int, default=4, help="J-SIGR saliency patch size (default 4)")
+    p.add_argument("--warmup", type=_warmup, default=None,
+                   help="int* methods: START,FULL in epochs: eps 0 before START, a linear ramp to --eps at FULL "
+                        "(Boopathy et al.; default: full eps from the start)")
     p.add_argument("--epochs", type=_positive_int, default=20, help="total epochs (default 20)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--lr", type=_float(strict=True), default=2e-3, help="Adam learning rate (default 2e-3)")

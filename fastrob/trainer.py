@@ -49,7 +49,8 @@ class TrainConfig:
     eps/alpha/attack_steps/norm configure the adversary of pgd/trades/half and the inner attacks
     of the int* kinds and sns (alpha default 2.5·eps/attack_steps); lam is the regularizer weight
     (input_gradient, jacobian, int*, sns; jsigr's lam_jacobian; lipschitz's fixed psi, adaptive
-    when None), lam_saliency and patch are J-SIGR's; beta is TRADES'."""
+    when None), lam_saliency and patch are J-SIGR's; beta is TRADES'; warmup = [start, full] in epochs
+    is the int* kinds' eps schedule (0 before start, a linear ramp to eps at full; Boopathy et al.)."""
 
     data: str = "digits"
     size: int | None = None
@@ -63,6 +64,7 @@ class TrainConfig:
     beta: float = 6.0
     lam: float | None = None
     lam_saliency: float = 0.1
+    warmup: list | None = None
     patch: int = 4
     epochs: int = 20
     batch_size: int = 64
@@ -87,6 +89,16 @@ class TrainConfig:
         if self.lam is not None:
             check_float("lam", self.lam, min_value=0.0)
         check_float("lam_saliency", self.lam_saliency, min_value=0.0)
+        if self.warmup is not None:
+            if not isinstance(self.warmup, (list, tuple)) or len(self.warmup) != 2:
+                raise ValueError(f"warmup must be [start, full] in epochs, got {self.warmup!r}")
+            start, full = (check_float("warmup", w, min_value=0.0) for w in self.warmup)
+            if full < start:
+                raise ValueError(f"warmup must have start <= full, got {self.warmup!r}")
+            if self.method not in INTERPRETATION_KINDS:
+                raise ValueError(f"warmup is the eps schedule of the int* methods {INTERPRETATION_KINDS}, not of "
+                                 f"{self.method!r}")
+            self.warmup = [start, full]
         check_int("patch", self.patch, 1)
         check_int("epochs", self.epochs, 1)
         check_int("batch_size", self.batch_size, 1)
@@ -118,8 +130,10 @@ def describe(config: TrainConfig) -> str:
     return f"{'input grad' if m == 'input_gradient' else 'Jacobian'} lam={lam:g}"
 
 
-def build_objective(config: TrainConfig, model) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Objective]:
-    """objective(model, x, y) -> Objective for the configured method (METHODS.md)."""
+def build_objective(config: TrainConfig, model, steps_per_epoch: int = 1
+                    ) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Objective]:
+    """objective(model, x, y) -> Objective for the configured method (METHODS.md).
+    ``steps_per_epoch`` (training batches per epoch) turns ``config.warmup`` into calls."""
     from fastrob import attacks, interpret, regularizers
     from fastrob.training import adversarial_loss
 
@@ -140,8 +154,9 @@ def build_objective(config: TrainConfig, model) -> Callable[[torch.nn.Module, to
     lam = DEFAULT_LAM[m] if config.lam is None else config.lam
     if m in INTERPRETATION_KINDS:
         # CAM for the cnn (its GAP head), input-gradient saliency for the others
+        warmup = None if config.warmup is None else tuple(round(w * steps_per_epoch) for w in config.warmup)
         return regularizers.InterpretationRegularizer(m, lam=lam, eps=config.eps, alpha=alpha,
-                                                      steps=config.attack_steps, norm=config.norm,
+                                                      steps=config.attack_steps, norm=config.norm, warmup=warmup,
                                                       map=interpret.default_map(dist_utils.unwrap(model)))
     if m == "sns":
         return regularizers.SNSRegularizer(eps=config.eps, alpha=alpha, steps=config.attack_steps, norm=config.norm,
@@ -250,7 +265,7 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
         # (docs/distributed.md)
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[torch.device(device)] if torch.device(device).type == "cuda" else None)
-    objective = build_objective(config, net)
+    objective = build_objective(config, net, steps_per_epoch=-(-len(dataset.split.y_train) // config.batch_size))
     if state is not None and state.get("objective") is not None:
         objective.load_state_dict(state["objective"])  # Lipschitz's adaptive psi, Int's warm-up position
     split = dataset.split

@@ -246,3 +246,10 @@ def test_checkpoint_and_data_that_do_not_fit(capsys, trained):
     assert code == 2 and "does not take digits images of shape (1, 16, 16)" in err
     code, _, err = in_process(capsys, "explain", "--checkpoint", str(root / "plain"), "--samples", "500", "--quiet")
     assert code == 2 and "index 500 is out of range for 450 test images" in err
+
+
+def test_train_warmup_flag(tmp_path):
+    bad = fastrob("train", "--method", "int2", "--warmup", "3,1", "--out", str(tmp_path / "w"))
+    assert bad.returncode == 2 and "START <= FULL" in bad.stderr
+    wrong = fastrob("train", "--method", "pgd", "--warmup", "0,1", "--out", str(tmp_path / "w"))
+    assert wrong.returncode == 2 and "warmup" in wrong.stderr

@@ -86,3 +86,23 @@ def test_cnn_eval_accuracy_follows_training(one_thread):
         train_mode = float((model.train()(x).argmax(1) == y).float().mean())
     model.eval()
     assert history[-1]["test_accuracy"] > 0.8 and history[-1]["test_accuracy"] > train_mode - 0.05
+
+
+def test_int_warmup_schedule_in_epochs_and_resume(tmp_path, one_thread):
+    # eps is 0 (no attack, no penalty) through epoch 1, ramps over epoch 2; a run resumed after
+    # epoch 1 continues the schedule from the checkpointed call count
+    config = dict(method="int2", warmup=[1, 2], epochs=3, attack_steps=2, seed=4)
+    _, straight, _ = train(TrainConfig(**config), quiet=True)
+    assert straight[0]["penalty"] == 0 and straight[1]["penalty"] > 0 and straight[2]["penalty"] > 0
+    out = str(tmp_path / "run")
+    train(TrainConfig(**dict(config, epochs=1)), out, quiet=True)
+    _, resumed, _ = train(TrainConfig(**config), out, resume=True, quiet=True)
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in straight], rel=1e-6)
+
+
+@pytest.mark.parametrize("warmup, method, match", [
+    ([2, 1], "int2", "start <= full"), ([1], "int2", r"\[start, full\]"), ([0, 1], "pgd", "int"),
+])
+def test_bad_warmup(warmup, method, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(method=method, warmup=warmup).check()
