@@ -64,12 +64,15 @@ def swap_activations(model: nn.Module, act: str | None = None, *, backend: str =
     ``model`` by a ``BiasAct`` computing the same function (``act=None``), or ``act`` instead (e.g.
     "softplus" or "half_huber" to give a ReLU network a non-zero second derivative for gradient
     penalties). Activations called functionally inside ``forward`` are not modules and stay as
-    they are. Returns ``model``."""
+    they are. Returns ``model``, or the new module when ``model`` itself is an activation."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if act is not None and act not in ACTIVATIONS:
         raise ValueError(f"act must be None or one of {tuple(ACTIVATIONS)}, got {act!r}")
     _backend.check_backend_name(backend)
+    root = _as_bias_act(model, act, backend)
+    if root is not None:  # the model is itself an activation
+        return root
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             replacement = _as_bias_act(child, act, backend)
@@ -115,10 +118,13 @@ class BatchNorm2d(nn.BatchNorm2d):
         tensors (so an optimizer holding them keeps working) and its training mode."""
         new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                   backend=backend)
-        for name, p in module._parameters.items():
-            new._parameters[name] = p
-        for name, b in module._buffers.items():
-            new._buffers[name] = b
+        # exactly the module's own tensors (no fresh ones left beside them), and its hooks: a
+        # parametrization or weight-norm pre-hook keeps computing the weight it computed
+        new._parameters = type(module._parameters)(module._parameters)
+        new._buffers = type(module._buffers)(module._buffers)
+        for name, value in vars(module).items():
+            if "hooks" in name and isinstance(value, dict):
+                setattr(new, name, type(value)(value))
         new.train(module.training)
         return new
 
@@ -126,10 +132,13 @@ class BatchNorm2d(nn.BatchNorm2d):
 def swap_batch_norm(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """Replaces, in place, every ``torch.nn.BatchNorm2d`` of ``model`` (not SyncBatchNorm, nor an
     already fused one) by a ``fastrob.nn.BatchNorm2d`` with the same settings, parameters and
-    buffers (the same tensors: optimizers and state_dict keys are unaffected). Returns ``model``."""
+    buffers (the same tensors: optimizers and state_dict keys are unaffected) and hooks. Returns
+    ``model``, or the new module when ``model`` itself is an ``nn.BatchNorm2d``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _backend.check_backend_name(backend)
+    if type(model) is nn.BatchNorm2d:
+        return BatchNorm2d.from_module(model, backend)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.BatchNorm2d:  # exactly: subclasses may compute something else
@@ -144,7 +153,7 @@ def patch_model(model: nn.Module, act: str | None = None, batch_norm: bool = Tru
     BatchNorm layers runs through the fused kernels. Returns ``model``."""
     if not isinstance(batch_norm, bool):
         raise TypeError(f"batch_norm must be a bool, got {type(batch_norm).__name__}")
-    swap_activations(model, act, backend=backend)
+    model = swap_activations(model, act, backend=backend)
     if batch_norm:
-        swap_batch_norm(model, backend=backend)
+        model = swap_batch_norm(model, backend=backend)
     return model

@@ -22,8 +22,10 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10
 
 
 def make(shape, dtype=torch.float32, device="cpu", seed=0, channels_last=False, offset=3.0):
-    """x (mean ``offset``, std 2: data away from 0, as after a ReLU), weight, bias, running stats."""
-    g = torch.Generator().manual_seed(seed)
+    """x (mean ``offset``, std 2: data away from 0, as after a ReLU), weight, bias, running stats.
+    Seeded apart from op_checks' cotangents (seed s there): with the same draws the cotangent would
+    be an affine function of x, whose BN input gradient is 0, and the first derivatives untested."""
+    g = torch.Generator().manual_seed(1000 + seed)
     c = shape[1]
     x = (2 * torch.randn(shape, generator=g, dtype=torch.float64) + offset).to(device=device, dtype=dtype)
     if channels_last:
@@ -153,10 +155,12 @@ def test_opcheck():
     (dict(weight=torch.ones(4)), ValueError, r"weight must have shape \[channels\] = \(3,\)"),
     (dict(running_var=torch.ones(3, 1)), ValueError, "running_var must have shape"),
     (dict(bias=torch.ones(3, dtype=torch.int32)), TypeError, "bias must be a floating-point"),
-    (dict(training=False, running_mean=None), ValueError, "running_mean and running_var must be given"),
+    (dict(training=False, running_mean=None, running_var=None), ValueError,
+     "running_mean and running_var must be given"),
+    (dict(running_mean=None), ValueError, "must both be None or both be given"),
     (dict(training=1), TypeError, "training must be a bool"),
-    (dict(momentum=1.5), ValueError, r"momentum must be in \[0, 1\]"),
-    (dict(eps=0.0), ValueError, "eps must be > 0"),
+    (dict(momentum=float("nan")), ValueError, "momentum"),
+    (dict(eps=-1e-5), ValueError, "eps"),
     (dict(x=torch.zeros(1, 3, 1, 1)), ValueError, "more than one value per channel"),
     (dict(backend="cuda"), RuntimeError, "backend='cuda'"),
     (dict(backend="fast"), ValueError, "backend must be one of"),
@@ -299,10 +303,55 @@ def test_gpu_backends_equal_reference(backend, dtype, shape, channels_last, trai
 
 
 @pytest.mark.cuda
-def test_cuda_gradgradcheck_float32_small():
+def test_cuda_second_derivatives_float32_against_the_float64_reference():
     """CUDA kernels run float32/half only: a float32 double-derivative check at a small shape
     against the float64 reference."""
     x, w, b, rm, rv = make((3, 5, 7, 3), torch.float32, "cuda")
     assert_derivatives_close(fn_of(batch_norm, True, True, rm, rv, backend="cuda"),
                              lambda x, w, b: batch_norm_reference(x.double(), w.double(), b.double(), None, None,
                                                                   True).float(), [x, w, b], **TOL[torch.float32])
+
+
+# ---- edge cases a review found ------------------------------------------------------------------
+
+@needs_triton
+def test_non_contiguous_weight_bias_and_one_of_them():
+    x, w, b, rm, rv = make((4, 3, 5, 2), device=triton_device())
+    wide_w, wide_b = torch.stack([w, -w], 1).flatten(), torch.stack([b, -b], 1).flatten()  # [6], strided views below
+    for weight, bias in ((wide_w[::2], wide_b[::2]), (w, None), (None, b)):
+        for training in (True, False):
+            got = batch_norm(x, weight, bias, rm.clone(), rv.clone(), training, backend="triton")
+            want = F.batch_norm(x, rm.clone(), rv.clone(), weight, bias, training)
+            torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_empty_batch_and_constant_channel(backend):
+    device = "cpu" if backend == "torch" else triton_device()
+    _, w, b, rm, rv = make((2, 3, 4, 4), device=device)
+    empty = torch.zeros(0, 3, 4, 4, device=device)
+    r_mean, r_var = rm.clone(), rv.clone()
+    assert batch_norm(empty, w, b, r_mean, r_var, True, backend=backend).shape == empty.shape
+    assert torch.equal(r_mean, rm) and torch.equal(r_var, rv)  # statistics untouched, as torch
+    x = torch.rand(4, 3, 5, 5, device=device)
+    x[:, 1] = 0.7  # a constant channel: its batch variance is exactly 0
+    r_mean, r_var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    ref_mean, ref_var = r_mean.clone(), r_var.clone()
+    batch_norm(x, w, b, r_mean, r_var, True, momentum=1.0, backend=backend)
+    F.batch_norm(x, ref_mean, ref_var, w, b, True, momentum=1.0)
+    assert float(r_var[1]) >= 0
+    torch.testing.assert_close(r_var, ref_var, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(r_mean, ref_mean)
+
+
+def test_swap_keeps_hooks_and_swaps_a_bare_module():
+    calls = []
+    bn = nn.BatchNorm2d(3)
+    bn.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+    model = swap_batch_norm(nn.Sequential(bn))
+    model(torch.rand(2, 3, 4, 4))
+    assert isinstance(model[0], BatchNorm2d) and calls == [(2, 3, 4, 4)]
+    assert sorted(n for n, _ in model[0].named_parameters()) == ["bias", "weight"]  # no stray fresh tensors
+    bare = swap_batch_norm(nn.BatchNorm2d(3))
+    assert isinstance(bare, BatchNorm2d)
+    assert isinstance(patch_model(nn.ReLU(), act="softplus"), BiasAct)

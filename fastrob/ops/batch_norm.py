@@ -85,8 +85,9 @@ def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
             r = (1 - momentum) r + momentum * batch statistic (the variance unbiased, as torch).
             Eval mode normalises with them (both required).
         training: batch statistics (True) or running statistics (False).
-        momentum: the running statistics' update factor, in [0, 1].
-        eps: added to the variance, > 0.
+        momentum: the running statistics' update factor (any finite float, as torch; [0, 1] in
+            practice).
+        eps: added to the variance, >= 0.
         backend: "auto" | "torch" | "triton" | "cuda". "torch" is F.batch_norm (equal to
             batch_norm_reference); Triton also runs float64.
 
@@ -99,25 +100,24 @@ def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         _check_channel_vector(name, t, x)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    momentum = check_float("momentum", momentum, min_value=0.0)
-    if momentum > 1:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    eps = check_float("eps", eps)
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if not training and (running_mean is None or running_var is None):
+    momentum = check_float("momentum", momentum)
+    eps = check_float("eps", eps, min_value=0.0)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be None or both be given")
+    if not training and running_mean is None:
         raise ValueError("running_mean and running_var must be given in eval mode (training=False)")
-    if training and x.numel() // max(x.shape[1], 1) <= 1:
+    if training and x.numel() and x.numel() // x.shape[1] == 1:
         raise ValueError(f"training mode needs more than one value per channel, got x of shape {tuple(x.shape)}")
     name = resolve_backend(backend, x, op="batch_norm")
-    if name == "torch":
+    if name == "torch" or x.numel() == 0:  # an empty batch: torch's result, statistics untouched
         # torch's own batch norm: what batch_norm_reference spells out, in one native kernel (so a
         # swapped module computes on CPU exactly what nn.BatchNorm2d computes)
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     acc = accumulate_dtype(x.dtype)
     # per-channel vectors enter the kernels in the accumulation dtype (a differentiable cast)
-    w = weight.to(acc) if weight is not None else None
-    b = bias.to(acc) if bias is not None else None
+    # (contiguous: the kernels index them as dense [C] vectors)
+    w = weight.to(acc).contiguous() if weight is not None else None
+    b = bias.to(acc).contiguous() if bias is not None else None
     if not batch_outermost_dense(x):
         x = x.contiguous()
     if not training:
@@ -129,7 +129,9 @@ def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
             if running_mean is not None:
                 running_mean.lerp_(mean.to(running_mean.dtype), momentum)
             if running_var is not None:
-                var = (invstd.double().pow(-2) - eps) * (m / (m - 1))
+                # var + eps = invstd^-2 to float32 precision, so var is exact up to ~1e-7 (var + eps):
+                # what eval mode's sqrt(var + eps) needs; clamped, as it can round below 0
+                var = (invstd.double().pow(-2) - eps).clamp_min(0) * (m / (m - 1))
                 running_var.lerp_(var.to(running_var.dtype), momentum)
     return y
 
@@ -173,6 +175,11 @@ def _geometry(x: torch.Tensor):
     return n, c, s, not x.is_contiguous()
 
 
+def _dense_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    # the kernels index per-channel vectors as dense [C] arrays (the ops are public: torch.ops.fastrob)
+    return t.contiguous() if t is not None else None
+
+
 def _build(backend: str):
     """training forward, backward, double-backward and eval ops of one fused backend, wired for autograd."""
     device_types = "cuda" if backend == "cuda" else None
@@ -191,7 +198,7 @@ def _build(backend: str):
 
     def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = dense(x)
+        x, weight, bias = dense(x), _dense_vector(weight), _dense_vector(bias)
         y, mean, invstd = torch.empty_like(x), channel_values(x), channel_values(x)
         splits = splits_for(x)
         launch(backend, "batch_norm", "bn_forward", (x, weight, bias, y, mean, invstd, workspace(x, splits)), (),
@@ -200,7 +207,7 @@ def _build(backend: str):
 
     def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
                  invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = dense(x)
+        x, weight = dense(x), _dense_vector(weight)
         (gy,) = same_layout(x, grad_y)[1:]
         gx, gw, gb = torch.empty_like(x), channel_values(x), channel_values(x)
         splits = splits_for(x)
@@ -211,7 +218,7 @@ def _build(backend: str):
     def double_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
                         invstd: torch.Tensor, ggx: torch.Tensor, ggw: torch.Tensor, ggb: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = dense(x)
+        x, weight = dense(x), _dense_vector(weight)
         gy, v = same_layout(x, grad_y, ggx)[1:]
         d_gy, d_x, d_w = torch.empty_like(x), torch.empty_like(x), channel_values(x)
         splits = splits_for(x)
@@ -293,7 +300,8 @@ def _build(backend: str):
         dims = [0] + list(range(2, x.dim()))
         invstd = torch.rsqrt(running_var + ctx.eps)
         scale = invstd * weight if weight is not None else invstd
-        gx = (grad_y * scale.view(shape).to(grad_y.dtype)) if ctx.needs_input_grad[0] else None
+        # in the scale's (float32) precision, one rounding to grad_y's dtype, as the fused passes
+        gx = (grad_y.to(scale.dtype) * scale.view(shape)).to(grad_y.dtype) if ctx.needs_input_grad[0] else None
         gy = grad_y.to(invstd.dtype)
         gw = (gy * (x.to(invstd.dtype) - running_mean.view(shape)) * invstd.view(shape)).sum(dims) \
             if ctx.has_weight and ctx.needs_input_grad[1] else None
