@@ -218,6 +218,7 @@ def _eval(args) -> int:
 def _explain(args) -> int:
     import json
     import os
+    import re
 
     from fastrob import plots
 
@@ -230,7 +231,16 @@ def _explain(args) -> int:
     paths = [plots.saliency_grid(models, xs, ys, os.path.join(args.out, "saliency.png")),
              plots.surfaces(models, xs, ys, os.path.join(args.out, "surfaces.png"), span=args.span,
                             resolution=args.resolution, seed=args.seed)]
-    summary = {"data": data, "samples": args.samples, "labels": ys.tolist(), "span": args.span, "models": {}}
+    num_classes = int(next(iter(models.values()))(xs[:1]).shape[1])
+    if args.target is not None and not 0 <= args.target < num_classes:
+        raise ValueError(f"--target must be a class in [0, {num_classes}), got {args.target}")
+    targets = torch.full_like(ys, args.target) if args.target is not None else (ys + 1) % num_classes
+    for name, model in models.items():
+        slug = re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_")
+        paths.append(plots.explanation_grid(model, xs, targets, os.path.join(args.out, f"explanations_{slug}.png"),
+                                            rho=args.rho, title=f"{name}: adversarial explanations, RMSE <= {args.rho:g}"))
+    summary = {"data": data, "samples": args.samples, "labels": ys.tolist(), "span": args.span,
+               "targets": targets.tolist(), "rho": args.rho, "models": {}}
     print(f"fastrob explain: samples {args.samples} of the {data} test set, plane span {args.span:g}\n")
     print(f"{'model':<28}{'sample':>7}{'label':>6}{'pred':>5}{'margin':>8}{'boundary along u':>18}")
     for name, model in models.items():
@@ -375,11 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="saliency/CAM maps and decision/loss surfaces for chosen test samples",
                        description="For chosen test samples, write saliency.png (input-gradient saliency, and CAM "
                                    "for cnn models), surfaces.png (margin and loss over the plane x + a*u + b*v, u "
-                                   "the gradient sign, v random) and explain.json.")
+                                   "the gradient sign, v random), explanations_<model>.png (Woods et al.'s "
+                                   "adversarial explanations toward --target within RMSE --rho) and explain.json.")
     _checkpoint_args(p)
     p.add_argument("--samples", type=_int_list, default=[0, 1, 2], help="test indices (default 0,1,2)")
     p.add_argument("--span", type=_float(strict=True), default=0.3, help="plane half-width in a, b (default 0.3)")
     p.add_argument("--resolution", type=_positive_int, default=41, help="grid points per axis (default 41)")
+    p.add_argument("--target", type=int, default=None,
+                   help="class the adversarial explanations move toward (default: label + 1, mod classes)")
+    p.add_argument("--rho", type=_float(strict=True), default=0.1, help="explanation RMSE budget (default 0.1)")
     _common(p, "runs/explain")
     p.set_defaults(func=_explain)
 

@@ -253,3 +253,16 @@ def test_train_warmup_flag(tmp_path):
     assert bad.returncode == 2 and "START <= FULL" in bad.stderr
     wrong = fastrob("train", "--method", "pgd", "--warmup", "0,1", "--out", str(tmp_path / "w"))
     assert wrong.returncode == 2 and "warmup" in wrong.stderr
+
+
+def test_explain_writes_adversarial_explanations(trained, tmp_path):
+    root, _, _ = trained
+    out = tmp_path / "expl"
+    result = fastrob("explain", "--checkpoint", str(root / "plain"), "--samples", "1,2", "--resolution", "5",
+                     "--target", "3", "--rho", "0.05", "--quiet", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "explain.json").read_text())
+    assert report["targets"] == [3, 3] and report["rho"] == 0.05
+    assert (out / "explanations_plain.png").is_file()
+    bad = fastrob("explain", "--checkpoint", str(root / "plain"), "--target", "10", "--quiet", "--out", str(out))
+    assert bad.returncode == 2 and "--target must be a class in [0, 10)" in bad.stderr
