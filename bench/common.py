@@ -3,6 +3,7 @@ results CSV, bench/results/<device>.csv (DESIGN.md, Benchmarks)."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import platform
@@ -136,3 +137,13 @@ def save_results(rows: list[dict], device, *, quick: bool) -> None:
         print("--quick: results not written")
         return
     print(f"results appended to {append_rows(rows, device)}")
+
+
+def parse_device_args(doc: str, argv=None) -> tuple[argparse.Namespace, torch.device]:
+    """(args, device) of a per-op benchmark's command line: --quick (small shapes only) and
+    --device (default: the GPU when there is one)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    return args, torch.device(args.device)

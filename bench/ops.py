@@ -16,12 +16,11 @@ to bench/results/<device>.csv.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import copy_bandwidth_gbps, row, save_results, time_ms
+from bench.common import copy_bandwidth_gbps, parse_device_args, row, save_results, time_ms
 from fastrob import _backend
 from fastrob.ops import batch_norm, bias_act, cross_entropy, sqnorm
 
@@ -79,11 +78,7 @@ def passes(fn, inputs):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes only")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    args, device = parse_device_args(__doc__, argv)
     copy_gbps = copy_bandwidth_gbps(device)
     rows = [row("copy", "torch", "1GiB" if device.type == "cuda" else "256MiB", torch.float32, "gbps",
                 {"median": copy_gbps, "p20": copy_gbps, "p80": copy_gbps}, device)]

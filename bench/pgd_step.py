@@ -12,11 +12,10 @@ bench/results/<device>.csv, with the peak memory of one step (bench.common.peak_
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from bench.common import copy_bandwidth_gbps, peak_memory, row, save_results, time_ms
+from bench.common import copy_bandwidth_gbps, parse_device_args, peak_memory, row, save_results, time_ms
 from fastrob import _backend
 from fastrob.ops.pgd_step import pgd_step, pgd_step_unchecked
 
@@ -36,11 +35,7 @@ def eager_step(x_adv, grad, x_orig, alpha, eps, norm):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes only")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    args, device = parse_device_args(__doc__, argv)
     shapes = [(64, 3, 32, 32)] if args.quick else [(256, 3, 224, 224), (512, 3, 32, 32)]
     dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
     providers = ["eager", "torch"] + [b for b in ("triton", "cuda")

@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "runs/eval")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("explain", help="saliency/CAM maps and decision/loss surfaces for chosen test samples",
+    p = sub.add_parser("explain", help="saliency/CAM maps, decision/loss surfaces and adversarial explanations",
                        description="For chosen test samples, write saliency.png (input-gradient saliency, and CAM "
                                    "for cnn models), surfaces.png (margin and loss over the plane x + a*u + b*v, u "
                                    "the gradient sign, v random), explanations_<model>.png (Woods et al.'s "
