@@ -47,8 +47,8 @@ def test_resume_restores_the_objective_state(tmp_path, monkeypatch, one_thread):
     # resumed epochs depends on the R saved in the checkpoint
     build = trainer.build_objective
     monkeypatch.setattr(trainer, "build_objective",
-                        lambda config, model: regularizers.LipschitzRegularizer(target_loss=3.0)
-                        if config.method == "lipschitz" else build(config, model))
+                        lambda config, model, **kw: regularizers.LipschitzRegularizer(target_loss=3.0)
+                        if config.method == "lipschitz" else build(config, model, **kw))
     config = dict(method="lipschitz", activation="softplus", epochs=3, seed=2)
     _, straight, _ = train(TrainConfig(**config), quiet=True)
     out = str(tmp_path / "run")
