@@ -12,6 +12,7 @@ import torch.nn.functional as F
 torchattacks = pytest.importorskip("torchattacks")
 
 import fastrob.attacks as fa  # noqa: E402
+from train_loop import fit  # noqa: E402
 
 # the module (``fastrob.attacks.pgd`` as an attribute is the function of that name)
 pgd_module = importlib.import_module("fastrob.attacks.pgd")
@@ -30,15 +31,7 @@ def net(digits):
     """A small CNN trained on the digits (about 97% test accuracy), in eval mode."""
     torch.manual_seed(0)
     model = make_cnn()
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(12):
-        perm = torch.randperm(len(digits.y_train))
-        for i in range(0, len(perm), 128):
-            b = perm[i:i + 128]
-            loss = F.cross_entropy(model(digits.x_train[b]), digits.y_train[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit(model, digits.x_train, digits.y_train, epochs=12, batch=128)
     model.eval()
     for p in model.parameters():
         p.grad = None

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from train_loop import fit
 
 from fastrob import plots
 from fastrob.attacks.explanation import adversarial_explanation, step_sizes
@@ -52,15 +53,7 @@ def digits_model(digits):
 def train_digits_model(digits):
     torch.manual_seed(0)
     model = MLP((1, 8, 8), 10, hidden=(64,), activation_name="half_huber")
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(10):
-        perm = torch.randperm(len(digits.y_train))
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(digits.x_train[idx]), digits.y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit(model, digits.x_train, digits.y_train, epochs=10)
     return model.eval()
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from test_interpret import C, CamNet, assert_same_grads, brute_cam, make_batch, param_grads
 from torch.autograd.functional import jacobian
+from train_loop import fit
 
 import fastrob
 from fastrob.metrics.interpretation import discrepancy, interpretation_discrepancy
@@ -292,19 +293,8 @@ def test_interpretation_discrepancy_metric_equals_per_batch_brute_force():
 def train_digits(digits, reg, epochs=5, n=None, batch=64):
     torch.manual_seed(0)
     model = SmallCNN(1, 10, width=8)  # BatchNorm, ReLU, CAM head (CAM needs no second derivative)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    x_all, y_all = digits.x_train[:n], digits.y_train[:n]
-    losses = []
-    for _ in range(epochs):
-        perm = torch.randperm(len(y_all))
-        for i in range(0, len(perm), batch):
-            x, y = x_all[perm[i:i + batch]], y_all[perm[i:i + batch]]
-            out = reg(model, x, y) if reg is not None else None
-            loss = F.cross_entropy(model(x), y) if reg is None else out.loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+    losses = fit(model, digits.x_train[:n], digits.y_train[:n],
+                 None if reg is None else lambda m, x, y: reg(m, x, y).loss, epochs=epochs, batch=batch)
     return model.eval(), losses
 
 

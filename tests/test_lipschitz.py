@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_functional import C, MODEL_IDS, MODELS, assert_same_grads, make_batch, make_model, param_grads
+from train_loop import fit
 from torch.autograd.functional import jacobian
 
 from fastrob import _backend
@@ -211,18 +212,8 @@ def test_bad_arguments(kwargs, name):
 def train_digits(digits, reg, epochs=8, batch=64):
     torch.manual_seed(0)
     model = MLP((1, 8, 8), 10, hidden=(64,), activation_name="half_huber")
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    n = len(digits.y_train)
-    for _ in range(epochs):
-        perm = torch.randperm(n)
-        for i in range(0, n, batch):
-            x, y = digits.x_train[perm[i:i + batch]], digits.y_train[perm[i:i + batch]]
-            out = None if reg is None else reg(model, x, y)
-            loss = F.cross_entropy(model(x), y) if reg is None else out.loss
-            assert torch.isfinite(loss)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit(model, digits.x_train, digits.y_train, None if reg is None else lambda m, x, y: reg(m, x, y).loss,
+        epochs=epochs, batch=batch, check_finite=True)
     return model.eval()
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from train_loop import fit
 
 import fastrob.attacks as fa
 from fastrob.metrics import accuracy_curve, ara, ara_from_radii, kl_robustness, robust_accuracy
@@ -74,12 +75,7 @@ def test_ara_counts_clean_errors_as_zero_and_reads_loaders():
 def digits_mlp(digits):
     torch.manual_seed(0)
     model = MLP((1, 8, 8), 10, activation_name="softplus")
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(15):
-        for idx in torch.randperm(len(digits.y_train)).split(64):
-            opt.zero_grad()
-            F.cross_entropy(model(digits.x_train[idx]), digits.y_train[idx]).backward()
-            opt.step()
+    fit(model, digits.x_train, digits.y_train, epochs=15)
     return model.eval()
 
 

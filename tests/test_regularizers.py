@@ -21,6 +21,7 @@ from test_functional import (
     make_model,
     param_grads,
 )
+from train_loop import fit
 
 import fastrob
 from fastrob import _backend
@@ -330,16 +331,8 @@ def digits_net():
 def train_digits(digits, reg, epochs=6, batch=64):
     torch.manual_seed(0)
     model = digits_net()
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    n = len(digits.y_train)
-    for _ in range(epochs):
-        perm = torch.randperm(n)
-        for i in range(0, n, batch):
-            x, y = digits.x_train[perm[i:i + batch]], digits.y_train[perm[i:i + batch]]
-            loss = F.cross_entropy(model(x), y) if reg is None else reg(model, x, y).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit(model, digits.x_train, digits.y_train, None if reg is None else lambda m, x, y: reg(m, x, y).loss,
+        epochs=epochs, batch=batch)
     return model.eval()
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from test_functional import assert_same_grads, param_grads
+from train_loop import fit
 
 from fastrob.attacks import PGD, pgd
 from fastrob.metrics.sensitivity import (
@@ -285,23 +286,11 @@ def test_sns_bad_arguments(kwargs, err, name):
 def train_digits(digits, kind, epochs, eps=0.1):
     torch.manual_seed(0)
     model = MLP((1, 8, 8), 10, hidden=(64, 64))
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
     attack = PGD(model, eps=eps, alpha=2.5 * eps / 5, steps=5)
     sns = SNSRegularizer(eps=eps, steps=5, lam=1.0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(digits.y_train))
-        for i in range(0, len(perm), 64):
-            x, y = digits.x_train[perm[i:i + 64]], digits.y_train[perm[i:i + 64]]
-            if kind == "plain":
-                loss = F.cross_entropy(model(x), y)
-            elif kind == "pgd":
-                loss = adversarial_loss(model, x, y, attack).loss
-            else:
-                loss = sns(model, x, y).loss
-            assert torch.isfinite(loss)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    objective = {"plain": None, "pgd": lambda m, x, y: adversarial_loss(m, x, y, attack).loss,
+                 "sns": lambda m, x, y: sns(m, x, y).loss}[kind]
+    fit(model, digits.x_train, digits.y_train, objective, epochs=epochs, check_finite=True)
     return model.eval()
 
 

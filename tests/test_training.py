@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from train_loop import fit
 
 import fastrob.attacks as fa
 from fastrob.objective import Objective
@@ -141,17 +142,9 @@ def test_pgd_training_makes_a_digits_net_more_robust(digits):
     for kind in ("clean", "pgd"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-        opt = torch.optim.Adam(model.parameters(), 1e-2)
         attack = fa.PGD(model, eps=0.1, alpha=0.04, steps=3)
-        for _ in range(8):
-            perm = torch.randperm(len(y))
-            for i in range(0, len(perm), 64):
-                b = perm[i:i + 64]
-                loss = (F.cross_entropy(model(x[b]), y[b]) if kind == "clean"
-                        else adversarial_loss(model, x[b], y[b], attack).loss)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        fit(model, x, y, None if kind == "clean" else lambda m, xb, yb: adversarial_loss(m, xb, yb, attack).loss,
+            epochs=8, lr=1e-2)
         model.eval()
         torch.manual_seed(1)
         x_adv = fa.pgd(model, xt, yt, eps=0.1, alpha=0.02, steps=10)
