@@ -6,8 +6,9 @@ step fused into Triton and CUDA kernels behind pure-torch references. See the RE
 
 from importlib.metadata import PackageNotFoundError, version
 
-from fastrob import (attacks, data, distributed, functional, interpret, metrics, models, nn, ops, regularizers,
-                     training)
+from fastrob import (adversarial_training, attacks, data, distributed, functional, interpret, methods, metrics, models,
+                     nn, ops, regularizers)
+from fastrob.adversarial_training import adversarial_loss
 from fastrob.attacks import FGSM, PGD, PGDL2, adversarial_explanation, isa, pgd
 from fastrob.metrics import (accuracy_curve, ara, interpretation_discrepancy, kl_robustness, neuron_sensitivity,
                              neuron_sensitivity_metric, robust_accuracy)
@@ -15,7 +16,17 @@ from fastrob.objective import Objective
 from fastrob.ops import batch_norm, bias_act, cross_entropy, pgd_step, sqnorm
 from fastrob.regularizers import (InputGradientRegularizer, InterpretationRegularizer, JacobianRegularizer,
                                   JSIGRRegularizer, LipschitzRegularizer, SNSRegularizer)
-from fastrob.training import adversarial_loss
+
+
+def __getattr__(name):
+    # fastrob.training, renamed fastrob.adversarial_training: imported (with its deprecation
+    # warning) only when someone asks for it
+    if name == "training":
+        import importlib
+
+        return importlib.import_module("fastrob.training")
+    raise AttributeError(f"module 'fastrob' has no attribute {name!r}")
+
 
 try:
     __version__ = version("fastrob")
@@ -23,8 +34,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "attacks", "data", "distributed", "functional", "interpret", "metrics", "models", "nn", "ops", "regularizers",
-    "training",
+    "adversarial_training", "attacks", "data", "distributed", "functional", "interpret", "methods", "metrics", "models",
+    "nn", "ops", "regularizers",
     "InputGradientRegularizer", "InterpretationRegularizer", "JacobianRegularizer", "JSIGRRegularizer",
     "LipschitzRegularizer", "SNSRegularizer",
     "FGSM", "PGD", "PGDL2", "adversarial_explanation", "isa", "pgd", "adversarial_loss",

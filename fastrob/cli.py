@@ -313,21 +313,21 @@ def _checkpoint_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastrob import methods
     from fastrob.models import ACTIVATIONS, MODELS
-    from fastrob.trainer import METHODS
 
     parser = argparse.ArgumentParser(prog="fastrob", description="Fast robust and interpretable classification.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices and which backends can run here")
     p.set_defaults(func=_info)
 
+    attack_methods = ", ".join(m.name for m in methods.METHODS.values() if m.attack)
     p = sub.add_parser("train", help="train a model (plain, adversarial training or a regularizer); resumable",
                        description="Train a classifier and write checkpoint.pt, metrics.json and training.png to "
-                                   "--out. Adversarial methods (pgd, trades, half) and the attacks inside int, int_adv, "
-                                   "int2, int2_adv and sns use --eps/--alpha/--attack-steps/--norm; regularizers "
-                                   "use --lam (input_gradient default 0.1, jacobian 0.01, jsigr lam_jacobian 0.01, "
-                                   "int* 0.01, sns 1.0; lipschitz: psi, adaptive when not given) and jsigr also "
-                                   "--lam-saliency/--patch. Under "
+                                   f"--out. The methods with an attack ({attack_methods}) use "
+                                   "--eps/--alpha/--attack-steps/--norm; regularizers "
+                                   "use --lam (each method's default is listed under --method; lipschitz: a fixed psi, "
+                                   "adaptive when not given) and jsigr also --lam-saliency/--patch. Under "
                                    "'torchrun --nproc_per_node N -m fastrob train ...' it trains with "
                                    "DistributedDataParallel (gloo on cpu, nccl on cuda: rank r takes GPU r), "
                                    "--batch-size being the global batch; rank 0 prints and writes the files.")
@@ -336,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=None, help="resize images to SIZE x SIZE (digits: 8, 16 or 32)")
     p.add_argument("--model", choices=MODELS, default="mlp", help="architecture (default mlp)")
     p.add_argument("--activation", choices=ACTIVATIONS, default="relu", help="activation (default relu)")
-    p.add_argument("--method", choices=METHODS, default="none", help="training method (default none)")
-    p.add_argument("--eps", type=_float(), default=0.1, help="attack radius for pgd/trades/half (default 0.1)")
+    p.add_argument("--method", choices=methods.NAMES, default="none", help=methods.cli_help())
+    p.add_argument("--eps", type=_float(), default=0.1, help=f"attack radius of {attack_methods} (default 0.1)")
     p.add_argument("--alpha", type=_float(), default=None, help="attack step (default 2.5*eps/attack-steps)")
     p.add_argument("--attack-steps", type=_positive_int, default=7, help="attack steps (default 7)")
     p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="attack norm (default linf)")

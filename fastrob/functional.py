@@ -14,6 +14,7 @@ through the batch statistics, which is what an eager double-backprop user comput
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -194,17 +195,27 @@ def forward_pair(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
     return logits, captured[-1] if captured and isinstance(captured[-1], torch.Tensor) else logits
 
 
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-    """Per-sample cross-entropy in float32 at least (bf16 autocast logits lose too much in log-softmax).
+def per_sample_cross_entropy(logits: torch.Tensor, y: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """CE(z_b, y_b) = logsumexp(z_b) - z_b[y_b] per sample, [B], in float32 at least (bf16 autocast
+    logits lose too much in log-softmax); the regularizers' CE, unchecked.
 
-    ``backend`` other than "torch" runs ``fastrob.ops.cross_entropy`` (fused, twice differentiable;
-    "auto" uses the reference on CPU). Labels are not checked again here: ``forward`` did."""
+    ``backend`` other than "torch" runs ``fastrob.ops.cross_entropy`` (the public, checked op:
+    fused, twice differentiable, with reduction and label smoothing; "auto" uses the reference on
+    CPU). Labels are not checked again here: ``forward`` did."""
     name = resolve_backend(backend, logits, op="cross_entropy")
     if name != "torch":
         return cross_entropy_unchecked(logits, y, backend=name)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return F.cross_entropy(logits, y, reduction="none")
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """Deprecated name of ``per_sample_cross_entropy`` (easily confused with the public op
+    ``fastrob.ops.cross_entropy``, which reduces and checks its inputs)."""
+    warnings.warn("fastrob.functional.cross_entropy is deprecated: use fastrob.functional.per_sample_cross_entropy "
+                  "(or the checked op fastrob.ops.cross_entropy)", DeprecationWarning, stacklevel=2)
+    return per_sample_cross_entropy(logits, y, backend)
 
 
 @contextlib.contextmanager

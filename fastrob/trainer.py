@@ -23,22 +23,22 @@ from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastrob import distributed as dist_utils
+from fastrob import methods as method_registry
 from fastrob._checks import check_float, check_int, check_positive
 from fastrob.data import Dataset, load_dataset
 from fastrob.models import ACTIVATIONS, MODELS, build_model
 from fastrob.objective import Objective
 
-INTERPRETATION_KINDS = ("int", "int_adv", "int2", "int2_adv")  # seed 000, Boopathy et al.
-METHODS = ("none", "pgd", "trades", "half", "input_gradient", "jacobian", "jsigr", *INTERPRETATION_KINDS,
-           "lipschitz", "sns")
-# the regularizers' own defaults (README: Regularizers), used when --lam is not given; lipschitz
-# has none: without --lam its psi adapts (Woods et al.), with --lam psi is fixed to it
-DEFAULT_LAM = {"input_gradient": 0.1, "jacobian": 0.01, "jsigr": 0.01, "sns": 1.0,
-               **{kind: 0.01 for kind in INTERPRETATION_KINDS}}
+# the method list and each method's defaults live in one registry (fastrob.methods); these names
+# are kept for the code that imports them from here
+METHODS = method_registry.NAMES
+INTERPRETATION_KINDS = tuple(m.name for m in method_registry.METHODS.values() if m.warmup)  # Boopathy et al. 2020
+# the regularizers' default lam, used when --lam is not given; lipschitz has none: without --lam
+# its psi adapts (Woods et al. 2019), with --lam psi is fixed to it
+DEFAULT_LAM = {m.name: m.default_lam for m in method_registry.METHODS.values() if m.default_lam is not None}
 CHECKPOINT, METRICS, CURVE = "checkpoint.pt", "metrics.json", "training.png"
 
 
@@ -113,59 +113,15 @@ class TrainConfig:
 
 def describe(config: TrainConfig) -> str:
     """A short human name for the method and its parameters, e.g. 'PGD-AT linf eps=0.1'."""
-    m = config.method
-    if m == "none":
-        return "plain"
-    if m in ("pgd", "trades", "half"):
-        name = {"pgd": "PGD-AT", "trades": f"TRADES b={config.beta:g}", "half": "half-AT"}[m]
-        return f"{name} {config.norm} eps={config.eps:g}"
-    if m == "lipschitz":
-        return "Lipschitz psi=adaptive" if config.lam is None else f"Lipschitz psi={config.lam:g}"
-    lam = DEFAULT_LAM[m] if config.lam is None else config.lam
-    if m in INTERPRETATION_KINDS or m == "sns":
-        name = {"int": "Int", "int_adv": "Int-Adv", "int2": "Int2", "int2_adv": "Int2-Adv", "sns": "SNS"}[m]
-        return f"{name} lam={lam:g} {config.norm} eps={config.eps:g}"
-    if m == "jsigr":
-        return f"J-SIGR lam={lam:g},{config.lam_saliency:g}"
-    return f"{'input grad' if m == 'input_gradient' else 'Jacobian'} lam={lam:g}"
+    return method_registry.get(config.method).describe(config)
 
 
 def build_objective(config: TrainConfig, model, steps_per_epoch: int = 1
                     ) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Objective]:
-    """objective(model, x, y) -> Objective for the configured method (METHODS.md).
+    """objective(model, x, y) -> Objective for the configured method (fastrob.methods; docs/methods.md).
     ``steps_per_epoch`` (training batches per epoch) turns ``config.warmup`` into calls."""
-    from fastrob import attacks, interpret, regularizers
-    from fastrob.training import adversarial_loss
-
-    m = config.method
-    if m == "none":
-        def plain(model, x, y):
-            logits = model(x)
-            ce = F.cross_entropy(logits, y)
-            return Objective(loss=ce, ce=ce, penalty=ce.new_zeros(()), logits=logits)
-        return plain
-    alpha = config.alpha if config.alpha is not None else 2.5 * config.eps / config.attack_steps
-    if m in ("pgd", "trades", "half"):
-        cls = attacks.PGD if config.norm == "linf" else attacks.PGDL2
-        attack = cls(model, eps=config.eps, alpha=alpha, steps=config.attack_steps, random_start=True)
-        return lambda model, x, y: adversarial_loss(model, x, y, attack, kind=m, beta=config.beta)
-    if m == "lipschitz":
-        return regularizers.LipschitzRegularizer(psi=config.lam)
-    lam = DEFAULT_LAM[m] if config.lam is None else config.lam
-    if m in INTERPRETATION_KINDS:
-        # CAM for the cnn (its GAP head), input-gradient saliency for the others
-        warmup = None if config.warmup is None else tuple(round(w * steps_per_epoch) for w in config.warmup)
-        return regularizers.InterpretationRegularizer(m, lam=lam, eps=config.eps, alpha=alpha,
-                                                      steps=config.attack_steps, norm=config.norm, warmup=warmup,
-                                                      map=interpret.default_map(dist_utils.unwrap(model)))
-    if m == "sns":
-        return regularizers.SNSRegularizer(eps=config.eps, alpha=alpha, steps=config.attack_steps, norm=config.norm,
-                                           lam=lam)
-    if m == "input_gradient":
-        return regularizers.InputGradientRegularizer(lam=lam)
-    if m == "jacobian":
-        return regularizers.JacobianRegularizer(lam=lam)
-    return regularizers.JSIGRRegularizer(lam_jacobian=lam, lam_saliency=config.lam_saliency, patch=config.patch)
+    method = method_registry.get(config.method)
+    return method.build(config, model, method.lam(config), steps_per_epoch)
 
 
 @torch.no_grad()

@@ -125,7 +125,7 @@ def objectives(rank):
     on the concatenated batch), for a model that is DDP-wrapped on the ranks."""
     import fastrob
     from fastrob.attacks import pgd
-    from fastrob.training import adversarial_loss
+    from fastrob.adversarial_training import adversarial_loss
 
     R = fastrob.regularizers
     shard = BATCH // WORLD
@@ -375,7 +375,7 @@ def evaluate(model, data, rank=0, **kw):
     """Every distributed metric on ``data`` (a DDP model on the ranks), as plain numbers."""
     import fastrob.attacks as fa
     from fastrob.metrics import accuracy_curve, ara, kl_robustness, robust_accuracy
-    from fastrob.metrics.interpretation import interpretation_discrepancy
+    from fastrob.metrics.map_discrepancy import interpretation_discrepancy
     from fastrob.metrics.sensitivity import neuron_sensitivity_metric
 
     attack = fa.PGD(model, eps=0.1, alpha=0.025, steps=5, random_start=False)

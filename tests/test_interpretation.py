@@ -13,7 +13,7 @@ from torch.autograd.functional import jacobian
 from train_loop import fit
 
 import fastrob
-from fastrob.metrics.interpretation import discrepancy, interpretation_discrepancy
+from fastrob.metrics.map_discrepancy import discrepancy, interpretation_discrepancy
 from fastrob.models import SmallCNN
 from fastrob.ops.pgd_step import pgd_step_reference
 from fastrob.regularizers.interpretation import InterpretationRegularizer

@@ -23,7 +23,7 @@ from fastrob.metrics.sensitivity import (
 )
 from fastrob.models import MLP
 from fastrob.regularizers.sns import SNSRegularizer
-from fastrob.training import adversarial_loss
+from fastrob.adversarial_training import adversarial_loss
 
 
 def tiny_cnn(bn=False, seed=0):

@@ -15,7 +15,7 @@ from fastrob._checks import (check_float, check_generator, check_int, check_labe
 from fastrob.attacks.pgd import _random_start, attack_context, margin_loss
 from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
-from fastrob.metrics.interpretation import KINDS, discrepancy
+from fastrob.metrics.map_discrepancy import KINDS, discrepancy
 from fastrob.ops.pgd_step import NORMS, pgd_step
 
 

@@ -17,7 +17,7 @@ rank the global result (``fastrob.metrics._common.shard``, docs/distributed.md).
 """
 
 from fastrob.metrics.ara import ARAResult, ara, ara_from_radii
-from fastrob.metrics.interpretation import InterpretationDiscrepancy, discrepancy, interpretation_discrepancy
+from fastrob.metrics.map_discrepancy import InterpretationDiscrepancy, discrepancy, interpretation_discrepancy
 from fastrob.metrics.kl import KLRobustness, kl_robustness
 from fastrob.metrics.robust import AccuracyCurve, RobustAccuracy, accuracy_curve, robust_accuracy
 from fastrob.metrics.sensitivity import (

@@ -13,8 +13,8 @@ from fastrob._checks import check_float, check_generator, check_int, check_logit
 from fastrob.distributed import unwrap
 from fastrob.attacks.pgd import _random_start, attack_context, pgd
 from fastrob.interpret import map_function
-from fastrob.metrics.interpretation import KINDS as DISCREPANCIES
-from fastrob.metrics.interpretation import discrepancy
+from fastrob.metrics.map_discrepancy import KINDS as DISCREPANCIES
+from fastrob.metrics.map_discrepancy import discrepancy
 from fastrob.objective import Objective
 from fastrob.ops.pgd_step import NORMS, pgd_step
 from fastrob.regularizers.input_gradient import check_backend

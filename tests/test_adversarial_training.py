@@ -1,4 +1,4 @@
-"""fastrob.training.adversarial_loss: Madry PGD-AT, TRADES, half-and-half."""
+"""fastrob.adversarial_training.adversarial_loss: Madry PGD-AT, TRADES, half-and-half."""
 
 import copy
 
@@ -10,7 +10,7 @@ from train_loop import fit
 
 import fastrob.attacks as fa
 from fastrob.objective import Objective
-from fastrob.training import adversarial_loss
+from fastrob.adversarial_training import adversarial_loss
 
 
 def make_net():
