@@ -1,5 +1,5 @@
 """Shared benchmark plumbing: timing (CUDA events on GPU, wall clock on CPU) and the long-format
-results CSV, bench/results/<device>.csv (DESIGN.md, Benchmarks)."""
+results CSV, bench/results/<device>.csv (docs/design.md#benchmarks)."""
 
 from __future__ import annotations
 

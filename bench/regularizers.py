@@ -7,7 +7,7 @@ CPU, a small conv net with BatchNorm and softplus, CIFAR-shaped batches (128x3x3
 SGD step). References: eager double backprop for the input gradient; Hoffman et al.'s
 jacobian_regularizer loop (one autograd.grad per projection) for the Jacobian, plus the two
 batchings the issue considered (is_grads_batched, and an input-space finite-difference
-estimator). The seed methods (3-step PGD at eps 8/255): Int2 with 1-class saliency maps against
+estimator). The paper methods (3-step PGD at eps 8/255): Int2 with 1-class saliency maps against
 the eager version a user writes, Lipschitz (fixed psi) against Woods et al.'s eager double
 backprop, SNS against eager PGD adversarial training. Providers are timed round-robin (median over rounds), so that load on a shared
 machine hits them alike. Peak memory is the rise of the
@@ -100,7 +100,7 @@ def plain(model, x, y):
     return F.cross_entropy(model(x), y)
 
 
-# ---- the seed methods (METHODS.md seeds 000-002), with short attacks to keep CPU runs short ----
+# ---- the paper methods (docs/methods.md: Boopathy, Woods, Zhang-Liu et al.), with short attacks to keep CPU runs short ----
 
 SEED_EPS, SEED_STEPS, LAM_INT = 8 / 255, 3, 0.01
 

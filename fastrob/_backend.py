@@ -1,6 +1,6 @@
 """Which backends exist on this machine, and which one an op runs on.
 
-Three backends implement every fused op (DESIGN.md, Backends and dispatch):
+Three backends implement every fused op (docs/design.md#backends-and-dispatch):
   torch   the pure-torch reference: any device, any floating dtype; what ``auto`` uses on CPU
   triton  Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (for testing)
   cuda    the fastrob._C extension: CUDA tensors only

@@ -1,4 +1,4 @@
-"""Interpretation maps (METHODS.md, seed 000): class activation maps (CAM), Grad-CAM, input-gradient
+"""Interpretation maps (Boopathy et al. 2020; docs/methods.md#interpretation-aware-training): class activation maps (CAM), Grad-CAM, input-gradient
 saliency and integrated gradients, batched over samples and classes and differentiable.
 
 Every function takes ``classes``: None (all C classes), an int tensor [B] (one class per sample,
@@ -211,7 +211,7 @@ def integrated_gradients(model, x: torch.Tensor, classes=None, *, baseline: Opti
                          steps: int = 5, batch_size: Optional[int] = None, create_graph: bool = True,
                          return_logits: bool = False):
     """Integrated gradients (Sundararajan et al. 2017) by a right Riemann sum of ``steps`` points
-    (METHODS.md: 5 steps in the authors' code):
+    (5 steps in Boopathy et al.'s code; docs/methods.md#interpretation-aware-training):
         IG_c(x) = (x - x0) * (1/m) sum_{i=1..m} d z_c / d x |_{x0 + (i/m)(x - x0)},   m = steps,
     at input resolution, [B, K, *x.shape[1:]]. Completeness: sum over the map of IG_c tends to
     z_c(x) - z_c(x0) as m grows (exactly for a model linear along the path).

@@ -3,7 +3,7 @@ each with a selectable activation ("relu", "softplus", "half_huber").
 
 Why the activation matters: a ReLU network is piecewise linear, so gradient penalties cannot
 smooth it (ReLU'' = 0 almost everywhere). Softplus and the half-Huber ReLU of Woods et al.
-(METHODS.md, seed 001) have a second derivative that is non-zero where it matters.
+(2019; docs/methods.md#adversarial-explanations) have a second derivative that is non-zero where it matters.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class SmallCNN(nn.Module):
 
     With A(x) the last feature map (K channels) and W, b the head, the class activation map is
     I_c(x) = Σ_k W_{c,k} A_k(x) and the logit z_c = mean_{h,w} I_c(x) + b_c (Zhou et al. 2016;
-    METHODS.md, seed 000), so ``cam(x)`` explains exactly what the head computes.
+    docs/methods.md#interpretation-aware-training), so ``cam(x)`` explains exactly what the head computes.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32,

@@ -1,5 +1,5 @@
 """Pictures (matplotlib, Agg backend, PNG): training curves, accuracy-vs-eps for several models,
-ARA curves with their area shaded, seed 004's decision and loss surfaces, and saliency/CAM grids.
+ARA curves with their area shaded, Yu et al.'s (2019) decision and loss surfaces, and saliency/CAM grids.
 
 Each ``plot`` function writes one PNG and returns its path; the computations behind the surfaces
 and maps (``surface``, ``saliency``) are plain functions returning tensors, for users who plot
@@ -108,7 +108,7 @@ def ara_curves(results: Mapping[str, object], path: str, title: str = "") -> str
 
 def surface(model, x: torch.Tensor, y: torch.Tensor, span: float = 0.3, resolution: int = 41,
             seed: int = 0) -> dict:
-    """Seed 004's input-space view around each sample: over the plane x + a·u + b·v,
+    """Yu et al.'s (2019) input-space view around each sample: over the plane x + a·u + b·v,
     a, b in [-span, span], u = sign(∇ₓ CE) (the FGSM direction) and v a random ±1 vector, so that u
     and v have the same norms (Linf 1, L2 √d) and (a, b) read as Linf distances. Returns
     {"a": [R], "b": [R], "margin": [B, R, R], "loss": [B, R, R]} with the decision surface

@@ -115,7 +115,7 @@ def eager_jacobian(model, x, y, v):
 
 def projections(seed, n_proj, rows, classes=10):
     """The vectors JacobianRegularizer(generator=Generator().manual_seed(seed)) draws: normalised
-    Gaussians of shape [P, rows, C] (METHODS.md: uniform on the unit sphere)."""
+    Gaussians of shape [P, rows, C] (Hoffman et al. 2019: uniform on the unit sphere)."""
     v = torch.randn(n_proj, rows, classes, generator=torch.Generator().manual_seed(seed))
     return v / v.norm(dim=-1, keepdim=True)
 
@@ -166,26 +166,26 @@ def objectives(rank):
                    lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="trades", beta=6.0).loss),
         "pgd": (lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="pgd").loss,
                 lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="pgd").loss),
-        "half (seed 001, Woods et al.)": (lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="half").loss,
+        "half (Woods et al. 2019)": (lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="half").loss,
                                           half_reference),
-        # seed 000 (Boopathy et al.): saliency maps (the MLP has no CAM head), so the penalty is a
+        # Boopathy et al. 2020: saliency maps (the MLP has no CAM head), so the penalty is a
         # double backprop too; deterministic inner attacks. int runs its own map-driven attack loop,
         # int2_adv the pgd engine and the CE at x*.
         # int's attack needs a random start (D has zero gradient at x' = x): rank r draws it from
         # a generator seeded 100 + r; the reference is one process over the same two shards with
         # the same draws (the mean of the shards' objectives is the full batch's, for equal shards)
-        "int (seed 000)": (
+        "int (Boopathy et al.)": (
             interpretation("int", seed=100 + rank),
             lambda m, x, y: sum(interpretation("int", seed=100 + r)(m, x[r * shard:(r + 1) * shard],
                                                                      y[r * shard:(r + 1) * shard])
                                 for r in range(WORLD)) / WORLD),
-        "int2_adv (seed 000)": (interpretation("int2_adv"), interpretation("int2_adv")),
-        # seed 001 (Woods et al.): zeta = 1 (always the margin) and a fixed psi make it
+        "int2_adv (Boopathy et al.)": (interpretation("int2_adv"), interpretation("int2_adv")),
+        # Woods et al. 2019: zeta = 1 (always the margin) and a fixed psi make it
         # deterministic; the random-logit choice and the adaptive psi are per rank
-        "lipschitz margin (seed 001)": (lipschitz, lipschitz),
-        # seed 002 (Zhang et al.): k = 1.0 (all channels); a top-k selection is made on each
+        "lipschitz margin (Woods et al.)": (lipschitz, lipschitz),
+        # Zhang, Liu et al. 2019: k = 1.0 (all channels); a top-k selection is made on each
         # rank's shard, as BatchNorm's statistics are
-        "sns all channels (seed 002)": (sns, sns),
+        "sns all channels (Zhang, Liu et al.)": (sns, sns),
     }
 
 

@@ -1,4 +1,4 @@
-"""Adversarial explanations (Woods et al., seed 001): the batched implementation against a
+"""Adversarial explanations (Woods et al. 2019): the batched implementation against a
 one-sample-at-a-time transcription of the scheme, the RMSE guarantees, the target is approached on
 a trained digits model, the model's state is restored, bad input, and the picture grid."""
 
@@ -17,7 +17,7 @@ from fastrob.models import MLP
 
 
 def reference_explanation(model, x, target, rho, overshoot, steps):
-    """The scheme as METHODS.md / the authors' loop state it, one sample at a time, no projection."""
+    """The scheme as docs/methods.md#adversarial-explanations and the authors' loop state it, one sample at a time, no projection."""
     out = []
     total = rho * overshoot
     for b in range(x.shape[0]):

@@ -1,4 +1,4 @@
-"""Seed 000's interpretation discrepancy and the Int / Int-Adv / Int2 / Int2-Adv regularizers against
+"""Boopathy et al.'s (2020) interpretation discrepancy and the Int / Int-Adv / Int2 / Int2-Adv regularizers against
 brute force (explicit loops for D, explicit CAM and Jacobian maps, a hand-written PGD loop, float64),
 the eps warm-up, the model's state, the dataset metric, and the paper's claim on digits: Int/Int2
 training lowers the interpretation discrepancy under attack."""

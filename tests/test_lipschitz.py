@@ -1,4 +1,4 @@
-"""The Lipschitz-inspired regularizer of Woods et al. (seed 001): the output choice, the objective
+"""The Lipschitz-inspired regularizer of Woods et al. 2019: the output choice, the objective
 and its parameter gradients against brute force (explicit Jacobians and per-sample loops, float64),
 the adaptive psi rule against a hand computation, checkpointing its state, and the digits claim
 (smaller input gradients than a plain model)."""

@@ -1,4 +1,4 @@
-"""Neuron sensitivity and the SNS regularizer (seed 002): sigma against a per-sample, per-channel
+"""Neuron sensitivity and the SNS regularizer (Zhang, Liu et al. 2019): sigma against a per-sample, per-channel
 brute force, layer choice, top-k, hooks removed after success and after an exception, the SNS
 objective and its parameter gradients against brute force (float64), and the digits claim: an
 adversarially trained model has lower mean neuron sensitivity than a plain one, SNS lower still."""

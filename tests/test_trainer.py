@@ -1,4 +1,4 @@
-"""fastrob.trainer: the seed methods behind `fastrob train --method`, and checkpoints that carry an
+"""fastrob.trainer: the paper methods (docs/methods.md) behind `fastrob train --method`, and checkpoints that carry an
 objective's own state (the Lipschitz regularizer's adaptive psi, the Int warm-up position)."""
 
 import math

@@ -6,12 +6,12 @@ rank the global result (``fastrob.metrics._common.shard``, docs/distributed.md).
 
 - ``robust_accuracy(model, data, attack)``: accuracy under any attack(x, y) -> x_adv.
 - ``accuracy_curve(model, data, eps_list, norm)``: PGD robust accuracy over eps, with compaction.
-- ``ara(model, data, n, kind)``: the accuracy-robustness area (METHODS.md, seed 001).
-- ``kl_robustness(model, data, eps, norm, steps)``: the prediction-divergence bound (seed 004).
+- ``ara(model, data, n, kind)``: the accuracy-robustness area (Woods et al. 2019; docs/methods.md#adversarial-explanations).
+- ``kl_robustness(model, data, eps, norm, steps)``: the prediction-divergence bound (Yu et al. 2019).
 - ``interpretation_discrepancy(model, data, attack)``: how much the interpretation maps move
-  under an attack (seed 000); ``discrepancy`` is the per-sample D1/D2.
+  under an attack (Boopathy et al. 2020); ``discrepancy`` is the per-sample D1/D2.
 - ``neuron_sensitivity_metric(model, data)`` / ``neuron_sensitivity(model, x, x_adv)``: per-channel
-  sensitivity sigma(l, c) (seed 002); ``top_k_sensitive`` picks the most sensitive channels.
+  sensitivity sigma(l, c) (Zhang, Liu et al. 2019); ``top_k_sensitive`` picks the most sensitive channels.
 
 ``fastrob.evaluation.EVAL_METRICS`` lists which of them ``fastrob eval`` and the demo report.
 """

@@ -1,4 +1,4 @@
-"""Seed 000's interpretation discrepancy (Boopathy et al., ICML 2020): how much an input's
+"""The interpretation discrepancy D of Boopathy et al. (ICML 2020): how much an input's
 interpretation maps change under a perturbation, per sample and over a data set."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ KINDS = ("2class", "1class")
 
 def discrepancy(maps_clean: torch.Tensor, maps_adv: torch.Tensor, y: torch.Tensor,
                 logits_adv: Optional[torch.Tensor] = None, kind: str = "2class") -> torch.Tensor:
-    """The l1 interpretation discrepancy per sample, [B] (METHODS.md, seed 000):
+    """The l1 interpretation discrepancy per sample, [B] (docs/methods.md#interpretation-aware-training):
         1-class:  D1(x, x') = ||I_y(x') - I_y(x)||_1
         2-class:  D2(x, x') = D1 + sum_{c != y} p~_c(x') ||I_c(x') - I_c(x)||_1,
     p~ = softmax(z(x')) restricted to the classes c != y and renormalised, i.e. the softmax of the
@@ -76,7 +76,7 @@ def discrepancy(maps_clean: torch.Tensor, maps_adv: torch.Tensor, y: torch.Tenso
 class InterpretationDiscrepancy:
     """mean: the average discrepancy D(x, attack(x)) over the data; values: D per sample [n];
     fooled: whether the attack changed the prediction away from y, per sample [n]; map, kind: which
-    maps and which discrepancy (METHODS.md, seed 000)."""
+    maps and which discrepancy (docs/methods.md#interpretation-aware-training)."""
 
     mean: float
     values: torch.Tensor = field(repr=False)

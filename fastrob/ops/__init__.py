@@ -1,5 +1,5 @@
 """Fused ops. Each has one public function with ``backend="auto"|"torch"|"triton"|"cuda"`` and a
-pure-torch ``*_reference`` that defines what it computes (DESIGN.md, Backends and dispatch)."""
+pure-torch ``*_reference`` that defines what it computes (docs/design.md#backends-and-dispatch)."""
 
 from fastrob.ops.batch_norm import batch_norm, batch_norm_reference
 from fastrob.ops.bias_act import bias_act, bias_act_reference

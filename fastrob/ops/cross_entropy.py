@@ -8,7 +8,7 @@ Per row, q = (1 - e) onehot(y) + e / C (e = label_smoothing), p = softmax(z):
 The forward saves only the logits and the row's logsumexp; the backward is an op whose own
 backward (the product above plus the gradient for the incoming gl) is one fused kernel. This is
 what an input-gradient penalty differentiates: the penalty's parameter gradient runs through the
-CE backward (DESIGN.md, Backends and dispatch: the stylegan2-ada pattern).
+CE backward (the stylegan2-ada pattern, docs/design.md#backends-and-dispatch).
 """
 
 from __future__ import annotations
