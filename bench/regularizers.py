@@ -100,7 +100,7 @@ def plain(model, x, y):
     return F.cross_entropy(model(x), y)
 
 
-# ---- the paper methods (docs/methods.md: Boopathy, Woods, Zhang-Liu et al.), with short attacks to keep CPU runs short ----
+# ---- the paper methods (docs/methods.md: Boopathy, Woods, Zhang-Liu et al.), short attacks for short CPU runs ----
 
 SEED_EPS, SEED_STEPS, LAM_INT = 8 / 255, 3, 0.01
 

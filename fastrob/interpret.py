@@ -1,5 +1,6 @@
-"""Interpretation maps (Boopathy et al. 2020; docs/methods.md#interpretation-aware-training): class activation maps (CAM), Grad-CAM, input-gradient
-saliency and integrated gradients, batched over samples and classes and differentiable.
+"""Interpretation maps (Boopathy et al. 2020; docs/methods.md#interpretation-aware-training): class
+activation maps (CAM), Grad-CAM, input-gradient saliency and integrated gradients, batched over samples
+and classes and differentiable.
 
 Every function takes ``classes``: None (all C classes), an int tensor [B] (one class per sample,
 e.g. the labels y) or [B, K] (K classes per sample), and returns maps [B, K, ...] whose row

@@ -9,8 +9,9 @@ Formulas, defaults and papers: docs/methods.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -41,20 +42,20 @@ class Method:
     display: str
     help: str
     build: Callable[..., Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Objective]]
-    details: Callable[["TrainConfig", float | None], str]
+    details: Callable[[TrainConfig, float | None], str]
     default_lam: float | None = None
     attack: bool = False
     warmup: bool = False
 
-    def describe(self, config: "TrainConfig") -> str:
+    def describe(self, config: TrainConfig) -> str:
         details = self.details(config, self.lam(config))
         return f"{self.display} {details}" if details else self.display
 
-    def lam(self, config: "TrainConfig") -> float | None:
+    def lam(self, config: TrainConfig) -> float | None:
         return self.default_lam if config.lam is None else config.lam
 
 
-def attack_alpha(config: "TrainConfig") -> float:
+def attack_alpha(config: TrainConfig) -> float:
     """The attack step: ``config.alpha``, or 2.5·eps/attack_steps (Madry et al.'s rule) when None."""
     return config.alpha if config.alpha is not None else 2.5 * config.eps / config.attack_steps
 

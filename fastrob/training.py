@@ -3,7 +3,9 @@
 
 import warnings
 
-from fastrob.adversarial_training import KINDS, adversarial_loss  # noqa: F401
+from fastrob.adversarial_training import KINDS, adversarial_loss
+
+__all__ = ["KINDS", "adversarial_loss"]
 
 warnings.warn("fastrob.training is deprecated: import adversarial_loss from fastrob.adversarial_training (or "
               "fastrob.adversarial_loss)", DeprecationWarning, stacklevel=2)

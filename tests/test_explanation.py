@@ -17,7 +17,8 @@ from fastrob.models import MLP
 
 
 def reference_explanation(model, x, target, rho, overshoot, steps):
-    """The scheme as docs/methods.md#adversarial-explanations and the authors' loop state it, one sample at a time, no projection."""
+    """The scheme as docs/methods.md#adversarial-explanations and the authors' loop state it, one sample at
+    a time, no projection."""
     out = []
     total = rho * overshoot
     for b in range(x.shape[0]):

@@ -45,7 +45,7 @@ def test_fastrob_training_attribute_still_resolves():
     with pytest.warns(DeprecationWarning):
         assert fastrob.training.adversarial_loss is fastrob.adversarial_loss
     with pytest.raises(AttributeError, match="no attribute 'trainingg'"):
-        fastrob.trainingg
+        _ = fastrob.trainingg
 
 
 def test_the_functional_cross_entropy_is_renamed():

@@ -6,7 +6,8 @@ rank the global result (``fastrob.metrics._common.shard``, docs/distributed.md).
 
 - ``robust_accuracy(model, data, attack)``: accuracy under any attack(x, y) -> x_adv.
 - ``accuracy_curve(model, data, eps_list, norm)``: PGD robust accuracy over eps, with compaction.
-- ``ara(model, data, n, kind)``: the accuracy-robustness area (Woods et al. 2019; docs/methods.md#adversarial-explanations).
+- ``ara(model, data, n, kind)``: the accuracy-robustness area (Woods et al. 2019;
+  docs/methods.md#adversarial-explanations).
 - ``kl_robustness(model, data, eps, norm, steps)``: the prediction-divergence bound (Yu et al. 2019).
 - ``interpretation_discrepancy(model, data, attack)``: how much the interpretation maps move
   under an attack (Boopathy et al. 2020); ``discrepancy`` is the per-sample D1/D2.

@@ -3,8 +3,9 @@
 
 import warnings
 
-from fastrob.metrics.map_discrepancy import (KINDS, InterpretationDiscrepancy, discrepancy,  # noqa: F401
-                                             interpretation_discrepancy)
+from fastrob.metrics.map_discrepancy import KINDS, InterpretationDiscrepancy, discrepancy, interpretation_discrepancy
+
+__all__ = ["KINDS", "InterpretationDiscrepancy", "discrepancy", "interpretation_discrepancy"]
 
 warnings.warn("fastrob.metrics.interpretation is deprecated: import from fastrob.metrics.map_discrepancy (or "
               "fastrob.metrics)", DeprecationWarning, stacklevel=2)

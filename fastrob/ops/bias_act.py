@@ -5,8 +5,8 @@ custom ops.
     y = f(x + b),  dx = dy f'(x + b),  and the backward is an op whose backward
     (d_dy = V f', d_x = V dy f'') is one fused kernel; db sums dx over the non-bias dimensions.
 
-f is one of relu, softplus, gelu, silu and half_huber (Woods et al.'s half-Huber ReLU, the
-activation of Woods et al. 2019, docs/methods.md#adversarial-explanations): every one but relu has a non-zero second derivative, which
+f is one of relu, softplus, gelu, silu and half_huber (the half-Huber ReLU of Woods et al. 2019,
+docs/methods.md#adversarial-explanations): every one but relu has a non-zero second derivative, which
 is what lets a gradient penalty's parameter gradient see the activation's curvature.
 """
 

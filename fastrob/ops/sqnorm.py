@@ -5,7 +5,8 @@ and the ``fastrob::sqnorm_{triton,cuda}`` custom ops with twice-differentiable b
     backward (d_g = 2 go V, d_go = 2 sum g V) is one fused kernel.
 
 This is the last step of an input-gradient penalty: the penalty's parameter gradient runs back
-through it, so it sits inside the double backward (stylegan2-ada's bias_act pattern, docs/design.md#backends-and-dispatch).
+through it, so it sits inside the double backward (stylegan2-ada's bias_act pattern,
+docs/design.md#backends-and-dispatch).
 """
 
 from __future__ import annotations
