@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, devices and which backends can run here")
     p.set_defaults(func=_info)
 
-    attack_methods = ", ".join(m.name for m in methods.METHODS.values() if m.attack)
+    attack_methods = ", ".join(m.name for m in methods.REGISTRY.values() if m.attack)
     p = sub.add_parser("train", help="train a model (plain, adversarial training or a regularizer); resumable",
                        description="Train a classifier and write checkpoint.pt, metrics.json and training.png to "
                                    f"--out. The methods with an attack ({attack_methods}) use "

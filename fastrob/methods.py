@@ -3,7 +3,7 @@ everything the trainer and the CLI need to know about it (how to build its objec
 regularizer weight, its display name, its help text).
 
 ``fastrob.trainer.describe`` and ``fastrob.trainer.build_objective``, ``TrainConfig.check`` and the
-CLI's ``--method`` choices and help all read ``METHODS``; adding a method is adding one entry here.
+CLI's ``--method`` choices and help all read ``REGISTRY``; adding a method is adding one entry here.
 Formulas, defaults and papers: docs/methods.md.
 """
 
@@ -182,21 +182,21 @@ _ENTRIES = (
            _lam_attack_details, default_lam=1.0, attack=True),
 )
 
-METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
-NAMES = tuple(METHODS)
+REGISTRY: dict[str, Method] = {m.name: m for m in _ENTRIES}
+NAMES = tuple(REGISTRY)
 
 
 def get(name: str) -> Method:
     """The registry entry of ``name``; ValueError naming the choices otherwise."""
-    if name not in METHODS:
+    if name not in REGISTRY:
         raise ValueError(f"method must be one of {NAMES}, got {name!r}")
-    return METHODS[name]
+    return REGISTRY[name]
 
 
 def cli_help() -> str:
     """The ``--method`` help: every method with its default lam, generated from the registry."""
     lines = []
-    for m in METHODS.values():
+    for m in REGISTRY.values():
         lam = "" if m.default_lam is None else f" (default lam {m.default_lam:g})"
         lines.append(f"{m.name}: {m.help}{lam}")
     return "training method (default none); " + "; ".join(lines)

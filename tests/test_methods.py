@@ -61,7 +61,7 @@ def _method_action(parser):
 def test_the_cli_offers_the_registry():
     action = _method_action(build_parser())
     assert tuple(action.choices) == methods.NAMES
-    for m in methods.METHODS.values():  # every method and its default lam are in the help
+    for m in methods.REGISTRY.values():  # every method and its default lam are in the help
         assert f"{m.name}: {m.help}" in action.help
         if m.default_lam is not None:
             assert f"{m.name}: {m.help} (default lam {m.default_lam:g})" in action.help
