@@ -121,9 +121,11 @@ def _pgd_step_triton(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tens
                      eps_per_sample: Optional[torch.Tensor], alpha_per_sample: Optional[torch.Tensor], eps: float,
                      alpha: float, norm: str, lower: float, upper: float) -> torch.Tensor:
     from fastrob.triton import pgd_step as kernels  # imports triton only when first used
+    from fastrob.triton._common import on_device_of
 
     out = torch.empty_like(x_adv)
-    kernels.pgd_step(x_adv, grad, x_orig, out, eps_per_sample, alpha_per_sample, eps, alpha, norm, lower, upper)
+    with on_device_of(x_adv):
+        kernels.pgd_step(x_adv, grad, x_orig, out, eps_per_sample, alpha_per_sample, eps, alpha, norm, lower, upper)
     return out
 
 

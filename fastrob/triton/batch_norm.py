@@ -57,7 +57,7 @@ def _bn_reduce_kernel(x_ptr, gy_ptr, v_ptr, mean_ptr, invstd_ptr, part_ptr, C, S
     """Partial sums over rows [split * chunk, (split + 1) * chunk) of a block of channels.
     MODE 0: sum(x - K), sum((x - K)^2); 1: sum(gy), sum(gy xhat);
     2: those two and sum(V), sum(V xhat), sum(V gy). part is [splits, 5, C]."""
-    split = tl.program_id(1)
+    split = tl.program_id(1).to(tl.int64)  # split * chunk exceeds int32 for M > 2^31 rows
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     col_off = (cols.to(tl.int64) * sc)[None, :]

@@ -19,6 +19,9 @@ import triton.language as tl
 MAX_SAMPLE_IN_ONE_PROGRAM = 16384
 L2_CHUNK = 4096
 LINF_BLOCK = 1024
+# The smallest normal float32 (torch.finfo(torch.float32).tiny), the reference's clamp of the norms. A
+# subnormal clamp (1e-38) is flushed to 0 by the compiled sqrt.approx.ftz / div on sm_90: alpha / 0.
+FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
@@ -61,10 +64,10 @@ def _pgd_step_l2_sample_kernel(x_adv_ptr, grad_ptr, x_orig_ptr, out_ptr, eps_ptr
     if ALPHA_PER_SAMPLE:
         alpha = tl.load(alpha_ptr + b)
     gg = tl.sum(g * g, axis=0)
-    s = tl.where(gg > 0, alpha / tl.sqrt(tl.maximum(gg, 1e-38)), 0.0)
+    s = tl.where(gg > 0, alpha / tl.maximum(tl.sqrt(gg), FLT_MIN), 0.0)
     d = d + s * g
     norm = tl.sqrt(tl.sum(d * d, axis=0))
-    f = tl.where(norm > eps, eps / tl.maximum(norm, 1e-38), 1.0)
+    f = tl.where(norm > eps, eps / tl.maximum(norm, FLT_MIN), 1.0)
     out = _clamp(xo + f * d, lower, upper)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -106,9 +109,9 @@ def _pgd_step_l2_apply_kernel(x_adv_ptr, grad_ptr, x_orig_ptr, out_ptr, partials
         eps = tl.load(eps_ptr + b)
     if ALPHA_PER_SAMPLE:
         alpha = tl.load(alpha_ptr + b)
-    s = tl.where(gg > 0, alpha / tl.sqrt(tl.maximum(gg, 1e-38)), 0.0)
+    s = tl.where(gg > 0, alpha / tl.maximum(tl.sqrt(gg), FLT_MIN), 0.0)
     norm = tl.sqrt(tl.maximum(dd + 2.0 * s * dg + s * s * gg, 0.0))
-    f = tl.where(norm > eps, eps / tl.maximum(norm, 1e-38), 1.0)
+    f = tl.where(norm > eps, eps / tl.maximum(norm, FLT_MIN), 1.0)
     local = c * BLOCK + tl.arange(0, BLOCK)
     mask = local < per_sample
     offs = b * per_sample + local
