@@ -54,7 +54,7 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, *, a
     """One projected gradient step, fused into one kernel on the triton and cuda backends.
 
     Each input is read once and the result written once, except for L2 steps on samples of more
-    than 16384 elements, which read the inputs twice (per-sample sums first, then the update).
+    than 16384 elements (8192 on Triton), which read the inputs twice (per-sample sums first, then the update).
 
     Args:
         x_adv: the current iterate, [B, ...] (NCHW images, or any shape with the batch first).

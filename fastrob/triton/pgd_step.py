@@ -16,7 +16,9 @@ import triton.language as tl
 
 # Samples up to this many elements are stepped by one program holding the whole sample, so each
 # input is read once; larger ones take two passes (per-chunk partial sums, then the update).
-MAX_SAMPLE_IN_ONE_PROGRAM = 16384
+# 8192: a 16384-element program (16 warps, 128 registers a thread at most) spilled 144-256 bytes a
+# thread on sm_80/sm_90; 8192 on 8 warps may use 255 (bench/aot_compile.py reports it).
+MAX_SAMPLE_IN_ONE_PROGRAM = 8192
 L2_CHUNK = 4096
 LINF_BLOCK = 1024
 # The smallest normal float32 (torch.finfo(torch.float32).tiny), the reference's clamp of the norms. A
