@@ -21,8 +21,10 @@ import triton.language as tl
 MAX_SAMPLE_IN_ONE_PROGRAM = 8192
 L2_CHUNK = 4096
 LINF_BLOCK = 1024
-# The smallest normal float32 (torch.finfo(torch.float32).tiny), the reference's clamp of the norms. A
-# subnormal clamp (1e-38) is flushed to 0 by the compiled sqrt.approx.ftz / div on sm_90: alpha / 0.
+# The smallest normal float32 (torch.finfo(torch.float32).tiny), the reference's clamp of the norms,
+# applied after the sqrt. A subnormal literal (1e-38) misbehaved on both Triton versions: 3.9 compiled
+# max(gg, 1e-38) before sqrt.approx.ftz, which flushes it to 0 (alpha / 0); 3.6 types that literal
+# float64, so the whole step ran in float64 (and its interpreter rounded the bfloat16 results wrongly).
 FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
 
 
