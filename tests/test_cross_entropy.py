@@ -162,3 +162,24 @@ def test_gpu_backends_equal_reference(backend, dtype, rows, cols, smoothing):
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
     assert_derivatives_close(lambda t, y: cross_entropy(t, y, "mean", smoothing, backend=backend),
                              lambda t, y: cross_entropy_reference(t, y, "mean", smoothing), [z, y], **tol)
+
+
+@pytest.mark.cuda
+def test_gpu_triton_backward_of_a_row_wider_than_65535_column_blocks():
+    # the backward's grid is 1-D: column blocks on grid axis 1 stopped at 65535 x 1024 columns
+    z = torch.randn(1, 65536 * 1024 + 5, device="cuda", dtype=torch.bfloat16)
+    y = torch.tensor([3], device="cuda")
+    z.requires_grad_(True)
+    (dz,) = torch.autograd.grad(cross_entropy(z, y, "sum", backend="triton"), z)
+    (expected,) = torch.autograd.grad(cross_entropy_reference(z, y, "sum"), z)
+    torch.testing.assert_close(dz.float(), expected.float(), **TOL[torch.bfloat16])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_launch_on_the_tensors_device_not_the_current_one(backend):
+    z, y = make(4, 37, torch.float32, "cuda:1")
+    with torch.cuda.device(0):
+        out = cross_entropy(z, y, "none", backend=backend)
+    torch.testing.assert_close(out, cross_entropy_reference(z, y, "none"), **TOL[torch.float32])
