@@ -218,12 +218,5 @@ def check_command(devices=None, ops=None, record: bool = False, record_path=None
     return 1 if failed else 0
 
 
-def dtype_of(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must name a torch dtype (float32, float16, bfloat16), got {name!r}")
-    return dtype
-
-
 __all__ = ["CheckResult", "check_devices", "dtype_name", "format_row", "is_recorded", "load_record",
            "record_entries", "self_check", "trusted", "verify_mode", "write_record"]

@@ -56,8 +56,9 @@ def result(op, backend, passed, dtype="float32", device="cpu"):
 
 def test_record_entries_need_every_dtype_to_pass_and_replace_older_ones(tmp_path):
     path = tmp_path / "r.json"
-    entries = verify.record_entries([result("sqnorm", "triton", True), result("sqnorm", "triton", True, "bfloat16"),
-                                     result("pgd_step", "triton", True), result("pgd_step", "triton", False, "float16")])
+    results = [result("sqnorm", "triton", True), result("sqnorm", "triton", True, "bfloat16"),
+               result("pgd_step", "triton", True), result("pgd_step", "triton", False, "float16")]
+    entries = verify.record_entries(results)
     assert [(e["op"], e["backend"], e["capability"]) for e in entries] == [("sqnorm", "triton", "interpreter")]
     assert "float32, bfloat16" in entries[0]["passed"][0]
     verify.write_record(entries, path)
