@@ -130,7 +130,54 @@ def _extension_runs_on_device(device: torch.device) -> bool:
     return extension_runs_on(torch.cuda.get_device_capability(device))
 
 
+# Test hook: True makes ``auto`` treat CPU tensors as a GPU target (CUDA extension, then Triton
+# through TRITON_INTERPRET=1, each self-checked), so that the verification path runs without a GPU.
+AUTO_KERNELS_ON_CPU = False
+
 _warned_fallback = False
+_auto_choice: dict[tuple, str] = {}
+
+
+def fused_backends_for(device: torch.device) -> list[str]:
+    """The fused backends that can run on ``device``, in ``auto``'s order of preference."""
+    names = []
+    if device.type == "cuda" and status("cuda").available and _extension_runs_on_device(device):
+        names.append("cuda")
+    if status("triton").available and (device.type == "cuda" or (device.type == "cpu" and triton_interpreter())):
+        names.append("triton")
+    return names
+
+
+def _auto(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto``'s choice for a GPU target: the first fused backend (cuda, then triton) that the record
+    covers or that passes its self-check (fastrob.verify), else torch; cached per (op, device, dtype),
+    so that each failing kernel warns once per process."""
+    candidates = tuple(fused_backends_for(device))
+    key = (op, str(device), dtype, candidates)
+    if key in _auto_choice:
+        return _auto_choice[key]
+    from fastrob import verify
+
+    failed = []
+    choice = "torch"
+    for name in candidates:
+        failure = verify.trusted(op, name, device, dtype)
+        if failure is None:
+            choice = name
+            break
+        failed.append(failure)
+    for failure in failed:
+        detail = failure.error or f"max error {failure.max_error:.3g}, {failure.ratio:.3g} x the tolerance"
+        warnings.warn(f"fastrob: the {failure.backend} kernel of {op} failed its self-check on {device} "
+                      f"({failure.dtype}: {detail}); backend='auto' uses {choice} instead "
+                      "(`fastrob check` prints every kernel's check)", RuntimeWarning, stacklevel=4)
+    _auto_choice[key] = choice
+    return choice
+
+
+def clear_auto_cache() -> None:
+    """Forgets ``auto``'s choices (tests; after the record changed)."""
+    _auto_choice.clear()
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str,
@@ -140,18 +187,17 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str,
     An explicitly requested backend that cannot run raises RuntimeError (unavailable, wrong
     device) or TypeError (dtype its kernels do not support). ``auto`` never raises for those
     reasons: it uses the torch reference on CPU, and on a GPU the CUDA extension, then Triton,
-    then torch, warning once per process if a GPU tensor falls back to torch.
+    each only once the record or a self-check vouches for it (fastrob.verify), then torch,
+    warning once per process if a GPU tensor falls back to torch for want of a fused backend.
     """
     check_backend_name(backend)
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        if device.type != "cuda" or dtype not in dtypes:
+        if dtype not in dtypes or not (device.type == "cuda" or (AUTO_KERNELS_ON_CPU and device.type == "cpu")):
             return "torch"
-        if status("cuda").available and _extension_runs_on_device(device):
-            return "cuda"
-        if status("triton").available:
-            return "triton"
+        if fused_backends_for(device):
+            return _auto(op, device, dtype)
         global _warned_fallback
         if not _warned_fallback:
             _warned_fallback = True

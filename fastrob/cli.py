@@ -39,7 +39,23 @@ def _info(args) -> int:
     for name in ("torch", "triton", "cuda"):
         st = _backend.status(name)
         print(f"  {name:<7}{'available' if st.available else 'unavailable':<13}{st.reason}")
+    from fastrob import verify
+
+    print(verify.describe_record())
     return 0
+
+
+def verify_ops() -> tuple:
+    from fastrob.selfchecks import OPS
+
+    return OPS
+
+
+def _check(args) -> int:
+    from fastrob import verify
+
+    return verify.check_command(devices=args.device, ops=args.op, record=args.record, record_path=args.record_path,
+                                tests_passed=args.tests_passed)
 
 
 def _device(value: str) -> str:
@@ -414,6 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", metavar="SUBSTR", help="only the modules whose name contains SUBSTR "
                    f"({', '.join(BENCH_MODULES)})")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("check", help="self-check every fused kernel on this machine's devices against the torch "
+                       "reference (value, first and second derivatives); exit status 1 on any mismatch")
+    p.add_argument("--device", action="append", type=_device, metavar="DEV",
+                   help="a device to check (repeatable; default: every GPU, or the CPU under TRITON_INTERPRET=1)")
+    p.add_argument("--op", action="append", choices=verify_ops(), help="only this op (repeatable; default: all)")
+    p.add_argument("--record", action="store_true", help="write the passing (op, backend, GPU) entries into the "
+                   "record fastrob/verified.json, which lets backend='auto' use them without a self-check")
+    p.add_argument("--record-path", metavar="FILE", help="the record to write (default: the package's)")
+    p.add_argument("--tests-passed", metavar="JUNIT_XML", help="a pytest --junitxml report whose passing tests "
+                   "of each op are added to its entries' evidence")
+    p.set_defaults(func=_check)
     return parser
 
 

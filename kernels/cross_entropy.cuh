@@ -37,7 +37,9 @@ __global__ void ce_forward_kernel(const T* __restrict__ z, CeRow r, float* __res
     if (x > m) {
       s = s * __expf(m - x) + 1.f;  // exp(-inf) = 0 on the first column
       m = x;
-    } else {
+    } else if (x != -INFINITY) {
+      // x <= m; a -inf column adds exp(-inf) = 0, and skipping it avoids __expf(-inf - -inf) = NaN
+      // while this thread's m is still -inf (a row of masked logits)
       s += __expf(x - m);
     }
     total += x;
@@ -49,7 +51,9 @@ __global__ void ce_forward_kernel(const T* __restrict__ z, CeRow r, float* __res
     const float l = m_row + __logf(sums[0]);
     const float z_y = to_float(row[r.target[b]]);
     lse[b] = l;
-    loss[b] = l - (1.f - r.smoothing) * z_y - r.smoothing / static_cast<float>(r.cols) * sums[1];
+    // without smoothing the sum of the logits is not part of the loss: 0 * (-inf) would be NaN
+    const float smooth = r.smoothing > 0.f ? r.smoothing / static_cast<float>(r.cols) * sums[1] : 0.f;
+    loss[b] = l - (1.f - r.smoothing) * z_y - smooth;
   }
 }
 

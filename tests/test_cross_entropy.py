@@ -53,6 +53,29 @@ def test_triton_extreme_logits_stay_finite():
     torch.testing.assert_close(out, cross_entropy_reference(z, y, "none"), rtol=1e-5, atol=1e-2)
 
 
+def masked(rows, cols, dtype, device):
+    """Logits with -inf in every other column and whole leading runs (masked classes): a lane or
+    thread that sees only -inf columns must add exp(-inf) = 0, not exp(-inf - -inf) = nan."""
+    z, _ = make(rows, cols, torch.float32)
+    z[:, 1::2] = float("-inf")
+    z[:, : cols // 2 - 1] = float("-inf")
+    y = torch.full((rows,), (cols - 1) // 2 * 2, dtype=torch.int64)  # the last finite (even) column
+    return z.to(device=device, dtype=dtype), y.to(device)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton),
+                                     pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("cols", [7, 300, 5000])
+def test_minus_inf_logits_give_the_finite_loss(backend, cols):
+    device = "cpu" if backend == "torch" else triton_device() if backend == "triton" else "cuda"
+    z, y = masked(3, cols, torch.float32, device)
+    out = cross_entropy(z, y, "none", backend=backend)
+    assert torch.isfinite(out).all(), out
+    torch.testing.assert_close(out.cpu(), F.cross_entropy(z.cpu(), y.cpu(), reduction="none"), **TOL[torch.float32])
+    assert_derivatives_close(lambda t, y: cross_entropy(t, y, "mean", backend=backend),
+                             lambda t, y: cross_entropy_reference(t, y, "mean"), [z, y], **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("smoothing", [0.0, 0.3])
 def test_gradcheck_and_gradgradcheck_float64(backend, smoothing):
@@ -139,3 +162,24 @@ def test_gpu_backends_equal_reference(backend, dtype, rows, cols, smoothing):
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
     assert_derivatives_close(lambda t, y: cross_entropy(t, y, "mean", smoothing, backend=backend),
                              lambda t, y: cross_entropy_reference(t, y, "mean", smoothing), [z, y], **tol)
+
+
+@pytest.mark.cuda
+def test_gpu_triton_backward_of_a_row_wider_than_65535_column_blocks():
+    # the backward's grid is 1-D: column blocks on grid axis 1 stopped at 65535 x 1024 columns
+    z = torch.randn(1, 65536 * 1024 + 5, device="cuda", dtype=torch.bfloat16)
+    y = torch.tensor([3], device="cuda")
+    z.requires_grad_(True)
+    (dz,) = torch.autograd.grad(cross_entropy(z, y, "sum", backend="triton"), z)
+    (expected,) = torch.autograd.grad(cross_entropy_reference(z, y, "sum"), z)
+    torch.testing.assert_close(dz.float(), expected.float(), **TOL[torch.bfloat16])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_launch_on_the_tensors_device_not_the_current_one(backend):
+    z, y = make(4, 37, torch.float32, "cuda:1")
+    with torch.cuda.device(0):
+        out = cross_entropy(z, y, "none", backend=backend)
+    torch.testing.assert_close(out, cross_entropy_reference(z, y, "none"), **TOL[torch.float32])

@@ -115,3 +115,11 @@ def test_gpu_backends_equal_reference(backend, dtype, shape):
     g = torch.randn(shape, device="cuda", dtype=dtype)
     assert_derivatives_close(lambda t: sqnorm(t, backend=backend), sqnorm_reference, [g],
                              **{**TOL[dtype], "rtol": max(TOL[dtype]["rtol"], 1e-4)})
+
+
+@pytest.mark.cuda
+def test_gpu_triton_backward_of_a_row_wider_than_65535_column_blocks():
+    # the backward's grid is 1-D: column blocks on grid axis 1 stopped at 65535 x 1024 columns
+    g = torch.randn(1, 65536 * 1024 + 5, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    (dg,) = torch.autograd.grad(sqnorm(g, backend="triton").sum(), g)
+    torch.testing.assert_close(dg, 2 * g.detach(), rtol=0, atol=0)

@@ -107,7 +107,10 @@ def launch(backend: str, op: str, kernel: str, tensors, sizes=(), scalars=()) ->
     if backend == "triton":
         import importlib
 
-        getattr(importlib.import_module(f"fastrob.triton.{op}"), kernel)(*tensors, *scalars)
+        from fastrob.triton._common import on_device_of
+
+        with on_device_of(tensors[0]):
+            getattr(importlib.import_module(f"fastrob.triton.{op}"), kernel)(*tensors, *scalars)
     elif backend == "cuda":
         cuda_launch(kernel, tensors[0], *(ptr(t) for t in tensors), *sizes, *scalars)
     else:

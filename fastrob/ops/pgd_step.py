@@ -54,7 +54,7 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, *, a
     """One projected gradient step, fused into one kernel on the triton and cuda backends.
 
     Each input is read once and the result written once, except for L2 steps on samples of more
-    than 16384 elements, which read the inputs twice (per-sample sums first, then the update).
+    than 16384 elements (8192 on Triton), which read the inputs twice (per-sample sums first, then the update).
 
     Args:
         x_adv: the current iterate, [B, ...] (NCHW images, or any shape with the batch first).
@@ -121,9 +121,11 @@ def _pgd_step_triton(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tens
                      eps_per_sample: Optional[torch.Tensor], alpha_per_sample: Optional[torch.Tensor], eps: float,
                      alpha: float, norm: str, lower: float, upper: float) -> torch.Tensor:
     from fastrob.triton import pgd_step as kernels  # imports triton only when first used
+    from fastrob.triton._common import on_device_of
 
     out = torch.empty_like(x_adv)
-    kernels.pgd_step(x_adv, grad, x_orig, out, eps_per_sample, alpha_per_sample, eps, alpha, norm, lower, upper)
+    with on_device_of(x_adv):
+        kernels.pgd_step(x_adv, grad, x_orig, out, eps_per_sample, alpha_per_sample, eps, alpha, norm, lower, upper)
     return out
 
 

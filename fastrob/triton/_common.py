@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton.language as tl
+
+
+def on_device_of(t: torch.Tensor):
+    """A context that makes ``t``'s CUDA device current for a Triton launch: Triton launches on the
+    current device, so a tensor on cuda:1 while cuda:0 is current would fault. No-op on CPU tensors
+    (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def compute_type(dtype: torch.dtype):

@@ -45,6 +45,13 @@ def geometry(n: int, c: int, s: int, channels_last: bool):
     return strides, (block_m, block_c)
 
 
+def reduce_warps(block_m: int, block_c: int) -> int:
+    """Warps of a reduction program: 16 tile elements a thread for each of its five accumulators.
+    The 4096-element channels_last tile on 4 warps (32 a thread) used 255 registers and spilled
+    240-392 bytes a thread in the double backward on sm_80/sm_90 (bench/aot_compile.py)."""
+    return max(4, block_m * block_c // 512)
+
+
 def _chunk(rows: int, splits: int, block_m: int) -> tuple[int, int]:
     """(rows per split, a multiple of BLOCK_M; the number of non-empty splits)."""
     chunk = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
@@ -57,7 +64,7 @@ def _bn_reduce_kernel(x_ptr, gy_ptr, v_ptr, mean_ptr, invstd_ptr, part_ptr, C, S
     """Partial sums over rows [split * chunk, (split + 1) * chunk) of a block of channels.
     MODE 0: sum(x - K), sum((x - K)^2); 1: sum(gy), sum(gy xhat);
     2: those two and sum(V), sum(V xhat), sum(V gy). part is [splits, 5, C]."""
-    split = tl.program_id(1)
+    split = tl.program_id(1).to(tl.int64)  # split * chunk exceeds int32 for M > 2^31 rows
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     col_off = (cols.to(tl.int64) * sc)[None, :]
@@ -224,7 +231,7 @@ def _reduce(mode, x, gy, v, mean, invstd, work, n, c, s, channels_last, splits) 
     _bn_reduce_kernel[(triton.cdiv(c, block_c), used)](
         x, gy if gy is not None else x, v if v is not None else x, mean if mean is not None else work,
         invstd if invstd is not None else work, work, c, s, n * s, sn, sc, ss, chunk, MODE=mode,
-        CT=compute_type(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4)
+        CT=compute_type(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=reduce_warps(block_m, block_c))
     return used
 
 

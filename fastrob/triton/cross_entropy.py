@@ -46,17 +46,21 @@ def _ce_forward_kernel(z_ptr, y_ptr, loss_ptr, lse_ptr, n_cols, smoothing,
     s_row = tl.sum(s * tl.exp(m - m_row), axis=0)
     lse = m_row + tl.log(s_row)
     z_y = tl.load(base + tl.load(y_ptr + row)).to(CT)
-    loss = lse - (1.0 - smoothing) * z_y - smoothing / n_cols * tl.sum(total, axis=0)
+    # without smoothing the sum of the logits is not part of the loss: 0 * (-inf) would be nan
+    smooth = tl.where(smoothing > 0, smoothing / n_cols * tl.sum(total, axis=0), 0.0)
+    loss = lse - (1.0 - smoothing) * z_y - smooth
     tl.store(lse_ptr + row, lse)
     tl.store(loss_ptr + row, loss)
 
 
 @triton.jit
-def _ce_backward_kernel(z_ptr, y_ptr, lse_ptr, gl_ptr, gs_ptr, dz_ptr, n_cols, smoothing,
+def _ce_backward_kernel(z_ptr, y_ptr, lse_ptr, gl_ptr, gs_ptr, dz_ptr, n_cols, col_blocks, smoothing,
                         HAS_GS: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
-    # grid (rows, column blocks): elementwise given the row's lse
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    # a 1-D grid of rows x column blocks (axes 1 and 2 of a grid hold at most 65535 blocks):
+    # elementwise given the row's lse
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // col_blocks
+    cols = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     lse = tl.load(lse_ptr + row).to(CT)
     gl = tl.load(gl_ptr + row).to(CT)
@@ -116,9 +120,10 @@ def ce_backward(z, y, lse, gl, gs, dz, smoothing: float) -> None:
     if z.numel() == 0:
         return
     block = row_block(cols, 1024)
-    _ce_backward_kernel[(rows, triton.cdiv(cols, block))](z, y, lse, gl, gs if gs is not None else gl, dz, cols,
-                                                          smoothing, HAS_GS=gs is not None,
-                                                          CT=compute_type(z.dtype), BLOCK=block)
+    col_blocks = triton.cdiv(cols, block)
+    _ce_backward_kernel[(rows * col_blocks,)](z, y, lse, gl, gs if gs is not None else gl, dz, cols, col_blocks,
+                                              smoothing, HAS_GS=gs is not None, CT=compute_type(z.dtype),
+                                              BLOCK=block)
 
 
 def ce_double_backward(z, y, lse, gl, gs, v, d_z, d_gl, d_gs, smoothing: float) -> None:

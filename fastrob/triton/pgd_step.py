@@ -16,9 +16,16 @@ import triton.language as tl
 
 # Samples up to this many elements are stepped by one program holding the whole sample, so each
 # input is read once; larger ones take two passes (per-chunk partial sums, then the update).
-MAX_SAMPLE_IN_ONE_PROGRAM = 16384
+# 8192: a 16384-element program (16 warps, 128 registers a thread at most) spilled 144-256 bytes a
+# thread on sm_80/sm_90; 8192 on 8 warps may use 255 (bench/aot_compile.py reports it).
+MAX_SAMPLE_IN_ONE_PROGRAM = 8192
 L2_CHUNK = 4096
 LINF_BLOCK = 1024
+# The smallest normal float32 (torch.finfo(torch.float32).tiny), the reference's clamp of the norms,
+# applied after the sqrt. A subnormal literal (1e-38) misbehaved on both Triton versions: 3.9 compiled
+# max(gg, 1e-38) before sqrt.approx.ftz, which flushes it to 0 (alpha / 0); 3.6 types that literal
+# float64, so the whole step ran in float64 (and its interpreter rounded the bfloat16 results wrongly).
+FLT_MIN: tl.constexpr = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
@@ -61,10 +68,10 @@ def _pgd_step_l2_sample_kernel(x_adv_ptr, grad_ptr, x_orig_ptr, out_ptr, eps_ptr
     if ALPHA_PER_SAMPLE:
         alpha = tl.load(alpha_ptr + b)
     gg = tl.sum(g * g, axis=0)
-    s = tl.where(gg > 0, alpha / tl.sqrt(tl.maximum(gg, 1e-38)), 0.0)
+    s = tl.where(gg > 0, alpha / tl.maximum(tl.sqrt(gg), FLT_MIN), 0.0)
     d = d + s * g
     norm = tl.sqrt(tl.sum(d * d, axis=0))
-    f = tl.where(norm > eps, eps / tl.maximum(norm, 1e-38), 1.0)
+    f = tl.where(norm > eps, eps / tl.maximum(norm, FLT_MIN), 1.0)
     out = _clamp(xo + f * d, lower, upper)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -106,9 +113,9 @@ def _pgd_step_l2_apply_kernel(x_adv_ptr, grad_ptr, x_orig_ptr, out_ptr, partials
         eps = tl.load(eps_ptr + b)
     if ALPHA_PER_SAMPLE:
         alpha = tl.load(alpha_ptr + b)
-    s = tl.where(gg > 0, alpha / tl.sqrt(tl.maximum(gg, 1e-38)), 0.0)
+    s = tl.where(gg > 0, alpha / tl.maximum(tl.sqrt(gg), FLT_MIN), 0.0)
     norm = tl.sqrt(tl.maximum(dd + 2.0 * s * dg + s * s * gg, 0.0))
-    f = tl.where(norm > eps, eps / tl.maximum(norm, 1e-38), 1.0)
+    f = tl.where(norm > eps, eps / tl.maximum(norm, FLT_MIN), 1.0)
     local = c * BLOCK + tl.arange(0, BLOCK)
     mask = local < per_sample
     offs = b * per_sample + local

@@ -31,10 +31,12 @@ def _sqnorm_forward_kernel(g_ptr, out_ptr, n_cols, CT: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit
-def _sqnorm_backward_kernel(g_ptr, go_ptr, dg_ptr, n_cols, CT: tl.constexpr, BLOCK: tl.constexpr):
-    # grid (rows, column blocks): elementwise, so no program loops
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+def _sqnorm_backward_kernel(g_ptr, go_ptr, dg_ptr, n_cols, col_blocks, CT: tl.constexpr, BLOCK: tl.constexpr):
+    # a 1-D grid of rows x column blocks (axes 1 and 2 of a grid hold at most 65535 blocks):
+    # elementwise, so no program loops
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // col_blocks
+    cols = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     scale = 2.0 * tl.load(go_ptr + row).to(CT)
     g = tl.load(g_ptr + row * n_cols + cols, mask=mask, other=0.0).to(CT)
@@ -70,7 +72,8 @@ def sqnorm_backward(g: torch.Tensor, go: torch.Tensor, dg: torch.Tensor) -> None
     if g.numel() == 0:
         return
     block = row_block(cols, 1024)
-    _sqnorm_backward_kernel[(rows, triton.cdiv(cols, block))](g, go, dg, cols, CT=compute_type(g.dtype), BLOCK=block)
+    col_blocks = triton.cdiv(cols, block)
+    _sqnorm_backward_kernel[(rows * col_blocks,)](g, go, dg, cols, col_blocks, CT=compute_type(g.dtype), BLOCK=block)
 
 
 def sqnorm_double_backward(g, go, v, d_g, d_go) -> None:
