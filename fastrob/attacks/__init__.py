@@ -18,3 +18,8 @@ from fastrob.attacks.pgd import (
 
 __all__ = ["Attack", "FGSM", "ISAResult", "PGD", "PGDL2", "adversarial_explanation", "attack_context", "isa",
            "kl_loss", "margin_loss", "pgd", "trades_perturb"]
+
+# FAB (issue 14)
+from fastrob.attacks.fab import FAB  # noqa: E402
+
+__all__ += ["FAB"]

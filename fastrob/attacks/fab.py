@@ -251,12 +251,21 @@ class FAB(Attack):
         model = self._model()
         with attack_context(model, self._training), torch.no_grad():
             logits = model(x)
-            check_logits(logits, x.shape[0], None if labels is None else check_labels(labels, x.shape[0]))
-            y = logits.argmax(1) if labels is None else labels.to(x.device, torch.long)
-            check_logits(logits, x.shape[0], y)
-            targets = self.get_target_label(x, y).to(x.device, torch.long) if self.targeted else None
+            if labels is not None:
+                labels = check_labels(labels, x.shape[0]).to(x.device)
+            check_logits(logits, x.shape[0], labels)
+            if self.attack_mode == "targeted(label)":
+                # the labels are the targets (torchattacks' convention); y: the model's predictions
+                y, targets = logits.argmax(1), labels if labels is not None else None
+                if targets is None:
+                    raise ValueError("the targeted(label) mode needs the target labels")
+            else:
+                y = logits.argmax(1) if labels is None else labels
+                targets = self.get_target_label(x, y).to(x.device, torch.long) if self.targeted else None
             out = x.clone()
             robust = logits.argmax(1) == y
+            if targets is not None:
+                robust &= targets != y  # a target equal to the label has no boundary to cross
             generator = torch.Generator(device=x.device).manual_seed(self.seed)
             if self.multi_targeted:
                 n_targets = min(n_target_classes, logits.shape[1] - 1)
