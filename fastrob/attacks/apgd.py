@@ -249,9 +249,10 @@ def apgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 25
         eot_iter: forwards averaged per gradient (expectation over transformation).
         rho, momentum: the halving threshold and momentum α.
         seed: seeds the random starts (a private generator; the global RNG is not touched).
-        batch_runs: run all restarts × targets as one batch (True) or one after the other on the
-            still-robust samples (False). None: False on CPU, where the loop measured faster, True
-            elsewhere.
+        batch_runs: run all restarts × targets as one batch (True, the default for None) or one
+            after the other on the still-robust samples (False). Batched measured faster even on a
+            2-core CPU (digits CNN, 100 samples: APGD-T with 9 targets 5.9 s vs 14.5 s looped, 5
+            restarts 3.9 s vs 6.8 s), as compaction still drops each sample once any row fools it.
         model_training: the model's mode during the attack (False: eval); see ``attack_context``.
         return_fooled: also return whether each output fools the model.
 
@@ -275,8 +276,7 @@ def apgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 25
     backend = _backend.resolve(backend, x.device, x.dtype, op="pgd")
     generator = make_generator(seed, x.device)
     check_generator(generator, x.device)
-    if batch_runs is None:
-        batch_runs = x.device.type != "cpu"
+    batch_runs = True if batch_runs is None else bool(batch_runs)
 
     with attack_context(model, model_training):
         with torch.no_grad():
