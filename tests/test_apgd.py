@@ -37,6 +37,11 @@ def inside(x_adv, x, eps, norm="Linf"):
     return bool((size <= eps + 1e-5).all()) and x_adv.min() >= 0 and x_adv.max() <= 1 and bool(torch.isfinite(x_adv).all())
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Small models on a shared 2-core machine: one intra-op thread is many times faster."""
+
+
 @pytest.fixture(scope="module")
 def plain(digits):
     threads = torch.get_num_threads()

@@ -137,6 +137,8 @@ class _Rows:
             setattr(self, name, values.get(name))
 
     def keep(self, rows):
+        if bool(rows.all()):
+            return
         for name in self.names:
             value = getattr(self, name)
             if isinstance(value, torch.Tensor):

@@ -15,6 +15,7 @@ of a 10 000-query budget (rescaled to ``n_queries`` with ``resc_schedule``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -71,8 +72,10 @@ def _eta_rectangles(a, b, device, dtype):
     return delta / delta.norm()
 
 
+@functools.lru_cache(maxsize=64)
 def _eta(s, transpose, device, dtype):
-    """The s×s L2 block: two nested-rectangle halves of opposite sign, unit norm."""
+    """The s×s L2 block: two nested-rectangle halves of opposite sign, unit norm (cached: only its
+    orientation is random, and building it is a Python loop)."""
     delta = torch.zeros(s, s, device=device, dtype=dtype)
     delta[:s // 2] = _eta_rectangles(s // 2, s, device, dtype)
     delta[s // 2:] = -_eta_rectangles(s - s // 2, s, device, dtype)
@@ -137,25 +140,31 @@ def _l2_proposal(x, x_best, eps, p, generator):
     return torch.clamp(x + delta / (_norm(delta) + 1e-12) * eps, 0, 1)
 
 
-def _single_run(forward, x, y, eps, norm, n_queries, p_init, loss, targeted, rescale, generator, quiet=True):
-    """One run of the random search; returns (x_best, fooled)."""
+def _single_run(forward, x, y, eps, norm, n_queries, p_init, loss, targeted, rescale, generator):
+    """One run of the random search; returns (x_best, fooled). The still-robust rows are kept as a
+    compact working set that shrinks only when some row succeeds (no gather/scatter per query)."""
     init, propose = (_linf_init, _linf_proposal) if norm == "linf" else (_l2_init, _l2_proposal)
     x_best = init(x, eps, generator)
     margin, loss_min = _margin_and_loss(finite_logits(forward(x_best), x.shape[0]), y, loss, targeted)
+    fooled = margin <= 0
+    live = (~fooled).nonzero().squeeze(1)
+    x_cur, best_cur, y_cur, loss_cur = x[live], x_best[live], y[live], loss_min[live]
     for i in range(n_queries):
-        live = (margin > 0).nonzero().squeeze(1)
         if live.numel() == 0:
             break
-        x_cur, best_cur = x[live], x_best[live]
-        p = p_selection(p_init, i, n_queries, rescale)
-        x_new = propose(x_cur, best_cur, eps, p, generator)
-        m_new, l_new = _margin_and_loss(finite_logits(forward(x_new), live.numel()), y[live], loss, targeted)
-        improved = l_new < loss_min[live]
-        loss_min[live] = torch.where(improved, l_new, loss_min[live])
-        accept = improved | (m_new <= 0)
-        margin[live] = torch.where(accept, m_new, margin[live])
-        x_best[live] = torch.where(accept.view(-1, 1, 1, 1), x_new, best_cur)
-    return x_best, margin <= 0
+        x_new = propose(x_cur, best_cur, eps, p_selection(p_init, i, n_queries, rescale), generator)
+        m_new, l_new = _margin_and_loss(finite_logits(forward(x_new), live.numel()), y_cur, loss, targeted)
+        success = m_new <= 0
+        accept = (l_new < loss_cur) | success
+        loss_cur = torch.where(accept, l_new, loss_cur)
+        best_cur = torch.where(accept.view(-1, *([1] * (x.dim() - 1))), x_new, best_cur)
+        if bool(success.any()):
+            x_best[live] = best_cur
+            fooled[live[success]] = True
+            keep = ~success
+            live, x_cur, best_cur, y_cur, loss_cur = live[keep], x_cur[keep], best_cur[keep], y_cur[keep], loss_cur[keep]
+    x_best[live] = best_cur
+    return x_best, fooled
 
 
 @torch.no_grad()
