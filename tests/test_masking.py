@@ -178,3 +178,15 @@ def test_bad_data(plain, digits):
 
     with pytest.raises(ValueError, match="non-finite"):
         masking_report(NaNModel(), (digits.x_test[:8], digits.y_test[:8]), 0.1, quiet=True)
+
+
+def test_two_classes_skip_the_dlr_comparison(digits):
+    """DLR needs 3 classes: with 2 the CE-vs-DLR check is n/a and the others still run."""
+    keep = digits.y_train < 2
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    fit(model, digits.x_train[keep], digits.y_train[keep], epochs=3)
+    test = digits.y_test < 2
+    report = masking_report(model, (digits.x_test[test], digits.y_test[test]), 0.1, **FAST)
+    assert report["ce_vs_dlr"].verdict == "n/a"
+    assert all(c.value is not None for c in report.checks if c.name != "ce_vs_dlr")

@@ -196,16 +196,20 @@ class FAB(Attack):
             ``n_target_classes`` = n_classes - 1 classes with the highest clean logits after the
             true one (fewer when the model has fewer classes), each on the samples still robust.
         n_classes: the number of classes (sets n_target_classes).
-        batch_targets: run all target classes of FAB-T as one batch (rows leave it as their sample
-            is broken) instead of one target after another. None: batched on CUDA, sequential on
-            the CPU, where compaction makes the sequential order cheaper.
+        batch_targets: run all target classes of FAB-T as one batch (True, the default; rows leave it
+            as their sample is broken) or one target after another on the still-robust samples
+            (False). Batched measured faster even on one CPU thread (digits CNN, 200 samples, 100
+            steps, 9 targets: Linf 14.4 s vs 19.6 s sequential, L2 2.4 s vs 11.8 s; torchattacks
+            43.1 s and 25.8 s at the same robust accuracy).
 
-    Attributes are read at each call, so ``atk.eps = 0.2`` takes effect. The targeted modes
-    (``set_mode_targeted_by_label`` etc.) run one targeted run towards the given targets.
+    Attributes are read at each call, so ``atk.eps = 0.2`` takes effect. The targeted modes run one
+    targeted run (per restart) towards the mode's targets; in ``set_mode_targeted_by_label`` the labels
+    passed are the targets (torchattacks' convention) and the model's predictions are the classes to
+    leave. As in torchattacks, success is a misclassification, whichever class it reaches.
     """
 
     def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
-                 verbose=False, seed=0, multi_targeted=False, n_classes=10, *, batch_targets=None):
+                 verbose=False, seed=0, multi_targeted=False, n_classes=10, *, batch_targets=True):
         super().__init__("FAB", model)
         self.norm = norm
         self.eps = eps if eps is not None else _DEFAULT_EPS.get(_NORMS.get(str(norm).lower(), norm), eps)
@@ -233,14 +237,15 @@ class FAB(Attack):
         if eta <= 0:
             raise ValueError(f"eta must be > 0, got {eta}")
         check_int("seed", self.seed, 0)
-        if self.batch_targets not in (None, True, False):
-            raise TypeError(f"batch_targets must be None, True or False, got {self.batch_targets!r}")
+        if not isinstance(self.batch_targets, bool):
+            raise TypeError(f"batch_targets must be True or False, got {self.batch_targets!r}")
         return dict(norm=norm, eps=check_float("eps", self.eps, min_value=0.0), steps=check_int("steps", self.steps, 0),
-                    alpha_max=alpha_max, eta=eta, beta=beta), check_int("n_restarts", self.n_restarts, 1), \
-            check_int("n_target_classes", self.n_target_classes, 1)
+                    alpha_max=alpha_max, eta=eta, beta=beta, n_restarts=check_int("n_restarts", self.n_restarts, 1),
+                    n_target_classes=check_int("n_target_classes", self.n_target_classes, 1))
 
     def forward(self, images, labels=None):
-        settings, n_restarts, n_target_classes = self._settings()
+        settings = self._settings()
+        n_restarts, n_target_classes = settings.pop("n_restarts"), settings.pop("n_target_classes")
         check_model(self.model)
         check_tensor("images", images, min_dim=2)
         if self.device is not None:
@@ -248,17 +253,19 @@ class FAB(Attack):
         if bool(torch.isnan(images).any()) or (images.numel() and (bool(images.min() < 0) or bool(images.max() > 1))):
             raise ValueError("images must lie in [0, 1] (and hold no NaN)")
         x = images.detach()
+        if labels is not None:
+            labels = check_labels(labels, x.shape[0]).to(x.device)
         model = self._model()
         with attack_context(model, self._training), torch.no_grad():
             logits = model(x)
-            if labels is not None:
-                labels = check_labels(labels, x.shape[0]).to(x.device)
             check_logits(logits, x.shape[0], labels)
+            if not bool(torch.isfinite(logits).all()):
+                raise ValueError("model returned non-finite logits on the clean images")
             if self.attack_mode == "targeted(label)":
                 # the labels are the targets (torchattacks' convention); y: the model's predictions
-                y, targets = logits.argmax(1), labels if labels is not None else None
-                if targets is None:
+                if labels is None:
                     raise ValueError("the targeted(label) mode needs the target labels")
+                y, targets = logits.argmax(1), labels
             else:
                 y = logits.argmax(1) if labels is None else labels
                 targets = self.get_target_label(x, y).to(x.device, torch.long) if self.targeted else None
@@ -270,8 +277,7 @@ class FAB(Attack):
             if self.multi_targeted:
                 n_targets = min(n_target_classes, logits.shape[1] - 1)
                 ranked = logits.argsort(1, descending=True)[:, 1:n_targets + 1]  # after the top class (= y)
-                batched = (x.device.type == "cuda") if self.batch_targets is None else self.batch_targets
-                plans = [ranked] if batched else [ranked[:, k:k + 1] for k in range(n_targets)]
+                plans = [ranked] if self.batch_targets else [ranked[:, k:k + 1] for k in range(n_targets)]
             else:
                 plans = [None if targets is None else targets[:, None]]
             for plan in plans:
