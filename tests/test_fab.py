@@ -187,6 +187,24 @@ def test_batched_targets_equal_sequential_targets(net, digits):
     assert torch.equal(robust(model, seq, y), robust(model, bat, y))
 
 
+def test_jacobian_loop_fallback_equals_the_vectorised_backward(net, digits, monkeypatch):
+    """Untargeted FAB needs all C logit gradients: one vmapped backward, or C backwards where vmap fails."""
+    model = copy.deepcopy(net).double()
+    x, y = digits.x_test[:20].double(), digits.y_test[:20]
+    vectorised = FAB(model, eps=0.1, steps=5)(x, y)
+    grad = torch.autograd.grad
+
+    def no_vmap(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("vmap: not supported by this model")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    looped = FAB(model, eps=0.1, steps=5)(x, y)
+    assert torch.allclose(vectorised, looped, atol=1e-10)
+    assert not torch.equal(looped, x)
+
+
 def test_restarts_never_weaker_and_seeded(net, digits):
     x, y = digits.x_test[:60], digits.y_test[:60]
     one = robust(net, FAB(net, eps=0.08, steps=5)(x, y), y)
