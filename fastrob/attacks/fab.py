@@ -14,8 +14,12 @@ pulled back towards x, x' <- x + β(x' - x), so that the search continues closer
 
 A sample counts as broken when an iterate misclassifies it (argmax ≠ y, also in the targeted
 modes, as in torchattacks) at distance ‖x' - x‖ <= eps; the attack then returns that iterate and
-stops working on the sample (compaction: its rows leave the batch). Samples never broken within
-eps, and samples the model gets wrong to begin with, are returned unchanged, as torchattacks does.
+stops working on the sample (compaction: its rows leave the batch). torchattacks keeps iterating
+and returns the smallest adversarial found; the broken samples are the same, because the iterates do
+not depend on what is recorded (only the returned point differs: inside eps either way). Samples
+never broken within eps, and samples the model gets wrong to begin with, are returned unchanged, as
+torchattacks does. FAB-T's target classes run as one batch of rows, so a sample leaves when any
+target breaks it. L1 (in torchattacks) is not implemented.
 """
 
 from __future__ import annotations
