@@ -182,7 +182,7 @@ def _record_best(state, r):
     if not bool(live.any()):
         return
     rows = live.nonzero().squeeze(1)
-    samples, values = r.sample[rows], r.loss_best[rows]
+    samples, values = r.sample[rows], r.loss_best[rows].to(best.dtype)
     top = best.clone()
     top.scatter_reduce_(0, samples, values, reduce="amax")
     better = (values >= top[samples]) & (values > best[samples])
@@ -285,7 +285,7 @@ def apgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 25
             clean = finite_logits(model(x), batch, y)
         y = clean.argmax(1) if y is None else y.to(device=x.device, dtype=torch.long)
         state = {"out": x.clone(), "done": clean.argmax(1) != y,
-                 "best_loss": torch.full((batch,), float("-inf"), device=x.device)}
+                 "best_loss": torch.full((batch,), float("-inf"), device=x.device, dtype=compute)}
         targets = [None]
         if loss == "dlr-targeted":
             n_classes = clean.shape[1]
