@@ -11,13 +11,14 @@ APGD is missing), the black-box attack is Square (``fastrob.attacks.square``).
 1. ``black_box``: the fraction of the samples that Square breaks although both gradient attacks
    failed on them. Square sees only scores, so on a model with honest gradients it is weaker than
    APGD; a gradient attack beaten by a score-based search is not following the loss. Suspicious
-   above 2% (honest digits models: 0-1%, within the noise of a random search on near-boundary points).
+   above 2% (honest digits models: 0-0.7%, single near-boundary points a random search happens on).
 2. ``large_eps``: robust accuracy under the gradient attacks at a radius where every image can be
    moved to a uniform gray one (Linf 0.5; L2 0.5·√D, which contains that Linf ball), so that an
    attack that works leaves (almost) nothing robust. Suspicious above 5%.
 3. ``convergence``: how much a stronger run (``strong_factor`` times the iterations, 2 restarts)
    lowers the robust accuracy of the base gradient attacks. A converged attack changes little;
-   a large drop says the base numbers are not a bound yet. Suspicious above 3 points.
+   a large drop says the base numbers are not a bound yet. Suspicious above 5 points (honest digits
+   models: 0-2.7; PGD-20 is 1.6-2.9 points above AutoAttack on them, the scale of honest slack).
 4. ``zero_gradients``: the fraction of clean, correctly classified samples whose input gradient
    of the CE loss is exactly zero or not finite. Float32 CE gradients vanish only when the logit
    gap exceeds ~100 or a layer has no gradient (rounding, thresholds): the attacks then cannot
@@ -31,7 +32,7 @@ APGD is missing), the black-box attack is Square (``fastrob.attacks.square``).
    saturates. Suspicious above 50%.
 7. ``ce_vs_dlr``: |robust accuracy under APGD-CE - under APGD-DLR|. DLR is invariant to shifting and
    scaling the logits, so a strong disagreement points at logits that flatten the CE (a scaled or
-   saturated head). Suspicious above 10 points (honest digits models: 0-5).
+   saturated head). Suspicious above 10 points (honest digits models: 0-2.7).
 
 Checks 1, 3 and 7 count samples, and are suspicious only when at least ``MIN_COUNT`` = 3 samples are
 behind the number: on a small n one or two near-boundary points are noise, not masking. All
@@ -57,7 +58,7 @@ from fastrob.metrics._common import batches, clean_logits, model_device
 # Checks that count samples need MIN_COUNT of them as well as the threshold: on a small n one or two
 # near-boundary points that a random search happens to break are noise, not masking.
 MIN_COUNT = 3
-THRESHOLDS = {"black_box": 0.02, "large_eps": 0.05, "convergence": 0.03, "zero_gradients": 0.05, "randomized": 0.0,
+THRESHOLDS = {"black_box": 0.02, "large_eps": 0.05, "convergence": 0.05, "zero_gradients": 0.05, "randomized": 0.0,
               "probabilities": 0.5, "ce_vs_dlr": 0.10}
 DESCRIPTIONS = {
     "black_box": "fraction broken by Square but by no gradient attack",
