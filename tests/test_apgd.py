@@ -34,7 +34,8 @@ def allowed(n, points=0.5):
 def inside(x_adv, x, eps, norm="Linf"):
     delta = (x_adv - x).flatten(1)
     size = delta.abs().amax(1) if norm == "Linf" else delta.norm(dim=1)
-    return bool((size <= eps + 1e-5).all()) and x_adv.min() >= 0 and x_adv.max() <= 1 and bool(torch.isfinite(x_adv).all())
+    in_box = bool(x_adv.min() >= 0) and bool(x_adv.max() <= 1)
+    return bool((size <= eps + 1e-5).all()) and in_box and bool(torch.isfinite(x_adv).all())
 
 
 @pytest.fixture(autouse=True)
@@ -130,8 +131,8 @@ def test_dlr_by_hand():
     logits, labels = torch.randn(8, 10, generator=g), torch.randint(0, 10, (8,), generator=g)
     targets = (labels + 3) % 10
     assert torch.allclose(dlr_loss(5 * logits + 2, labels), dlr_loss(logits, labels), atol=1e-5)
-    assert torch.allclose(targeted_dlr_loss(5 * logits - 1, labels, targets), targeted_dlr_loss(logits, labels, targets),
-                          atol=1e-5)
+    scaled = targeted_dlr_loss(5 * logits - 1, labels, targets)
+    assert torch.allclose(scaled, targeted_dlr_loss(logits, labels, targets), atol=1e-5)
     assert ((dlr_loss(logits, labels) > 0) == (logits.argmax(1) != labels)).all()
 
 

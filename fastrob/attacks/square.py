@@ -162,7 +162,8 @@ def _single_run(forward, x, y, eps, norm, n_queries, p_init, loss, targeted, res
             x_best[live] = best_cur
             fooled[live[success]] = True
             keep = ~success
-            live, x_cur, best_cur, y_cur, loss_cur = live[keep], x_cur[keep], best_cur[keep], y_cur[keep], loss_cur[keep]
+            live, x_cur, best_cur = live[keep], x_cur[keep], best_cur[keep]
+            y_cur, loss_cur = y_cur[keep], loss_cur[keep]
     x_best[live] = best_cur
     return x_best, fooled
 
