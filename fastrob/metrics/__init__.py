@@ -31,3 +31,8 @@ from fastrob.metrics.sensitivity import (
 __all__ = ["ARAResult", "AccuracyCurve", "InterpretationDiscrepancy", "KLRobustness", "NeuronSensitivity",
            "RobustAccuracy", "accuracy_curve", "ara", "ara_from_radii", "discrepancy", "interpretation_discrepancy",
            "kl_robustness", "neuron_sensitivity", "neuron_sensitivity_metric", "robust_accuracy", "top_k_sensitive"]
+
+# the gradient-masking report (issue 14)
+from fastrob.metrics.masking import MaskingCheck, MaskingReport, masking_report  # noqa: E402
+
+__all__ += ["MaskingCheck", "MaskingReport", "masking_report"]

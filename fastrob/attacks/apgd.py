@@ -1,0 +1,375 @@
+"""Auto-PGD (Croce & Hein 2020): ``APGD`` (CE or DLR loss) and ``APGDT`` (targeted DLR), Linf and L2,
+with torchattacks' constructor arguments and call convention, over the functional engine ``apgd``.
+
+Per run (one random start, N = ``steps`` iterations), with Π the projection onto B(x, eps) ∩ [0, 1]
+and s(g) = sign(g) (Linf) or g / ‖g‖₂ (L2):
+  z       = Π(x_k + η·s(∇f(x_k)))
+  x_{k+1} = Π(x_k + α(z - x_k) + (1 - α)(x_k - x_{k-1})),  α = 0.75 (α = 1 at the first step);
+η starts at 2·eps. At the checkpoints w_j = ⌈p_j·N⌉ (p_0 = 0, p_1 = 0.22,
+p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)) η is halved, per sample, and the iterate restarts
+from the best point so far when (1) f increased in fewer than ρ·(w_j - w_{j-1}) of the steps since
+w_{j-1}, or (2) η was not halved at w_{j-1} and the best f did not improve since then (not tested at
+w_1, as in the reference code). The result per sample is the first iterate that fools the model, else
+the point of highest f over all runs.
+
+Restarts and target classes are "rows": row r attacks sample ``sample[r]`` with its own start and
+target. A sample fooled by any row is dropped from every row (compaction); the rows run either
+all in one batch or one (restart, target) block at a time on the still-robust samples.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastrob import _backend
+from fastrob._checks import (check_generator, check_int, check_labels, check_logits, check_model, check_positive,
+                             check_tensor, per_sample_value)
+from fastrob.attacks.dlr import dlr_loss, targeted_dlr_loss
+from fastrob.attacks.pgd import Attack, attack_context
+from fastrob.ops._common import per_sample_view
+from fastrob.ops.pgd_step import pgd_step_unchecked
+
+APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
+NORM_NAMES = {"linf": "linf", "Linf": "linf", "l2": "l2", "L2": "l2"}
+
+
+# ----------------------------------------------------------------------------------------------
+# the step-size schedule, as pure functions (tested on their own)
+
+def apgd_checkpoints(steps: int) -> list:
+    """The checkpoints w_j = ⌈p_j·steps⌉ <= steps (w_0 = 0) at which APGD may halve its step size."""
+    steps = check_int("steps", steps, 0)
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    # Rounded before the ceiling so that 0.22·100 = 22.000000000000004 stays 22.
+    return sorted({math.ceil(round(q * steps, 9)) for q in p} & set(range(steps + 1)))
+
+
+def halving_mask(increases: torch.Tensor, interval: int, rho: float, halved_last: torch.Tensor,
+                 best: torch.Tensor, best_last: torch.Tensor) -> torch.Tensor:
+    """Per sample, whether to halve η at a checkpoint: (1) ``increases`` (how many of the
+    ``interval`` steps since the last checkpoint raised f) < ρ·interval, or (2) η was not halved at
+    the last checkpoint and the best f did not improve since (``best <= best_last``)."""
+    oscillating = increases.float() < rho * interval
+    stalled = ~halved_last & (best <= best_last)
+    return oscillating | stalled
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks shared by APGD, Square and AutoAttack
+
+def check_attack_inputs(model, x, y):
+    """The checks fastrob's PGD makes: a callable model, a floating x [B, ...] in [0, 1] without NaN,
+    integer labels [B] (or None)."""
+    check_model(model)
+    check_tensor("x", x, min_dim=2)
+    if bool(torch.isnan(x).any()):
+        raise ValueError("x contains NaN")
+    if x.numel() and (bool(x.min() < 0) or bool(x.max() > 1)):
+        raise ValueError(f"x must lie in [0, 1], got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
+    if y is not None:
+        check_labels(y, x.shape[0])
+
+
+def finite_logits(logits, batch, y=None):
+    """``logits`` after checking shape, label range (when y is given) and finiteness: an attack on
+    NaN or infinite logits would report a number that looks valid and is not."""
+    check_logits(logits, batch, y)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("model returned non-finite logits (NaN or inf); the attack's result would be meaningless")
+    return logits
+
+
+def make_generator(seed, device):
+    """A torch.Generator on ``device`` seeded with ``seed`` (None: drawn from the global RNG), so that
+    the attacks never reseed torch's global RNG (torchattacks does)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    if isinstance(seed, float):
+        seed = int(seed)
+    seed = check_int("seed", seed, 0)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def check_norm(norm):
+    if norm not in NORM_NAMES:
+        raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+    return NORM_NAMES[norm]
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine
+
+def _row_loss(loss, logits, y, target):
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    if loss == "dlr":
+        return dlr_loss(logits, y)
+    return targeted_dlr_loss(logits, y, target)
+
+
+def _random_start(x0, eps, norm, generator):
+    """A start on the sphere of radius eps (Linf: scaled so that the largest |δ_i| is eps), clamped."""
+    flat = (x0.shape[0], -1)
+    if norm == "linf":
+        t = torch.rand(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator) * 2 - 1
+        scale = t.reshape(flat).abs().amax(1).clamp_min(1e-12)
+    else:
+        t = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        scale = t.reshape(flat).norm(dim=1) + 1e-12
+    return torch.clamp(x0 + t * per_sample_view(eps / scale, x0), 0, 1)
+
+
+class _Rows:
+    """The rows still attacked; every tensor is indexed by row."""
+
+    names = ("x", "x_prev", "grad", "x0", "y", "target", "sample", "eps", "eta", "x_best", "grad_best", "loss_best",
+             "loss_last", "increases", "best_last", "halved_last")
+
+    def __init__(self, **values):
+        for name in self.names:
+            setattr(self, name, values.get(name))
+
+    def keep(self, rows):
+        if bool(rows.all()):
+            return
+        for name in self.names:
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value[rows])
+
+
+def _evaluate(forward, r, loss, eot_iter):
+    """Mean loss, mean gradient and mean logits over ``eot_iter`` forwards (EOT for randomized models)."""
+    total_grad, total_loss, total_logits = None, None, None
+    for _ in range(eot_iter):
+        with torch.enable_grad():
+            inp = r.x.detach().requires_grad_(True)
+            logits = finite_logits(forward(inp), inp.shape[0])
+            value = _row_loss(loss, logits, r.y, r.target)
+            grad = torch.autograd.grad(value.sum(), inp)[0]
+        total_grad = grad if total_grad is None else total_grad + grad
+        total_loss = value.detach() if total_loss is None else total_loss + value.detach()
+        total_logits = logits.detach() if total_logits is None else total_logits + logits.detach()
+    return total_loss / eot_iter, total_grad / eot_iter, total_logits / eot_iter
+
+
+def _record_fooled(state, r, fooled):
+    """Samples not yet done that some row fools now: store the first such row's iterate."""
+    out, done = state["out"], state["done"]
+    hit = fooled & ~done[r.sample]
+    if not bool(hit.any()):
+        return
+    rows = hit.nonzero().squeeze(1)
+    samples = r.sample[rows]
+    first = torch.full_like(done, r.sample.numel(), dtype=rows.dtype)
+    first.scatter_reduce_(0, samples, rows, reduce="amin")
+    winners = rows[first[samples] == rows]
+    out[r.sample[winners]] = r.x[winners].to(out.dtype)
+    done[samples] = True
+
+
+def _record_best(state, r):
+    """Rows whose sample is not done: keep, per sample, the best point of the highest-loss row."""
+    out, done, best = state["out"], state["done"], state["best_loss"]
+    live = ~done[r.sample]
+    if not bool(live.any()):
+        return
+    rows = live.nonzero().squeeze(1)
+    samples, values = r.sample[rows], r.loss_best[rows].to(best.dtype)
+    top = best.clone()
+    top.scatter_reduce_(0, samples, values, reduce="amax")
+    better = (values >= top[samples]) & (values > best[samples])
+    out[samples[better]] = r.x_best[rows[better]].to(out.dtype)
+    best[samples[better]] = values[better]
+
+
+def _run_rows(forward, r, state, *, loss, norm, steps, eot_iter, rho, momentum, backend, trace=None):
+    """APGD on the rows ``r`` (see the module docstring); writes results into ``state``."""
+    checkpoints = set(apgd_checkpoints(steps)[1:])
+    last_mark = 0
+    value, r.grad, logits = _evaluate(forward, r, loss, eot_iter)
+    _record_fooled(state, r, logits.argmax(1) != r.y)
+    r.x_best, r.grad_best, r.loss_best = r.x.clone(), r.grad.clone(), value.clone()
+    r.loss_last, r.best_last = value.clone(), value.clone()
+    r.increases = torch.zeros_like(r.sample)
+    r.halved_last = torch.ones_like(r.sample, dtype=torch.bool)  # condition (2) is not tested at w_1
+    r.x_prev = r.x.clone()
+    zero = 0.0
+    for i in range(steps):
+        r.keep(~state["done"][r.sample])
+        if r.sample.numel() == 0:
+            break
+        if trace is not None:
+            trace.append(r.eta.clone())
+        z = pgd_step_unchecked(r.x, r.grad, r.x0, alpha=r.eta, eps=r.eps, norm=norm, lower=0.0, upper=1.0,
+                               backend=backend)
+        if i > 0:
+            # Π(x_k + α(z - x_k) + (1 - α)(x_k - x_{k-1})): the fused step with α = 0 is the projection.
+            mixed = r.x + momentum * (z - r.x) + (1 - momentum) * (r.x - r.x_prev)
+            z = pgd_step_unchecked(mixed, mixed, r.x0, alpha=zero, eps=r.eps, norm=norm, lower=0.0, upper=1.0,
+                                   backend=backend)
+        r.x_prev, r.x = r.x, z
+        value, r.grad, logits = _evaluate(forward, r, loss, eot_iter)
+        _record_fooled(state, r, logits.argmax(1) != r.y)
+        r.increases += value > r.loss_last
+        r.loss_last = value
+        improved = value > r.loss_best
+        if bool(improved.any()):
+            r.x_best[improved], r.grad_best[improved] = r.x[improved], r.grad[improved]
+            r.loss_best = torch.where(improved, value, r.loss_best)
+        if i + 1 in checkpoints:
+            interval = i + 1 - last_mark
+            halve = halving_mask(r.increases, interval, rho, r.halved_last, r.loss_best, r.best_last)
+            r.eta = torch.where(halve, r.eta / 2, r.eta)
+            if bool(halve.any()):
+                r.x[halve], r.grad[halve] = r.x_best[halve], r.grad_best[halve]
+            r.increases.zero_()
+            r.best_last, r.halved_last, last_mark = r.loss_best.clone(), halve, i + 1
+    _record_best(state, r)
+
+
+def apgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255, norm: str = "Linf",
+         steps: int = 100, n_restarts: int = 1, loss: str = "ce", n_target_classes: int = 9, eot_iter: int = 1,
+         rho: float = 0.75, momentum: float = 0.75, seed: Optional[int] = 0, batch_runs: Optional[bool] = None,
+         backend: str = "auto", model_training=False, return_fooled: bool = False, _trace=None):
+    """Auto-PGD on a batch (module docstring).
+
+    Args:
+        model: maps x [B, ...] in [0, 1] to logits [B, C] (run in eval mode, state restored).
+        x, y: clean inputs and labels (None: the model's predictions).
+        eps: radius, a float or a per-sample [B] tensor; norm: "Linf" or "L2".
+        steps: iterations per run; n_restarts: random starts (a sample fooled is not restarted).
+        loss: "ce", "dlr" or "dlr-targeted" (APGD-T: one run per target class and restart, the
+            targets being the ``n_target_classes`` classes with the highest clean logits after y).
+        eot_iter: forwards averaged per gradient (expectation over transformation).
+        rho, momentum: the halving threshold and momentum α.
+        seed: seeds the random starts (a private generator; the global RNG is not touched).
+        batch_runs: run all restarts × targets as one batch (True, the default for None) or one
+            after the other on the still-robust samples (False). Batched measured faster even on a
+            2-core CPU (digits CNN, 100 samples: APGD-T with 9 targets 5.9 s vs 14.5 s looped, 5
+            restarts 3.9 s vs 6.8 s), as compaction still drops each sample once any row fools it.
+        model_training: the model's mode during the attack (False: eval); see ``attack_context``.
+        return_fooled: also return whether each output fools the model.
+
+    Returns:
+        x_adv (x's shape and dtype), per sample the first fooling iterate or the highest-loss point.
+    """
+    check_attack_inputs(model, x, y)
+    norm = check_norm(norm)
+    steps = check_int("steps", steps, 0)
+    n_restarts = check_int("n_restarts", n_restarts, 1)
+    eot_iter = check_int("eot_iter", eot_iter, 1)
+    rho = check_positive("rho", rho)
+    if loss not in APGD_LOSSES:
+        raise ValueError(f"loss must be one of {APGD_LOSSES}, got {loss!r}")
+    n_target_classes = check_int("n_target_classes", n_target_classes, 1)
+    batch = x.shape[0]
+    x = x.detach()
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    eps = per_sample_value("eps", eps, batch, x.device, dtype=compute)
+    eps = eps if isinstance(eps, torch.Tensor) else torch.full((batch,), eps, device=x.device, dtype=compute)
+    backend = _backend.resolve(backend, x.device, x.dtype, op="pgd")
+    generator = make_generator(seed, x.device)
+    check_generator(generator, x.device)
+    batch_runs = True if batch_runs is None else bool(batch_runs)
+
+    with attack_context(model, model_training):
+        with torch.no_grad():
+            clean = finite_logits(model(x), batch, y)
+        y = clean.argmax(1) if y is None else y.to(device=x.device, dtype=torch.long)
+        state = {"out": x.clone(), "done": clean.argmax(1) != y,
+                 "best_loss": torch.full((batch,), float("-inf"), device=x.device, dtype=compute)}
+        targets = [None]
+        if loss == "dlr-targeted":
+            n_classes = clean.shape[1]
+            if n_classes < 4:
+                raise ValueError(f"the targeted DLR loss needs at least 4 classes, the model has {n_classes}")
+            ranked = clean.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
+            targets = [ranked[:, k] for k in range(min(n_target_classes, n_classes - 1))]
+        runs = [(t, r) for t in targets for r in range(n_restarts)]
+        blocks = [runs] if batch_runs else [[run] for run in runs]
+        for block in blocks:
+            live = (~state["done"]).nonzero().squeeze(1)
+            if live.numel() == 0:
+                break
+            sample = live.repeat(len(block))
+            x0 = x[sample]
+            r = _Rows(x0=x0, y=y[sample], sample=sample, eps=eps[sample], eta=2 * eps[sample],
+                      target=torch.cat([t[live] for t, _ in block]) if block[0][0] is not None else None)
+            r.x = _random_start(x0, r.eps, norm, generator)
+            _run_rows(model, r, state, loss=loss, norm=norm, steps=steps, eot_iter=eot_iter, rho=rho,
+                      momentum=momentum, backend=backend, trace=_trace)
+        out = state["out"]
+        if return_fooled:
+            with torch.no_grad():
+                return out, finite_logits(model(out), batch).argmax(1) != y
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# torchattacks-compatible classes
+
+class _APGDBase(Attack):
+    """Shared by APGD and APGDT: the attributes are read at each call, so setting ``atk.eps`` or
+    ``atk.steps`` after construction takes effect."""
+
+    def forward(self, images, labels=None, **overrides):
+        if self.device is not None and isinstance(images, torch.Tensor):
+            images = images.to(self.device)
+            labels = labels.to(self.device) if isinstance(labels, torch.Tensor) else labels
+        options = dict(self._options(), **overrides)
+        return apgd(self._model(), images, labels, model_training=self._training, **options)
+
+    def __repr__(self):
+        shown = ", ".join(f"{k}={v}" for k, v in self._options().items())
+        return f"{self.attack}({shown})"
+
+
+class APGD(_APGDBase):
+    """APGD with CE or DLR loss, torchattacks.APGD's signature (``loss`` "ce" | "dlr"), plus
+    ``batch_runs`` and ``backend`` (see ``apgd``)."""
+
+    def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, loss="ce", eot_iter=1,
+                 rho=0.75, verbose=False, *, batch_runs=None, backend="auto"):
+        super().__init__("APGD", model)
+        self.norm, self.eps, self.steps, self.n_restarts, self.seed = norm, eps, steps, n_restarts, seed
+        self.loss, self.eot_iter, self.rho, self.verbose = loss, eot_iter, rho, verbose
+        self.batch_runs, self.backend = batch_runs, backend
+        self.supported_mode = ["default"]
+        if loss not in ("ce", "dlr"):
+            raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
+        check_norm(norm)
+
+    def _options(self):
+        return dict(norm=self.norm, eps=self.eps, steps=self.steps, n_restarts=self.n_restarts, seed=self.seed,
+                    loss=self.loss, eot_iter=self.eot_iter, rho=self.rho, batch_runs=self.batch_runs,
+                    backend=self.backend)
+
+
+class APGDT(_APGDBase):
+    """Targeted APGD (APGD-T) on the targeted DLR loss over the ``n_target_classes`` classes with
+    the highest clean logits after the true one (default n_classes - 1 = 9, as torchattacks).
+    torchattacks.APGDT's signature plus ``n_target_classes``, ``batch_runs`` and ``backend``."""
+
+    def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, eot_iter=1, rho=0.75,
+                 verbose=False, n_classes=10, *, n_target_classes=None, batch_runs=None, backend="auto"):
+        super().__init__("APGDT", model)
+        self.norm, self.eps, self.steps, self.n_restarts, self.seed = norm, eps, steps, n_restarts, seed
+        self.eot_iter, self.rho, self.verbose, self.n_classes = eot_iter, rho, verbose, n_classes
+        n_classes = check_int("n_classes", n_classes, 2)
+        self.n_target_classes = n_classes - 1 if n_target_classes is None else n_target_classes
+        self.batch_runs, self.backend = batch_runs, backend
+        self.supported_mode = ["default"]
+        check_norm(norm)
+
+    def _options(self):
+        return dict(norm=self.norm, eps=self.eps, steps=self.steps, n_restarts=self.n_restarts, seed=self.seed,
+                    loss="dlr-targeted", n_target_classes=self.n_target_classes, eot_iter=self.eot_iter,
+                    rho=self.rho, batch_runs=self.batch_runs, backend=self.backend)

@@ -1,0 +1,156 @@
+"""AutoAttack (Croce & Hein 2020): an ensemble of diverse attacks run one after another, each on
+the points that all earlier attacks left robust, with torchattacks.AutoAttack's signature.
+
+Versions (every iterative attack with 100 iterations, as in the AutoAttack paper):
+  standard  APGD-CE (1 run) -> APGD-T (9 targets) -> FAB-T (9 targets) -> Square (5000 queries)
+  plus      APGD-CE (5 restarts) -> APGD-DLR (5 restarts) -> FAB (5 restarts) -> Square (5000)
+            -> APGD-T -> FAB-T
+  rand      APGD-CE and APGD-DLR with EOT over 20 forwards (randomized models)
+torchattacks.AutoAttack builds its parts with their own defaults of 10 iterations: a cheaper,
+weaker variant. A point counts as broken only when the attack's output is misclassified and lies in
+the eps-ball and [0, 1]; the output keeps the clean input at points that stay robust (as AutoAttack).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from fastrob._checks import check_float
+from fastrob.attacks.apgd import APGD, APGDT, check_attack_inputs, check_norm, finite_logits
+from fastrob.attacks.pgd import Attack, attack_context
+from fastrob.attacks.square import Square
+
+VERSIONS = ("standard", "plus", "rand")
+_TOLERANCE = 1e-5  # float32 rounding of x + delta
+
+
+@dataclass
+class AutoAttackRecord:
+    """What one AutoAttack call found.
+
+    stages: the attacks' names in run order. broken_by: per sample, "clean" (misclassified
+    without attack), the name of the first stage that broke it, or None (robust).
+    robust_accuracy: per stage, the robust accuracy after it (the last is AutoAttack's number).
+    """
+    stages: list
+    broken_by: list
+    clean_accuracy: float
+    robust_accuracy: dict = field(default_factory=dict)
+
+    @property
+    def robust(self) -> torch.Tensor:
+        return torch.tensor([b is None for b in self.broken_by], dtype=torch.bool)
+
+
+def _inside(adv, x, eps, norm):
+    """Rows of ``adv`` inside the eps-ball around x (norm "linf" / "l2") and the box [0, 1]."""
+    delta = (adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    in_box = (adv.flatten(1).amin(1) >= -_TOLERANCE) & (adv.flatten(1).amax(1) <= 1 + _TOLERANCE)
+    return (size <= eps + _TOLERANCE) & in_box & torch.isfinite(adv.flatten(1)).all(1)
+
+
+class AutoAttack(Attack):
+    """AutoAttack with torchattacks.AutoAttack's signature plus ``attacks`` (a custom list of
+    attacks, or of (name, attack) pairs, run in order instead of a version), ``steps`` and
+    ``n_queries`` (the versions' 100 iterations and 5000 Square queries) and ``quiet`` (hide the
+    progress bar over stages). The attributes (``eps``, ``norm``, ``version``, ...) are read at each
+    call. After a call, ``last_record`` holds an ``AutoAttackRecord``; ``run`` returns both."""
+
+    def __init__(self, model, norm="Linf", eps=8 / 255, version="standard", n_classes=10, seed=None, verbose=False,
+                 *, attacks=None, steps=100, n_queries=5000, quiet=False):
+        super().__init__("AutoAttack", model)
+        self.norm, self.eps, self.version, self.n_classes = norm, eps, version, n_classes
+        self.seed, self.verbose, self.attacks, self.steps, self.quiet = seed, verbose, attacks, steps, quiet
+        self.n_queries = n_queries
+        self.supported_mode = ["default"]
+        self.last_record: Optional[AutoAttackRecord] = None
+        self.stages()  # checks the settings now
+
+    def stages(self):
+        """[(name, attack)] in run order, built from the current attributes."""
+        if self.attacks is not None:
+            return [a if isinstance(a, tuple) else (getattr(a, "attack", type(a).__name__), a) for a in self.attacks]
+        if self.version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {self.version!r}")
+        check_norm(self.norm)
+        model, norm, eps, steps = self._model(), self.norm, self.eps, self.steps
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if self.seed is None else int(self.seed)
+        n_targets = max(1, min(9, self.n_classes - 1))
+
+        def apgd(loss, **kw):
+            return APGD(model, norm=norm, eps=eps, steps=steps, seed=seed, loss=loss, **kw)
+
+        def apgdt():
+            return APGDT(model, norm=norm, eps=eps, steps=steps, seed=seed, n_classes=self.n_classes,
+                         n_target_classes=n_targets)
+
+        def fab(multi_targeted, n_restarts=1):
+            from fastrob.attacks.fab import FAB  # written alongside; imported when first needed
+            atk = FAB(model, norm=norm, eps=eps, steps=steps, n_restarts=n_restarts, seed=seed,
+                      multi_targeted=multi_targeted, n_classes=self.n_classes)
+            atk.n_target_classes = n_targets
+            return atk
+
+        def square():
+            return Square(model, norm=norm, eps=eps, n_queries=self.n_queries, seed=seed)
+
+        if self.version == "standard":
+            return [("apgd-ce", apgd("ce")), ("apgd-t", apgdt()), ("fab-t", fab(True)), ("square", square())]
+        if self.version == "plus":
+            return [("apgd-ce", apgd("ce", n_restarts=5)), ("apgd-dlr", apgd("dlr", n_restarts=5)),
+                    ("fab", fab(False, 5)), ("square", square()), ("apgd-t", apgdt()), ("fab-t", fab(True))]
+        return [("apgd-ce", apgd("ce", eot_iter=20)), ("apgd-dlr", apgd("dlr", eot_iter=20))]
+
+    def forward(self, images, labels=None):
+        return self.run(images, labels)[0]
+
+    def run(self, images, labels=None):
+        """(x_adv, AutoAttackRecord) for ``images`` [B, C, H, W] in [0, 1] and ``labels`` [B]."""
+        if self.device is not None and isinstance(images, torch.Tensor):
+            images = images.to(self.device)
+            labels = labels.to(self.device) if isinstance(labels, torch.Tensor) else labels
+        model = self._model()
+        check_attack_inputs(model, images, labels)
+        norm = check_norm(self.norm)
+        eps = check_float("eps", self.eps, min_value=0.0)
+        stages = self.stages()
+        x = images.detach()
+        batch = x.shape[0]
+
+        def predict(inp):
+            with attack_context(model, self._training), torch.no_grad():
+                return finite_logits(model(inp), inp.shape[0]).argmax(1)
+
+        with attack_context(model, self._training), torch.no_grad():
+            clean = finite_logits(model(x), batch, labels)
+        y = clean.argmax(1) if labels is None else labels.to(device=x.device, dtype=torch.long)
+        robust = clean.argmax(1) == y
+        broken_by = [None if r else "clean" for r in robust.tolist()]
+        record = AutoAttackRecord([name for name, _ in stages], broken_by, robust.float().mean().item())
+        out = x.clone()
+        bar = tqdm(stages, desc="AutoAttack", disable=self.quiet, leave=False)
+        for name, attack in bar:
+            live = robust.nonzero().squeeze(1)
+            if live.numel():
+                adv = attack(x[live], y[live]).detach().to(x.dtype)
+                broken = (predict(adv) != y[live]) & _inside(adv, x[live], eps, norm)
+                hit = live[broken]
+                out[hit] = adv[broken]
+                robust[hit] = False
+                for i in hit.tolist():
+                    broken_by[i] = name
+            record.robust_accuracy[name] = robust.float().mean().item()
+            bar.set_postfix(robust=f"{record.robust_accuracy[name]:.2%}")
+            if self.verbose:
+                print(f"AutoAttack {name}: robust accuracy {record.robust_accuracy[name]:.2%}")
+        self.last_record = record
+        return out, record
+
+    def __repr__(self):
+        return (f"AutoAttack(norm={self.norm}, eps={self.eps}, version={self.version}, n_classes={self.n_classes}, "
+                f"seed={self.seed}, steps={self.steps})")

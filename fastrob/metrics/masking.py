@@ -1,0 +1,319 @@
+"""A gradient-masking report: the checks the literature asks for before a robust accuracy measured by
+gradient attacks is believed (Athalye et al. 2018; Carlini et al. 2019, "On evaluating adversarial
+robustness"; Croce & Hein 2020).
+
+``masking_report(model, data, eps, norm)`` runs seven checks on up to ``n`` samples, each giving a
+number, the threshold it is compared with and a verdict ("ok" or "suspicious"); the report is
+suspicious when any check is. The gradient attacks are APGD with the cross-entropy (CE) and with
+the scale-invariant DLR loss (``fastrob.attacks.apgd``; PGD with the CE and the margin loss where
+APGD is missing), the black-box attack is Square (``fastrob.attacks.square``).
+
+1. ``black_box``: the fraction of the samples that Square breaks although both gradient attacks
+   failed on them. Square sees only scores, so on a model with honest gradients it is weaker than
+   APGD; a gradient attack beaten by a score-based search is not following the loss. Suspicious
+   above 2% (honest digits models: 0-0.7%, single near-boundary points a random search happens on).
+2. ``large_eps``: robust accuracy under the gradient attacks at a radius where every image can be
+   moved to a uniform gray one (Linf 0.5; L2 0.5·√D, which contains that Linf ball), so that an
+   attack that works leaves (almost) nothing robust. Suspicious above 5%.
+3. ``convergence``: how much a stronger run (``strong_factor`` times the iterations, 2 restarts)
+   lowers the robust accuracy of the base gradient attacks. A converged attack changes little;
+   a large drop says the base numbers are not a bound yet. Suspicious above 5 points (honest digits
+   models: 0-2.7; PGD-20 is 1.6-2.9 points above AutoAttack on them, the scale of honest slack).
+4. ``zero_gradients``: the fraction of clean, correctly classified samples whose input gradient
+   of the CE loss is exactly zero or not finite. Float32 CE gradients vanish only when the logit
+   gap exceeds ~100 or a layer has no gradient (rounding, thresholds): the attacks then cannot
+   move. Suspicious above 5%.
+5. ``randomized``: the fraction of samples whose logits differ between two forwards of the same
+   input in eval mode (beyond 1e-5 relative, which nondeterministic kernels stay under). A
+   randomized model needs expectation over transformation (AutoAttack's "rand" version).
+   Suspicious above 0.
+6. ``probabilities``: the fraction of output rows that are non-negative and sum to 1 (within 1e-4):
+   a model returning probabilities rather than logits, whose CE is computed on the wrong quantity and
+   saturates. Suspicious above 50%.
+7. ``ce_vs_dlr``: |robust accuracy under APGD-CE - under APGD-DLR|. DLR is invariant to shifting and
+   scaling the logits, so a strong disagreement points at logits that flatten the CE (a scaled or
+   saturated head). Suspicious above 10 points (honest digits models: 0-2.7).
+
+Checks 1, 3 and 7 count samples, and are suspicious only when at least ``MIN_COUNT`` = 3 samples are
+behind the number: on a small n one or two near-boundary points are noise, not masking. All
+fractions are of the n samples read. The honest-model ranges quoted above were measured on digits CNNs
+(plain, PGD-trained, input-gradient penalty; n = 150, Linf 0.1 and L2 1.0); the planted kinds
+(softmax output, rounding input layer, noisy logits, logits scaled by 1000) score 0.3-1.0 on their checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fastrob._checks import check_float, check_int, check_positive
+from fastrob.attacks.pgd import attack_context, margin_loss, pgd
+from fastrob.distributed import unwrap
+from fastrob.metrics._common import batches, clean_logits, model_device
+
+# Checks that count samples need MIN_COUNT of them as well as the threshold: on a small n one or two
+# near-boundary points that a random search happens to break are noise, not masking.
+MIN_COUNT = 3
+THRESHOLDS = {"black_box": 0.02, "large_eps": 0.05, "convergence": 0.05, "zero_gradients": 0.05, "randomized": 0.0,
+              "probabilities": 0.5, "ce_vs_dlr": 0.10}
+DESCRIPTIONS = {
+    "black_box": "fraction broken by Square but by no gradient attack",
+    "large_eps": "robust accuracy at a radius that reaches a gray image",
+    "convergence": "robust accuracy drop under a stronger gradient attack",
+    "zero_gradients": "fraction of clean points with zero / non-finite CE input gradient",
+    "randomized": "fraction of samples whose two forwards differ",
+    "probabilities": "fraction of output rows that are probability vectors",
+    "ce_vs_dlr": "|robust accuracy CE - DLR|",
+}
+
+
+@dataclass
+class MaskingCheck:
+    """One check: its ``value``, the ``threshold`` above which it is suspicious (None: not run)."""
+
+    name: str
+    value: float | None
+    threshold: float
+    description: str
+    count: int | None = None  # the samples behind ``value``, for the checks that count attacked samples
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "n/a"
+        enough = self.count is None or self.count >= MIN_COUNT
+        return "suspicious" if self.value > self.threshold and enough else "ok"
+
+    def as_dict(self) -> dict:
+        return {"value": self.value, "threshold": self.threshold, "verdict": self.verdict, "count": self.count,
+                "description": self.description}
+
+
+@dataclass
+class MaskingReport:
+    """The checks (in the module docstring's order), the settings and the accuracies seen on the way:
+    ``robust_accuracy`` is under all the attacks the report ran at ``eps`` together."""
+
+    checks: list[MaskingCheck]
+    eps: float
+    norm: str
+    n: int
+    clean_accuracy: float
+    robust_accuracy: float
+    attacks: str
+    robust: torch.Tensor = field(repr=False)
+
+    @property
+    def verdict(self) -> str:
+        return "suspicious" if any(c.verdict == "suspicious" for c in self.checks) else "ok"
+
+    @property
+    def suspicious(self) -> list[str]:
+        return [c.name for c in self.checks if c.verdict == "suspicious"]
+
+    def __getitem__(self, name: str) -> MaskingCheck:
+        for check in self.checks:
+            if check.name == name:
+                return check
+        raise KeyError(f"no check named {name!r}; the checks are {[c.name for c in self.checks]}")
+
+    def as_dict(self) -> dict:
+        return {"verdict": self.verdict, "eps": self.eps, "norm": self.norm, "n": self.n,
+                "clean_accuracy": self.clean_accuracy, "robust_accuracy": self.robust_accuracy,
+                "attacks": self.attacks, "checks": {c.name: c.as_dict() for c in self.checks}}
+
+    def table(self) -> str:
+        lines = [f"gradient-masking report ({self.norm} eps={self.eps:g}, n={self.n}, {self.attacks}): {self.verdict}",
+                 f"{'check':<16}{'value':>9}{'limit':>9}  {'verdict':<11}what"]
+        for c in self.checks:
+            value = "-" if c.value is None else f"{c.value:.4f}"
+            lines.append(f"{c.name:<16}{value:>9}{c.threshold:>9.4f}  {c.verdict:<11}{c.description}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+# ----------------------------------------------------------------------------------------------
+# the attacks the checks use: H14a's APGD / Square where present, PGD otherwise
+
+def _gradient_attack(model, x, y, *, eps, norm, loss, steps, restarts, seed):
+    """Whether APGD (or PGD) with ``loss`` ("ce" | "dlr") breaks each sample of (x, y)."""
+    try:
+        from fastrob.attacks.apgd import apgd
+    except ImportError:
+        apgd = None
+    if apgd is not None:
+        _, fooled = apgd(model, x, y, eps=eps, norm=norm, steps=steps, n_restarts=restarts, loss=loss, seed=seed,
+                         return_fooled=True)
+        return fooled
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    _, fooled = pgd(model, x, y, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm.lower(), restarts=restarts,
+                    loss="ce" if loss == "ce" else margin_loss, robust_only=True, return_fooled=True,
+                    generator=generator)
+    return fooled
+
+
+def _attack_names():
+    try:
+        import fastrob.attacks.apgd  # noqa: F401
+        gradient = "APGD-CE/DLR"
+    except ImportError:
+        gradient = "PGD-CE/margin"
+    try:
+        import fastrob.attacks.square  # noqa: F401
+        return gradient + ", Square"
+    except ImportError:
+        return gradient
+
+
+def _square(model, x, y, *, eps, norm, n_queries, seed):
+    """Whether Square breaks each sample (NCHW x; see ``_square_available``)."""
+    from fastrob.attacks.square import square
+
+    _, fooled = square(model, x, y, eps=eps, norm=norm, n_queries=n_queries, seed=seed, return_fooled=True)
+    return fooled
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+
+def masking_report(model, data, eps: float, norm: str = "linf", *, n: int | None = 500, steps: int = 25,
+                   strong_factor: int = 4, n_queries: int = 1000, large_eps: float | None = None, seed: int = 0,
+                   batch_size: int = 256, device=None, quiet: bool = False) -> MaskingReport:
+    """The gradient-masking checks (module docstring) for ``model`` on up to ``n`` samples of ``data``.
+
+    Args:
+        model: maps x [B, ...] in [0, 1] to logits [B, C].
+        data: a pair (x, y) or a DataLoader of (x, y) batches.
+        eps: the radius whose robust accuracy is in question; norm: "linf" or "l2".
+        n: samples read (None: all).
+        steps: iterations of the base gradient attacks; the convergence check runs
+            ``strong_factor`` times as many, with 2 restarts.
+        n_queries: Square's query budget.
+        large_eps: the radius of the large-eps check (None: 0.5 Linf, 0.5·√D L2).
+        seed: seeds every attack; batch_size: samples per attack call; quiet: no progress bar.
+    """
+    eps = check_positive("eps", eps)
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if n is not None:
+        n = check_int("n", n, 1)
+    steps = check_int("steps", steps, 1)
+    strong_factor = check_int("strong_factor", strong_factor, 1)
+    n_queries = check_int("n_queries", n_queries, 1)
+    seed = check_int("seed", seed, 0)
+    batch_size = check_int("batch_size", batch_size, 1)
+    model = unwrap(model)
+    device = model_device(model, device)
+    parts = list(batches(data, batch_size, device, desc="masking report: data", quiet=True, limit=n))
+    if not parts:
+        raise ValueError("data holds no samples")
+    x = torch.cat([p[0] for p in parts])
+    y = torch.cat([p[1] for p in parts])
+    if bool(torch.isnan(x).any()) or bool(x.min() < 0) or bool(x.max() > 1):
+        raise ValueError("data: x must lie in [0, 1] and hold no NaN")
+    if large_eps is None:
+        large_eps = 0.5 if norm == "linf" else 0.5 * math.sqrt(x[0].numel())
+    large_eps = check_float("large_eps", large_eps, min_value=0.0)
+    total = len(y)
+    apgd_norm = "Linf" if norm == "linf" else "L2"
+
+    def chunks(idx):
+        return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+
+    def attack(idx, **kwargs):
+        """Fooled mask over ``idx`` (indices into x) under the gradient attack ``kwargs``."""
+        fooled = torch.zeros(len(idx), dtype=torch.bool, device=device)
+        for k, part in enumerate(chunks(idx)):
+            sl = slice(k * batch_size, k * batch_size + len(part))
+            fooled[sl] = _gradient_attack(model, x[part], y[part], norm=apgd_norm, seed=seed, **kwargs)
+        return fooled
+
+    stages = tqdm(total=7, desc="masking report", disable=quiet, leave=False)
+    checks = {}
+
+    def done(name, value, count=None):
+        checks[name] = MaskingCheck(name, None if value is None else float(value), THRESHOLDS[name],
+                                    DESCRIPTIONS[name], count)
+        stages.set_postfix_str(name)
+        stages.update(1)
+
+    try:
+        logits = torch.cat([clean_logits(model, x[i], y[i]) for i in chunks(torch.arange(total, device=device))])
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("model returned non-finite logits on the clean data")
+        correct = logits.argmax(1) == y
+        rows_are_probabilities = (logits.min(1).values >= -1e-6) & ((logits.sum(1) - 1).abs() <= 1e-4)
+        done("probabilities", rows_are_probabilities.float().mean())
+
+        with attack_context(model), torch.no_grad():
+            probe = x[:min(total, 64)]
+            first, second = model(probe).float(), model(probe).float()
+        scale = 1e-5 * (1 + first.abs().amax(1))
+        done("randomized", ((first - second).abs().amax(1) > scale).float().mean())
+
+        alive = correct.nonzero().squeeze(1)
+        done("zero_gradients", _zero_gradient_fraction(model, x[alive], y[alive], batch_size) if len(alive) else None)
+
+        losses = ("ce", "dlr") if logits.shape[1] >= 3 else ("ce",)  # DLR needs 3 classes
+        fooled = [attack(alive, eps=eps, loss=loss, steps=steps, restarts=1) for loss in losses]
+        gap = abs(int(fooled[0].sum()) - int(fooled[-1].sum()))
+        done("ce_vs_dlr", gap / total if len(losses) == 2 else None, gap)
+        survivors = alive[~torch.stack(fooled).any(0)]
+
+        square_runs = _square_available(x)
+        fooled_sq = torch.zeros(len(survivors), dtype=torch.bool, device=device)
+        if square_runs and len(survivors):
+            fooled_sq = torch.cat([_square(model, x[p], y[p], eps=eps, norm=apgd_norm, n_queries=n_queries, seed=seed)
+                                   for p in chunks(survivors)])
+        done("black_box", int(fooled_sq.sum()) / total if square_runs else None, int(fooled_sq.sum()))
+
+        strong = torch.zeros(len(survivors), dtype=torch.bool, device=device)
+        if len(survivors):
+            for loss in losses:
+                rest = (~strong).nonzero().squeeze(1)
+                if len(rest):
+                    strong[rest] = attack(survivors[rest], eps=eps, loss=loss, steps=steps * strong_factor, restarts=2)
+        done("convergence", int(strong.sum()) / total, int(strong.sum()))
+
+        large = torch.zeros(len(alive), dtype=torch.bool, device=device)
+        for loss in losses:
+            rest = (~large).nonzero().squeeze(1)
+            if len(rest):
+                large[rest] = attack(alive[rest], eps=large_eps, loss=loss, steps=steps, restarts=1)
+        done("large_eps", float((~large).sum()) / total)
+    finally:
+        stages.close()
+
+    robust = torch.zeros(total, dtype=torch.bool, device=device)
+    robust[survivors[~(strong | fooled_sq)]] = True
+    order = ("black_box", "large_eps", "convergence", "zero_gradients", "randomized", "probabilities", "ce_vs_dlr")
+    return MaskingReport([checks[k] for k in order], eps, norm, total, float(correct.float().mean()),
+                         float(robust.float().mean()), _attack_names(), robust.cpu())
+
+
+def _square_available(x) -> bool:
+    """Square is there (it arrives with fastrob.attacks.square) and x is NCHW, as it needs."""
+    try:
+        import fastrob.attacks.square  # noqa: F401
+    except ImportError:
+        return False
+    return x.dim() == 4
+
+
+def _zero_gradient_fraction(model, x, y, batch_size) -> float:
+    """Fraction of samples whose input gradient of CE(model(x), y) is all zero or has a non-finite entry."""
+    bad = 0
+    with attack_context(model):
+        for i in range(0, len(y), batch_size):
+            inp = x[i:i + batch_size].detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = F.cross_entropy(model(inp).float(), y[i:i + batch_size], reduction="sum")
+                grad = torch.autograd.grad(loss, inp)[0].flatten(1)
+            bad += int(((grad == 0).all(1) | ~torch.isfinite(grad).all(1)).sum())
+    return bad / len(y)
