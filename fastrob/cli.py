@@ -435,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"fastrob: warning: {message}\n"
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fastrob: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,11 +457,11 @@ def main(argv: list[str] | None = None) -> int:
             check_out_dir(args.out)  # before any compute: a run must never be lost at its end
         except ValueError as err:
             parser.exit(2, f"fastrob: error: {err}\n")
-    shown = warnings.formatwarning
-    if not debug:
-        warnings.formatwarning = _one_line_warning
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            if not debug:  # a warning (e.g. what --resume ignored) is one line too
+                warnings.showwarning = _one_line_warning
+            return args.func(args)
     except (ValueError, TypeError) as err:
         if debug:
             raise
@@ -476,8 +476,6 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         parser.exit(130, "fastrob: interrupted\n")
-    finally:
-        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
         state = read_checkpoint(ckpt_path)
         stored = TrainConfig.from_dict(dict(state["config"], epochs=config.epochs))
-        ignored = resume_conflicts(config, stored)
+        ignored = resume_conflicts(config, stored, state.get("data_path"))
         if ignored and main:
             warnings.warn(f"--resume continues {ckpt_path} with its own settings; ignored: {', '.join(ignored)}",
                           stacklevel=2)
@@ -375,15 +375,19 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
-def resume_conflicts(given: TrainConfig, stored: TrainConfig) -> list[str]:
+def resume_conflicts(given: TrainConfig, stored: TrainConfig, stored_data_path: str | None = None) -> list[str]:
     """The settings of ``given`` that a resume of ``stored`` ignores: those set away from their
-    default and different from the checkpoint's (``epochs`` is the one a resume takes)."""
+    default and different from the checkpoint's (``epochs`` is the one a resume takes). The data
+    counts as the same when both name one file (relative to here, or the recorded absolute path)."""
     defaults = TrainConfig()
     out = []
     for f in fields(TrainConfig):
         if f.name == "epochs":
             continue
         value, kept = getattr(given, f.name), getattr(stored, f.name)
+        if f.name == "data" and data_path(value) is not None and data_path(value) in (
+                stored_data_path, data_path(kept)):
+            continue
         if value != getattr(defaults, f.name) and value != kept:
             out.append(f"{f.name}={value!r} (the checkpoint's {kept!r})")
     return out
