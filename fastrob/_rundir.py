@@ -1,6 +1,6 @@
 """Output directories of the runs (``fastrob train``, eval, explain, demo): checked before any
-compute, locked against a second run into the same directory, and the data path a checkpoint
-records."""
+compute, locked against a second run into the same directory, the data path a checkpoint records,
+and reading a checkpoint back with errors that name the file."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import contextlib
 import os
 
 LOCK = ".fastrob.lock"
+CHECKPOINT_KEYS = ("config", "model", "optimizer", "generator", "torch_rng", "epoch", "history", "in_shape",
+                   "num_classes")
 
 
 def check_out_dir(path, option: str = "--out") -> str:
@@ -31,6 +33,25 @@ def data_path(spec: str) -> str | None:
     """The absolute path of a data file or folder (None for "digits"), recorded in the checkpoint
     so that eval, explain and resume find the data from any working directory."""
     return None if spec == "digits" else os.path.abspath(spec)
+
+
+def read_checkpoint(path: str) -> dict:
+    """The state dict saved by ``fastrob.trainer.train``, or a ValueError naming the file when it is not one
+    (corrupt, truncated, another program's, or missing keys)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for a file that is not a checkpoint
+        # the first line is enough: weights_only's refusal runs to a page of advice
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: not a fastrob checkpoint ({type(err).__name__}: {reason})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path}: not a fastrob checkpoint (missing {', '.join(missing)})")
+    if not isinstance(state["config"], dict):
+        raise ValueError(f"{path}: not a fastrob checkpoint (its config is a {type(state['config']).__name__})")
+    return state
 
 
 def _pid_alive(pid: int) -> bool:

@@ -28,7 +28,7 @@ from fastrob import distributed as dist_utils
 from fastrob._atomic import torch_save, write_json
 from fastrob._checks import check_float, check_int, check_positive
 from fastrob._progress import progress
-from fastrob._rundir import data_path, run_lock
+from fastrob._rundir import data_path, read_checkpoint, run_lock
 from fastrob.data import Dataset, load_dataset
 from fastrob.models import ACTIVATIONS, MODELS, build_model
 from fastrob.objective import Objective
@@ -41,8 +41,6 @@ METHODS = ("none", "pgd", "trades", "half", "input_gradient", "jacobian", "jsigr
 DEFAULT_LAM = {"input_gradient": 0.1, "jacobian": 0.01, "jsigr": 0.01, "sns": 1.0,
                **{kind: 0.01 for kind in INTERPRETATION_KINDS}}
 CHECKPOINT, METRICS, CURVE = "checkpoint.pt", "metrics.json", "training.png"
-CHECKPOINT_KEYS = ("config", "model", "optimizer", "generator", "torch_rng", "epoch", "history", "in_shape",
-                   "num_classes")
 
 
 @dataclass
@@ -307,6 +305,10 @@ def _train(config, out_dir, ckpt_path, state, *, device, quiet, dataset, desc):
             out = objective(net, x_train[idx], y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss = out.loss
+            if not distributed and not bool(torch.isfinite(loss.detach())):
+                # one optimizer step on a NaN loss would make every weight NaN, and the saved checkpoint with it
+                raise ValueError(f"the training loss is {float(loss)} at epoch {epoch + 1}: training diverged "
+                                 "(try a lower --lr); the checkpoint of the last finished epoch is kept")
             if distributed:
                 # DDP averages the ranks' gradients; weighting each shard's mean loss by
                 # W * n_r / N makes that average the gradient of the global batch's mean loss
@@ -356,23 +358,6 @@ def write_outputs(out_dir: str, config: TrainConfig, history: list[dict]) -> Non
                "history": history}
     write_json(summary, os.path.join(out_dir, METRICS))
     plots.training_curves(history, os.path.join(out_dir, CURVE), title=describe(config))
-
-
-def read_checkpoint(path: str) -> dict:
-    """The state dict saved by ``train``, or a ValueError naming the file when it is not one
-    (corrupt, truncated, another program's, or missing keys)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many types for a file that is not a checkpoint
-        # the first line is enough: weights_only's refusal runs to a page of advice
-        reason = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path}: not a fastrob checkpoint ({type(err).__name__}: {reason})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise ValueError(f"{path}: not a fastrob checkpoint (missing {', '.join(missing)})")
-    if not isinstance(state["config"], dict):
-        raise ValueError(f"{path}: not a fastrob checkpoint (its config is a {type(state['config']).__name__})")
-    return state
 
 
 def resume_conflicts(given: TrainConfig, stored: TrainConfig, stored_data_path: str | None = None) -> list[str]:

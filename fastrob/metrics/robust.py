@@ -85,7 +85,7 @@ def robust_accuracy(model, data, attack, *, batch_size: int = 256, device=None, 
     return RobustAccuracy(float(robust.float().sum()) / total, n_clean / total, len(robust), robust)
 
 
-# slack for the ball and box checks of a user attack's output: float32 rounding of x + delta
+# the least slack of the ball and box checks of an attack's output (float32 rounding of x + delta)
 _BALL_SLACK = 1e-5
 
 
@@ -117,15 +117,17 @@ def check_attack_output(x_adv, x: torch.Tensor, ball: tuple[str, float] | None) 
     n_bad = int((~torch.isfinite(x_adv)).flatten(1).any(1).sum())
     if n_bad:
         raise ValueError(f"attack(x, y) returned non-finite (NaN or inf) images for {n_bad} of {len(x)} samples")
+    # slack for rounding: x + delta stored in x_adv's dtype (half precision rounds at ~5e-4)
+    slack = _BALL_SLACK + 4 * torch.finfo(x_adv.dtype).eps if x_adv.is_floating_point() else _BALL_SLACK
     low, high = float(x_adv.min()), float(x_adv.max())
-    if low < -_BALL_SLACK or high > 1 + _BALL_SLACK:
+    if low < -slack or high > 1 + slack:
         raise ValueError(f"attack(x, y) returned images outside [0, 1] (values in [{low:.4g}, {high:.4g}])")
     if ball is not None:
         norm, eps = ball
         delta = (x_adv.detach().float() - x.detach().float()).flatten(1)
         size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
         worst = float(size.max())
-        if worst > eps * (1 + 1e-4) + _BALL_SLACK:
+        if worst > eps * (1 + 1e-4) + slack * (delta.shape[1] ** 0.5 if norm == "l2" else 1):
             raise ValueError(f"attack(x, y) returned images outside its {norm} ball of eps={eps:g} "
                              f"(largest distance {worst:.4g})")
 
