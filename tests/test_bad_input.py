@@ -524,3 +524,22 @@ def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTROB_DEBUG", "1")
     with pytest.raises(ValueError, match="missing.npz"):
         main([*TRAIN, "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "r")])
+
+
+def test_a_nan_training_loss_stops_the_run(monkeypatch, digits, tmp_path):
+    import fastrob.trainer
+    from fastrob.data import Dataset, Split
+    from fastrob.objective import Objective
+
+    def nan_objective(config, model, steps_per_epoch=1):
+        def objective(model, x, y):
+            logits = model(x)
+            loss = logits.sum() * float("nan")
+            return Objective(loss, loss, loss.new_zeros(()), logits)
+        return objective
+    monkeypatch.setattr(fastrob.trainer, "build_objective", nan_objective)
+    small = Split(digits.x_train[:32], digits.y_train[:32], digits.x_test[:16], digits.y_test[:16])
+    with pytest.raises(ValueError, match="training loss is nan at epoch 1: training diverged"):
+        fastrob.trainer.train(fastrob.trainer.TrainConfig(epochs=1, batch_size=16), str(tmp_path), quiet=True,
+                              dataset=Dataset("digits", small, 10, (1, 8, 8)))
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / ".fastrob.lock").exists()
