@@ -287,7 +287,8 @@ def test_sparse_labels_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"4 distinct values up to 3000.*relabel"):
         load_dataset(str(path))
     # a class or two absent from the data is fine
-    np.savez(path, x=np.random.default_rng(0).random((20, 1, 4, 4)).astype(np.float32), y=np.array([0, 1, 3] * 6 + [0, 1]))
+    np.savez(path, x=np.random.default_rng(0).random((20, 1, 4, 4)).astype(np.float32),
+             y=np.array([0, 1, 3] * 6 + [0, 1]))
     assert load_dataset(str(path)).num_classes == 4
 
 
