@@ -3,6 +3,7 @@ argument and what was expected (DESIGN.md, Conventions)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from numbers import Integral, Real
 
@@ -112,15 +113,73 @@ def check_labels(y, batch: int) -> torch.Tensor:
     return y.long()
 
 
-def check_logits(logits, batch: int, y: torch.Tensor | None = None) -> None:
-    """The model's output must be [batch, C] logits, and every label in y must be < C.
+def check_logits(logits, batch: int, y: torch.Tensor | None = None, where: str | None = None) -> None:
+    """The model's output must be finite [batch, C] logits, and every label in y must be < C.
 
-    The label check reads y's range, a device synchronisation: loops check once."""
+    A NaN logit has no argmax that means anything (torch's is the NaN's position), so a metric that
+    decided on it would count an undefined answer; ``where`` names the inputs in the error, e.g.
+    "clean inputs" or "adversarial inputs". The finiteness and label checks are one device
+    synchronisation each: loops check once per batch."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"model must return logits of shape [batch, classes] = ({batch}, C), got {got}")
+    if logits.device.type != "meta" and logits.numel():
+        bad = ~torch.isfinite(logits).all(1)
+        n_bad = int(bad.sum())
+        if n_bad:
+            raise ValueError(f"model returned non-finite logits (NaN or inf) for {n_bad} of {batch} samples"
+                             f"{f' ({where})' if where else ''}: no prediction can be read from them")
     if y is not None and y.numel():
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= logits.shape[1]:
             raise ValueError(f"y must hold labels in [0, {logits.shape[1]}) for a model with {logits.shape[1]} "
                              f"outputs, got values in [{low}, {high}]")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Every entry of ``t`` finite: one NaN pixel would make a loss, and then every parameter, NaN."""
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or inf)")
+
+
+def model_dtype_device(model) -> tuple[torch.dtype | None, torch.device | None]:
+    """The dtype and device of the model's first floating-point parameter (or buffer); (None, None)
+    for a model without any (a plain function)."""
+    if isinstance(model, torch.nn.Module):
+        for t in (*model.parameters(), *model.buffers()):
+            if t.is_floating_point():
+                return t.dtype, t.device
+    return None, None
+
+
+def check_model_input(model, x: torch.Tensor) -> None:
+    """x fits the model: not on the meta device (it holds no values), the model's parameters
+    neither, and x of the parameters' dtype, unless autocast chooses the dtypes. Without this the
+    errors are torch's ("mat1 and mat2 must have the same dtype", "Tensor.item() on meta tensors")."""
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device (it holds no values): move it to a real device first")
+    dtype, device = model_dtype_device(model)
+    if device is not None and device.type == "meta":
+        raise ValueError("the model's parameters are on the meta device (no values): load or move them to a real "
+                         "device (e.g. model.to_empty(device=...) and load_state_dict) first")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x has dtype {dtype_name(x.dtype)} but the model's parameters are {dtype_name(dtype)}: "
+                        f"convert one of them (e.g. x.to({str(dtype)}))")
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Runs the block with ``model`` in eval mode and restores each module's own ``training`` flag
+    afterwards (also after an exception): ``model.train(flag)`` would reset a BatchNorm the user
+    had put in eval mode inside a training model. A non-Module callable is left alone."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode

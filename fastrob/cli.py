@@ -63,9 +63,26 @@ def _device(value: str) -> str:
         device = torch.device(value)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"not a torch device: {value!r} (try cpu or cuda)")
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("meta holds no values: choose a device that computes (cpu or cuda)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("cuda was asked for but no GPU is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value}: only {torch.cuda.device_count()} GPU(s) are visible")
     return value
+
+
+SEED_MAX = 2**32 - 1  # numpy's RandomState (the data split) takes seeds in [0, 2**32)
+
+
+def _seed(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, {SEED_MAX}], got {value!r}")
+    return n
 
 
 def _positive_int(value: str) -> int:
@@ -138,6 +155,9 @@ def _train(args) -> int:
                          norm=args.norm, beta=args.beta, lam=args.lam, lam_saliency=args.lam_saliency,
                          patch=args.patch, warmup=args.warmup, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          test_fraction=args.test_fraction)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: --resume continues the checkpoint in "
+                         "--out, --overwrite starts again over it; pass one")
     if not args.resume and os.path.isfile(os.path.join(args.out, CHECKPOINT)) and not args.overwrite:
         raise ValueError(f"{args.out} already holds a checkpoint: pass --resume to continue it or --overwrite "
                          "to start again")
@@ -205,10 +225,10 @@ def _default_radius(value, norm: str) -> float:
 
 
 def _eval(args) -> int:
-    import json
     import os
 
     from fastrob import evaluation
+    from fastrob._atomic import write_json
 
     models, x, y, data = _load_models(args)
     eps = args.eps or ([0.05, 0.1, 0.2, 0.3] if args.norm == "linf" else [0.5, 1.0, 2.0])
@@ -223,20 +243,18 @@ def _eval(args) -> int:
     print("\n" + evaluation.legend(settings))
     os.makedirs(args.out, exist_ok=True)
     paths = evaluation.write_plots(results, args.out)
-    path = os.path.join(args.out, "eval.json")
-    with open(path, "w") as f:
-        json.dump({"data": data, "n": len(y), "settings": vars(settings), "results": evaluation.as_json(results)},
-                  f, indent=2)
+    path = write_json({"data": data, "n": len(y), "settings": vars(settings), "results": evaluation.as_json(results)},
+                      os.path.join(args.out, "eval.json"))
     print(f"\nwrote {path}, {', '.join(paths)}")
     return 0
 
 
 def _explain(args) -> int:
-    import json
     import os
     import re
 
     from fastrob import plots
+    from fastrob._atomic import write_json
 
     models, x, y, data = _load_models(args)
     if max(args.samples) >= len(y):
@@ -274,9 +292,7 @@ def _explain(args) -> int:
             print(f"{name:<28}{k:>7}{int(ys[i]):>6}{pred:>5}{rows[-1]['margin']:>8.2f}"
                   f"{(f'a = {dist:.3f}' if dist is not None else f'> {args.span:g}'):>18}")
         summary["models"][name] = rows
-    path = os.path.join(args.out, "explain.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
+    path = write_json(summary, os.path.join(args.out, "explain.json"))
     print("\n(margin = z_y - max_{j!=y} z_j at the input; boundary along u = the smallest a >= 0 on the "
           "gradient-sign line where the margin reaches 0, i.e. an Linf distance to the boundary)")
     print(f"wrote {path}, {', '.join(paths)}")
@@ -314,7 +330,7 @@ def _bench(args) -> int:
 
 
 def _common(p, out_default: str) -> None:
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help=f"random seed in [0, {SEED_MAX}] (default 0)")
     p.add_argument("--device", type=_device, default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default=out_default, help=f"output directory (default {out_default})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -333,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     from fastrob.models import ACTIVATIONS, MODELS
 
     parser = argparse.ArgumentParser(prog="fastrob", description="Fast robust and interpretable classification.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of any error (also FASTROB_DEBUG=1), for bug reports")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("info", help="versions, devices and which backends can run here")
     p.set_defaults(func=_info)
@@ -445,15 +463,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fastrob: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one subcommand. A user error (bad data or settings found after parsing: ValueError,
+    TypeError) or an I/O failure (OSError: disk full, permission denied) is one line on stderr,
+    exit status 2 and 1; any other exception is a bug and keeps its traceback. --debug or
+    FASTROB_DEBUG=1 shows the traceback of every error."""
+    import os
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("FASTROB_DEBUG", "") not in ("", "0")
+    if getattr(args, "out", None) is not None:
+        from fastrob._rundir import check_out_dir
+
+        try:
+            check_out_dir(args.out)  # before any compute: a run must never be lost at its end
+        except ValueError as err:
+            parser.exit(2, f"fastrob: error: {err}\n")
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            if not debug:  # a warning (e.g. what --resume ignored) is one line too
+                warnings.showwarning = _one_line_warning
+            return args.func(args)
     except (ValueError, TypeError) as err:
+        if debug:
+            raise
         # bad data or settings found after parsing: one line, as argparse reports its own errors
         parser.exit(2, f"fastrob: error: {err}\n")
+    except OSError as err:
+        if debug:
+            raise
+        parser.exit(1, f"fastrob: error: {err.strerror or err}"
+                       f"{f': {err.filename}' if getattr(err, 'filename', None) else ''}\n")
     except KeyboardInterrupt:
+        if debug:
+            raise
         parser.exit(130, "fastrob: interrupted\n")
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 SIZES = (8, 16, 32)
 IMAGE_SUFFIXES = (".png",)
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive's first bytes (an empty one: the second)
 
 
 class Split(NamedTuple):
@@ -115,14 +116,29 @@ def load_npz(path: str, test_fraction: float = 0.25, seed: int = 0) -> Split:
     train/test; or with ``x_train``, ``y_train``, ``x_test``, ``y_test`` used as given."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in ZIP_MAGIC:  # numpy would call a text file "pickled data"
+        raise ValueError(f"{path}: not a valid .npz file (an .npz is a zip archive written by numpy.savez; "
+                         f"this file starts with {magic!r})")
     try:
         arrays = np.load(path, allow_pickle=False)
         keys = set(arrays.files)
-    except Exception as err:  # not a zip/npz file at all
-        raise ValueError(f"{path}: not a readable .npz file ({type(err).__name__}: {err})") from None
+    except Exception as err:  # a damaged zip
+        raise ValueError(f"{path}: not a valid .npz file ({type(err).__name__}: {err})") from None
+
+    def array(key):
+        try:
+            return arrays[key]
+        except ValueError:  # allow_pickle=False refuses object arrays, without naming the file
+            raise ValueError(f"{path}: array {key!r} holds Python objects (dtype object); store numeric arrays "
+                             "(float images, integer labels)") from None
+        except Exception as err:  # a truncated or corrupt member
+            raise ValueError(f"{path}: array {key!r} cannot be read ({type(err).__name__}: {err})") from None
+
     if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-        x_train, y_train = check_images(arrays["x_train"], arrays["y_train"], f"{path} (train)")
-        x_test, y_test = check_images(arrays["x_test"], arrays["y_test"], f"{path} (test)")
+        x_train, y_train = check_images(array("x_train"), array("y_train"), f"{path} (train)")
+        x_test, y_test = check_images(array("x_test"), array("y_test"), f"{path} (test)")
         if x_train.shape[1:] != x_test.shape[1:]:
             raise ValueError(f"{path}: x_train and x_test images differ in shape "
                              f"({tuple(x_train.shape[1:])} vs {tuple(x_test.shape[1:])})")
@@ -131,7 +147,7 @@ def load_npz(path: str, test_fraction: float = 0.25, seed: int = 0) -> Split:
     if missing:
         raise ValueError(f"{path}: missing key(s) {', '.join(missing)} (expected arrays x and y, or "
                          f"x_train, y_train, x_test, y_test; found {', '.join(sorted(keys)) or 'none'})")
-    x, y = check_images(arrays["x"], arrays["y"], path)
+    x, y = check_images(array("x"), array("y"), path)
     return split_data(x, y, test_fraction=test_fraction, seed=seed)
 
 
@@ -184,7 +200,7 @@ def load_dataset(spec: str, size: int | None = None, test_fraction: float = 0.25
     """``"digits"``, a path to an .npz file, or an ImageFolder-like directory (see above).
     ``size`` resizes the images to size x size (digits: 8, 16 or 32; default: as stored)."""
     if spec == "digits":
-        split = load_digits(test_fraction, seed, size or 8)
+        split = load_digits(test_fraction, seed, 8 if size is None else size)
     elif os.path.isdir(spec):
         split, _ = load_folder(spec, test_fraction, seed)
     elif spec.endswith(".npz") or os.path.isfile(spec):
@@ -196,10 +212,26 @@ def load_dataset(spec: str, size: int | None = None, test_fraction: float = 0.25
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         split = Split(resize(split.x_train, size), split.y_train, resize(split.x_test, size), split.y_test)
-    num_classes = int(max(split.y_train.max(), split.y_test.max())) + 1
-    if num_classes < 2:
-        raise ValueError(f"{spec}: needs at least 2 classes, got labels of {num_classes}")
+    num_classes = check_label_range(torch.cat([split.y_train, split.y_test]), spec)
     return Dataset(spec, split, num_classes, tuple(split.x_train.shape[1:]))
+
+
+def check_label_range(y: torch.Tensor, source: str) -> int:
+    """The number of classes, max(y) + 1, after checking that the labels are (nearly) 0..K-1.
+
+    Labels that leave most class indices unused (e.g. {0, 1000, 2000, 3000}: 4 classes, 3001
+    outputs) are refused rather than mapped to 0..3: a silent mapping would make the model's
+    class k mean something else than label k in any other data evaluated with it. A few unused
+    indices (a class absent from the data) are accepted: at least half must occur."""
+    num_classes = int(y.max()) + 1
+    used = int(torch.unique(y).numel())
+    if num_classes < 2:
+        raise ValueError(f"{source}: needs at least 2 classes, got labels of {num_classes}")
+    if used * 2 < num_classes:
+        raise ValueError(f"{source}: the labels use {used} distinct values up to {num_classes - 1}, so a model "
+                         f"would have {num_classes} outputs of which {num_classes - used} never occur; relabel the "
+                         f"classes as 0..{used - 1} (e.g. numpy.unique(y, return_inverse=True)[1])")
+    return num_classes
 
 
 def subset(x: torch.Tensor, y: torch.Tensor, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:

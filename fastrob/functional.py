@@ -19,7 +19,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fastrob._checks import check_int, check_labels, check_logits, check_model, check_tensor
+from fastrob._checks import (check_finite, check_int, check_labels, check_logits, check_model, check_model_input,
+                             check_tensor)
 from fastrob.ops._common import resolve_backend
 from fastrob.ops.cross_entropy import cross_entropy_unchecked
 from fastrob.ops.sqnorm import sqnorm
@@ -153,13 +154,44 @@ def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.T
 def check_inputs(model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks (model, x, y); returns a leaf copy of x that requires grad, and y as int64.
 
-    x is never modified: the copy is a detached view, so the caller's tensor and its graph (if
-    any) stay as they were.
+    x must hold at least one sample (a mean over an empty batch is NaN, not a loss), finite values
+    (one NaN pixel makes the loss and then every parameter NaN after one optimizer step), and fit
+    the model (dtype, no meta device: ``fastrob._checks.check_model_input``). x is never modified:
+    the copy is a detached view, so the caller's tensor and its graph (if any) stay as they were.
     """
     check_model(model)
     check_tensor("x", x, min_dim=2)
     y = check_labels(y, x.shape[0])
+    if x.shape[0] == 0:
+        raise ValueError(f"x holds no samples (shape {tuple(x.shape)}): a regularizer needs a non-empty batch")
+    check_model_input(model, x)
+    check_finite("x", x)
     return x.detach().requires_grad_(True), y
+
+
+def rng_state(device: torch.device) -> tuple:
+    """(device, CPU generator state, CUDA generator state of ``device`` or None)."""
+    device = torch.device(device)
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return device, torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def replay(saved: tuple):
+    """Runs the block from the RNG state ``saved`` (``rng_state``), so that its random draws
+    (Dropout masks) repeat those made after ``saved`` was taken; restores the state the block
+    found, so that the caller's later draws are unchanged by the replay."""
+    device, cpu, cuda = saved
+    now = rng_state(device)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(now[1])
+        if now[2] is not None:
+            torch.cuda.set_rng_state(now[2], device)
 
 
 def forward(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ their own way.
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -19,13 +18,17 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastrob import interpret  # noqa: E402
+from fastrob._atomic import atomic_path  # noqa: E402
 from fastrob.attacks.pgd import attack_context, margin_loss  # noqa: E402
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    """Saves ``fig`` as a PNG at ``path`` atomically (``fastrob._atomic``) and closes it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

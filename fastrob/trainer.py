@@ -16,18 +16,20 @@ Only rank 0 shows the progress bar and writes the outputs.
 
 from __future__ import annotations
 
-import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from fastrob import distributed as dist_utils
 from fastrob import methods as method_registry
+from fastrob._atomic import torch_save, write_json
 from fastrob._checks import check_float, check_int, check_positive
+from fastrob._progress import progress
+from fastrob._rundir import data_path, read_checkpoint, run_lock
 from fastrob.data import Dataset, load_dataset
 from fastrob.models import ACTIVATIONS, MODELS, build_model
 from fastrob.objective import Objective
@@ -188,16 +190,29 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
     the global batch, and only rank 0 shows the bar and writes files; the returned model is the
     unwrapped module. Module docstring and docs/distributed.md."""
     config.check()
-    distributed, main = dist_utils.is_distributed(), dist_utils.is_main_process()
-    world, rank = dist_utils.world_size(), dist_utils.rank()
+    main = dist_utils.is_main_process()
     quiet = quiet or not main
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     state = None
     if resume:
         if not ckpt_path or not os.path.isfile(ckpt_path):
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        config = TrainConfig.from_dict(dict(state["config"], epochs=config.epochs)).check()
+        state = read_checkpoint(ckpt_path)
+        stored = TrainConfig.from_dict(dict(state["config"], epochs=config.epochs))
+        ignored = resume_conflicts(config, stored, state.get("data_path"))
+        if ignored and main:
+            warnings.warn(f"--resume continues {ckpt_path} with its own settings; ignored: {', '.join(ignored)}",
+                          stacklevel=2)
+        config = stored.check()
+        if dataset is None and state.get("data_path") and not os.path.exists(config.data):
+            config.data = state["data_path"]  # resumed from another directory
+    with run_lock(out_dir if main else None):
+        return _train(config, out_dir, ckpt_path, state, device=device, quiet=quiet, dataset=dataset, desc=desc)
+
+
+def _train(config, out_dir, ckpt_path, state, *, device, quiet, dataset, desc):
+    distributed, main = dist_utils.is_distributed(), dist_utils.is_main_process()
+    world, rank = dist_utils.world_size(), dist_utils.rank()
     torch.manual_seed(config.seed)
     if dataset is None:
         dataset = load_dataset(config.data, config.size, config.test_fraction, config.seed)
@@ -228,8 +243,8 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
     x_train, y_train = split.x_train.to(device), split.y_train.to(device)
     x_test, y_test = split.x_test.to(device), split.y_test.to(device)
     n_batches = -(-len(y_train) // config.batch_size)
-    bar = tqdm(total=(config.epochs - start_epoch) * n_batches, desc=desc or f"train {describe(config)}",
-               disable=quiet, leave=False, unit="batch")
+    bar = progress(total=(config.epochs - start_epoch) * n_batches, desc=desc or f"train {describe(config)}",
+                   disable=quiet, unit="batch")
     for epoch in range(start_epoch, config.epochs):
         model.train()
         start = time.perf_counter()
@@ -247,6 +262,10 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
             out = objective(net, x_train[idx], y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss = out.loss
+            if not distributed and not bool(torch.isfinite(loss.detach())):
+                # one optimizer step on a NaN loss would make every weight NaN, and the saved checkpoint with it
+                raise ValueError(f"the training loss is {float(loss)} at epoch {epoch + 1}: training diverged "
+                                 "(try a lower --lr); the checkpoint of the last finished epoch is kept")
             if distributed:
                 # DDP averages the ranks' gradients; weighting each shard's mean loss by
                 # W * n_r / N makes that average the gradient of the global batch's mean loss
@@ -269,15 +288,15 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", test_acc=f"{record['test_accuracy']:.3f}")
         if ckpt_path and main:
-            os.makedirs(out_dir, exist_ok=True)
-            torch.save({"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            # atomic (fastrob._atomic): a full disk or an interrupt never leaves a half-written checkpoint
+            torch_save({"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                         "epoch": epoch + 1,
                         "history": history, "in_shape": dataset.in_shape, "num_classes": dataset.num_classes,
-                        "objective": objective.state_dict() if hasattr(objective, "state_dict") else None},
-                       ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)  # never leave a half-written checkpoint
+                        "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
+                        "data_path": data_path(config.data)},
+                       ckpt_path)
         dist_utils.barrier()  # no rank starts the next epoch (or returns) before the checkpoint exists
     bar.close()
     model.eval()
@@ -294,24 +313,44 @@ def write_outputs(out_dir: str, config: TrainConfig, history: list[dict]) -> Non
     summary = {"config": asdict(config), "method": describe(config), "epochs": len(history),
                "test_accuracy": final.get("test_accuracy"), "train_seconds": sum(h["seconds"] for h in history),
                "history": history}
-    with open(os.path.join(out_dir, METRICS), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(summary, os.path.join(out_dir, METRICS))
     plots.training_curves(history, os.path.join(out_dir, CURVE), title=describe(config))
 
 
+def resume_conflicts(given: TrainConfig, stored: TrainConfig, stored_data_path: str | None = None) -> list[str]:
+    """The settings of ``given`` that a resume of ``stored`` ignores: those set away from their
+    default and different from the checkpoint's (``epochs`` is the one a resume takes). The data
+    counts as the same when both name one file (relative to here, or the recorded absolute path)."""
+    defaults = TrainConfig()
+    out = []
+    for f in fields(TrainConfig):
+        if f.name == "epochs":
+            continue
+        value, kept = getattr(given, f.name), getattr(stored, f.name)
+        if f.name == "data" and data_path(value) is not None and data_path(value) in (
+                stored_data_path, data_path(kept)):
+            continue
+        if value != getattr(defaults, f.name) and value != kept:
+            out.append(f"{f.name}={value!r} (the checkpoint's {kept!r})")
+    return out
+
+
 def load_checkpoint(path: str, device: str = "cpu"):
-    """(model in eval mode, TrainConfig) from a checkpoint.pt, or from a directory holding one."""
+    """(model in eval mode, TrainConfig) from a checkpoint.pt, or from a directory holding one.
+    A relative data path that does not resolve from here is replaced by the absolute one recorded
+    at training time."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint: no such file {path}")
+    state = read_checkpoint(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         config = TrainConfig.from_dict(state["config"])
         model = build_model(config.model, state["in_shape"], state["num_classes"], config.activation)
         model.load_state_dict(state["model"])
-    except Exception as err:  # torch.load raises many types for a file that is not a checkpoint
-        # the first line is enough: weights_only's refusal runs to a page of advice
+    except Exception as err:
         reason = (str(err).strip().splitlines() or [""])[0]
         raise ValueError(f"{path}: not a fastrob checkpoint ({type(err).__name__}: {reason})") from None
+    if state.get("data_path") and not os.path.exists(config.data):
+        config.data = state["data_path"]
     return model.to(device).eval(), config

@@ -71,7 +71,7 @@ def test_malformed_npz_files_give_clear_errors(tmp_path, arrays, words):
 def test_not_an_npz_file(tmp_path):
     path = tmp_path / "bad.npz"
     path.write_text("hello")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match="not a valid .npz"):
         load_npz(str(path))
     with pytest.raises(ValueError, match="no such file or directory"):
         load_dataset(str(tmp_path / "missing"))

@@ -7,10 +7,10 @@ from typing import Iterator
 
 import torch
 from torch.utils.data import DistributedSampler
-from tqdm import tqdm
-
 from fastrob import distributed as dist_utils
-from fastrob._checks import check_int, check_labels, check_logits, check_model, check_tensor
+from fastrob._checks import (check_int, check_labels, check_logits, check_model, check_model_input, check_tensor,
+                             eval_mode)
+from fastrob._progress import progress
 
 
 def model_device(model, device=None) -> torch.device:
@@ -113,13 +113,14 @@ def shard(data, n: int | None, distributed: bool | None) -> Shard | None:
 
 def batches(data, batch_size: int, device: torch.device, *, desc: str, quiet: bool,
             limit: int | None = None, shard: Shard | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches on ``device`` with a tqdm bar counting samples (on rank 0 only).
+    """(x, y) batches on ``device`` with a progress bar counting samples (on rank 0 only).
 
     data: a pair (x [N, ...] float in [0, 1], y [N] int) cut into ``batch_size`` chunks, or any
     iterable of (x, y) batches (a DataLoader), used as it batches. ``limit``: stop after that
     many samples (the last batch is cut). ``shard``: read this rank's part (``Shard``): rows
     r, r + W, ... of a pair, and of a sharded loader the samples at positions < shard.total; the
-    shard's limit then replaces ``limit``."""
+    shard's limit then replaces ``limit``. Data that yields no sample raises a ValueError (a metric
+    over no sample is undefined, not 0), except for a distributed rank whose shard is empty."""
     batch_size = check_int("batch_size", batch_size, 1)
     if shard is not None and shard.positioned:
         limit = shard.limit
@@ -142,7 +143,7 @@ def batches(data, batch_size: int, device: torch.device, *, desc: str, quiet: bo
     if limit is not None:
         total = limit if total is None else min(total, limit)
     seen = 0
-    with tqdm(total=total, desc=desc, unit="img", disable=quiet, leave=False) as bar:
+    with progress(total=total, desc=desc, unit="img", disable=quiet) as bar:
         for item in source:
             if not (isinstance(item, (tuple, list)) and len(item) >= 2):
                 raise ValueError("each batch of data must be a pair (x, y)")
@@ -158,21 +159,19 @@ def batches(data, batch_size: int, device: torch.device, *, desc: str, quiet: bo
             bar.update(len(y))
             if limit is not None and seen >= limit:
                 break
+    if seen == 0 and shard is None:
+        raise ValueError(f"data holds no samples: {desc} is undefined on empty data")
 
 
 @torch.no_grad()
-def clean_logits(model, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """model(x) in eval mode (the mode is restored), checked to be [B, C] logits. A DDP model runs
+def clean_logits(model, x: torch.Tensor, y: torch.Tensor | None = None, where: str = "clean inputs") -> torch.Tensor:
+    """model(x) in eval mode (each module's mode is restored), checked to be finite [B, C] logits;
+    ``where`` names the inputs in the error (``fastrob._checks.check_logits``). A DDP model runs
     its wrapped module: evaluation forwards never communicate (``fastrob.distributed``)."""
     check_model(model)
     model = dist_utils.unwrap(model)
-    training = getattr(model, "training", False)
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    try:
+    check_model_input(model, x)
+    with eval_mode(model):
         logits = model(x)
-    finally:
-        if isinstance(model, torch.nn.Module):
-            model.train(training)
-    check_logits(logits, x.shape[0], y)
+    check_logits(logits, x.shape[0], y, where=where)
     return logits.float()

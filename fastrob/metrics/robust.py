@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 from fastrob._checks import check_float, check_int
 from fastrob.attacks.pgd import pgd
+from fastrob.ops.pgd_step import NORMS
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device, shard
 
@@ -22,6 +23,9 @@ class RobustAccuracy:
     clean_accuracy: float
     n: int
     robust: torch.Tensor = field(repr=False)
+
+    def as_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "clean_accuracy": self.clean_accuracy, "n": self.n}
 
 
 @dataclass
@@ -57,6 +61,7 @@ def robust_accuracy(model, data, attack, *, batch_size: int = 256, device=None, 
     """
     if not callable(attack):
         raise TypeError(f"attack must be callable as attack(x, y) -> x_adv, got {type(attack).__name__}")
+    ball = attack_ball(attack)
     model = unwrap(model)
     device = model_device(model, device)
     part = shard(data, n, distributed)
@@ -67,14 +72,64 @@ def robust_accuracy(model, data, attack, *, batch_size: int = 256, device=None, 
         robust = correct.clone()
         if bool(correct.any()):
             x_adv = attack(x[correct], y[correct])
-            robust[correct] = clean_logits(model, x_adv).argmax(1) == y[correct]
+            check_attack_output(x_adv, x[correct], ball)
+            robust[correct] = clean_logits(model, x_adv, where="adversarial inputs").argmax(1) == y[correct]
         masks.append(robust.cpu())
     robust = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
     n_clean = int(torch.cat(clean).sum()) if clean else 0
     if part is not None:
         robust, n_clean = part.gather(robust), int(part.sum(n_clean))
-    total = max(len(robust), 1)
+    if not len(robust):
+        raise ValueError("data holds no samples: robust accuracy is undefined on empty data")
+    total = len(robust)
     return RobustAccuracy(float(robust.float().sum()) / total, n_clean / total, len(robust), robust)
+
+
+# the least slack of the ball and box checks of an attack's output (float32 rounding of x + delta)
+_BALL_SLACK = 1e-5
+
+
+def attack_ball(attack) -> tuple[str, float] | None:
+    """(norm, eps) of an attack that exposes them (fastrob's and torchattacks' attack objects have
+    ``eps``; the norm is ``norm`` or, for torchattacks, the class name: PGDL2 is l2, PGD and FGSM
+    linf), or None when its ball is unknown (a plain function)."""
+    eps = getattr(attack, "eps", None)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        return None
+    norm = getattr(attack, "norm", None)
+    if isinstance(norm, str):
+        norm = norm.lower()
+    elif type(attack).__name__ in ("PGD", "FGSM", "FFGSM", "RFGSM", "BIM", "MIFGSM", "TPGD"):
+        norm = "linf"
+    elif type(attack).__name__ in ("PGDL2",):
+        norm = "l2"
+    return (norm, float(eps)) if norm in NORMS else None
+
+
+def check_attack_output(x_adv, x: torch.Tensor, ball: tuple[str, float] | None) -> None:
+    """An attack's output must be a tensor of x's shape, finite, in [0, 1] and, when the attack's
+    ball is known (``attack_ball``), within eps of x: otherwise the accuracy on it means nothing."""
+    if not isinstance(x_adv, torch.Tensor):
+        raise TypeError(f"attack(x, y) must return a tensor of adversarial images, got {type(x_adv).__name__}")
+    if x_adv.shape != x.shape:
+        raise ValueError(f"attack(x, y) must return images of the shape of x {tuple(x.shape)}, got "
+                         f"{tuple(x_adv.shape)}")
+    n_bad = int((~torch.isfinite(x_adv)).flatten(1).any(1).sum())
+    if n_bad:
+        raise ValueError(f"attack(x, y) returned non-finite (NaN or inf) images for {n_bad} of {len(x)} samples")
+    # slack for rounding: x + delta stored in x_adv's dtype (half precision rounds at ~5e-4)
+    slack = _BALL_SLACK + 4 * torch.finfo(x_adv.dtype).eps if x_adv.is_floating_point() else _BALL_SLACK
+    low, high = float(x_adv.min()), float(x_adv.max())
+    if low < -slack or high > 1 + slack:
+        raise ValueError(f"attack(x, y) returned images outside [0, 1] (values in [{low:.4g}, {high:.4g}])")
+    if ball is not None:
+        norm, eps = ball
+        delta = (x_adv.detach().float() - x.detach().float()).flatten(1)
+        size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+        worst = float(size.max())
+        if worst > eps * (1 + 1e-4) + slack * (delta.shape[1] ** 0.5 if norm == "l2" else 1):
+            raise ValueError(f"attack(x, y) returned images outside its {norm} ball of eps={eps:g} "
+                             f"(largest distance {worst:.4g})")
 
 
 def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *, steps: int = 20,
@@ -95,6 +150,10 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
     ranks); rank r seeds its generator with ``seed + r``, so with random starts the curve equals a
     single-process one in distribution, and exactly with ``random_start=False``.
     """
+    if isinstance(eps_list, (str, bytes)) or not isinstance(eps_list, Iterable):
+        raise TypeError(f"eps_list must be a sequence of radii, e.g. [0.05, 0.1], got {type(eps_list).__name__}")
+    if norm not in NORMS:  # checked here, not first by pgd: with no clean-correct sample pgd never runs
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     eps_values = [check_float("eps_list", e, min_value=0.0) for e in eps_list]
     if not eps_values:
         raise ValueError("eps_list must hold at least one eps")
@@ -122,6 +181,8 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
             alive_count[k] += len(alive)
     if part is not None:
         n_total, n_clean, *alive_count = (int(v) for v in part.sum([n_total, n_clean, *alive_count]))
-    total = max(n_total, 1)
+    if not n_total:
+        raise ValueError("data holds no samples: the accuracy curve is undefined on empty data")
+    total = n_total
     return AccuracyCurve([eps_values[k] for k in order], [alive_count[k] / total for k in order], n_clean / total,
                          n_total, norm, steps)

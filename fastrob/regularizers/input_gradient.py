@@ -39,7 +39,9 @@ class InputGradientRegularizer:
     2 g . dg/dtheta = d/dtheta ||g||^2 (an envelope argument; likewise for sign(g) and the l1
     norm), so the fd objective's parameter gradient also tends to the exact one as h -> 0.
     Cost: two forward passes, one backward to the input, then the user's backward through both
-    forwards (measured 2.5-2.9x a plain step on CPU, against 2.5-3.7x for exact).
+    forwards (measured 2.5-2.9x a plain step on CPU, against 2.5-3.7x for exact). The second
+    forward replays the first one's random draws (Dropout masks in train mode: the CPU generator
+    and the CUDA generator of x's device), so both are forwards of one function.
 
     The model may be any classifier returning [B, C] logits, in train or eval mode. The extra
     forward of mode="fd" runs in the model's mode on the batch x + h v (so BatchNorm in train mode
@@ -74,6 +76,8 @@ class InputGradientRegularizer:
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
+        # the fd forward replays the clean forward's random draws (Fn.replay)
+        rng = Fn.rng_state(x.device) if self.mode == "fd" else None
         # Under DDP the input gradient is taken on the wrapped module's output (Fn.forward_pair)
         logits, inner = Fn.forward_pair(model, x, y)
         ce = Fn.cross_entropy(logits, y, self.backend)
@@ -81,18 +85,20 @@ class InputGradientRegularizer:
         if self.mode == "exact":
             penalty = Fn.input_gradient_penalty(ce_inner, x, norm=self.norm, backend=self.backend)
         else:
-            penalty = self._fd_penalty(model, x, y, ce_inner)
+            penalty = self._fd_penalty(model, x, y, ce_inner, rng)
         mean_ce = ce.mean()
         return Objective(mean_ce + self.lam * penalty, mean_ce, penalty, logits)
 
-    def _fd_penalty(self, model, x, y, ce):
+    def _fd_penalty(self, model, x, y, ce, rng):
         # The graph of the clean forward is kept: the objective is differentiated through it.
         (g,) = torch.autograd.grad(ce.sum(), x, retain_graph=True)
         v = fd_direction(g, self.norm)
         # The extra forward skips DDP's wrapper (one reducer preparation and one buffer broadcast
         # per step, from the clean forward); its graph reaches the same parameters.
+        # Both forwards must be one function of x: a stochastic layer (Dropout in train mode) drawing
+        # new masks would make (CE(x + hv) - CE(x)) / h a difference of two functions, O(1/h).
         module = unwrap(model)
-        with Fn.preserved_buffers(module):
+        with Fn.preserved_buffers(module), Fn.replay(rng):
             ce_h = Fn.cross_entropy(Fn.forward(module, x.detach() + self.h * v, y), y, self.backend)
         return ((ce_h - ce) / self.h).pow(2).mean()
 

@@ -126,7 +126,10 @@ class LipschitzRegularizer:
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or "R" not in state:
             raise ValueError(f"state must be a dict with key 'R' (from state_dict()), got {state!r}")
-        self.R = check_float("state['R']", float(state["R"]), min_value=0.0)
+        value = state["R"]
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()  # a checkpoint may hold R as a 0-dim tensor
+        self.R = check_float("state['R']", value, min_value=0.0)
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
