@@ -80,8 +80,8 @@ class InputGradientRegularizer:
         rng = Fn.rng_state(x.device) if self.mode == "fd" else None
         # Under DDP the input gradient is taken on the wrapped module's output (Fn.forward_pair)
         logits, inner = Fn.forward_pair(model, x, y)
-        ce = Fn.cross_entropy(logits, y, self.backend)
-        ce_inner = ce if inner is logits else Fn.cross_entropy(inner, y, self.backend)
+        ce = Fn.per_sample_cross_entropy(logits, y, self.backend)
+        ce_inner = ce if inner is logits else Fn.per_sample_cross_entropy(inner, y, self.backend)
         if self.mode == "exact":
             penalty = Fn.input_gradient_penalty(ce_inner, x, norm=self.norm, backend=self.backend)
         else:
@@ -99,7 +99,7 @@ class InputGradientRegularizer:
         # new masks would make (CE(x + hv) - CE(x)) / h a difference of two functions, O(1/h).
         module = unwrap(model)
         with Fn.preserved_buffers(module), Fn.replay(rng):
-            ce_h = Fn.cross_entropy(Fn.forward(module, x.detach() + self.h * v, y), y, self.backend)
+            ce_h = Fn.per_sample_cross_entropy(Fn.forward(module, x.detach() + self.h * v, y), y, self.backend)
         return ((ce_h - ce) / self.h).pow(2).mean()
 
 

@@ -71,7 +71,7 @@ class JacobianRegularizer:
         x, y = Fn.check_inputs(model, x, y)
         logits, penalty = jacobian_objective_parts(model, x, y, n_proj=self.n_proj, exact=self.exact,
                                                    batching=self.batching, generator=self.generator)
-        ce = Fn.cross_entropy(logits, y, self.backend).mean()
+        ce = Fn.per_sample_cross_entropy(logits, y, self.backend).mean()
         return Objective(ce + self.lam * penalty, ce, penalty, logits)
 
 

@@ -72,8 +72,8 @@ class JSIGRRegularizer:
         # Under DDP both penalties differentiate the wrapped module's output (Fn.forward_pair), and
         # the saliency forwards run on the unwrapped module (no communication)
         logits, inner = Fn.forward_pair(model, x, y)
-        ce = Fn.cross_entropy(logits, y, self.backend)
-        ce_inner = ce if inner is logits else Fn.cross_entropy(inner, y, self.backend)
+        ce = Fn.per_sample_cross_entropy(logits, y, self.backend)
+        ce_inner = ce if inner is logits else Fn.per_sample_cross_entropy(inner, y, self.backend)
         saliency = self.saliency(unwrap(model), x.detach(), y, logits.detach())
         r_s = Fn.input_gradient_penalty(ce_inner, x, norm="l2", weight=1 - saliency, backend=self.backend)
         r_j = Fn.jacobian_penalty(inner, x, n_proj=self.n_proj, generator=self.generator)

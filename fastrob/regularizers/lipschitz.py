@@ -135,7 +135,7 @@ class LipschitzRegularizer:
         x, y = Fn.check_inputs(model, x, y)
         # Under DDP the input gradient is taken on the wrapped module's output (Fn.forward_pair)
         logits, inner = Fn.forward_pair(model, x, y)
-        ce = Fn.cross_entropy(logits, y, self.backend).mean()
+        ce = Fn.per_sample_cross_entropy(logits, y, self.backend).mean()
         s = lipschitz_outputs(inner, y, self.zeta, self.generator)
         (g,) = torch.autograd.grad(s.sum(), x, create_graph=True)
         penalty = self.gradient_penalty(g)
