@@ -37,8 +37,8 @@ def _pgd(model, eps: float, s: EvalSettings):
     random starts from one generator per evaluation seeded with seed + rank (as the other metrics)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(s.seed + distributed.rank())
-    return lambda x, y: attacks.pgd(model, x, y, eps=eps, alpha=2.5 * eps / s.steps, steps=s.steps, norm=s.norm,
-                                    generator=generator)
+    return lambda x, y: attacks.pgd(model, x, y, eps=eps, alpha=attacks.default_alpha(eps, s.steps), steps=s.steps,
+                                    norm=s.norm, generator=generator)
 
 
 # What ``evaluate`` computes per model, in order: (key, function(model, data, settings, quiet) ->
@@ -97,7 +97,7 @@ def table(results: Mapping[str, Mapping[str, object]], settings: EvalSettings) -
 
 
 def legend(settings: EvalSettings) -> str:
-    parts = [f"robust accuracy: PGD-{settings.norm}, {settings.steps} steps of 2.5*eps/{settings.steps}"
+    parts = [f"robust accuracy: PGD-{settings.norm}, {settings.steps} steps of {attacks.ALPHA_FACTOR:g}*eps/{settings.steps}"
              f"{f', {settings.restarts} restarts' if settings.restarts > 1 else ', random start'}"]
     if settings.ara_n > 0:
         parts.append(f"ARA: accuracy-robustness area over RMSE radii ({settings.ara_kind}; higher is more robust)")

@@ -79,8 +79,8 @@ class TrainConfig:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be linf or l2, got {self.norm!r}")
+        from fastrob.attacks import check_norm
+        check_norm(self.norm)
         check_float("eps", self.eps, min_value=0.0)
         if self.alpha is not None:
             check_float("alpha", self.alpha, min_value=0.0)
@@ -144,7 +144,7 @@ def build_objective(config: TrainConfig, model, steps_per_epoch: int = 1
             ce = F.cross_entropy(logits, y)
             return Objective(loss=ce, ce=ce, penalty=ce.new_zeros(()), logits=logits)
         return plain
-    alpha = config.alpha if config.alpha is not None else 2.5 * config.eps / config.attack_steps
+    alpha = config.alpha if config.alpha is not None else attacks.default_alpha(config.eps, config.attack_steps)
     if m in ("pgd", "trades", "half"):
         cls = attacks.PGD if config.norm == "linf" else attacks.PGDL2
         attack = cls(model, eps=config.eps, alpha=alpha, steps=config.attack_steps, random_start=True)

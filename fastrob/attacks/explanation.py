@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastrob._checks import check_int, check_logits, check_model, check_positive, check_tensor
-from fastrob.attacks.pgd import attack_context
+from fastrob.attacks.state import attack_context
 from fastrob.distributed import unwrap
 
 

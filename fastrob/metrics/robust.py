@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from fastrob._checks import check_float, check_int
-from fastrob.attacks.pgd import pgd
+from fastrob.attacks import default_alpha, pgd
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device, shard
 
@@ -115,7 +115,7 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
         for k in order:
             eps = eps_values[k]
             if eps > 0 and len(alive):
-                _, fooled = pgd(model, x[alive], y[alive], eps=eps, alpha=alpha_factor * eps / steps, steps=steps,
+                _, fooled = pgd(model, x[alive], y[alive], eps=eps, alpha=default_alpha(eps, steps, alpha_factor), steps=steps,
                                 norm=norm, restarts=restarts, random_start=random_start, loss=loss,
                                 robust_only=True, return_fooled=True, generator=generator)
                 alive = alive[~fooled]

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastrob._checks import check_float, check_int, check_model, check_tensor
-from fastrob.attacks.pgd import attack_context, pgd
+from fastrob.attacks import attack_context, check_norm, default_alpha, pgd
 from fastrob.distributed import all_gather_objects, unwrap
 from fastrob.metrics._common import batches, model_device, shard
 from fastrob.nn import BiasAct
@@ -276,7 +276,8 @@ def neuron_sensitivity_metric(model, data, attack: Optional[Callable] = None, *,
     device = model_device(model, device)
     eps = check_float("eps", eps, min_value=0.0)
     steps = check_int("steps", steps, 0)
-    alpha = 2.5 * eps / max(steps, 1) if alpha is None else check_float("alpha", alpha, min_value=0.0)
+    alpha = default_alpha(eps, steps) if alpha is None else check_float("alpha", alpha, min_value=0.0)
+    check_norm(norm)
     if attack is not None and not callable(attack):
         raise TypeError(f"attack must be callable as attack(x, y) -> x_adv, got {type(attack).__name__}")
     names = [name for name, _ in resolve_layers(model, layers)]  # checked once, before any attack

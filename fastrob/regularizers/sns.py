@@ -10,12 +10,11 @@ from typing import Callable, Optional
 import torch
 
 from fastrob import functional as Fn
-from fastrob._checks import check_float, check_int
-from fastrob.attacks.pgd import pgd
+from fastrob._checks import check_float
+from fastrob.attacks import AttackConfig, pgd
 from fastrob.distributed import unwrap
 from fastrob.metrics.sensitivity import FeatureRecorder, channel_deviation, resolve_layers, top_k_count, top_k_sensitive
 from fastrob.objective import Objective
-from fastrob.ops.pgd_step import NORMS
 from fastrob.regularizers.input_gradient import check_backend
 
 
@@ -65,13 +64,8 @@ class SNSRegularizer:
         if attack is not None and not callable(attack):
             raise TypeError(f"attack must be callable as attack(x, y) -> x_adv, got {type(attack).__name__}")
         self.attack = attack
-        self.eps = check_float("eps", eps, min_value=0.0)
-        self.steps = check_int("steps", steps, 0)
-        self.alpha = 2.5 * self.eps / max(self.steps, 1) if alpha is None else check_float("alpha", alpha,
-                                                                                          min_value=0.0)
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        self.norm = norm
+        config = AttackConfig(eps=eps, alpha=alpha, steps=steps, norm=norm)  # the default PGD adversary
+        self.eps, self.alpha, self.steps, self.norm = config.eps, config.step_size, config.steps, config.norm
         self.lam = check_float("lam", lam, min_value=0.0)
         top_k_count(1, k)  # checks k
         self.k = k
