@@ -236,6 +236,8 @@ def _run(model, objective, rows, best, steps, norm, early_stop, robust_only, bac
         except GraphUnavailable:
             pass
     fooled_known = False
+    # non-finite gradients would be swallowed by the step's clamps: flagged on the device, read once
+    bad_grad = torch.zeros((), dtype=torch.bool, device=rows.x_adv.device)
     for k in range(steps_left + 1):
         last = k == steps_left
         if last and not need_final:
@@ -256,5 +258,9 @@ def _run(model, objective, rows, best, steps, norm, early_stop, robust_only, bac
         if last:
             best.record_final(rows, ev)
             break
+        bad_grad |= ~torch.isfinite(grad).all()
         rows.x_adv = step(rows, grad)
+    if bool(bad_grad):
+        raise ValueError("the attack's objective had a non-finite (NaN or infinite) input gradient during the "
+                         "attack: the model or the loss is not differentiable there")
     return fooled_known
