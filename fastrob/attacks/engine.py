@@ -98,10 +98,11 @@ def evaluate(objective: Objective, model, x_adv: torch.Tensor, rows: torch.Tenso
 class _Rows:
     """The iterates still being attacked: row i is sample idx[i] % B of restart idx[i] // B."""
 
-    FIELDS = ("x_adv", "x0", "eps", "alpha", "idx")
+    FIELDS = ("x_adv", "x0", "eps", "alpha", "idx", "samples")
 
-    def __init__(self, x_adv, x0, eps, alpha, idx):
+    def __init__(self, x_adv, x0, eps, alpha, idx, batch=None):
         self.x_adv, self.x0, self.eps, self.alpha, self.idx = x_adv, x0, eps, alpha, idx
+        self.samples = idx % batch if batch is not None else None  # the rows' sample indices
 
     def keep(self, mask):
         for name in self.FIELDS:
@@ -130,7 +131,7 @@ class _Best:
     def record(self, rows: _Rows, ev: Evaluation):
         """Keep, per sample, the iterate that fools with the lowest score (ties: the lowest row),
         without a host synchronisation."""
-        samples = rows.idx % self.batch
+        samples = rows.samples
         score = torch.zeros_like(ev.value, dtype=torch.float64) if ev.score is None else ev.score.double()
         better = ev.fooled & (score < self.score[samples])
         masked = torch.where(better, score, torch.full_like(score, float("inf")))
@@ -148,7 +149,7 @@ class _Best:
     def record_final(self, rows: _Rows, ev: Evaluation):
         """Over restarts: a final iterate that fools beats one that does not, then the higher value
         (ties: the earlier restart)."""
-        samples = rows.idx % self.batch
+        samples = rows.samples
         fooled = ev.fooled if ev.fooled is not None else torch.zeros_like(samples, dtype=torch.bool)
         value = ev.value.double()
         for r in range(self.restarts):  # each restart's rows hold distinct samples
@@ -203,9 +204,9 @@ def ascend(model, x: torch.Tensor, objective: Objective, *, eps, alpha, steps: i
         for g, group in enumerate(groups):
             idx = torch.cat([torch.arange(batch, device=x.device) + r * batch for r in group])
             rows = _Rows(torch.cat([starts[r] for r in group]), x.repeat((len(group),) + (1,) * (x.dim() - 1)),
-                         _repeat(eps, len(group)), _repeat(alpha, len(group)), idx)
+                         _repeat(eps, len(group)), _repeat(alpha, len(group)), idx, batch)
             if g > 0 and robust_only:  # samples already successful need no further restart
-                rows.keep(~best.found[rows.idx % batch])
+                rows.keep(~best.found[rows.samples])
                 if not rows.idx.numel():
                     break
             known = _run(model, objective, rows, best, steps, norm, early_stop, robust_only, backend, need_final,
@@ -231,7 +232,7 @@ def _run(model, objective, rows, best, steps, norm, early_stop, robust_only, bac
     steps_left = steps
     if cuda_graph and steps > 0 and not early_stop:
         try:
-            rows.x_adv = run_captured(model, objective, rows, rows.idx % best.batch, steps, step, graph_cache)
+            rows.x_adv = run_captured(model, objective, rows, rows.samples, steps, step, graph_cache)
             steps_left = 0
         except GraphUnavailable:
             pass
@@ -243,12 +244,12 @@ def _run(model, objective, rows, best, steps, norm, early_stop, robust_only, bac
         if last and not need_final:
             break
         where = ("at the start of the attack" if k == 0 and first else "at the end of the attack" if last else None)
-        ev, grad = evaluate(objective, model, rows.x_adv, rows.idx % best.batch, need_grad=not last, where=where)
+        ev, grad = evaluate(objective, model, rows.x_adv, rows.samples, need_grad=not last, where=where)
         fooled_known = fooled_known or ev.fooled is not None
         if early_stop and ev.fooled is not None:
             best.record(rows, ev)
             if robust_only and not last:
-                alive = ~best.found[rows.idx % best.batch]
+                alive = ~best.found[rows.samples]
                 if not bool(alive.all()):
                     rows.keep(alive)
                     grad = grad[alive]

@@ -40,16 +40,19 @@ class LossObjective:
         self.loss, self.labels, self.p_clean, self.targeted, self.forward, self.amp = (
             loss, labels, p_clean, targeted, forward, amp)
         self.checked = False
+        self.report_fooled = True  # False: the caller never early-stops nor compares restarts
 
     def __call__(self, model, x_adv, rows):
         logits = self.forward(x_adv)
-        labels = self.labels[rows]
+        # rows as long as the batch are the batch in order (no restart copies, nothing dropped)
+        labels = self.labels if len(rows) == len(self.labels) else self.labels[rows]
         if not self.checked:  # the label range check synchronises with the device: once
             check_logits(logits, x_adv.shape[0], labels)
             self.checked = True
-        p = self.p_clean[rows] if self.p_clean is not None else None
+        p = self.p_clean if self.p_clean is None or len(rows) == len(self.labels) else self.p_clean[rows]
         value = per_sample_loss(self.loss, logits, labels, p, self.targeted)
-        return Evaluation(value, fooled_by(logits.detach(), labels, self.targeted), None, logits)
+        fooled = fooled_by(logits.detach(), labels, self.targeted) if self.report_fooled else None
+        return Evaluation(value, fooled, None, logits)
 
     def graph_key(self):
         return (self.loss, self.targeted, self.amp, self.p_clean is not None, tuple(self.labels.shape))
@@ -160,6 +163,7 @@ def pgd_cached(graph_cache: Optional[dict], model, x, y=None, *, eps=8 / 255, al
         y = y.to(device=x.device, dtype=torch.long)
         p_clean = F.softmax(clean_logits.float(), dim=1) if needs_clean_probabilities(loss) else None
         objective = LossObjective(loss, y, p_clean, targeted, forward, amp)
+        objective.report_fooled = early_stop or restarts > 1
         # BatchNorm in train mode couples the samples of a batch: then nothing is dropped
         robust_only = robust_only and not _batch_coupled(model)
         result = ascend(model, x, objective, eps=eps, alpha=alpha, steps=steps, norm=norm, start=random_start,
