@@ -97,7 +97,8 @@ def table(results: Mapping[str, Mapping[str, object]], settings: EvalSettings) -
 
 
 def legend(settings: EvalSettings) -> str:
-    parts = [f"robust accuracy: PGD-{settings.norm}, {settings.steps} steps of {attacks.ALPHA_FACTOR:g}*eps/{settings.steps}"
+    rule = f"{attacks.ALPHA_FACTOR:g}*eps/{settings.steps}"
+    parts = [f"robust accuracy: PGD-{settings.norm}, {settings.steps} steps of {rule}"
              f"{f', {settings.restarts} restarts' if settings.restarts > 1 else ', random start'}"]
     if settings.ara_n > 0:
         parts.append(f"ARA: accuracy-robustness area over RMSE radii ({settings.ara_kind}; higher is more robust)")

@@ -27,7 +27,8 @@ def _unavailable(reason):
 
 def run_captured(model, objective, rows, samples, steps, step, cache):
     """Runs the ``steps`` steps of ``rows`` (the engine's rows) as one captured CUDA graph and
-    returns the final iterate (``samples``: the rows' sample indices); raises GraphUnavailable (warning once per process) when it cannot.
+    returns the final iterate (``samples``: the rows' sample indices); raises GraphUnavailable
+    (warning once per process) when it cannot.
 
     The graph reads its inputs from static buffers, so a graph cached in ``cache`` (a dict owned
     by the caller, e.g. an attack object) is replayed after copying the new inputs in."""

@@ -115,8 +115,8 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
         for k in order:
             eps = eps_values[k]
             if eps > 0 and len(alive):
-                _, fooled = pgd(model, x[alive], y[alive], eps=eps, alpha=default_alpha(eps, steps, alpha_factor), steps=steps,
-                                norm=norm, restarts=restarts, random_start=random_start, loss=loss,
+                _, fooled = pgd(model, x[alive], y[alive], eps=eps, alpha=default_alpha(eps, steps, alpha_factor),
+                                steps=steps, norm=norm, restarts=restarts, random_start=random_start, loss=loss,
                                 robust_only=True, return_fooled=True, generator=generator)
                 alive = alive[~fooled]
             alive_count[k] += len(alive)
