@@ -1,6 +1,6 @@
 """Build script: the pure-Python package plus, when nvcc is found, the CUDA extension fastrob._C.
 
-fastrob._C is a torch-free pybind11 module (see DESIGN.md, Build): it is compiled by nvcc
+fastrob._C is a torch-free pybind11 module (see docs/design.md): it is compiled by nvcc
 alone, links the CUDA runtime statically, and so builds on a machine with nvcc and no GPU.
 This file must never import torch: pip's isolated build environment would fetch a CUDA torch.
 

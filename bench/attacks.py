@@ -4,15 +4,22 @@
 
 Rows (bench/results/<device>.csv), metric images_per_s unless stated:
   pgd10            torchattacks.PGD vs fastrob.PGD (float32; on CUDA also bf16 and bf16 + CUDA graph)
-  pgd10_restarts4  four restarts as one batch of 4B vs the same four runs in a loop
+  pgd10_restarts4  four restarts: one batch of 4B (restart_mode="batch"), the default (restart_mode
+                   "auto": a loop on CPU, the batch on CUDA) and four separate pgd calls
   pgd10_weak       robust_only compaction vs the full attack on a weak model (and its robust_acc)
   peak memory      of one pgd10 call (bench.common.peak_memory)
   robust_acc       robust accuracy of both libraries on the digits CNN (equal strength check)
+
+On CPU the providers of a row are timed interleaved (round after round, each provider once per
+round in turn), so that the load of a shared machine falls on all of them alike; the medians and
+20/80% quantiles are over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 import torch.nn as nn
@@ -49,6 +56,27 @@ def throughput(stats, batch):
     """ms per call -> images per second (p20 of the time is p80 of the rate)."""
     return {"median": batch * 1e3 / stats["median"], "p20": batch * 1e3 / stats["p80"],
             "p80": batch * 1e3 / stats["p20"]}
+
+
+def interleaved_ms(fns: dict, device, reps: int) -> dict:
+    """{provider: time_ms-style stats}: on CPU ``reps`` rounds, each running every provider once
+    (after one warm-up call each); on CUDA each provider's ``time_ms`` (triton's do_bench)."""
+    if torch.device(device).type == "cuda":
+        return {name: time_ms(fn, device, warmup=1, reps=reps) for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for r in range(reps):
+        order = list(fns) if r % 2 == 0 else list(reversed(fns))  # neither provider always runs first
+        for name in order:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    out = {}
+    for name, t in times.items():
+        q = statistics.quantiles(t, n=10) if len(t) > 1 else t * 9
+        out[name] = {"median": statistics.median(t), "p20": q[1], "p80": q[7]}
+    return out
 
 
 def robust_acc(model, x_adv, y):
@@ -88,8 +116,9 @@ def main(argv=None):
             providers["fastrob-bf16"] = fa.PGD(model, eps=eps, alpha=alpha, steps=10, amp="bf16")
             providers["fastrob-bf16-graph"] = fa.PGD(model, eps=eps, alpha=alpha, steps=10, amp="bf16",
                                                      cuda_graph=True)
+        timings = interleaved_ms({p: (lambda a=a: a(x, y)) for p, a in providers.items()}, device, reps)
         for provider, attack in providers.items():
-            stats = time_ms(lambda: attack(x, y), device, warmup=1, reps=reps)
+            stats = timings[provider]
             metric, mib = peak_memory(lambda: attack(x, y), device)
             rows.append(row("pgd10", provider, shape, x.dtype, metric, {"median": mib, "p20": mib, "p80": mib}, device))
             rows.append(row("pgd10", provider, shape, x.dtype, "images_per_s", throughput(stats, len(x)), device))
@@ -101,16 +130,19 @@ def main(argv=None):
             print(f"pgd10 {name:18s} {provider:20s} {rows[-1 if name != 'digits-cnn' else -2]['median']:>10s} images/s")
 
         batched = fa.PGD(model, eps=eps, alpha=alpha, steps=10, restarts=4)
+        default = fa.PGD(model, eps=eps, alpha=alpha, steps=10, restarts=4)
         single = fa.PGD(model, eps=eps, alpha=alpha, steps=10)
 
         def loop():
             for _ in range(4):
                 single(x, y)
 
-        for provider, fn in (("fastrob-batched", lambda: batched(x, y)), ("fastrob-loop", loop)):
-            stats = time_ms(fn, device, warmup=1, reps=reps)
+        fns = {"fastrob-batched": lambda: batched(x, y, restart_mode="batch"),
+               "fastrob-default": lambda: default(x, y), "fastrob-loop": loop}
+        timings = interleaved_ms(fns, device, reps)
+        for provider in fns:
             rows.append(row("pgd10_restarts4", provider, shape, x.dtype, "images_per_s",
-                            throughput(stats, len(x)), device))
+                            throughput(timings[provider], len(x)), device))
             print(f"restarts4 {name:18s} {provider:20s} {rows[-1]['median']:>10s} images/s")
 
     # A weak model: one epoch on the digits, so most test points fall within a few steps.

@@ -1,5 +1,5 @@
 """Argument checks shared by the whole package: each raises TypeError or ValueError naming the
-argument and what was expected (DESIGN.md, Conventions)."""
+argument and what was expected (docs/design.md#conventions)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastrob.attacks.pgd import Attack, kl_loss
+from fastrob.attacks.losses import kl_loss
+from fastrob.attacks.torchattacks_compat import Attack
 from fastrob.distributed import unwrap
 from fastrob.objective import Objective
 from fastrob._checks import check_float, check_tensor

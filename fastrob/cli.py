@@ -346,6 +346,7 @@ def _checkpoint_args(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastrob import methods
+    from fastrob.attacks import ALPHA_FACTOR, NORMS
     from fastrob.models import ACTIVATIONS, MODELS
 
     parser = argparse.ArgumentParser(prog="fastrob", description="Fast robust and interpretable classification.")
@@ -372,9 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=ACTIVATIONS, default="relu", help="activation (default relu)")
     p.add_argument("--method", choices=methods.NAMES, default="none", help=methods.cli_help())
     p.add_argument("--eps", type=_float(), default=0.1, help=f"attack radius of {attack_methods} (default 0.1)")
-    p.add_argument("--alpha", type=_float(), default=None, help="attack step (default 2.5*eps/attack-steps)")
+    p.add_argument("--alpha", type=_float(), default=None,
+                   help=f"attack step (default {ALPHA_FACTOR:g}*eps/attack-steps)")
     p.add_argument("--attack-steps", type=_positive_int, default=7, help="attack steps (default 7)")
-    p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="attack norm (default linf)")
+    p.add_argument("--norm", choices=NORMS, default="linf", help="attack norm (default linf)")
     p.add_argument("--beta", type=_float(), default=6.0, help="TRADES beta (default 6)")
     p.add_argument("--lam", type=_float(), default=None, help="regularizer weight (default: the method's; "
                                                                          "lipschitz: a fixed psi)")
@@ -398,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "interpretation discrepancy (D) and the neuron sensitivity (NS). "
                                    "Prints a table and writes eval.json, accuracy.png and ara.png to --out.")
     _checkpoint_args(p)
-    p.add_argument("--norm", choices=("linf", "l2"), default="linf", help="attack norm (default linf)")
+    p.add_argument("--norm", choices=NORMS, default="linf", help="attack norm (default linf)")
     p.add_argument("--eps", type=_eps_list, default=None,
                    help="comma-separated radii (default linf 0.05,0.1,0.2,0.3; l2 0.5,1,2)")
     p.add_argument("--steps", type=_positive_int, default=20, help="PGD steps (default 20)")

@@ -37,8 +37,8 @@ def _pgd(model, eps: float, s: EvalSettings):
     random starts from one generator per evaluation seeded with seed + rank (as the other metrics)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(s.seed + distributed.rank())
-    return lambda x, y: attacks.pgd(model, x, y, eps=eps, alpha=2.5 * eps / s.steps, steps=s.steps, norm=s.norm,
-                                    generator=generator)
+    return lambda x, y: attacks.pgd(model, x, y, eps=eps, alpha=attacks.default_alpha(eps, s.steps), steps=s.steps,
+                                    norm=s.norm, generator=generator)
 
 
 # What ``evaluate`` computes per model, in order: (key, function(model, data, settings, quiet) ->
@@ -50,10 +50,10 @@ EVAL_METRICS: list[tuple[str, Callable, Callable]] = [
      lambda s: s.ara_n > 0),
     ("kl", lambda m, d, s, q: metrics.kl_robustness(m, d, s.kl_eps, s.norm, s.kl_steps, seed=s.seed, quiet=q),
      lambda s: s.kl_eps > 0),
-    # seed 000: the 2-class l1 discrepancy of CAM (models with a GAP head) or saliency maps
+    # Boopathy et al. 2020 (docs/methods.md#interpretation-aware-training): the 2-class l1 discrepancy of CAM (models with a GAP head) or saliency maps
     ("interp", lambda m, d, s, q: metrics.interpretation_discrepancy(m, d, _pgd(m, s.interp_eps, s), map="auto",
                                                                      quiet=q), lambda s: s.interp_eps > 0),
-    # seed 002: mean neuron sensitivity of the activation layers
+    # Zhang, Liu et al. 2019 (docs/methods.md#neuron-sensitivity): mean neuron sensitivity of the activation layers
     ("sensitivity", lambda m, d, s, q: metrics.neuron_sensitivity_metric(m, d, eps=s.sens_eps, norm=s.norm,
                                                                         steps=s.steps, seed=s.seed, quiet=q),
      lambda s: s.sens_eps > 0),
@@ -97,7 +97,8 @@ def table(results: Mapping[str, Mapping[str, object]], settings: EvalSettings) -
 
 
 def legend(settings: EvalSettings) -> str:
-    parts = [f"robust accuracy: PGD-{settings.norm}, {settings.steps} steps of 2.5*eps/{settings.steps}"
+    rule = f"{attacks.ALPHA_FACTOR:g}*eps/{settings.steps}"
+    parts = [f"robust accuracy: PGD-{settings.norm}, {settings.steps} steps of {rule}"
              f"{f', {settings.restarts} restarts' if settings.restarts > 1 else ', random start'}"]
     if settings.ara_n > 0:
         parts.append(f"ARA: accuracy-robustness area over RMSE radii ({settings.ara_kind}; higher is more robust)")

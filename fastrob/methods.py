@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from fastrob.attacks.config import default_alpha
 from fastrob.objective import Objective
 
 if TYPE_CHECKING:  # the trainer imports this module; the config is only an annotation here
@@ -56,8 +57,8 @@ class Method:
 
 
 def attack_alpha(config: TrainConfig) -> float:
-    """The attack step: ``config.alpha``, or 2.5·eps/attack_steps (Madry et al.'s rule) when None."""
-    return config.alpha if config.alpha is not None else 2.5 * config.eps / config.attack_steps
+    """The attack step: ``config.alpha``, or the attacks' default rule (``fastrob.attacks.default_alpha``)."""
+    return config.alpha if config.alpha is not None else default_alpha(config.eps, config.attack_steps)
 
 
 # ---- what ``describe`` prints after the display name ----

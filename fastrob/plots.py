@@ -19,7 +19,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from fastrob import interpret  # noqa: E402
 from fastrob._atomic import atomic_path  # noqa: E402
-from fastrob.attacks.pgd import attack_context, margin_loss  # noqa: E402
+from fastrob.attacks.losses import margin_loss  # noqa: E402
+from fastrob.attacks.state import attack_context  # noqa: E402
 
 
 def _save(fig, path: str) -> str:

@@ -81,8 +81,8 @@ class TrainConfig:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be linf or l2, got {self.norm!r}")
+        from fastrob.attacks import check_norm
+        check_norm(self.norm)
         check_float("eps", self.eps, min_value=0.0)
         if self.alpha is not None:
             check_float("alpha", self.alpha, min_value=0.0)

@@ -14,8 +14,8 @@ torchattacks = pytest.importorskip("torchattacks")
 import fastrob.attacks as fa  # noqa: E402
 from train_loop import fit  # noqa: E402
 
-# the module (``fastrob.attacks.pgd`` as an attribute is the function of that name)
-pgd_module = importlib.import_module("fastrob.attacks.pgd")
+# the module that warns once per process when a CUDA graph cannot be captured
+pgd_module = importlib.import_module("fastrob.attacks.graph")
 
 
 def make_cnn(dtype=torch.float32):

@@ -1,25 +1,50 @@
-"""Attacks: batched PGD (Linf / L2), FGSM and TRADES' inner maximisation, with torchattacks'
-class interface (``PGD``, ``PGDL2``, ``FGSM``) over the functional engine ``pgd``; the
-interpretability sneaking attack ``isa`` (seed 000) and ``adversarial_explanation`` (seed 001)."""
+"""Attacks: one engine (``engine.ascend``) that every attack, metric and regularizer ascending an
+objective over the input runs; on it PGD (Linf / L2), FGSM and TRADES' inner maximisation
+(``projected_gradient``), torchattacks' class interface (``torchattacks_compat``: ``PGD``, ``PGDL2``,
+``FGSM``), the interpretability sneaking attack ``isa`` (Boopathy et al. 2020) and
+``adversarial_explanation`` (Woods et al. 2019).
 
-from fastrob.attacks.explanation import adversarial_explanation
-from fastrob.attacks.isa import ISAResult, isa
-from fastrob.attacks.pgd import (
-    FGSM,
-    PGD,
-    PGDL2,
-    Attack,
-    attack_context,
-    kl_loss,
-    margin_loss,
-    pgd,
-    trades_perturb,
-)
+Modules, one job each: ``config`` (the validated settings and the default step rule), ``losses``,
+``starts`` (random starts), ``state`` (model modes and input checks), ``engine`` (the loop),
+``graph`` (its CUDA-graph capture)."""
 
-__all__ = ["Attack", "FGSM", "ISAResult", "PGD", "PGDL2", "adversarial_explanation", "attack_context", "isa",
-           "kl_loss", "margin_loss", "pgd", "trades_perturb"]
+import sys
+import types
 
-# FAB (issue 14)
+from fastrob.attacks.config import ALPHA_FACTOR, NORMS, STARTS, AttackConfig, check_norm, check_random_start, \
+    default_alpha
+from fastrob.attacks.engine import AscentResult, Evaluation, ascend
+from fastrob.attacks.losses import LOSSES, kl_loss, margin_loss
+from fastrob.attacks.projected_gradient import pgd, trades_perturb
+from fastrob.attacks.state import attack_context
+from fastrob.attacks.torchattacks_compat import FGSM, PGD, PGDL2, Attack
+
+__all__ = ["ALPHA_FACTOR", "AscentResult", "Attack", "AttackConfig", "Evaluation", "FGSM", "ISAResult", "LOSSES",
+           "NORMS", "PGD", "PGDL2", "STARTS", "adversarial_explanation", "ascend", "attack_context", "check_norm",
+           "check_random_start", "default_alpha", "isa", "kl_loss", "margin_loss", "pgd", "trades_perturb"]
+
+
+def _legacy_pgd_module() -> types.ModuleType:
+    """``fastrob.attacks.pgd`` as a module (deprecated): what ``from fastrob.attacks.pgd import ...``
+    found before the split. Registered in sys.modules only, so that the attribute
+    ``fastrob.attacks.pgd`` stays the function."""
+    module = types.ModuleType(__name__ + ".pgd", "Deprecated alias of the attacks before the split: import "
+                              "from fastrob.attacks (pgd, PGD, PGDL2, FGSM, Attack, attack_context, kl_loss, "
+                              "margin_loss, trades_perturb) instead.")
+    for name in ("Attack", "FGSM", "PGD", "PGDL2", "attack_context", "kl_loss", "margin_loss", "pgd",
+                 "trades_perturb", "LOSSES", "STARTS"):
+        setattr(module, name, globals()[name])
+    module.NORMS = NORMS
+    return module
+
+
+sys.modules.setdefault(__name__ + ".pgd", _legacy_pgd_module())
+
+# after the engine: these import fastrob.metrics, whose modules run the attacks above
+from fastrob.attacks.explanation import adversarial_explanation  # noqa: E402
+from fastrob.attacks.isa import ISAResult, isa  # noqa: E402
+
+# FAB (Croce & Hein 2020)
 from fastrob.attacks.fab import FAB  # noqa: E402
 
 __all__ += ["FAB"]

@@ -29,7 +29,8 @@ from fastrob import _backend
 from fastrob._checks import (check_generator, check_int, check_labels, check_logits, check_model, check_positive,
                              check_tensor, per_sample_value)
 from fastrob.attacks.dlr import dlr_loss, targeted_dlr_loss
-from fastrob.attacks.pgd import Attack, attack_context
+from fastrob.attacks.state import attack_context
+from fastrob.attacks.torchattacks_compat import Attack
 from fastrob.ops._common import per_sample_view
 from fastrob.ops.pgd_step import pgd_step_unchecked
 

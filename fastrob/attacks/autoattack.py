@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from fastrob._checks import check_float
 from fastrob.attacks.apgd import APGD, APGDT, check_attack_inputs, check_norm, finite_logits
-from fastrob.attacks.pgd import Attack, attack_context
+from fastrob.attacks.state import attack_context
+from fastrob.attacks.torchattacks_compat import Attack
 from fastrob.attacks.square import Square
 
 VERSIONS = ("standard", "plus", "rand")

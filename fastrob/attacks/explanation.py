@@ -1,4 +1,4 @@
-"""Adversarial explanations (Woods, Chen & Teuscher, Nature MI 2019; METHODS.md, seed 001): move
+"""Adversarial explanations (Woods, Chen & Teuscher, Nature MI 2019; docs/methods.md#adversarial-explanations): move
 an input a small RMSE distance toward a target class, so that the change shows what the model
 needs to see for that class. On a robust model the change looks like the class's features."""
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastrob._checks import check_int, check_logits, check_model, check_positive, check_tensor
-from fastrob.attacks.pgd import attack_context
+from fastrob.attacks.state import attack_context
 from fastrob.distributed import unwrap
 
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from fastrob._checks import check_float, check_int, check_labels, check_logits, check_model, check_tensor
-from fastrob.attacks.pgd import Attack, attack_context
+from fastrob.attacks.state import attack_context
+from fastrob.attacks.torchattacks_compat import Attack
 
 _NORMS = {"linf": "Linf", "l2": "L2"}
 _DEFAULT_EPS = {"Linf": 0.3, "L2": 1.0}  # torchattacks' defaults when eps=None

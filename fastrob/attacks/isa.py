@@ -1,4 +1,4 @@
-"""ISA, the interpretability sneaking attack (Boopathy et al., ICML 2020; METHODS.md, seed 000): a
+"""ISA, the interpretability sneaking attack (Boopathy et al., ICML 2020): a
 targeted attack that also keeps the interpretation maps of the input as they were, to test whether
 a prediction can change without its interpretation changing."""
 
@@ -12,11 +12,13 @@ from tqdm import tqdm
 
 from fastrob._checks import (check_float, check_generator, check_int, check_labels, check_logits, check_model,
                              check_tensor)
-from fastrob.attacks.pgd import _random_start, attack_context, margin_loss
+from fastrob.attacks.config import START_KINDS, check_norm, check_random_start, default_alpha
+from fastrob.attacks.engine import Evaluation, ascend
+from fastrob.attacks.losses import margin_loss
+from fastrob.attacks.state import attack_context, check_grad_mode, check_model_matches
 from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
 from fastrob.metrics.map_discrepancy import KINDS, discrepancy
-from fastrob.ops.pgd_step import NORMS, pgd_step
 
 
 @dataclass
@@ -68,7 +70,8 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
        hides the interpretation change as far as the radius allows. The result is the successful iterate of the largest successful gamma (the
        plain attack's where none > 0 succeeded).
 
-    Each try is ``steps`` descent steps of ``fastrob.ops.pgd_step`` of size alpha_factor·eps/steps
+    Each try is ``steps`` descent steps of the attack engine (``fastrob.attacks.engine``) of size
+    alpha_factor·eps/steps
     (per sample), from x (``random_start=False``) or a random start; of the iterates that reach the
     target it keeps the one with the smallest D (the first, for gamma = 0). The hinge at -kappa stops
     the margin term once the target wins by kappa, so that the D term can act. Samples are attacked
@@ -82,7 +85,7 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
         target: target labels [B], each != y (default: uniform random among the classes != y,
             drawn with ``generator``).
         eps_max: the largest radius tried, > 0.
-        kappa: the hinge's confidence, >= 0 (default 0.1, METHODS.md).
+        kappa: the hinge's confidence, >= 0 (default 0.1, Boopathy et al. 2020).
         gamma_max: the largest gamma tried, >= 0.
         steps: descent steps per try, >= 1; search_steps: halvings per bisection, >= 0.
         quiet: hide the progress bar over the 1 + 2·search_steps tries (hidden by default).
@@ -95,8 +98,9 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
         raise ValueError("x contains NaN")
     if x.numel() and (bool(x.min() < 0) or bool(x.max() > 1)):
         raise ValueError(f"x must lie in [0, 1], got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    check_norm(norm)
+    check_model_matches(model, x)
+    check_grad_mode("isa")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     eps_max = check_float("eps_max", eps_max, min_value=0.0)
@@ -104,8 +108,7 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
         raise ValueError(f"eps_max must be > 0, got {eps_max}")
     kappa = check_float("kappa", kappa, min_value=0.0)
     gamma_max = check_float("gamma_max", gamma_max, min_value=0.0)
-    if random_start not in (True, False, "uniform", "normal"):
-        raise ValueError(f"random_start must be True, False, 'uniform' or 'normal', got {random_start!r}")
+    check_random_start(random_start, (True, False) + START_KINDS[:2])
     check_generator(generator, x.device)
     alpha_factor = check_float("alpha_factor", alpha_factor, min_value=0.0)
     steps = check_int("steps", steps, 1)
@@ -198,39 +201,38 @@ def _discrepancy(model, fn, x_adv, y, maps_clean, classes, kind):
     return discrepancy(maps_clean, maps_adv.detach(), y, logits.detach(), kind).detach()
 
 
+class _SneakingObjective:
+    """The engine objective of one ISA try: J = -L(x') per sample (the engine ascends), an iterate
+    succeeds when argmax = t, and among successful iterates the lowest D wins (gamma > 0; for
+    gamma = 0 the first success, as without maps D is not computed)."""
+
+    def __init__(self, fn, y, target, maps_clean, classes, gamma, kappa, kind):
+        self.fn, self.y, self.target, self.maps_clean, self.classes = fn, y, target, maps_clean, classes
+        self.gamma, self.kappa, self.kind = gamma, kappa, kind
+        self.use_maps = bool((gamma > 0).any())
+
+    def __call__(self, model, x_adv, rows):
+        target = self.target[rows]
+        if self.use_maps:
+            # maps differentiated w.r.t. x' while a step follows (double backprop for gradient maps)
+            classes = None if self.classes is None else self.classes[rows]
+            maps_adv, logits = self.fn(model, x_adv, classes, create_graph=x_adv.requires_grad)
+            d = discrepancy(self.maps_clean[rows], maps_adv, self.y[rows], logits, self.kind)
+        else:
+            logits = model(x_adv)
+            d = torch.zeros(len(x_adv), device=x_adv.device, dtype=self.gamma.dtype)
+        # float32 at least: under autocast the logits are bf16, the discrepancy float32
+        loss = _hinge(logits.float(), target, self.kappa) + self.gamma[rows].float() * d.float()
+        hit = logits.detach().argmax(1) == target
+        return Evaluation(-loss, hit, d.detach() if self.use_maps else None, logits)
+
+
 def _descend(model, fn, x, y, target, maps_clean, classes, eps, gamma, *, kappa, norm, steps, alpha_factor, kind,
              random_start, generator):
     """One try: ``steps`` descent steps on L, keeping per sample the successful iterate with the
-    smallest D (gamma > 0) or the first successful one (gamma = 0)."""
-    use_maps = bool((gamma > 0).any())
-    alpha = alpha_factor * eps / steps
-    x_adv = _random_start(x, eps, random_start, norm, generator)
-    best = x_adv.clone()
-    best_d = torch.full((len(x),), float("inf"), device=x.device, dtype=eps.dtype)
-    found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    for k in range(steps + 1):
-        with torch.enable_grad():
-            xa = x_adv.detach().requires_grad_(True)
-            if use_maps:
-                maps_adv, logits = fn(model, xa, classes, create_graph=k < steps)
-                d = discrepancy(maps_clean, maps_adv, y, logits, kind)
-            else:
-                logits = model(xa)
-                d = torch.zeros(len(x), device=x.device, dtype=eps.dtype)
-            # float32 at least: under autocast the logits are bf16, the discrepancy float32
-            loss = _hinge(logits.float(), target, kappa) + gamma.float() * d.float()
-            grad = torch.autograd.grad(loss.sum(), xa)[0] if k < steps else None
-        hit = logits.detach().argmax(1) == target
-        better = hit & ((d.detach().to(best_d.dtype) < best_d) if use_maps else ~found)
-        best[better] = x_adv[better]
-        best_d[better] = d.detach().to(best_d.dtype)[better]
-        found |= hit
-        if k == steps:
-            break
-        x_adv = pgd_step(x_adv, -grad, x, alpha=alpha, eps=eps, norm=norm)
-    # samples never successful return the last iterate
-    return torch.where(_view(found, x), best, x_adv), found
-
-
-def _view(mask, x):
-    return mask.view(-1, *([1] * (x.dim() - 1)))
+    smallest D (gamma > 0) or the first successful one (gamma = 0); the last iterate where none
+    succeeded. Returns (x_adv, success)."""
+    objective = _SneakingObjective(fn, y, target, maps_clean, classes, gamma, kappa, kind)
+    result = ascend(model, x, objective, eps=eps, alpha=default_alpha(eps, steps, alpha_factor), steps=steps,
+                    norm=norm, start=random_start, early_stop=True, generator=generator)
+    return result.x_adv, result.found

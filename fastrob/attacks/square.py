@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_int
 from fastrob.attacks.apgd import check_attack_inputs, check_norm, finite_logits, make_generator
-from fastrob.attacks.pgd import Attack, attack_context
+from fastrob.attacks.state import attack_context
+from fastrob.attacks.torchattacks_compat import Attack
 
 SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 

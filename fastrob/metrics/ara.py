@@ -1,4 +1,4 @@
-"""The accuracy-robustness area (ARA) of Woods et al. 2019 (METHODS.md, seed 001)."""
+"""The accuracy-robustness area (ARA) of Woods et al. 2019 (docs/methods.md#adversarial-explanations)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrob._checks import check_int, check_positive
-from fastrob.attacks.pgd import pgd
+from fastrob.attacks import default_alpha, pgd
 from fastrob.distributed import all_reduce_max, unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device, shard
 
@@ -130,12 +130,12 @@ def _minimal_rmse(model, x, y, kind, steps, search_steps, max_rmse, generator) -
         mid = (lo + hi) / 2
         eps = mid * root_d
         if kind == "attack":
-            x_adv, fooled = pgd(model, x, y, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm="l2",
+            x_adv, fooled = pgd(model, x, y, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm="l2",
                                 random_start=False, loss="margin", robust_only=True, return_fooled=True,
                                 generator=generator)
         else:
-            x_adv = pgd(model, x, y, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm="l2", random_start=False,
-                        loss="ce", generator=generator)
+            x_adv = pgd(model, x, y, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm="l2",
+                        random_start=False, loss="ce", generator=generator)
             fooled = _success(clean_logits(model, x_adv), y, kind)
         found = (x_adv - x).flatten(1).double().norm(dim=1) / root_d
         best = torch.where(fooled, torch.minimum(best, found), best)

@@ -1,4 +1,4 @@
-"""Seed 004's robustness metric: the upper bound of prediction divergence in the eps-ball."""
+"""Yu et al.'s (IJCAI 2019) robustness metric (docs/methods.md#kl-robustness-bound): the upper bound of prediction divergence in the eps-ball."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_int
-from fastrob.attacks.pgd import kl_loss, pgd
+from fastrob.attacks import check_norm, default_alpha, kl_loss, pgd
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device, quantiles, shard
 
@@ -58,7 +58,8 @@ def kl_robustness(model, data, eps: float, norm: str = "linf", steps: int = 10, 
     eps = check_float("eps", eps, min_value=0.0)
     steps = check_int("steps", steps, 0)
     restarts = check_int("restarts", restarts, 1)
-    alpha = 2.5 * eps / max(steps, 1) if alpha is None else check_float("alpha", alpha, min_value=0.0)
+    alpha = default_alpha(eps, steps) if alpha is None else check_float("alpha", alpha, min_value=0.0)
+    check_norm(norm)
     model = unwrap(model)
     device = model_device(model, device)
     part = shard(data, n, distributed)

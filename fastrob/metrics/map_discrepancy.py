@@ -9,7 +9,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from fastrob._checks import check_labels, check_tensor
-from fastrob.attacks.pgd import attack_context
+from fastrob.attacks.state import attack_context
 from fastrob.interpret import default_map, map_function
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, model_device, quantiles, shard

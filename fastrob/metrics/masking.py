@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastrob._checks import check_float, check_int, check_positive
-from fastrob.attacks.pgd import attack_context, margin_loss, pgd
+from fastrob.attacks import attack_context, default_alpha, margin_loss, pgd
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device
 
@@ -152,7 +152,7 @@ def _gradient_attack(model, x, y, *, eps, norm, loss, steps, restarts, seed):
                          return_fooled=True)
         return fooled
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    _, fooled = pgd(model, x, y, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm.lower(), restarts=restarts,
+    _, fooled = pgd(model, x, y, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm.lower(), restarts=restarts,
                     loss="ce" if loss == "ce" else margin_loss, robust_only=True, return_fooled=True,
                     generator=generator)
     return fooled

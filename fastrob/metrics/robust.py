@@ -8,8 +8,7 @@ from typing import Iterable, Sequence
 import torch
 
 from fastrob._checks import check_float, check_int
-from fastrob.attacks.pgd import pgd
-from fastrob.ops.pgd_step import NORMS
+from fastrob.attacks import ALPHA_FACTOR, NORMS, check_norm, default_alpha, pgd
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device, shard
 
@@ -133,7 +132,7 @@ def check_attack_output(x_adv, x: torch.Tensor, ball: tuple[str, float] | None) 
 
 
 def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *, steps: int = 20,
-                   alpha_factor: float = 2.5, restarts: int = 1, random_start=True, loss: str = "ce",
+                   alpha_factor: float = ALPHA_FACTOR, restarts: int = 1, random_start=True, loss: str = "ce",
                    seed: int = 0, batch_size: int = 256, device=None, quiet: bool = False,
                    n: int | None = None, distributed: bool | None = None) -> AccuracyCurve:
     """Robust accuracy under PGD (``fastrob.attacks.pgd``) at each eps in ``eps_list``.
@@ -152,8 +151,7 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
     """
     if isinstance(eps_list, (str, bytes)) or not isinstance(eps_list, Iterable):
         raise TypeError(f"eps_list must be a sequence of radii, e.g. [0.05, 0.1], got {type(eps_list).__name__}")
-    if norm not in NORMS:  # checked here, not first by pgd: with no clean-correct sample pgd never runs
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    check_norm(norm)  # here, not first by pgd: with no clean-correct sample pgd never runs
     eps_values = [check_float("eps_list", e, min_value=0.0) for e in eps_list]
     if not eps_values:
         raise ValueError("eps_list must hold at least one eps")
@@ -174,8 +172,8 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
         for k in order:
             eps = eps_values[k]
             if eps > 0 and len(alive):
-                _, fooled = pgd(model, x[alive], y[alive], eps=eps, alpha=alpha_factor * eps / steps, steps=steps,
-                                norm=norm, restarts=restarts, random_start=random_start, loss=loss,
+                _, fooled = pgd(model, x[alive], y[alive], eps=eps, alpha=default_alpha(eps, steps, alpha_factor),
+                                steps=steps, norm=norm, restarts=restarts, random_start=random_start, loss=loss,
                                 robust_only=True, return_fooled=True, generator=generator)
                 alive = alive[~fooled]
             alive_count[k] += len(alive)

@@ -1,4 +1,4 @@
-"""Neuron sensitivity (Zhang, Liu et al., IEEE TIP; arXiv 1909.06978; METHODS.md, seed 002): how
+"""Neuron sensitivity (Zhang, Liu et al., IEEE TIP; arXiv 1909.06978; docs/methods.md#neuron-sensitivity): how
 much each channel of each layer moves between benign inputs and their adversarial examples.
 
     sigma(l, c) = (1/N) sum_k ||F_lc(x'_k) - F_lc(x_k)||_1 / dim(F_lc)
@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastrob._checks import check_float, check_int, check_model, check_tensor
-from fastrob.attacks.pgd import attack_context, pgd
+from fastrob.attacks import attack_context, check_norm, default_alpha, pgd
 from fastrob.distributed import all_gather_objects, unwrap
 from fastrob.metrics._common import batches, model_device, shard
 from fastrob.nn import BiasAct
@@ -276,7 +276,8 @@ def neuron_sensitivity_metric(model, data, attack: Optional[Callable] = None, *,
     device = model_device(model, device)
     eps = check_float("eps", eps, min_value=0.0)
     steps = check_int("steps", steps, 0)
-    alpha = 2.5 * eps / max(steps, 1) if alpha is None else check_float("alpha", alpha, min_value=0.0)
+    alpha = default_alpha(eps, steps) if alpha is None else check_float("alpha", alpha, min_value=0.0)
+    check_norm(norm)
     if attack is not None and not callable(attack):
         raise TypeError(f"attack must be callable as attack(x, y) -> x_adv, got {type(attack).__name__}")
     names = [name for name, _ in resolve_layers(model, layers)]  # checked once, before any attack

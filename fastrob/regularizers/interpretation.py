@@ -1,4 +1,4 @@
-"""Interpretability-aware robust training (Boopathy et al., ICML 2020; METHODS.md, seed 000): the
+"""Interpretability-aware robust training (Boopathy et al., ICML 2020): the
 objectives Int, Int-Adv, Int2 and Int2-Adv, which penalise the interpretation discrepancy between
 an input and a perturbed copy of it."""
 
@@ -11,12 +11,11 @@ import torch
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_generator, check_int, check_logits
 from fastrob.distributed import unwrap
-from fastrob.attacks.pgd import _random_start, attack_context, pgd
+from fastrob.attacks import AttackConfig, Evaluation, ascend, attack_context, check_random_start, pgd
 from fastrob.interpret import map_function
 from fastrob.metrics.map_discrepancy import KINDS as DISCREPANCIES
 from fastrob.metrics.map_discrepancy import discrepancy
 from fastrob.objective import Objective
-from fastrob.ops.pgd_step import NORMS, pgd_step
 from fastrob.regularizers.input_gradient import check_backend
 
 KINDS = ("int", "int_adv", "int2", "int2_adv")
@@ -38,9 +37,9 @@ class InterpretationRegularizer:
 
     Inner attack: ``steps`` PGD steps of size ``alpha`` (default 2.5·eps/steps) from a random
     start (``random_start``, as ``fastrob.attacks.pgd``), with the model in eval mode and its
-    parameters frozen (restored afterwards). Int2/Int2-Adv use the ``pgd`` engine on the CE; Int and
-    Int-Adv need the maps inside the attack objective, so they run their own loop of
-    ``fastrob.ops.pgd_step``. Maps at x' are differentiated w.r.t. x' (for gradient maps that is
+    parameters frozen (restored afterwards). Int2/Int2-Adv run ``fastrob.attacks.pgd`` on the CE; Int
+    and Int-Adv pass their objective (with the maps inside) to the attack engine
+    (``fastrob.attacks.engine``). Maps at x' are differentiated w.r.t. x' (for gradient maps that is
     double backprop). D is 0 with a zero gradient at x' = x, which is why the start is random.
 
     The loss part runs in the model's own mode; its forward passes (the maps', at x and at x*)
@@ -82,21 +81,18 @@ class InterpretationRegularizer:
                  generator: Optional[torch.Generator] = None, backend: str = "auto"):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if discrepancy not in DISCREPANCIES:
             raise ValueError(f"discrepancy must be one of {DISCREPANCIES}, got {discrepancy!r}")
-        if random_start not in (True, False, "uniform", "normal"):
-            raise ValueError(f"random_start must be True, False, 'uniform' or 'normal', got {random_start!r}")
+        check_random_start(random_start, (True, False, "uniform", "normal"))
         if random_start is False and kind in ("int", "int_adv"):
             # D(x, x') = 0 with zero gradient at x' = x: Int's attack would never leave x
             raise ValueError(f"kind={kind!r} needs a random start (D has zero gradient at x' = x); got "
                              "random_start=False")
+        # the inner attack's settings, checked once (eps, alpha, steps, norm, random start)
+        self.attack = AttackConfig(eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start)
         self.kind, self.norm, self.discrepancy, self.random_start = kind, norm, discrepancy, random_start
         self.lam = check_float("lam", lam, min_value=0.0)
-        self.eps = check_float("eps", eps, min_value=0.0)
-        self.alpha = None if alpha is None else check_float("alpha", alpha, min_value=0.0)
-        self.steps = check_int("steps", steps, 0)
+        self.eps, self.alpha, self.steps = self.attack.eps, self.attack.alpha, self.attack.steps
         self.map, self.map_kwargs = map, dict(map_kwargs or {})
         self._map_fn = map_function(map, **self.map_kwargs)
         self.warmup = _check_warmup(warmup)
@@ -140,10 +136,8 @@ class InterpretationRegularizer:
 
     def current_eps(self, step: Optional[int] = None) -> tuple[float, float]:
         """(eps, alpha) of call number ``step`` (default: the next call)."""
-        s = self.schedule(step)
-        eps = self.eps * s
-        alpha = 2.5 * eps / max(self.steps, 1) if self.alpha is None else self.alpha * s
-        return eps, alpha
+        attack = AttackConfig(eps=self.eps, alpha=self.alpha, steps=self.steps).scaled(self.schedule(step))
+        return attack.eps, attack.alpha
 
     # ---- the objective ---------------------------------------------------------------------------
 
@@ -169,25 +163,18 @@ class InterpretationRegularizer:
         classes = self._classes(y)
         with attack_context(model):
             maps_clean, _ = self._map_fn(model, x, classes, create_graph=False)
-            maps_clean = maps_clean.detach()
-            x_adv = _random_start(x, eps, self.random_start, self.norm, self.generator)
-            for _ in range(self.steps):
-                with torch.enable_grad():
-                    xa = x_adv.detach().requires_grad_(True)
-                    maps_adv, logits = self._map_fn(model, xa, classes, create_graph=True)
-                    j = self.lam * discrepancy(maps_clean, maps_adv, y, logits, self.discrepancy)
-                    if self.kind == "int_adv":
-                        j = j + Fn.cross_entropy(logits, y, self.backend)
-                    (grad,) = torch.autograd.grad(j.sum(), xa)
-                x_adv = pgd_step(x_adv, grad, x, alpha=alpha, eps=eps, norm=self.norm, backend=self.backend)
-        return x_adv.detach()
+            objective = _InterpretationObjective(self, maps_clean.detach(), y, classes)
+            result = ascend(model, x, objective, eps=eps, alpha=alpha, steps=self.steps, norm=self.norm,
+                            start=self.random_start, backend=self.backend, generator=self.generator,
+                            need_final=False)
+        return result.x_adv.detach()
 
     def objective(self, model, x: torch.Tensor, y: torch.Tensor, x_adv: Optional[torch.Tensor]) -> Objective:
         """The loss for a given x* (None: no attack, the loss is the plain CE and the penalty 0).
         ``x`` must be the checked leaf of ``fastrob.functional.check_inputs``."""
         if x_adv is None:
             logits = Fn.forward(model, x, y)
-            ce = Fn.cross_entropy(logits, y, self.backend).mean()
+            ce = Fn.per_sample_cross_entropy(logits, y, self.backend).mean()
             return Objective(ce, ce, ce.new_zeros(()), logits)
         classes = self._classes(y)
         # The maps come from the wrapped module under DDP (CAM needs its features and head, and a
@@ -206,8 +193,24 @@ class InterpretationRegularizer:
                 logits_adv if adv else logits_clean)
         Fn.update_running_stats(module, x)
         penalty = discrepancy(maps_clean, maps_adv, y, logits_adv, self.discrepancy).mean()
-        ce = Fn.cross_entropy(logits, y, self.backend).mean()
+        ce = Fn.per_sample_cross_entropy(logits, y, self.backend).mean()
         return Objective(ce + self.lam * penalty, ce, penalty, logits)
+
+
+class _InterpretationObjective:
+    """Int's inner objective lam·D(x, x') (Int-Adv: + CE(f(x'), y)) per sample, for the attack engine."""
+
+    def __init__(self, reg, maps_clean, y, classes):
+        self.reg, self.maps_clean, self.y, self.classes = reg, maps_clean, y, classes
+
+    def __call__(self, model, x_adv, rows):
+        reg, y = self.reg, self.y[rows]
+        classes = None if self.classes is None else self.classes[rows]
+        maps_adv, logits = reg._map_fn(model, x_adv, classes, create_graph=True)
+        j = reg.lam * discrepancy(self.maps_clean[rows], maps_adv, y, logits, reg.discrepancy)
+        if reg.kind == "int_adv":
+            j = j + Fn.per_sample_cross_entropy(logits, y, reg.backend)
+        return Evaluation(j, logits=logits)
 
 
 def _check_warmup(warmup):

@@ -1,5 +1,5 @@
 """J-SIGR (Liu et al. 2022/2024): Jacobian normalization plus selective input-gradient
-regularization toward a perturbation saliency map. METHODS.md, seed 003: the paper's exact loss
+regularization toward a perturbation saliency map. docs/methods.md#j-sigr: the paper's exact loss
 was not recoverable, so this is fastrob's documented default."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The Lipschitz-inspired input-gradient penalty of Woods, Chen & Teuscher (Nature MI 2019), with
-their adaptive weight psi (METHODS.md, seed 001)."""
+their adaptive weight psi (Woods et al. 2019; docs/methods.md#adversarial-explanations)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class LipschitzRegularizer:
         psi: a fixed penalty weight >= 0, or None for the adaptive weight (default).
         psi0: the adaptive weight's starting value, > 0 (default 220).
         k_psi: its growth rate per unit of R, >= 0 (default 0.02; the authors' docstring and code
-            disagree, METHODS.md fixes 0.02).
+            disagree, fastrob uses 0.02, docs/methods.md#adversarial-explanations).
         z: the exponent of |ds/dx|, > 0 (default 2).
         zeta: the probability of the margin output, in [0, 1] (default 0.2).
         target_loss: L_target, > 0 (default 1.5).

@@ -1,6 +1,6 @@
 """SNS, sensitive neuron stabilizing (Zhang, Liu et al., IEEE TIP; arXiv 1909.06978): adversarial
 training plus a penalty that makes the most sensitive channels behave the same on x and x'.
-METHODS.md, seed 002: the paper's exact loss and selection rule were not recoverable, so this is
+docs/methods.md#neuron-sensitivity: the paper's exact loss and selection rule were not recoverable, so this is
 fastrob's documented default."""
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from typing import Callable, Optional
 import torch
 
 from fastrob import functional as Fn
-from fastrob._checks import check_float, check_int
-from fastrob.attacks.pgd import pgd
+from fastrob._checks import check_float
+from fastrob.attacks import AttackConfig, pgd
 from fastrob.distributed import unwrap
 from fastrob.metrics.sensitivity import FeatureRecorder, channel_deviation, resolve_layers, top_k_count, top_k_sensitive
 from fastrob.objective import Objective
-from fastrob.ops.pgd_step import NORMS
 from fastrob.regularizers.input_gradient import check_backend
 
 
@@ -47,7 +46,7 @@ class SNSRegularizer:
     Args:
         attack: a callable attack(x, y) -> x_adv (e.g. ``fastrob.attacks.PGD(model, ...)``); None
             (default) runs ``pgd`` with the next four arguments.
-        eps, alpha, steps, norm: the default PGD adversary (alpha None: 2.5 * eps / steps; random
+        eps, alpha, steps, norm: the default PGD adversary (alpha None: fastrob.attacks.default_alpha; random
             start). Defaults eps = 0.1, 7 steps, "linf" (fastrob train's defaults on digits).
         lam: the penalty weight, >= 0 (default 1.0: not fixed by the paper; fastrob's choice).
         k: the top-k fraction in (0, 1] (default 0.1), or an int count of channels per layer.
@@ -65,13 +64,8 @@ class SNSRegularizer:
         if attack is not None and not callable(attack):
             raise TypeError(f"attack must be callable as attack(x, y) -> x_adv, got {type(attack).__name__}")
         self.attack = attack
-        self.eps = check_float("eps", eps, min_value=0.0)
-        self.steps = check_int("steps", steps, 0)
-        self.alpha = 2.5 * self.eps / max(self.steps, 1) if alpha is None else check_float("alpha", alpha,
-                                                                                          min_value=0.0)
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        self.norm = norm
+        config = AttackConfig(eps=eps, alpha=alpha, steps=steps, norm=norm)  # the default PGD adversary
+        self.eps, self.alpha, self.steps, self.norm = config.eps, config.step_size, config.steps, config.norm
         self.lam = check_float("lam", lam, min_value=0.0)
         top_k_count(1, k)  # checks k
         self.k = k
@@ -114,5 +108,5 @@ class SNSRegularizer:
             sigma = channel_deviation(adv[name], clean[name]).mean(0)  # [C], differentiable
             chosen = top_k_sensitive(sigma.detach(), self.k)
             penalty = penalty + sigma[chosen].mean()
-        ce = Fn.cross_entropy(logits, y, self.backend).mean()
+        ce = Fn.per_sample_cross_entropy(logits, y, self.backend).mean()
         return Objective(ce + self.lam * penalty, ce, penalty, logits)

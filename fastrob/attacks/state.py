@@ -1,0 +1,77 @@
+"""What every attack does around its loop: the model in eval mode with its parameters frozen (and
+both restored afterwards), and the checks of the model and the input that an attack needs."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Union
+
+import torch
+
+from fastrob._checks import check_labels, check_model, check_tensor, dtype_name
+
+
+@contextlib.contextmanager
+def attack_context(model, training: Union[bool, Callable] = False):
+    """Runs the block with ``model`` in eval mode (``training=True``: train mode; a callable:
+    called with the model to set modes itself) and every parameter's requires_grad off, so the
+    backward computes input gradients only. Restores each module's ``training`` and each
+    parameter's ``requires_grad`` on exit, also after an exception."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    params = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in params:
+            p.requires_grad_(False)
+        if callable(training):
+            training(model)
+        else:
+            model.train(bool(training))
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in params:
+            p.requires_grad_(flag)
+
+
+def check_grad_mode(name: str = "the attack") -> None:
+    """Attacks differentiate the model with respect to its input: not possible under inference mode."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{name} needs input gradients and cannot run under torch.inference_mode(); "
+                           "call it outside the inference_mode block (torch.no_grad() is fine: attacks enable "
+                           "gradients themselves)")
+
+
+def check_model_matches(model, x: torch.Tensor) -> None:
+    """x must be on a real device and share the dtype of the model's floating-point parameters
+    (bfloat16 autocast runs a float32 model on float32 inputs)."""
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device (no data): attacks need real tensors")
+    if not isinstance(model, torch.nn.Module):
+        return
+    for p in model.parameters():
+        if p.device.type == "meta":
+            raise ValueError("model has parameters on the meta device (no data): load its weights first")
+        if p.is_floating_point() and p.dtype != x.dtype:
+            raise TypeError(f"x has dtype {dtype_name(x.dtype)} but the model's parameters are "
+                            f"{dtype_name(p.dtype)}: convert one of them (e.g. x.to({dtype_name(p.dtype)}))")
+        if p.is_floating_point():
+            return
+
+
+def check_attack_inputs(model, x: torch.Tensor, y, clamp_input: bool = False, name: str = "the attack") -> None:
+    """The model, x ([B, ...], no NaN, in [0, 1] unless ``clamp_input``) and the labels y [B] (or None)."""
+    check_model(model)
+    check_tensor("x", x, min_dim=2)
+    check_model_matches(model, x)
+    check_grad_mode(name)
+    if bool(torch.isnan(x).any()):
+        raise ValueError("x contains NaN")
+    if not clamp_input and x.numel() and (bool(x.min() < 0) or bool(x.max() > 1)):
+        raise ValueError(f"x must lie in [0, 1] (got values in [{x.min().item():.4g}, {x.max().item():.4g}]); "
+                         "pass clamp_input=True to clamp it")
+    if y is not None:
+        check_labels(y, x.shape[0])
