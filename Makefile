@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.fastrob-installed
 
-.PHONY: setup demo test test-all bench clean aot gpu gpu-dry-run test-triton36
+.PHONY: setup demo test lint test-all bench clean aot gpu gpu-dry-run test-triton36
 
 setup: $(STAMP)
 
@@ -25,9 +25,14 @@ $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/* kernels/*)
 demo: setup
 	$(VENV)/bin/fastrob demo
 
-test: setup
+test: setup lint
 	$(VENV)/bin/fastrob info
 	$(PY) -m pytest
+
+# the formatter and the linter (configured in pyproject.toml): the tree must be clean under both
+lint: setup
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
 
 # everything, the slow tests included
 test-all: setup
