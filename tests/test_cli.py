@@ -44,8 +44,9 @@ def parse_table(stdout):
         if not line.strip():
             break
         cells = line.split()
-        numbers = [c for c in cells if c.rstrip("%").replace(".", "", 1).isdigit()]
-        rows[line[:len(line) - len(line.lstrip())] or " ".join(cells[:len(cells) - len(numbers)])] = numbers
+        is_number = [c.rstrip("%").replace(".", "", 1).isdigit() for c in cells]
+        numbers = [c for c, number in zip(cells, is_number) if number]
+        rows[" ".join(cells[:is_number.index(True)])] = numbers  # the name: the words before the first number
     return lines[head].split(), rows
 
 
