@@ -153,7 +153,7 @@ def legend(settings: EvalSettings) -> str:
                      f"{_attack_words(settings.attack, settings, settings.attack_steps, settings.attack_queries)}")
         if settings.masking_n > 0:
             parts.append(f"masking: the gradient-masking report at the same eps on {settings.masking_n} images "
-                         "('suspicious' when a check is over its limit; the checks follow (the demo: of suspicious models only))")
+                         "(suspicious: a check over its limit; the checks of flagged models follow)")
     if settings.ara_n > 0:
         parts.append(f"ARA: accuracy-robustness area over RMSE radii ({settings.ara_kind}; higher is more robust)")
     if settings.kl_eps > 0:

@@ -224,7 +224,8 @@ def test_train_and_eval_on_user_npz_data(tmp_path):
     header, rows = parse_table(ev.stdout)
     assert header == ["model", "clean", "linf", "0.1", "D@0.1", "NS@0.1"] and len(rows) == 1  # cnn: CAM maps
     skipped = fastrob("eval", "--checkpoint", str(tmp_path / "npz"), "--eps", "0.1", "--steps", "2", "--ara-n", "0",
-                      "--kl-eps", "0", "--interp-eps", "0", "--sens-eps", "0", "--attack-eps", "0", "--quiet", "--out", str(tmp_path / "ev"))
+                      "--kl-eps", "0", "--interp-eps", "0", "--sens-eps", "0", "--attack-eps", "0", "--quiet",
+                      "--out", str(tmp_path / "ev"))
     assert skipped.returncode == 0, skipped.stderr
     assert parse_table(skipped.stdout)[0] == ["model", "clean", "linf", "0.1"]
 

@@ -280,7 +280,8 @@ def _curve_of(model, data, eps_values, norm, attack, *, steps, restarts, seed, b
             else:
                 built[eps] = attack(eps)
                 if not callable(built[eps]):
-                    raise TypeError(f"attack(eps) must return an attack(x, y) -> x_adv, got {type(built[eps]).__name__}")
+                    raise TypeError("attack(eps) must return an attack(x, y) -> x_adv, got "
+                                    f"{type(built[eps]).__name__}")
         return built[eps]
 
     alive_count = [0] * len(eps_values)
