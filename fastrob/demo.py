@@ -4,8 +4,8 @@ Trains four small MLPs (half-Huber activations, Woods et al.) on the scikit-lear
 a plain one, one with the input-gradient penalty, one with the Jacobian penalty, one with TRADES
 adversarial training — then evaluates them on the same test images (PGD accuracy over eps, AutoAttack
 at Linf 0.1, the gradient-masking verdict, ARA, the KL bound), prints one comparison table and writes
-the plots (accuracy vs eps, ARA curves, decision/loss surfaces, saliency maps) and each model's checkpoint, which ``fastrob eval`` and
-``fastrob explain`` read.
+the plots (accuracy vs eps, ARA curves, decision/loss surfaces, saliency maps) and each model's
+checkpoint, which ``fastrob eval`` and ``fastrob explain`` read.
 """
 
 from __future__ import annotations
