@@ -236,11 +236,17 @@ def _eval(args) -> int:
                                        ara_n=args.ara_n, ara_kind=args.ara_kind,
                                        kl_eps=_default_radius(args.kl_eps, args.norm),
                                        kl_steps=args.kl_steps, interp_eps=_default_radius(args.interp_eps, args.norm),
-                                       sens_eps=_default_radius(args.sens_eps, args.norm), seed=args.seed)
+                                       sens_eps=_default_radius(args.sens_eps, args.norm), seed=args.seed,
+                                       attack=args.attack, attack_eps=_default_radius(args.attack_eps, args.norm),
+                                       attack_steps=args.attack_iterations, attack_queries=args.queries,
+                                       curve_attack=args.curve_attack,
+                                       masking_n=0 if args.no_masking else args.masking_n)
     results = evaluation.evaluate(models, x, y, settings, quiet=args.quiet)
     print(f"fastrob eval: {len(models)} model(s) on {len(y)} test images of {data}\n")
     print(evaluation.table(results, settings))
     print("\n" + evaluation.legend(settings))
+    if settings.masking_n > 0 and settings.attack_eps > 0:  # every model's checks, suspicious or not
+        print("\n" + evaluation.masking_tables(results))
     os.makedirs(args.out, exist_ok=True)
     paths = evaluation.write_plots(results, args.out)
     path = write_json({"data": data, "n": len(y), "settings": vars(settings), "results": evaluation.as_json(results)},
@@ -396,9 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="robust accuracy over eps, ARA, KL bound, D and NS for one or more checkpoints",
                        description="Evaluate checkpoints on the test split of their data: PGD robust accuracy at "
-                                   "each eps, the accuracy-robustness area (ARA), the KL divergence bound, the "
-                                   "interpretation discrepancy (D) and the neuron sensitivity (NS). "
-                                   "Prints a table and writes eval.json, accuracy.png and ara.png to --out.")
+                                   "each eps, the robust accuracy under AutoAttack (or --attack) at --attack-eps, "
+                                   "the gradient-masking report, the accuracy-robustness area (ARA), the KL "
+                                   "divergence bound, the interpretation discrepancy (D) and the neuron sensitivity "
+                                   "(NS). Prints a table and writes eval.json, accuracy.png and ara.png to --out.")
     _checkpoint_args(p)
     p.add_argument("--norm", choices=NORMS, default="linf", help="attack norm (default linf)")
     p.add_argument("--eps", type=_eps_list, default=None,
@@ -415,6 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PGD radius for the interpretation discrepancy D, 0 to skip (default linf 0.1, l2 0.5)")
     p.add_argument("--sens-eps", type=_float(), default=None,
                    help="PGD radius for the neuron sensitivity NS, 0 to skip (default linf 0.1, l2 0.5)")
+    from fastrob.metrics.robust import ATTACKS
+    p.add_argument("--attack", choices=ATTACKS, default="autoattack",
+                   help="attack of the robust accuracy at --attack-eps (default autoattack: the standard version)")
+    p.add_argument("--attack-eps", type=_float(), default=None,
+                   help="radius of --attack and of the masking report, 0 to skip both (default linf 0.1, l2 0.5)")
+    p.add_argument("--attack-iterations", type=_positive_int, default=100,
+                   help="iterations of APGD / AutoAttack's APGD-CE, APGD-T, FAB-T (default 100; PGD uses --steps)")
+    p.add_argument("--queries", type=_positive_int, default=5000, help="AutoAttack's Square queries (default 5000)")
+    p.add_argument("--curve-attack", choices=ATTACKS, default="pgd",
+                   help="attack of the accuracy-vs-eps curve (default pgd, --steps steps; apgd: --steps iterations; "
+                        "autoattack: the standard version)")
+    p.add_argument("--masking-n", type=_positive_int, default=500,
+                   help="images of the gradient-masking report (default 500)")
+    p.add_argument("--no-masking", action="store_true", help="skip the gradient-masking report")
     _common(p, "runs/eval")
     p.set_defaults(func=_eval)
 

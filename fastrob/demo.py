@@ -2,10 +2,10 @@
 
 Trains four small MLPs (half-Huber activations, Woods et al.) on the scikit-learn digits set —
 a plain one, one with the input-gradient penalty, one with the Jacobian penalty, one with TRADES
-adversarial training — then evaluates them on the same test images (PGD accuracy over eps, ARA,
-the KL bound), prints one comparison table and writes the plots (accuracy vs eps, ARA curves,
-decision/loss surfaces, saliency maps) and each model's checkpoint, which ``fastrob eval`` and
-``fastrob explain`` read.
+adversarial training — then evaluates them on the same test images (PGD accuracy over eps, AutoAttack
+at Linf 0.1, the gradient-masking verdict, ARA, the KL bound), prints one comparison table and writes
+the plots (accuracy vs eps, ARA curves, decision/loss surfaces, saliency maps) and each model's
+checkpoint, which ``fastrob eval`` and ``fastrob explain`` read.
 """
 
 from __future__ import annotations
@@ -58,14 +58,21 @@ def run(*, epochs: int = 30, seed: int = 0, device: str = "cpu", out: str = "run
 
     x, y = subset(split.x_test, split.y_test, n)
     x, y = x.to(device), y.to(device)
+    # AutoAttack at Linf 0.1 in the standard order with 25 iterations and 1000 Square queries instead of 100 and
+    # 5000: on these four models (450 images) it gives the standard version's numbers to the image, at a fifth of
+    # its time (about 17 s instead of 80 s on 2 CPU cores); the masking report reads every test image
     settings = evaluation.EvalSettings(norm="linf", eps=[0.05, 0.1, 0.15, 0.2], steps=20, ara_n=len(y), kl_eps=0.1,
-                                       seed=seed)
+                                       attack="autoattack", attack_eps=0.1, attack_steps=25, attack_queries=1000,
+                                       masking_n=len(y), seed=seed)
     start = time.perf_counter()
     results = evaluation.evaluate(models, x, y, settings, quiet=quiet)
     eval_seconds = time.perf_counter() - start
     print(f"\nevaluated on {len(y)} test images in {eval_seconds:.1f} s\n")
     print(evaluation.table(results, settings))
     print("\n" + evaluation.legend(settings))
+    suspicious = {name: res["masking"].suspicious for name, res in results.items() if res["masking"].suspicious}
+    if suspicious:
+        print("\n" + evaluation.masking_tables({name: results[name] for name in suspicious}))
 
     paths = evaluation.write_plots(results, out)
     picked = torch.tensor([i for i in SAMPLES if i < len(y)], device=x.device)

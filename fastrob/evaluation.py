@@ -17,7 +17,11 @@ class EvalSettings:
     """norm, eps: the PGD accuracy curve (``steps`` steps, ``restarts`` starts, alpha 2.5·eps/steps);
     ara_n: samples for ARA (0: skip); kl_eps, kl_steps: the KL bound (kl_eps 0: skip); interp_eps:
     the radius of the PGD (``steps`` steps) under which the interpretation discrepancy is measured,
-    sens_eps: the same for neuron sensitivity (0: skip)."""
+    sens_eps: the same for neuron sensitivity (0: skip); attack, attack_eps: the attack ("autoattack",
+    "apgd", "pgd") of the headline robust accuracy at attack_eps (0: skip), with attack_steps iterations
+    (APGD, AutoAttack; PGD uses ``steps``) and attack_queries Square queries (AutoAttack);
+    curve_attack: the attack of the accuracy curve (PGD unless asked); masking_n: samples of the
+    gradient-masking report at attack_eps (0: skip), masking_queries: its Square queries."""
 
     norm: str = "linf"
     eps: list = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
@@ -29,6 +33,13 @@ class EvalSettings:
     kl_steps: int = 10
     interp_eps: float = 0.1
     sens_eps: float = 0.1
+    attack: str = "autoattack"
+    attack_eps: float = 0.1
+    attack_steps: int = 100
+    attack_queries: int = 5000
+    curve_attack: str = "pgd"
+    masking_n: int = 500
+    masking_queries: int = 1000
     seed: int = 0
 
 
@@ -41,11 +52,27 @@ def _pgd(model, eps: float, s: EvalSettings):
                                     norm=s.norm, generator=generator)
 
 
+def _headline(model, data, s: EvalSettings, quiet: bool):
+    """Robust accuracy at ``s.attack_eps`` under ``s.attack`` (AutoAttack by default)."""
+    x = data[0]
+    with torch.no_grad():
+        n_classes = int(model(x[:1]).shape[1])
+    steps = s.steps if s.attack == "pgd" else s.attack_steps
+    attack = metrics.make_attack(s.attack, model, s.attack_eps, s.norm, steps=steps, restarts=s.restarts,
+                                 n_queries=s.attack_queries, n_classes=n_classes, seed=s.seed)
+    return metrics.robust_accuracy(model, data, attack, quiet=quiet)
+
+
 # What ``evaluate`` computes per model, in order: (key, function(model, data, settings, quiet) ->
 # result with as_dict(), enabled(settings)); ``table`` has a column for each.
 EVAL_METRICS: list[tuple[str, Callable, Callable]] = [
     ("curve", lambda m, d, s, q: metrics.accuracy_curve(m, d, s.eps, s.norm, steps=s.steps, restarts=s.restarts,
-                                                        seed=s.seed, quiet=q), lambda s: True),
+                                                        seed=s.seed, quiet=q, attack=s.curve_attack), lambda s: True),
+    # the headline robust accuracy (AutoAttack, Croce & Hein 2020, by default) and the masking checks behind it
+    ("robust", _headline, lambda s: s.attack_eps > 0),
+    ("masking", lambda m, d, s, q: metrics.masking_report(m, d, s.attack_eps, s.norm, n=s.masking_n,
+                                                          n_queries=s.masking_queries, seed=s.seed, quiet=q),
+     lambda s: s.attack_eps > 0 and s.masking_n > 0),
     ("ara", lambda m, d, s, q: metrics.ara(m, d, n=s.ara_n, kind=s.ara_kind, seed=s.seed, quiet=q),
      lambda s: s.ara_n > 0),
     ("kl", lambda m, d, s, q: metrics.kl_robustness(m, d, s.kl_eps, s.norm, s.kl_steps, seed=s.seed, quiet=q),
@@ -80,26 +107,53 @@ def table(results: Mapping[str, Mapping[str, object]], settings: EvalSettings) -
     eps = [e for e in sorted(settings.eps) if e > 0]
     head = f"{'model':<{width}}{'clean':>7}" + "".join(f"{f'{settings.norm} {e:g}':>11}" for e in eps)
     # the optional columns after the accuracies: (metric key, header, the cell of its result)
-    columns = [("ara", "ARA", lambda r: f"{r.ara:.4f}"),
+    short = {"autoattack": "AA", "apgd": "APGD", "pgd": "PGD"}.get(settings.attack, settings.attack)
+    columns = [("robust", f"{short}@{settings.attack_eps:g}", lambda r: f"{r.accuracy:.1%}"),
+               ("masking", "masking", lambda r: r.verdict),
+               ("ara", "ARA", lambda r: f"{r.ara:.4f}"),
                ("kl", f"KL@{settings.kl_eps:g}", lambda r: f"{r.mean:.3f}"),
                ("interp", f"D@{settings.interp_eps:g}", lambda r: f"{r.mean:.2f}"),
                ("sensitivity", f"NS@{settings.sens_eps:g}", lambda r: f"{r.mean:.4f}")]
     columns = [c for c in columns if any(c[0] in r for r in results.values())]
-    head += "".join(f"{header:>9}" for _, header, _ in columns)
+    # each column as wide as its widest cell (at least 9): "suspicious" is wider than a number
+    widths = [max([9, len(header) + 2] + [len(cell(r[key])) + 2 for r in results.values() if key in r])
+              for key, header, cell in columns]
+    head += "".join(f"{header:>{w}}" for (_, header, _), w in zip(columns, widths))
     lines = [head]
     for name, res in results.items():
         c = res["curve"]
         acc = dict(zip(c.eps, c.accuracy))
         row = f"{name:<{width}}{c.clean_accuracy:>7.1%}" + "".join(f"{acc[e]:>11.1%}" for e in eps)
-        row += "".join(f"{cell(res[key]) if key in res else '-':>9}" for key, _, cell in columns)
+        row += "".join(f"{cell(res[key]) if key in res else '-':>{w}}" for (key, _, cell), w in zip(columns, widths))
         lines.append(row)
     return "\n".join(lines)
 
 
+def _attack_words(name: str, s: EvalSettings, steps: int, queries: int) -> str:
+    """What the attack ``name`` runs with ``steps`` iterations (APGD, AutoAttack; PGD: ``s.steps``), in words."""
+    restarts = f", {s.restarts} restarts" if s.restarts > 1 else ""
+    if name == "pgd":
+        return f"PGD-{s.norm}, {s.steps} steps of {attacks.ALPHA_FACTOR:g}*eps/{s.steps}{restarts or ', random start'}"
+    if name == "apgd":
+        return f"APGD-CE-{s.norm}, {steps} iterations{restarts}"
+    standard = (steps, queries) == (100, 5000)
+    return (f"AutoAttack {'standard' if standard else 'in the standard order with cheaper settings'} "
+            f"(APGD-CE, APGD-T, FAB-T with {steps} iterations, Square with {queries} queries)")
+
+
 def legend(settings: EvalSettings) -> str:
-    rule = f"{attacks.ALPHA_FACTOR:g}*eps/{settings.steps}"
-    parts = [f"robust accuracy: PGD-{settings.norm}, {settings.steps} steps of {rule}"
-             f"{f', {settings.restarts} restarts' if settings.restarts > 1 else ', random start'}"]
+    # accuracy_curve runs APGD with ``steps`` and AutoAttack standard
+    parts = [f"robust accuracy over eps: {_attack_words(settings.curve_attack, settings, settings.steps, 5000)}"
+             if settings.curve_attack != "autoattack" else
+             f"robust accuracy over eps: {_attack_words('autoattack', settings, 100, 5000)}"]
+    if settings.attack_eps > 0:
+        short = {"autoattack": "AA", "apgd": "APGD", "pgd": "PGD"}[settings.attack]
+        parts.append(f"{short}@{settings.attack_eps:g}: robust accuracy at {settings.norm} eps "
+                     f"{settings.attack_eps:g} under "
+                     f"{_attack_words(settings.attack, settings, settings.attack_steps, settings.attack_queries)}")
+        if settings.masking_n > 0:
+            parts.append(f"masking: the gradient-masking report at the same eps on {settings.masking_n} images "
+                         "(suspicious: a check over its limit; the checks of flagged models follow)")
     if settings.ara_n > 0:
         parts.append(f"ARA: accuracy-robustness area over RMSE radii ({settings.ara_kind}; higher is more robust)")
     if settings.kl_eps > 0:
@@ -113,6 +167,11 @@ def legend(settings: EvalSettings) -> str:
         parts.append(f"NS@{settings.sens_eps:g}: mean neuron sensitivity of the activation layers under "
                      f"PGD-{settings.norm} (lower is more stable)")
     return "\n".join(parts)
+
+
+def masking_tables(results: Mapping[str, Mapping[str, object]]) -> str:
+    """Each model's gradient-masking report (the checks, values, limits and verdicts), one after another."""
+    return "\n\n".join(f"{name}: {res['masking'].table()}" for name, res in results.items() if "masking" in res)
 
 
 def write_plots(results: Mapping[str, Mapping[str, object]], out_dir: str) -> list[str]:

@@ -126,3 +126,18 @@ def test_parity_standard(digits, name):
     margin = int(0.005 * len(y))
     assert results["fastrob-standard"] <= results["torchattacks-matched"] + margin, results
     assert results["fastrob-standard"] <= results["torchattacks-aa"] + margin, results
+
+
+def test_two_class_model_skips_the_dlr_stages():
+    """Targeted DLR needs 4 classes: on a 2-class model AutoAttack still runs APGD-CE, FAB-T and Square."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    x = torch.rand(12, 1, 4, 4)
+    y = model(x).argmax(1)
+    atk = AutoAttack(model, norm="Linf", eps=0.3, n_classes=2, seed=0, steps=5, n_queries=20, quiet=True)
+    x_adv, record = atk.run(x, y)
+    assert (x_adv - x).abs().max() <= 0.3 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert "apgd-t" not in set(record.broken_by)
+    # a linear 2-class model is broken by APGD-CE wherever the boundary lies within eps
+    assert record.robust_accuracy["apgd-ce"] < 1.0
+    assert record.robust_accuracy["square"] <= record.robust_accuracy["apgd-ce"]

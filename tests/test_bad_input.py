@@ -270,7 +270,7 @@ def test_accuracy_curve_checks_eps_list_and_norm_up_front():
 def test_robust_accuracy_has_as_dict():
     model, data = always_right()
     result = robust_accuracy(model, data, identity_attack, quiet=True)
-    assert result.as_dict() == {"accuracy": 1.0, "clean_accuracy": 1.0, "n": 16}
+    assert result.as_dict() == {"accuracy": 1.0, "clean_accuracy": 1.0, "n": 16, "attack": "identity_attack"}
 
 
 # ---- weak: data ----------------------------------------------------------------------------------

@@ -44,8 +44,9 @@ def parse_table(stdout):
         if not line.strip():
             break
         cells = line.split()
-        numbers = [c for c in cells if c.rstrip("%").replace(".", "", 1).isdigit()]
-        rows[line[:len(line) - len(line.lstrip())] or " ".join(cells[:len(cells) - len(numbers)])] = numbers
+        is_number = [c.rstrip("%").replace(".", "", 1).isdigit() for c in cells]
+        numbers = [c for c, number in zip(cells, is_number) if number]
+        rows[" ".join(cells[:is_number.index(True)])] = numbers  # the name: the words before the first number
     return lines[head].split(), rows
 
 
@@ -68,6 +69,8 @@ def in_process(capsys, *args):
     (["train", "--size", "2"], "image size >= 4"),
     (["eval"], "--checkpoint"),
     (["eval", "--checkpoint", "x", "--eps", "0.1,abc"], "comma-separated radii"),
+    (["eval", "--checkpoint", "x", "--attack", "cw"], "invalid choice"),
+    (["eval", "--checkpoint", "x", "--curve-attack", "fgsm"], "invalid choice"),
     (["explain", "--checkpoint", "x", "--samples", "-1"], "indices >= 0"),
 ])
 def test_more_bad_arguments(capsys, args, words):
@@ -81,13 +84,17 @@ def test_demo_trains_four_models_and_compares_them(tmp_path):
     assert result.returncode == 0, result.stderr
     header, rows = parse_table(result.stdout)
     assert header[:3] == ["model", "clean", "linf"] and "ARA" in header and "KL@0.1" in header
+    assert "AA@0.1" in header and "masking" in header
     assert len(rows) == 4 and list(rows)[0] == "plain"
     for name, cells in rows.items():
         acc = [float(c.rstrip("%")) for c in cells[:5]]
         assert acc[0] > 40, (name, cells)  # trained, even in 2 epochs (chance is 10%)
         assert acc == sorted(acc, reverse=True)  # clean, then eps ascending: non-increasing
+        assert float(cells[5].rstrip("%")) <= acc[2] + 1e-9  # AutoAttack at 0.1 is not weaker than PGD-20 there
     summary = json.loads((out / "demo.json").read_text())
     assert len(summary["models"]) == 4 and set(summary["results"]) == set(rows)
+    for res in summary["results"].values():
+        assert res["robust"]["attack"].startswith("AutoAttack") and res["masking"]["verdict"] in ("ok", "suspicious")
     for name in ("accuracy.png", "ara.png", "surfaces.png", "saliency.png", "models/trades/checkpoint.pt",
                  "models/plain/metrics.json", "models/plain/training.png"):
         assert (out / name).is_file(), name
@@ -151,7 +158,7 @@ def test_eval_compares_checkpoints(trained, tmp_path):
     out = tmp_path / "eval"
     result = fastrob("eval", "--checkpoint", str(root / "plain"), "--checkpoint", str(root / "pgd" / "checkpoint.pt"),
                      "--n", "60", "--eps", "0.05,0.1", "--steps", "5", "--ara-n", "20", "--kl-steps", "3",
-                     "--quiet", "--out", str(out))
+                     "--attack-eps", "0", "--quiet", "--out", str(out))
     assert result.returncode == 0, result.stderr
     header, rows = parse_table(result.stdout)
     assert header == ["model", "clean", "linf", "0.05", "linf", "0.1", "ARA", "KL@0.1", "D@0.1", "NS@0.1"]
@@ -165,6 +172,29 @@ def test_eval_compares_checkpoints(trained, tmp_path):
     assert f"{plain['interp']['mean']:.2f}" == rows["plain"][5]
     assert f"{plain['sensitivity']['mean']:.4f}" == rows["plain"][6] and plain["sensitivity"]["n"] == 60
     assert (out / "accuracy.png").is_file() and (out / "ara.png").is_file()
+
+
+@pytest.mark.parametrize("attack, name", [("autoattack", "AutoAttack"), ("apgd", "APGD-CE"), ("pgd", "PGD-3")])
+def test_eval_attack_and_masking_report(trained, tmp_path, attack, name):
+    root, _, _ = trained
+    out = tmp_path / "eval"
+    result = fastrob("eval", "--checkpoint", str(root / "plain"), "--n", "30", "--eps", "0.1", "--steps", "3",
+                     "--ara-n", "0", "--kl-eps", "0", "--interp-eps", "0", "--sens-eps", "0", "--attack", attack,
+                     "--attack-iterations", "5", "--queries", "50", "--masking-n", "30", "--quiet", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    header, rows = parse_table(result.stdout)
+    short = {"autoattack": "AA", "apgd": "APGD", "pgd": "PGD"}[attack]
+    assert header == ["model", "clean", "linf", "0.1", f"{short}@0.1", "masking"]
+    assert "gradient-masking report" in result.stdout
+    plain = json.loads((out / "eval.json").read_text())["results"]["plain"]
+    assert plain["robust"]["attack"].startswith(name) and plain["robust"]["n"] == 30
+    assert f"{plain['robust']['accuracy']:.1%}" == rows["plain"][2]
+    assert plain["masking"]["n"] == 30 and set(plain["masking"]["checks"]) >= {"black_box", "ce_vs_dlr"}
+    assert plain["masking"]["verdict"] in result.stdout.splitlines()[3]
+    skipped = fastrob("eval", "--checkpoint", str(root / "plain"), "--n", "30", "--eps", "0.1", "--steps", "3",
+                      "--ara-n", "0", "--kl-eps", "0", "--interp-eps", "0", "--sens-eps", "0", "--attack", attack,
+                      "--attack-iterations", "5", "--queries", "50", "--no-masking", "--quiet", "--out", str(out))
+    assert skipped.returncode == 0 and "masking" not in parse_table(skipped.stdout)[0]
 
 
 def test_explain_writes_maps_and_surfaces(trained, tmp_path):
@@ -189,12 +219,13 @@ def test_train_and_eval_on_user_npz_data(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "1x6x6" in result.stdout
     ev = fastrob("eval", "--checkpoint", str(tmp_path / "npz"), "--eps", "0.1", "--steps", "2", "--ara-n", "0",
-                 "--kl-eps", "0", "--quiet", "--out", str(tmp_path / "ev"))
+                 "--kl-eps", "0", "--attack-eps", "0", "--quiet", "--out", str(tmp_path / "ev"))
     assert ev.returncode == 0, ev.stderr
     header, rows = parse_table(ev.stdout)
     assert header == ["model", "clean", "linf", "0.1", "D@0.1", "NS@0.1"] and len(rows) == 1  # cnn: CAM maps
     skipped = fastrob("eval", "--checkpoint", str(tmp_path / "npz"), "--eps", "0.1", "--steps", "2", "--ara-n", "0",
-                      "--kl-eps", "0", "--interp-eps", "0", "--sens-eps", "0", "--quiet", "--out", str(tmp_path / "ev"))
+                      "--kl-eps", "0", "--interp-eps", "0", "--sens-eps", "0", "--attack-eps", "0", "--quiet",
+                      "--out", str(tmp_path / "ev"))
     assert skipped.returncode == 0, skipped.stderr
     assert parse_table(skipped.stdout)[0] == ["model", "clean", "linf", "0.1"]
 

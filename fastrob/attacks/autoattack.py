@@ -47,6 +47,10 @@ class AutoAttackRecord:
         return torch.tensor([b is None for b in self.broken_by], dtype=torch.bool)
 
 
+# the fewest classes each built-in stage needs (DLR: 3; targeted DLR: 4)
+MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
+
+
 def _inside(adv, x, eps, norm):
     """Rows of ``adv`` inside the eps-ball around x (norm "linf" / "l2") and the box [0, 1]."""
     delta = (adv - x).flatten(1)
@@ -137,7 +141,9 @@ class AutoAttack(Attack):
         bar = tqdm(stages, desc="AutoAttack", disable=self.quiet, leave=False)
         for name, attack in bar:
             live = robust.nonzero().squeeze(1)
-            if live.numel():
+            # the DLR losses rank the sorted logits (targeted DLR reads the 4th largest): with fewer
+            # classes than they need the stage cannot run, and the later stages still do
+            if live.numel() and clean.shape[1] >= MIN_CLASSES.get(name, 2):
                 adv = attack(x[live], y[live]).detach().to(x.dtype)
                 broken = (predict(adv) != y[live]) & _inside(adv, x[live], eps, norm)
                 hit = live[broken]

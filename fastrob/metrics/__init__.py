@@ -5,7 +5,8 @@ small dataclass with an ``as_dict()`` for JSON. Every attack inside goes through
 rank the global result (``fastrob.metrics._common.shard``, docs/distributed.md).
 
 - ``robust_accuracy(model, data, attack)``: accuracy under any attack(x, y) -> x_adv.
-- ``accuracy_curve(model, data, eps_list, norm)``: PGD robust accuracy over eps, with compaction.
+- ``accuracy_curve(model, data, eps_list, norm, attack="pgd")``: robust accuracy over eps (PGD, APGD,
+  AutoAttack or a factory eps -> attack), with compaction; ``make_attack`` builds those attacks by name.
 - ``ara(model, data, n, kind)``: the accuracy-robustness area (Woods et al. 2019;
   docs/methods.md#adversarial-explanations).
 - ``kl_robustness(model, data, eps, norm, steps)``: the prediction-divergence bound (Yu et al. 2019).
@@ -20,7 +21,8 @@ rank the global result (``fastrob.metrics._common.shard``, docs/distributed.md).
 from fastrob.metrics.ara import ARAResult, ara, ara_from_radii
 from fastrob.metrics.map_discrepancy import InterpretationDiscrepancy, discrepancy, interpretation_discrepancy
 from fastrob.metrics.kl import KLRobustness, kl_robustness
-from fastrob.metrics.robust import AccuracyCurve, RobustAccuracy, accuracy_curve, robust_accuracy
+from fastrob.metrics.robust import (ATTACKS, AccuracyCurve, RobustAccuracy, accuracy_curve, describe_attack,
+                                   make_attack, robust_accuracy)
 from fastrob.metrics.sensitivity import (
     NeuronSensitivity,
     neuron_sensitivity,
@@ -29,7 +31,8 @@ from fastrob.metrics.sensitivity import (
 )
 
 __all__ = ["ARAResult", "AccuracyCurve", "InterpretationDiscrepancy", "KLRobustness", "NeuronSensitivity",
-           "RobustAccuracy", "accuracy_curve", "ara", "ara_from_radii", "discrepancy", "interpretation_discrepancy",
+           "RobustAccuracy", "ATTACKS", "accuracy_curve", "describe_attack", "make_attack", "ara", "ara_from_radii",
+           "discrepancy", "interpretation_discrepancy",
            "kl_robustness", "neuron_sensitivity", "neuron_sensitivity_metric", "robust_accuracy", "top_k_sensitive"]
 
 # the gradient-masking report (issue 14)

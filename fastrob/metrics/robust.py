@@ -1,4 +1,6 @@
-"""Robust accuracy under one attack, and the accuracy-vs-eps curve with compaction."""
+"""Robust accuracy under one attack, and the accuracy-vs-eps curve with compaction; ``make_attack``
+builds the attacks these metrics run by name ("pgd", "apgd", "autoattack") and ``describe_attack``
+names the attack a result came from."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Iterable, Sequence
 import torch
 
 from fastrob._checks import check_float, check_int
-from fastrob.attacks import ALPHA_FACTOR, NORMS, check_norm, default_alpha, pgd
+from fastrob.attacks import ALPHA_FACTOR, NORMS, PGD, PGDL2, check_norm, default_alpha, pgd
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device, shard
 
@@ -16,20 +18,23 @@ from fastrob.metrics._common import batches, clean_logits, model_device, shard
 @dataclass
 class RobustAccuracy:
     """accuracy: fraction of samples classified correctly both clean and after the attack;
-    clean_accuracy: without the attack; n: number of samples; robust: the per-sample mask [n]."""
+    clean_accuracy: without the attack; n: number of samples; robust: the per-sample mask [n];
+    attack: which attack produced it (``describe_attack``)."""
 
     accuracy: float
     clean_accuracy: float
     n: int
     robust: torch.Tensor = field(repr=False)
+    attack: str = ""
 
     def as_dict(self) -> dict:
-        return {"accuracy": self.accuracy, "clean_accuracy": self.clean_accuracy, "n": self.n}
+        return {"accuracy": self.accuracy, "clean_accuracy": self.clean_accuracy, "n": self.n, "attack": self.attack}
 
 
 @dataclass
 class AccuracyCurve:
-    """Robust accuracy at each eps (ascending), with the clean accuracy and the attack settings."""
+    """Robust accuracy at each eps (ascending), with the clean accuracy and the attack settings
+    (``attack``: which attack, ``describe_attack`` of the one at the largest eps)."""
 
     eps: list[float]
     accuracy: list[float]
@@ -37,10 +42,11 @@ class AccuracyCurve:
     n: int
     norm: str
     steps: int
+    attack: str = ""
 
     def as_dict(self) -> dict:
         return {"eps": self.eps, "accuracy": self.accuracy, "clean_accuracy": self.clean_accuracy, "n": self.n,
-                "norm": self.norm, "steps": self.steps}
+                "norm": self.norm, "steps": self.steps, "attack": self.attack}
 
 
 def robust_accuracy(model, data, attack, *, batch_size: int = 256, device=None, quiet: bool = False,
@@ -81,7 +87,61 @@ def robust_accuracy(model, data, attack, *, batch_size: int = 256, device=None, 
     if not len(robust):
         raise ValueError("data holds no samples: robust accuracy is undefined on empty data")
     total = len(robust)
-    return RobustAccuracy(float(robust.float().sum()) / total, n_clean / total, len(robust), robust)
+    return RobustAccuracy(float(robust.float().sum()) / total, n_clean / total, len(robust), robust,
+                          describe_attack(attack))
+
+
+# the attacks the metrics build by name (``make_attack``, ``accuracy_curve(attack=...)``, ``fastrob eval --attack``)
+ATTACKS = ("autoattack", "apgd", "pgd")
+
+
+def make_attack(name: str, model, eps: float, norm: str = "linf", *, steps: int = 20, restarts: int = 1,
+                n_queries: int = 5000, version: str = "standard", n_classes: int = 10, seed: int = 0,
+                quiet: bool = True):
+    """The attack object ``name`` at radius ``eps``:
+
+    - "pgd": PGD (``fastrob.PGD`` / ``PGDL2``), ``steps`` steps of 2.5·eps/steps, ``restarts`` random starts;
+    - "apgd": APGD-CE (Croce & Hein 2020) with ``steps`` iterations and ``restarts`` restarts;
+    - "autoattack": AutoAttack ``version`` with ``steps`` iterations for APGD-CE, APGD-T and FAB-T and
+      ``n_queries`` for Square (the paper's "standard" is steps=100, n_queries=5000).
+    """
+    from fastrob.attacks import APGD, AutoAttack  # here: fastrob.attacks imports fastrob.metrics first
+
+    check_norm(norm)
+    if name == "pgd":
+        cls = PGD if norm == "linf" else PGDL2
+        return cls(model, eps=eps, alpha=default_alpha(eps, steps), steps=steps, restarts=restarts,
+                   generator=torch.Generator(device=model_device(model, None)).manual_seed(seed))
+    upper = "Linf" if norm == "linf" else "L2"
+    if name == "apgd":
+        return APGD(model, norm=upper, eps=eps, steps=steps, n_restarts=restarts, seed=seed, loss="ce")
+    if name == "autoattack":
+        return AutoAttack(model, norm=upper, eps=eps, version=version, n_classes=n_classes, seed=seed, steps=steps,
+                          n_queries=n_queries, quiet=quiet)
+    raise ValueError(f"attack must be one of {ATTACKS}, got {name!r}")
+
+
+def describe_attack(attack) -> str:
+    """A short name of ``attack`` with its settings, e.g. "AutoAttack(standard, Linf, eps=0.1)" or
+    "PGD-20(linf, eps=0.1, alpha=0.0125)"; a plain function gives its name."""
+    from fastrob.attacks import APGD, AutoAttack
+
+    kind = type(attack).__name__
+    if isinstance(attack, AutoAttack):
+        extra = "" if (attack.steps, attack.n_queries) == (100, 5000) else \
+            f", steps={attack.steps}, n_queries={attack.n_queries}"
+        custom = "custom" if attack.attacks is not None else attack.version
+        return f"AutoAttack({custom}, {attack.norm}, eps={attack.eps:g}{extra})"
+    if isinstance(attack, APGD):
+        restarts = f", {attack.n_restarts} restarts" if attack.n_restarts > 1 else ""
+        return f"APGD-{attack.loss.upper()}-{attack.steps}({attack.norm}, eps={attack.eps:g}{restarts})"
+    if isinstance(attack, PGD):
+        restarts = f", {attack.restarts} restarts" if attack.restarts > 1 else ""
+        return f"PGD-{attack.steps}({attack.norm}, eps={attack.eps:g}, alpha={attack.alpha:g}{restarts})"
+    ball = attack_ball(attack)
+    if ball is not None:
+        return f"{kind}({ball[0]}, eps={ball[1]:g})"
+    return getattr(attack, "__name__", kind)
 
 
 # the least slack of the ball and box checks of an attack's output (float32 rounding of x + delta)
@@ -134,8 +194,13 @@ def check_attack_output(x_adv, x: torch.Tensor, ball: tuple[str, float] | None) 
 def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *, steps: int = 20,
                    alpha_factor: float = ALPHA_FACTOR, restarts: int = 1, random_start=True, loss: str = "ce",
                    seed: int = 0, batch_size: int = 256, device=None, quiet: bool = False,
-                   n: int | None = None, distributed: bool | None = None) -> AccuracyCurve:
-    """Robust accuracy under PGD (``fastrob.attacks.pgd``) at each eps in ``eps_list``.
+                   n: int | None = None, distributed: bool | None = None, attack="pgd") -> AccuracyCurve:
+    """Robust accuracy under PGD (``fastrob.attacks.pgd``, the default) or another attack at each eps.
+
+    ``attack``: "pgd" (below), "apgd" (APGD-CE with ``steps`` iterations, ``restarts`` restarts),
+    "autoattack" (AutoAttack standard: 100 iterations, 5000 Square queries) or a factory
+    eps -> attack(x, y) -> x_adv. Each eps then attacks the survivors of the smaller ones, as below;
+    ``alpha_factor``, ``random_start`` and ``loss`` are PGD's only.
 
     PGD with ``steps`` steps of size alpha = alpha_factor·eps/steps (Madry et al.'s 2.5·eps/steps),
     ``restarts`` random starts and early stop. Compaction: eps are visited in ascending order and a
@@ -158,6 +223,9 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
     steps = check_int("steps", steps, 1)
     alpha_factor = check_float("alpha_factor", alpha_factor, min_value=0.0)
     order = sorted(range(len(eps_values)), key=eps_values.__getitem__)
+    if attack != "pgd":
+        return _curve_of(model, data, [eps_values[k] for k in order], norm, attack, steps=steps, restarts=restarts,
+                         seed=seed, batch_size=batch_size, device=device, quiet=quiet, n=n, distributed=distributed)
     model = unwrap(model)
     device = model_device(model, device)
     part = shard(data, n, distributed)
@@ -183,4 +251,59 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
         raise ValueError("data holds no samples: the accuracy curve is undefined on empty data")
     total = n_total
     return AccuracyCurve([eps_values[k] for k in order], [alive_count[k] / total for k in order], n_clean / total,
-                         n_total, norm, steps)
+                         n_total, norm, steps, f"PGD-{steps}({norm}, alpha={alpha_factor:g}*eps/{steps}"
+                         f"{f', {restarts} restarts' if restarts > 1 else ''})")
+
+
+def _curve_of(model, data, eps_values, norm, attack, *, steps, restarts, seed, batch_size, device, quiet, n,
+              distributed) -> AccuracyCurve:
+    """``accuracy_curve`` under a named attack or a factory eps -> attack (eps_values ascending): each
+    eps attacks only the survivors of the smaller ones; outputs are checked as in ``robust_accuracy``."""
+    if isinstance(attack, str):
+        if attack not in ATTACKS:
+            raise ValueError(f"attack must be one of {ATTACKS} or a factory eps -> attack, got {attack!r}")
+        name = attack
+        attack = None
+    elif not callable(attack):
+        raise TypeError(f"attack must be a name in {ATTACKS} or a factory eps -> attack, got {type(attack).__name__}")
+    model = unwrap(model)
+    device = model_device(model, device)
+    part = shard(data, n, distributed)
+    built = {}
+
+    def attack_at(eps, n_classes):
+        if eps not in built:
+            if attack is None:
+                steps_of = 100 if name == "autoattack" else steps
+                built[eps] = make_attack(name, model, eps, norm, steps=steps_of, restarts=restarts, n_classes=n_classes,
+                                         seed=seed + (part.rank if part else 0), quiet=True)
+            else:
+                built[eps] = attack(eps)
+                if not callable(built[eps]):
+                    raise TypeError("attack(eps) must return an attack(x, y) -> x_adv, got "
+                                    f"{type(built[eps]).__name__}")
+        return built[eps]
+
+    alive_count = [0] * len(eps_values)
+    n_total = n_clean = 0
+    for x, y in batches(data, batch_size, device, desc=f"accuracy curve ({norm})", quiet=quiet, limit=n, shard=part):
+        logits = clean_logits(model, x, y)
+        alive = (logits.argmax(1) == y).nonzero().squeeze(1)
+        n_total += len(y)
+        n_clean += len(alive)
+        for k, eps in enumerate(eps_values):
+            if eps > 0 and len(alive):
+                atk = attack_at(eps, logits.shape[1])
+                x_adv = atk(x[alive], y[alive])
+                check_attack_output(x_adv, x[alive], attack_ball(atk))
+                fooled = clean_logits(model, x_adv, where="adversarial inputs").argmax(1) != y[alive]
+                alive = alive[~fooled]
+            alive_count[k] += len(alive)
+    if part is not None:
+        n_total, n_clean, *alive_count = (int(v) for v in part.sum([n_total, n_clean, *alive_count]))
+    if not n_total:
+        raise ValueError("data holds no samples: the accuracy curve is undefined on empty data")
+    largest = max(eps_values)
+    described = describe_attack(built[largest]) if largest in built else (name if attack is None else "")
+    return AccuracyCurve(list(eps_values), [c / n_total for c in alive_count], n_clean / n_total, n_total, norm,
+                         steps, described)
