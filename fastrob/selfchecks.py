@@ -60,9 +60,14 @@ def _randn(shape, device, dtype, seed, scale=1.0):
     return (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype)
 
 
-def _derivatives(fn, inputs, seed=0):
-    """(value, first derivatives, second derivatives): VJPs with a random cotangent u (itself
-    requiring grad), then VJPs of those with random w, with respect to the inputs and u."""
+def derivatives(fn, inputs, seed=0):
+    """(output, first derivatives, second derivatives) of fn at ``inputs`` (also what the op tests
+    compare).
+
+    The first derivatives are vector-Jacobian products with a random cotangent u, which itself
+    requires grad; the second are the VJPs of those with random w, with respect to the inputs and
+    u (so the backward op's derivative in its incoming gradient is checked too). Inputs that are
+    not floating point (labels) are passed through."""
     gen = torch.Generator().manual_seed(seed)
     leaves = [t.detach().clone().requires_grad_(True) if t.is_floating_point() else t for t in inputs]
     diff = [t for t in leaves if t.is_floating_point()]
@@ -72,6 +77,11 @@ def _derivatives(fn, inputs, seed=0):
     ws = [torch.randn(f.shape, generator=gen, dtype=torch.float64).to(f) for f in first]
     second = torch.autograd.grad(first, diff + [u], ws, allow_unused=True)
     second = [torch.zeros_like(t) if s is None else s for s, t in zip(second, diff + [u])]
+    return out, first, second
+
+
+def _flat_derivatives(fn, inputs):
+    out, first, second = derivatives(fn, inputs)
     return [out, *first, *second]
 
 
@@ -155,7 +165,7 @@ def run_check(op: str, backend: str, device, dtype: torch.dtype) -> CheckResult:
             if op == "pgd_step":
                 pairs = [([fused(backend)], [reference()]) for fused, reference in _pgd_step_cases(device, dtype)]
             else:
-                pairs = [(_derivatives(fused(backend), inputs), _derivatives(reference, inputs))
+                pairs = [(_flat_derivatives(fused(backend), inputs), _flat_derivatives(reference, inputs))
                          for fused, reference, inputs in _differentiable_cases(op, device, dtype)]
             for got, expected in pairs:
                 err, r = _compare(got, expected, atol, rtol)

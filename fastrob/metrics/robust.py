@@ -245,14 +245,20 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
                                 robust_only=True, return_fooled=True, generator=generator)
                 alive = alive[~fooled]
             alive_count[k] += len(alive)
-    if part is not None:
-        n_total, n_clean, *alive_count = (int(v) for v in part.sum([n_total, n_clean, *alive_count]))
-    if not n_total:
-        raise ValueError("data holds no samples: the accuracy curve is undefined on empty data")
+    n_total, n_clean, alive_count = _curve_counts(part, n_total, n_clean, alive_count)
     total = n_total
     return AccuracyCurve([eps_values[k] for k in order], [alive_count[k] / total for k in order], n_clean / total,
                          n_total, norm, steps, f"PGD-{steps}({norm}, alpha={alpha_factor:g}*eps/{steps}"
                          f"{f', {restarts} restarts' if restarts > 1 else ''})")
+
+
+def _curve_counts(part, n_total: int, n_clean: int, alive_count: list) -> tuple[int, int, list]:
+    """The curve's counts summed over ranks (``part``: the shard, None alone); empty data is an error."""
+    if part is not None:
+        n_total, n_clean, *alive_count = (int(v) for v in part.sum([n_total, n_clean, *alive_count]))
+    if not n_total:
+        raise ValueError("data holds no samples: the accuracy curve is undefined on empty data")
+    return n_total, n_clean, alive_count
 
 
 def _curve_of(model, data, eps_values, norm, attack, *, steps, restarts, seed, batch_size, device, quiet, n,
@@ -299,10 +305,7 @@ def _curve_of(model, data, eps_values, norm, attack, *, steps, restarts, seed, b
                 fooled = clean_logits(model, x_adv, where="adversarial inputs").argmax(1) != y[alive]
                 alive = alive[~fooled]
             alive_count[k] += len(alive)
-    if part is not None:
-        n_total, n_clean, *alive_count = (int(v) for v in part.sum([n_total, n_clean, *alive_count]))
-    if not n_total:
-        raise ValueError("data holds no samples: the accuracy curve is undefined on empty data")
+    n_total, n_clean, alive_count = _curve_counts(part, n_total, n_clean, alive_count)
     largest = max(eps_values)
     described = describe_attack(built[largest]) if largest in built else (name if attack is None else "")
     return AccuracyCurve(list(eps_values), [c / n_total for c in alive_count], n_clean / n_total, n_total, norm,
