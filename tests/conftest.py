@@ -36,3 +36,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def plain(digits):
+    """A digits CNN trained without any defence (bench.autoattack.digits_cnn, 12 epochs, seed 0),
+    trained once per session for the evaluation-attack tests (a module may override it)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_loop
+    from bench.autoattack import digits_cnn
+    from train_loop import fit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = digits_cnn()
+        fit(model, digits.x_train, digits.y_train, epochs=12, batch=128)
+    finally:
+        torch.set_num_threads(threads)
+    for p in model.parameters():
+        p.grad = None
+    return model.eval()

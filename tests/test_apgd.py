@@ -13,10 +13,9 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.autoattack import digits_cnn, digits_models  # noqa: E402
+from bench.autoattack import digits_models  # noqa: E402
 from fastrob.attacks import APGD, APGDT, apgd, dlr_loss, targeted_dlr_loss  # noqa: E402
 from fastrob.attacks.apgd import apgd_checkpoints, halving_mask  # noqa: E402
-from train_loop import fit  # noqa: E402
 
 EPS = 0.1
 
@@ -41,19 +40,6 @@ def inside(x_adv, x, eps, norm="Linf"):
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Small models on a shared 2-core machine: one intra-op thread is many times faster."""
-
-
-@pytest.fixture(scope="module")
-def plain(digits):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = digits_cnn()
-    fit(model, digits.x_train, digits.y_train, epochs=12, batch=128)
-    torch.set_num_threads(threads)
-    for p in model.parameters():
-        p.grad = None
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -11,27 +11,15 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.autoattack import digits_cnn, digits_models  # noqa: E402
+from bench.autoattack import digits_models  # noqa: E402
 from fastrob.attacks import Square  # noqa: E402
 from fastrob.attacks.square import p_selection  # noqa: E402
 from test_apgd import EPS, allowed, inside, robust_count  # noqa: E402
-from train_loop import fit  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Small models on a shared 2-core machine: one intra-op thread is many times faster."""
-
-
-@pytest.fixture(scope="module")
-def plain(digits):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = digits_cnn()
-    fit(model, digits.x_train, digits.y_train, epochs=12, batch=128)
-    torch.set_num_threads(threads)
-    return model.eval()
 
 
 def test_p_schedule():
