@@ -127,8 +127,10 @@ def check_logits(logits, batch: int, y: torch.Tensor | None = None, where: str |
         bad = ~torch.isfinite(logits).all(1)
         n_bad = int(bad.sum())
         if n_bad:
+            rows = bad.nonzero().squeeze(1)[:8].tolist()
             raise ValueError(f"model returned non-finite logits (NaN or inf) for {n_bad} of {batch} samples"
-                             f"{f' ({where})' if where else ''}: no prediction can be read from them")
+                             f"{f' ({where})' if where else ''}: no prediction can be read from them "
+                             f"(samples {rows}{' ...' if n_bad > 8 else ''})")
     if y is not None and y.numel():
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= logits.shape[1]:

@@ -50,6 +50,9 @@ class StageLine:
         items = {**(ordered_dict or {}), **kwargs}
         self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
 
+    def set_postfix_str(self, s: str = "", refresh=True) -> None:
+        self.postfix = s
+
     def set_description(self, desc=None, refresh=True) -> None:
         self.desc = desc or ""
 

@@ -10,13 +10,13 @@ checkpoint, which ``fastrob eval`` and ``fastrob explain`` read.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import torch
 
 from fastrob import _backend, evaluation, plots
+from fastrob._atomic import write_json
 from fastrob.data import load_dataset, subset
 from fastrob.trainer import TrainConfig, describe, train
 
@@ -82,8 +82,7 @@ def run(*, epochs: int = 30, seed: int = 0, device: str = "cpu", out: str = "run
     paths.append(plots.saliency_grid(models, xs, ys, os.path.join(out, "saliency.png")))
     summary = {"models": trained, "settings": vars(settings), "results": evaluation.as_json(results),
                "eval_seconds": eval_seconds, "total_seconds": time.perf_counter() - start_all}
-    with open(os.path.join(out, "demo.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(summary, os.path.join(out, "demo.json"))
     print(f"\nwrote {os.path.join(out, 'demo.json')}, {', '.join(paths)}; "
           f"checkpoints in {os.path.join(out, 'models')}/")
     print(f"total {summary['total_seconds']:.0f} s")

@@ -14,7 +14,7 @@ import types
 from fastrob.attacks.config import ALPHA_FACTOR, NORMS, STARTS, AttackConfig, check_norm, check_random_start, \
     default_alpha
 from fastrob.attacks.engine import AscentResult, Evaluation, ascend
-from fastrob.attacks.losses import LOSSES, kl_loss, margin_loss
+from fastrob.attacks.losses import LOSSES, dlr_loss, kl_loss, margin_loss, targeted_dlr_loss
 from fastrob.attacks.projected_gradient import pgd, trades_perturb
 from fastrob.attacks.state import attack_context
 from fastrob.attacks.torchattacks_compat import FGSM, PGD, PGDL2, Attack
@@ -52,7 +52,6 @@ __all__ += ["FAB"]
 # AutoAttack's parts (Croce & Hein 2020; Andriushchenko et al. 2020)
 from fastrob.attacks.apgd import APGD, APGDT, apgd  # noqa: E402
 from fastrob.attacks.autoattack import AutoAttack, AutoAttackRecord  # noqa: E402
-from fastrob.attacks.dlr import dlr_loss, targeted_dlr_loss  # noqa: E402
 from fastrob.attacks.square import Square, square  # noqa: E402
 
 __all__ += ["APGD", "APGDT", "AutoAttack", "AutoAttackRecord", "Square", "apgd", "dlr_loss", "square",

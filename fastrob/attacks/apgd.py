@@ -23,19 +23,17 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from fastrob import _backend
-from fastrob._checks import (check_generator, check_int, check_labels, check_logits, check_model, check_positive,
-                             check_tensor, per_sample_value)
-from fastrob.attacks.dlr import dlr_loss, targeted_dlr_loss
-from fastrob.attacks.state import attack_context
+from fastrob._checks import check_generator, check_int, check_logits, check_positive, per_sample_value
+from fastrob.attacks.config import torchattacks_norm
+from fastrob.attacks.losses import per_sample_loss, targeted_dlr_loss
+from fastrob.attacks.starts import make_generator, sphere_start
+from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
-from fastrob.ops._common import per_sample_view
 from fastrob.ops.pgd_step import pgd_step_unchecked
 
 APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
-NORM_NAMES = {"linf": "linf", "Linf": "linf", "l2": "l2", "L2": "l2"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,69 +60,12 @@ def halving_mask(increases: torch.Tensor, interval: int, rho: float, halved_last
 
 
 # ----------------------------------------------------------------------------------------------
-# input checks shared by APGD, Square and AutoAttack
-
-def check_attack_inputs(model, x, y):
-    """The checks fastrob's PGD makes: a callable model, a floating x [B, ...] in [0, 1] without NaN,
-    integer labels [B] (or None)."""
-    check_model(model)
-    check_tensor("x", x, min_dim=2)
-    if bool(torch.isnan(x).any()):
-        raise ValueError("x contains NaN")
-    if x.numel() and (bool(x.min() < 0) or bool(x.max() > 1)):
-        raise ValueError(f"x must lie in [0, 1], got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
-    if y is not None:
-        check_labels(y, x.shape[0])
-
-
-def finite_logits(logits, batch, y=None):
-    """``logits`` after checking shape, label range (when y is given) and finiteness: an attack on
-    NaN or infinite logits would report a number that looks valid and is not."""
-    check_logits(logits, batch, y)
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError("model returned non-finite logits (NaN or inf); the attack's result would be meaningless")
-    return logits
-
-
-def make_generator(seed, device):
-    """A torch.Generator on ``device`` seeded with ``seed`` (None: drawn from the global RNG), so that
-    the attacks never reseed torch's global RNG (torchattacks does)."""
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    if isinstance(seed, float):
-        seed = int(seed)
-    seed = check_int("seed", seed, 0)
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def check_norm(norm):
-    if norm not in NORM_NAMES:
-        raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
-    return NORM_NAMES[norm]
-
-
-# ----------------------------------------------------------------------------------------------
 # the engine
 
 def _row_loss(loss, logits, y, target):
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    if loss == "ce":
-        return F.cross_entropy(logits, y, reduction="none")
-    if loss == "dlr":
-        return dlr_loss(logits, y)
-    return targeted_dlr_loss(logits, y, target)
-
-
-def _random_start(x0, eps, norm, generator):
-    """A start on the sphere of radius eps (Linf: scaled so that the largest |δ_i| is eps), clamped."""
-    flat = (x0.shape[0], -1)
-    if norm == "linf":
-        t = torch.rand(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator) * 2 - 1
-        scale = t.reshape(flat).abs().amax(1).clamp_min(1e-12)
-    else:
-        t = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        scale = t.reshape(flat).norm(dim=1) + 1e-12
-    return torch.clamp(x0 + t * per_sample_view(eps / scale, x0), 0, 1)
+    if loss == "dlr-targeted":
+        return targeted_dlr_loss(logits, y, target)
+    return per_sample_loss(loss, logits, y, None, targeted=False)
 
 
 class _Rows:
@@ -152,7 +93,8 @@ def _evaluate(forward, r, loss, eot_iter):
     for _ in range(eot_iter):
         with torch.enable_grad():
             inp = r.x.detach().requires_grad_(True)
-            logits = finite_logits(forward(inp), inp.shape[0])
+            logits = forward(inp)
+            check_logits(logits, inp.shape[0], where="the attack's iterates")
             value = _row_loss(loss, logits, r.y, r.target)
             grad = torch.autograd.grad(value.sum(), inp)[0]
         total_grad = grad if total_grad is None else total_grad + grad
@@ -262,8 +204,8 @@ def apgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 25
     Returns:
         x_adv (x's shape and dtype), per sample the first fooling iterate or the highest-loss point.
     """
-    check_attack_inputs(model, x, y)
-    norm = check_norm(norm)
+    check_attack_inputs(model, x, y, clamp_input=None, name="APGD")
+    norm = torchattacks_norm(norm)
     steps = check_int("steps", steps, 0)
     n_restarts = check_int("n_restarts", n_restarts, 1)
     eot_iter = check_int("eot_iter", eot_iter, 1)
@@ -283,7 +225,8 @@ def apgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 25
 
     with attack_context(model, model_training):
         with torch.no_grad():
-            clean = finite_logits(model(x), batch, y)
+            clean = model(x)
+            check_logits(clean, batch, y, where="clean inputs")
         y = clean.argmax(1) if y is None else y.to(device=x.device, dtype=torch.long)
         state = {"out": x.clone(), "done": clean.argmax(1) != y,
                  "best_loss": torch.full((batch,), float("-inf"), device=x.device, dtype=compute)}
@@ -304,38 +247,27 @@ def apgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 25
             x0 = x[sample]
             r = _Rows(x0=x0, y=y[sample], sample=sample, eps=eps[sample], eta=2 * eps[sample],
                       target=torch.cat([t[live] for t, _ in block]) if block[0][0] is not None else None)
-            r.x = _random_start(x0, r.eps, norm, generator)
+            r.x = sphere_start(x0, r.eps, norm, generator)
             _run_rows(model, r, state, loss=loss, norm=norm, steps=steps, eot_iter=eot_iter, rho=rho,
                       momentum=momentum, backend=backend, trace=_trace)
         out = state["out"]
         if return_fooled:
             with torch.no_grad():
-                return out, finite_logits(model(out), batch).argmax(1) != y
+                logits = model(out)
+            check_logits(logits, batch, where="the attack's result")
+            return out, logits.argmax(1) != y
         return out
 
 
 # ----------------------------------------------------------------------------------------------
 # torchattacks-compatible classes
 
-class _APGDBase(Attack):
-    """Shared by APGD and APGDT: the attributes are read at each call, so setting ``atk.eps`` or
-    ``atk.steps`` after construction takes effect."""
-
-    def forward(self, images, labels=None, **overrides):
-        if self.device is not None and isinstance(images, torch.Tensor):
-            images = images.to(self.device)
-            labels = labels.to(self.device) if isinstance(labels, torch.Tensor) else labels
-        options = dict(self._options(), **overrides)
-        return apgd(self._model(), images, labels, model_training=self._training, **options)
-
-    def __repr__(self):
-        shown = ", ".join(f"{k}={v}" for k, v in self._options().items())
-        return f"{self.attack}({shown})"
-
-
-class APGD(_APGDBase):
+class APGD(Attack):
     """APGD with CE or DLR loss, torchattacks.APGD's signature (``loss`` "ce" | "dlr"), plus
-    ``batch_runs`` and ``backend`` (see ``apgd``)."""
+    ``batch_runs`` and ``backend`` (see ``apgd``). The attributes are read at each call, so setting
+    ``atk.eps`` or ``atk.steps`` after construction takes effect."""
+
+    options = ("eps", "steps", "n_restarts", "seed", "loss", "eot_iter", "rho", "batch_runs", "backend")
 
     def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, loss="ce", eot_iter=1,
                  rho=0.75, verbose=False, *, batch_runs=None, backend="auto"):
@@ -346,31 +278,24 @@ class APGD(_APGDBase):
         self.supported_mode = ["default"]
         if loss not in ("ce", "dlr"):
             raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
-        check_norm(norm)
+        torchattacks_norm(norm)
 
-    def _options(self):
-        return dict(norm=self.norm, eps=self.eps, steps=self.steps, n_restarts=self.n_restarts, seed=self.seed,
-                    loss=self.loss, eot_iter=self.eot_iter, rho=self.rho, batch_runs=self.batch_runs,
-                    backend=self.backend)
+    def _attack(self, model, images, labels, options):
+        return apgd(model, images, labels, model_training=self._training, **options)
 
 
-class APGDT(_APGDBase):
+class APGDT(APGD):
     """Targeted APGD (APGD-T) on the targeted DLR loss over the ``n_target_classes`` classes with
     the highest clean logits after the true one (default n_classes - 1 = 9, as torchattacks).
     torchattacks.APGDT's signature plus ``n_target_classes``, ``batch_runs`` and ``backend``."""
 
+    options = APGD.options + ("n_target_classes",)
+
     def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, eot_iter=1, rho=0.75,
                  verbose=False, n_classes=10, *, n_target_classes=None, batch_runs=None, backend="auto"):
-        super().__init__("APGDT", model)
-        self.norm, self.eps, self.steps, self.n_restarts, self.seed = norm, eps, steps, n_restarts, seed
-        self.eot_iter, self.rho, self.verbose, self.n_classes = eot_iter, rho, verbose, n_classes
+        super().__init__(model, norm, eps, steps, n_restarts, seed, "ce", eot_iter, rho, verbose,
+                         batch_runs=batch_runs, backend=backend)
+        self.attack, self.loss = "APGDT", "dlr-targeted"
+        self.n_classes = n_classes
         n_classes = check_int("n_classes", n_classes, 2)
         self.n_target_classes = n_classes - 1 if n_target_classes is None else n_target_classes
-        self.batch_runs, self.backend = batch_runs, backend
-        self.supported_mode = ["default"]
-        check_norm(norm)
-
-    def _options(self):
-        return dict(norm=self.norm, eps=self.eps, steps=self.steps, n_restarts=self.n_restarts, seed=self.seed,
-                    loss="dlr-targeted", n_target_classes=self.n_target_classes, eot_iter=self.eot_iter,
-                    rho=self.rho, batch_runs=self.batch_runs, backend=self.backend)

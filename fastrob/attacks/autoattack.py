@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
-from fastrob._checks import check_float
-from fastrob.attacks.apgd import APGD, APGDT, check_attack_inputs, check_norm, finite_logits
-from fastrob.attacks.state import attack_context
-from fastrob.attacks.torchattacks_compat import Attack
+from fastrob._checks import check_float, check_logits
+from fastrob._progress import progress
+from fastrob.attacks.apgd import APGD, APGDT
+from fastrob.attacks.config import torchattacks_norm
 from fastrob.attacks.square import Square
+from fastrob.attacks.state import attack_context, check_attack_inputs
+from fastrob.attacks.torchattacks_compat import Attack
 
 VERSIONS = ("standard", "plus", "rand")
 _TOLERANCE = 1e-5  # float32 rounding of x + delta
@@ -82,7 +83,7 @@ class AutoAttack(Attack):
             return [a if isinstance(a, tuple) else (getattr(a, "attack", type(a).__name__), a) for a in self.attacks]
         if self.version not in VERSIONS:
             raise ValueError(f"version must be one of {VERSIONS}, got {self.version!r}")
-        check_norm(self.norm)
+        torchattacks_norm(self.norm)
         model, norm, eps, steps = self._model(), self.norm, self.eps, self.steps
         seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if self.seed is None else int(self.seed)
         n_targets = max(1, min(9, self.n_classes - 1))
@@ -116,12 +117,10 @@ class AutoAttack(Attack):
 
     def run(self, images, labels=None):
         """(x_adv, AutoAttackRecord) for ``images`` [B, C, H, W] in [0, 1] and ``labels`` [B]."""
-        if self.device is not None and isinstance(images, torch.Tensor):
-            images = images.to(self.device)
-            labels = labels.to(self.device) if isinstance(labels, torch.Tensor) else labels
+        images, labels = self._on_device(images, labels)
         model = self._model()
-        check_attack_inputs(model, images, labels)
-        norm = check_norm(self.norm)
+        check_attack_inputs(model, images, labels, clamp_input=None, name="AutoAttack")
+        norm = torchattacks_norm(self.norm)
         eps = check_float("eps", self.eps, min_value=0.0)
         stages = self.stages()
         x = images.detach()
@@ -129,16 +128,19 @@ class AutoAttack(Attack):
 
         def predict(inp):
             with attack_context(model, self._training), torch.no_grad():
-                return finite_logits(model(inp), inp.shape[0]).argmax(1)
+                logits = model(inp)
+            check_logits(logits, inp.shape[0], where="the attacks' outputs")
+            return logits.argmax(1)
 
         with attack_context(model, self._training), torch.no_grad():
-            clean = finite_logits(model(x), batch, labels)
+            clean = model(x)
+        check_logits(clean, batch, labels, where="clean inputs")
         y = clean.argmax(1) if labels is None else labels.to(device=x.device, dtype=torch.long)
         robust = clean.argmax(1) == y
         broken_by = [None if r else "clean" for r in robust.tolist()]
         record = AutoAttackRecord([name for name, _ in stages], broken_by, robust.float().mean().item())
         out = x.clone()
-        bar = tqdm(stages, desc="AutoAttack", disable=self.quiet, leave=False)
+        bar = progress(stages, desc="AutoAttack", unit="stages", disable=self.quiet)
         for name, attack in bar:
             live = robust.nonzero().squeeze(1)
             # the DLR losses rank the sorted logits (targeted DLR reads the 4th largest): with fewer

@@ -33,6 +33,18 @@ def check_norm(norm, name: str = "norm") -> str:
     return norm
 
 
+# torchattacks spells the norms "Linf" and "L2" (APGD, FAB, Square, AutoAttack); fastrob's own
+# functions take the lower-case names; the evaluation attacks accept both
+_NORM_SPELLINGS = {"Linf": "linf", "L2": "l2", "linf": "linf", "l2": "l2"}
+
+
+def torchattacks_norm(norm, name: str = "norm") -> str:
+    """norm as torchattacks or fastrob spells it ("Linf" / "linf", "L2" / "l2"), as one of ``NORMS``."""
+    if not isinstance(norm, str) or norm not in _NORM_SPELLINGS:
+        raise ValueError(f"{name} must be 'Linf' or 'L2' (or {NORMS}), got {norm!r}")
+    return _NORM_SPELLINGS[norm]
+
+
 def check_random_start(value, allowed=STARTS, name: str = "random_start"):
     """A random start among ``allowed``: True and False by identity (1 and 0.0 are not starts),
     the kinds by string equality."""

@@ -62,16 +62,6 @@ def restart_mode_for(device: torch.device) -> str:
     return "loop" if device.type == "cpu" else "batch"
 
 
-def check_finite_logits(logits: torch.Tensor, where: str) -> None:
-    """The logits an attack decides on must be finite; the error says where they were not."""
-    finite = torch.isfinite(logits)
-    if not bool(finite.all()):
-        rows = (~finite).any(1).nonzero().squeeze(1)
-        kind = "NaN" if bool(torch.isnan(logits).any()) else "infinite"
-        raise ValueError(f"model returned {kind} logits {where} (samples {rows[:8].tolist()}"
-                         f"{', ...' if len(rows) > 8 else ''}): the attack cannot decide on them")
-
-
 def evaluate(objective: Objective, model, x_adv: torch.Tensor, rows: torch.Tensor, need_grad: bool, where=None):
     """(Evaluation detached, gradient of Σ value w.r.t. x_adv or None); ``where``: check the logits."""
     with torch.enable_grad():
@@ -83,8 +73,7 @@ def evaluate(objective: Objective, model, x_adv: torch.Tensor, rows: torch.Tenso
         if ev.value.shape != (n,):
             raise ValueError(f"objective must return one value per sample, shape ({n},), got {tuple(ev.value.shape)}")
         if where is not None and ev.logits is not None:
-            check_logits(ev.logits, n)
-            check_finite_logits(ev.logits.detach(), where)
+            check_logits(ev.logits.detach(), n, where=where)
         grad = None
         if need_grad:
             if not ev.value.requires_grad:
@@ -243,7 +232,7 @@ def _run(model, objective, rows, best, steps, norm, early_stop, robust_only, bac
         last = k == steps_left
         if last and not need_final:
             break
-        where = ("at the start of the attack" if k == 0 and first else "at the end of the attack" if last else None)
+        where = ("the attack's start" if k == 0 and first else "the attack's last iterates" if last else None)
         ev, grad = evaluate(objective, model, rows.x_adv, rows.samples, need_grad=not last, where=where)
         fooled_known = fooled_known or ev.fooled is not None
         if early_stop and ev.fooled is not None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from fastrob._checks import check_int, check_logits, check_model, check_positive, check_tensor
+from fastrob._progress import progress
 from fastrob.attacks.state import attack_context
 from fastrob.distributed import unwrap
 
@@ -79,8 +79,8 @@ def adversarial_explanation(model, x: torch.Tensor, target, rho: float = 0.1, ov
     delta = torch.zeros_like(x)
     view = (-1,) + (1,) * (x.dim() - 1)
     with attack_context(model), torch.enable_grad():
-        for k, a in enumerate(tqdm(step_sizes(rho, overshoot, steps), desc="explanation", disable=quiet,
-                                   leave=False)):
+        for k, a in enumerate(progress(step_sizes(rho, overshoot, steps), desc="explanation", unit="steps",
+                                       disable=quiet)):
             inp = (x + delta).requires_grad_(True)
             logits = model(inp)
             if k == 0:

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import torch
 
-from fastrob._checks import check_float, check_int, check_labels, check_logits, check_model, check_tensor
-from fastrob.attacks.state import attack_context
+from fastrob._checks import check_float, check_int, check_logits
+from fastrob.attacks.config import torchattacks_norm
+from fastrob.attacks.starts import make_generator, sphere_start
+from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
 
-_NORMS = {"linf": "Linf", "l2": "L2"}
-_DEFAULT_EPS = {"Linf": 0.3, "L2": 1.0}  # torchattacks' defaults when eps=None
+_DEFAULT_EPS = {"linf": 0.3, "l2": 1.0}  # torchattacks' defaults when eps=None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ _DEFAULT_EPS = {"Linf": 0.3, "L2": 1.0}  # torchattacks' defaults when eps=None
 def project_hyperplane_box(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
     """Per row i, the minimal-norm step d with w_i·(t_i + d) = b_i and 0 <= t_i + d <= 1.
 
-    t, w: [N, D] (t in [0, 1]); b: [N]; norm "Linf" or "L2". Returns d [N, D].
+    t, w: [N, D] (t in [0, 1]); b: [N]; norm "Linf" or "L2" (or "linf", "l2"). Returns d [N, D].
 
     With c = b - w·t (signs flipped so that c >= 0), moving coordinate k towards the side of
     sign(w_k) by s_k gains |w_k|·s_k, up to its room r_k (1 - t_k or t_k). For a radius s the most a
@@ -51,13 +52,14 @@ def project_hyperplane_box(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, no
     sum (no iteration). Rows where the hyperplane misses the box (h(∞) < c) get the box corner
     that comes closest to it, d_k = sign(w_k)·r_k. Coordinates with w_k = 0 never move.
     """
+    norm = torchattacks_norm(norm)
     c = b - (w * t).sum(1)
     flip = torch.where(c < 0, -1.0, 1.0).to(w.dtype)
     w, c = w * flip[:, None], c * flip
     direction = torch.sign(w)
     room = torch.where(w > 0, 1 - t, t) * (w != 0)
     gain = w.abs()
-    rate = torch.ones_like(gain) if norm == "Linf" else gain
+    rate = torch.ones_like(gain) if norm == "linf" else gain
     kink = torch.where(rate > 0, room / rate.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(room))
     slope = gain * rate                        # dh/ds while coordinate k is not capped
     capped = gain * room                       # its gain once capped (= slope·kink)
@@ -78,11 +80,11 @@ def project_hyperplane_box(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, no
 
 def _norm(v: torch.Tensor, norm: str) -> torch.Tensor:
     v = v.flatten(1)
-    return v.abs().amax(1) if norm == "Linf" else v.norm(dim=1)
+    return v.abs().amax(1) if norm == "linf" else v.norm(dim=1)
 
 
 def _dual_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
-    return v.abs().sum(-1) if norm == "Linf" else v.norm(dim=-1)
+    return v.abs().sum(-1) if norm == "linf" else v.norm(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,16 +173,6 @@ def _fab_rows(model, x0, y, target, x1, *, eps, steps, norm, alpha_max, eta, bet
     return out, broken
 
 
-def _random_start(x0, eps, norm, generator):
-    """FAB's restart point: x + (eps/2)·t/‖t‖, t uniform in [-1, 1]^D (Linf) or Gaussian (L2), in the box."""
-    if norm == "Linf":
-        t = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * 2 - 1
-    else:
-        t = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    scale = 0.5 * eps / _norm(t, norm).clamp_min(1e-12)
-    return (x0 + scale.view(-1, *[1] * (x0.dim() - 1)) * t).clamp(0, 1)
-
-
 # ----------------------------------------------------------------------------------------------
 # the torchattacks-compatible class
 
@@ -217,7 +209,7 @@ class FAB(Attack):
                  verbose=False, seed=0, multi_targeted=False, n_classes=10, *, batch_targets=True):
         super().__init__("FAB", model)
         self.norm = norm
-        self.eps = eps if eps is not None else _DEFAULT_EPS.get(_NORMS.get(str(norm).lower(), norm), eps)
+        self.eps = eps if eps is not None else _DEFAULT_EPS[torchattacks_norm(norm)]
         self.steps, self.n_restarts = steps, n_restarts
         self.alpha_max, self.eta, self.beta = alpha_max, eta, beta
         self.verbose, self.seed = verbose, seed
@@ -229,9 +221,7 @@ class FAB(Attack):
 
     def _settings(self):
         """The attributes, checked (they can be changed after construction)."""
-        norm = _NORMS.get(self.norm.lower()) if isinstance(self.norm, str) else None
-        if norm is None:
-            raise ValueError(f"norm must be 'Linf' or 'L2', got {self.norm!r}")
+        norm = torchattacks_norm(self.norm)
         alpha_max = check_float("alpha_max", self.alpha_max, min_value=0.0)
         if alpha_max > 1:
             raise ValueError(f"alpha_max must be in [0, 1], got {alpha_max}")
@@ -251,21 +241,14 @@ class FAB(Attack):
     def forward(self, images, labels=None):
         settings = self._settings()
         n_restarts, n_target_classes = settings.pop("n_restarts"), settings.pop("n_target_classes")
-        check_model(self.model)
-        check_tensor("images", images, min_dim=2)
-        if self.device is not None:
-            images = images.to(self.device)
-        if bool(torch.isnan(images).any()) or (images.numel() and (bool(images.min() < 0) or bool(images.max() > 1))):
-            raise ValueError("images must lie in [0, 1] (and hold no NaN)")
-        x = images.detach()
-        if labels is not None:
-            labels = check_labels(labels, x.shape[0]).to(x.device)
+        images, labels = self._on_device(images, labels)
         model = self._model()
+        check_attack_inputs(model, images, labels, clamp_input=None, name="FAB", x_name="images")
+        x = images.detach()
+        labels = labels.long() if labels is not None else None
         with attack_context(model, self._training), torch.no_grad():
             logits = model(x)
-            check_logits(logits, x.shape[0], labels)
-            if not bool(torch.isfinite(logits).all()):
-                raise ValueError("model returned non-finite logits on the clean images")
+            check_logits(logits, x.shape[0], labels, where="clean inputs")
             if self.attack_mode == "targeted(label)":
                 # the labels are the targets (torchattacks' convention); y: the model's predictions
                 if labels is None:
@@ -278,7 +261,7 @@ class FAB(Attack):
             robust = logits.argmax(1) == y
             if targets is not None:
                 robust &= targets != y  # a target equal to the label has no boundary to cross
-            generator = torch.Generator(device=x.device).manual_seed(self.seed)
+            generator = make_generator(self.seed, x.device)
             if self.multi_targeted:
                 n_targets = min(n_target_classes, logits.shape[1] - 1)
                 ranked = logits.argsort(1, descending=True)[:, 1:n_targets + 1]  # after the top class (= y)
@@ -303,7 +286,7 @@ class FAB(Attack):
         group = torch.arange(len(alive), device=x.device).repeat(n_rows)
         x0 = x[rows]
         target = None if plan is None else plan[alive].t().reshape(-1)
-        start = x0 if restart == 0 else _random_start(x0, settings["eps"], settings["norm"], generator)
+        start = x0 if restart == 0 else sphere_start(x0, 0.5 * settings["eps"], settings["norm"], generator)
         adv, broken = _fab_rows(model, x0, y[rows], target, start, group=group, n_groups=len(alive),
                                 check_start=restart > 0, **settings)
         hit = alive[broken]

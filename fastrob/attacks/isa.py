@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 import torch
-from tqdm import tqdm
 
 from fastrob._checks import (check_float, check_generator, check_int, check_labels, check_logits, check_model,
                              check_tensor)
+from fastrob._progress import progress
 from fastrob.attacks.config import START_KINDS, check_norm, check_random_start, default_alpha
 from fastrob.attacks.engine import Evaluation, ascend
 from fastrob.attacks.losses import margin_loss
@@ -137,7 +137,7 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
 
         every = torch.arange(batch, device=x.device)
         zeros = torch.zeros(batch, device=x.device, dtype=compute)
-        bar = tqdm(total=2 + 2 * search_steps, desc="ISA", disable=quiet, leave=False)
+        bar = progress(total=2 + 2 * search_steps, desc="ISA", unit="searches", disable=quiet)
         # 1. the smallest successful radius of the plain targeted attack
         hi = torch.full((batch,), eps_max, device=x.device, dtype=compute)
         lo = zeros.clone()

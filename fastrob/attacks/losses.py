@@ -1,7 +1,13 @@
-"""The per-sample losses l(z, y) that PGD ascends (z the logits [B, C]); each returns shape [B].
+"""The per-sample losses l(z, y) that the attacks ascend (z the logits [B, C]); each returns shape [B].
 
-``LOSSES`` maps a loss name to its function; a new loss (e.g. the DLR loss of Croce & Hein 2020)
-is one function here and one entry in ``LOSSES``."""
+``LOSSES`` maps a loss name to its function (what PGD's ``loss`` accepts); a new loss is one
+function here and one entry in ``LOSSES``. The difference-of-logits-ratio losses of Croce & Hein
+(2020), with the logits sorted in decreasing order z_π1 >= z_π2 >= ...:
+  DLR(z, y)      = -(z_y - max_{i≠y} z_i) / (z_π1 - z_π3 + 1e-12)
+  DLR_T(z, y, t) = -(z_y - z_t)          / (z_π1 - (z_π3 + z_π4)/2 + 1e-12)
+are invariant to shifting and (positive) scaling of the logits, so an attack ascending them is not
+fooled by a model that rescales its logits to flatten the cross-entropy. DLR_T takes a target per
+sample besides the label, so it is a function of its own (APGD-T's), not an entry of ``LOSSES``."""
 
 from __future__ import annotations
 
@@ -31,11 +37,36 @@ def kl_loss(logits: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
     return (torch.xlogy(p_clean, p_clean) - p_clean * log_p).sum(1)
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def dlr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Untargeted DLR per sample (module docstring); > 0 exactly when the sample is misclassified. Needs C >= 3."""
+    logits = _upcast(logits)
+    if logits.shape[1] < 3:
+        raise ValueError(f"the DLR loss needs at least 3 classes, got logits of shape {tuple(logits.shape)}")
+    top = logits.topk(3, dim=1).values
+    return margin_loss(logits, labels) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def targeted_dlr_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR per sample (module docstring): grows as z_t overtakes z_y. Needs C >= 4."""
+    logits = _upcast(logits)
+    if logits.shape[1] < 4:
+        raise ValueError(f"the targeted DLR loss needs at least 4 classes, got logits of shape {tuple(logits.shape)}")
+    top = logits.topk(4, dim=1).values
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    target = logits.gather(1, targets[:, None]).squeeze(1)
+    return -(true - target) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
 # name -> (function, what it compares the logits with: "labels" or "clean probabilities")
 LOSSES: dict[str, tuple[LossFn, str]] = {
     "ce": (cross_entropy_loss, "labels"),
     "margin": (margin_loss, "labels"),
     "kl": (kl_loss, "clean probabilities"),
+    "dlr": (dlr_loss, "labels"),
 }
 
 
@@ -47,8 +78,7 @@ def per_sample_loss(loss, logits: torch.Tensor, labels: torch.Tensor, p_clean: O
                     targeted: bool) -> torch.Tensor:
     """J per sample, the quantity PGD ascends: l(z, y), or -l(z, t) when targeted. Half-precision
     logits (autocast) are upcast to float32; a callable loss must return one value per sample."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
+    logits = _upcast(logits)
     if isinstance(loss, str):
         fn, reference = LOSSES[loss]
         value = fn(logits, p_clean if reference == "clean probabilities" else labels)

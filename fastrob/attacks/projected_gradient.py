@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fastrob import _backend
 from fastrob._checks import check_generator, check_int, check_logits, per_sample_value
 from fastrob.attacks.config import check_loss, check_norm, check_random_start
-from fastrob.attacks.engine import Evaluation, ascend, check_finite_logits
+from fastrob.attacks.engine import Evaluation, ascend
 from fastrob.attacks.losses import LossFn, needs_clean_probabilities, per_sample_loss
 from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.distributed import unwrap
@@ -154,8 +154,7 @@ def pgd_cached(graph_cache: Optional[dict], model, x, y=None, *, eps=8 / 255, al
         if y is None or needs_clean_probabilities(loss):
             with torch.no_grad():
                 clean_logits = forward(x)
-            check_logits(clean_logits, batch, None)
-            check_finite_logits(clean_logits, "on the clean input")
+            check_logits(clean_logits, batch, None, where="clean inputs")
         if y is None:
             if targeted:
                 raise ValueError("targeted=True needs target labels y")
@@ -174,7 +173,7 @@ def pgd_cached(graph_cache: Optional[dict], model, x, y=None, *, eps=8 / 255, al
         if return_fooled:
             with torch.no_grad():
                 logits = forward(out)
-            check_finite_logits(logits, "at the attack's result")
+            check_logits(logits, batch, where="the attack's result")
             return out, fooled_by(logits, y, targeted)
         return out
 

@@ -22,9 +22,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastrob._checks import check_float, check_int
-from fastrob.attacks.apgd import check_attack_inputs, check_norm, finite_logits, make_generator
-from fastrob.attacks.state import attack_context
+from fastrob._checks import check_float, check_int, check_logits
+from fastrob.attacks.config import torchattacks_norm
+from fastrob.attacks.starts import make_generator
+from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
 
 SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -141,12 +142,18 @@ def _l2_proposal(x, x_best, eps, p, generator):
     return torch.clamp(x + delta / (_norm(delta) + 1e-12) * eps, 0, 1)
 
 
+def _logits(forward, x):
+    logits = forward(x)
+    check_logits(logits, x.shape[0], where="the attack's queries")
+    return logits
+
+
 def _single_run(forward, x, y, eps, norm, n_queries, p_init, loss, targeted, rescale, generator):
     """One run of the random search; returns (x_best, fooled). The still-robust rows are kept as a
     compact working set that shrinks only when some row succeeds (no gather/scatter per query)."""
     init, propose = (_linf_init, _linf_proposal) if norm == "linf" else (_l2_init, _l2_proposal)
     x_best = init(x, eps, generator)
-    margin, loss_min = _margin_and_loss(finite_logits(forward(x_best), x.shape[0]), y, loss, targeted)
+    margin, loss_min = _margin_and_loss(_logits(forward, x_best), y, loss, targeted)
     fooled = margin <= 0
     live = (~fooled).nonzero().squeeze(1)
     x_cur, best_cur, y_cur, loss_cur = x[live], x_best[live], y[live], loss_min[live]
@@ -154,7 +161,7 @@ def _single_run(forward, x, y, eps, norm, n_queries, p_init, loss, targeted, res
         if live.numel() == 0:
             break
         x_new = propose(x_cur, best_cur, eps, p_selection(p_init, i, n_queries, rescale), generator)
-        m_new, l_new = _margin_and_loss(finite_logits(forward(x_new), live.numel()), y_cur, loss, targeted)
+        m_new, l_new = _margin_and_loss(_logits(forward, x_new), y_cur, loss, targeted)
         success = m_new <= 0
         accept = (l_new < loss_cur) | success
         loss_cur = torch.where(accept, l_new, loss_cur)
@@ -177,10 +184,10 @@ def square(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 
     """Square Attack on NCHW inputs (module docstring). y: true labels (target labels when
     ``targeted``; None: the predictions). Later restarts run only on samples still robust. Returns
     x_adv: per sample the first point that succeeds, else the lowest-loss point of the last run."""
-    check_attack_inputs(model, x, y)
+    check_attack_inputs(model, x, y, clamp_input=None, name="Square", needs_grad=False)
     if x.dim() != 4:
         raise ValueError(f"x must be NCHW images [B, C, H, W], got shape {tuple(x.shape)}")
-    norm = check_norm(norm)
+    norm = torchattacks_norm(norm)
     eps = check_float("eps", eps, min_value=0.0)
     n_queries = check_int("n_queries", n_queries, 0)
     n_restarts = check_int("n_restarts", n_restarts, 1)
@@ -192,7 +199,8 @@ def square(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 
     generator = make_generator(seed, x.device)
     x = x.detach()
     with attack_context(model, model_training):
-        clean = finite_logits(model(x), x.shape[0], y)
+        clean = model(x)
+        check_logits(clean, x.shape[0], y, where="clean inputs")
         if y is None:
             if targeted:
                 raise ValueError("targeted=True needs target labels y")
@@ -218,26 +226,18 @@ class Square(Attack):
     """Square Attack with torchattacks.Square's signature; the attributes (``eps``, ``n_queries``,
     ...) are read at each call. Supports the default and the targeted modes."""
 
+    options = ("eps", "n_queries", "n_restarts", "p_init", "loss", "seed")
+
     def __init__(self, model, norm="Linf", eps=8 / 255, n_queries=5000, n_restarts=1, p_init=0.8, loss="margin",
                  resc_schedule=True, seed=0, verbose=False):
         super().__init__("Square", model)
-        check_norm(norm)
+        torchattacks_norm(norm)
         self.norm, self.eps, self.n_queries, self.n_restarts, self.p_init = norm, eps, n_queries, n_restarts, p_init
         self.loss, self.rescale_schedule, self.seed, self.verbose = loss, resc_schedule, seed, verbose
 
-    def _options(self):
-        return dict(norm=self.norm, eps=self.eps, n_queries=self.n_queries, n_restarts=self.n_restarts,
-                    p_init=self.p_init, loss=self.loss, resc_schedule=self.rescale_schedule, seed=self.seed)
+    def settings(self) -> dict:
+        # torchattacks names the attribute rescale_schedule and the argument resc_schedule
+        return dict(super().settings(), resc_schedule=self.rescale_schedule)
 
-    def forward(self, images, labels=None, **overrides):
-        if self.device is not None and isinstance(images, torch.Tensor):
-            images = images.to(self.device)
-            labels = labels.to(self.device) if isinstance(labels, torch.Tensor) else labels
-        if self.targeted:
-            labels = self.get_target_label(images, labels)
-        options = dict(self._options(), **overrides)
-        return square(self._model(), images, labels, targeted=self.targeted, model_training=self._training,
-                      **options)
-
-    def __repr__(self):
-        return f"Square({', '.join(f'{k}={v}' for k, v in self._options().items())}, attack_mode={self.attack_mode})"
+    def _attack(self, model, images, labels, options):
+        return square(model, images, labels, targeted=self.targeted, model_training=self._training, **options)

@@ -1,11 +1,39 @@
-"""Random starts of PGD, drawn exactly as torchattacks draws them (so that the same seed gives the
-same start)."""
+"""Random starts: PGD's, drawn exactly as torchattacks draws them (so that the same seed gives the
+same start), and the sphere starts of APGD and FAB; and the attacks' private random generator."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
+from fastrob._checks import check_int
 from fastrob.ops._common import per_sample_view
+
+
+def make_generator(seed: Optional[int], device) -> torch.Generator:
+    """A torch.Generator on ``device`` seeded with ``seed`` (an int >= 0; None: drawn from the
+    global RNG), so that an attack never reseeds torch's global RNG (torchattacks does)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
+    seed = check_int("seed", seed, 0)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sphere_start(x: torch.Tensor, radius, norm: str, generator=None) -> torch.Tensor:
+    """x + δ with ‖δ‖ = radius (a float or per-sample [B]), clamped to [0, 1]: APGD's start
+    (radius eps) and FAB's restarts (radius eps/2). Linf: t ~ U(-1, 1) per element scaled so that
+    its largest |t_i| is the radius; L2: t ~ N(0, I) scaled to norm radius."""
+    flat = (x.shape[0], -1)
+    if norm == "linf":
+        t = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * 2 - 1
+        size = t.reshape(flat).abs().amax(1)
+    else:
+        t = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        size = t.reshape(flat).norm(dim=1)
+    return torch.clamp(x + t * per_sample_view(radius / size.clamp_min(1e-12), x), 0, 1)
 
 
 def draw_start(x: torch.Tensor, eps, kind, norm: str, generator=None) -> torch.Tensor:

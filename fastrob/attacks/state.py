@@ -4,7 +4,7 @@ both restored afterwards), and the checks of the model and the input that an att
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -62,16 +62,21 @@ def check_model_matches(model, x: torch.Tensor) -> None:
             return
 
 
-def check_attack_inputs(model, x: torch.Tensor, y, clamp_input: bool = False, name: str = "the attack") -> None:
-    """The model, x ([B, ...], no NaN, in [0, 1] unless ``clamp_input``) and the labels y [B] (or None)."""
+def check_attack_inputs(model, x: torch.Tensor, y, clamp_input: Optional[bool] = False, name: str = "the attack",
+                        x_name: str = "x", needs_grad: bool = True) -> None:
+    """The model, x ([B, ...], no NaN, in [0, 1] unless ``clamp_input``; None: the attack has no
+    clamp_input option) and the labels y [B] (or None). ``needs_grad``: the attack differentiates
+    the model (a score-based attack such as Square does not, and runs under inference mode)."""
     check_model(model)
-    check_tensor("x", x, min_dim=2)
+    check_tensor(x_name, x, min_dim=2)
     check_model_matches(model, x)
-    check_grad_mode(name)
+    if needs_grad:
+        check_grad_mode(name)
     if bool(torch.isnan(x).any()):
-        raise ValueError("x contains NaN")
+        raise ValueError(f"{x_name} contains NaN")
     if not clamp_input and x.numel() and (bool(x.min() < 0) or bool(x.max() > 1)):
-        raise ValueError(f"x must lie in [0, 1] (got values in [{x.min().item():.4g}, {x.max().item():.4g}]); "
-                         "pass clamp_input=True to clamp it")
+        hint = "; pass clamp_input=True to clamp it" if clamp_input is False else ""
+        raise ValueError(f"{x_name} must lie in [0, 1] (got values in [{x.min().item():.4g}, {x.max().item():.4g}])"
+                         f"{hint}")
     if y is not None:
         check_labels(y, x.shape[0])

@@ -139,16 +139,24 @@ class Attack:
         predictions). ``overrides`` replace the attributes for this call (any ``pgd`` keyword)."""
         return self.forward(images, labels, **overrides)
 
-    def forward(self, images, labels=None, **overrides):
+    def _on_device(self, images, labels):
+        """images and labels moved to the attack's device (the model's, or ``set_device``'s)."""
         if self.device is not None and isinstance(images, torch.Tensor):
             images = images.to(self.device)
             labels = labels.to(self.device) if isinstance(labels, torch.Tensor) else labels
+        return images, labels
+
+    def forward(self, images, labels=None, **overrides):
+        images, labels = self._on_device(images, labels)
         if self.targeted:
             if self._target_map_function is None and self.attack_mode != "targeted(label)":
                 raise ValueError("the targeted mode has no target map function")
             labels = self.get_target_label(images, labels)
-        options = dict(self.settings(), **overrides)
-        return pgd_cached(self._graph_cache, self._model(), images, labels, targeted=self.targeted,
+        return self._attack(self._model(), images, labels, dict(self.settings(), **overrides))
+
+    def _attack(self, model, images, labels, options):
+        """The attack proper on images and labels already on the device (targets when targeted)."""
+        return pgd_cached(self._graph_cache, model, images, labels, targeted=self.targeted,
                           model_training=self._training, **options)
 
     def __repr__(self):

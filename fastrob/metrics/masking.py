@@ -48,10 +48,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from fastrob._checks import check_float, check_int, check_positive
-from fastrob.attacks import attack_context, default_alpha, margin_loss, pgd
+from fastrob._progress import progress
+from fastrob.attacks import attack_context, check_norm, default_alpha, margin_loss, pgd
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device
 
@@ -152,7 +152,7 @@ def _gradient_attack(model, x, y, *, eps, norm, loss, steps, restarts, seed):
                          return_fooled=True)
         return fooled
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    _, fooled = pgd(model, x, y, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm.lower(), restarts=restarts,
+    _, fooled = pgd(model, x, y, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm, restarts=restarts,
                     loss="ce" if loss == "ce" else margin_loss, robust_only=True, return_fooled=True,
                     generator=generator)
     return fooled
@@ -199,8 +199,7 @@ def masking_report(model, data, eps: float, norm: str = "linf", *, n: int | None
         seed: seeds every attack; batch_size: samples per attack call; quiet: no progress bar.
     """
     eps = check_positive("eps", eps)
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    check_norm(norm)
     if n is not None:
         n = check_int("n", n, 1)
     steps = check_int("steps", steps, 1)
@@ -221,7 +220,6 @@ def masking_report(model, data, eps: float, norm: str = "linf", *, n: int | None
         large_eps = 0.5 if norm == "linf" else 0.5 * math.sqrt(x[0].numel())
     large_eps = check_float("large_eps", large_eps, min_value=0.0)
     total = len(y)
-    apgd_norm = "Linf" if norm == "linf" else "L2"
 
     def chunks(idx):
         return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
@@ -231,10 +229,10 @@ def masking_report(model, data, eps: float, norm: str = "linf", *, n: int | None
         fooled = torch.zeros(len(idx), dtype=torch.bool, device=device)
         for k, part in enumerate(chunks(idx)):
             sl = slice(k * batch_size, k * batch_size + len(part))
-            fooled[sl] = _gradient_attack(model, x[part], y[part], norm=apgd_norm, seed=seed, **kwargs)
+            fooled[sl] = _gradient_attack(model, x[part], y[part], norm=norm, seed=seed, **kwargs)
         return fooled
 
-    stages = tqdm(total=7, desc="masking report", disable=quiet, leave=False)
+    stages = progress(total=7, desc="masking report", unit="checks", disable=quiet)
     checks = {}
 
     def done(name, value, count=None):
@@ -269,7 +267,7 @@ def masking_report(model, data, eps: float, norm: str = "linf", *, n: int | None
         square_runs = _square_available(x)
         fooled_sq = torch.zeros(len(survivors), dtype=torch.bool, device=device)
         if square_runs and len(survivors):
-            fooled_sq = torch.cat([_square(model, x[p], y[p], eps=eps, norm=apgd_norm, n_queries=n_queries, seed=seed)
+            fooled_sq = torch.cat([_square(model, x[p], y[p], eps=eps, norm=norm, n_queries=n_queries, seed=seed)
                                    for p in chunks(survivors)])
         done("black_box", int(fooled_sq.sum()) / total if square_runs else None, int(fooled_sq.sum()))
 

@@ -24,9 +24,9 @@ from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from fastrob._checks import check_float, check_int, check_model, check_tensor
+from fastrob._progress import progress
 from fastrob.attacks import attack_context, check_norm, default_alpha, pgd
 from fastrob.distributed import all_gather_objects, unwrap
 from fastrob.metrics._common import batches, model_device, shard
@@ -253,7 +253,7 @@ def neuron_sensitivity(model, x: torch.Tensor, x_adv: torch.Tensor, layers=None,
     batch_size = check_int("batch_size", batch_size, 1)
     totals: dict = {}
     with attack_context(model), torch.no_grad(), FeatureRecorder(model, layers, detach=True) as rec:
-        for i in tqdm(range(0, len(x), batch_size), desc="neuron sensitivity", disable=quiet, leave=False):
+        for i in progress(range(0, len(x), batch_size), desc="neuron sensitivity", unit="batches", disable=quiet):
             _accumulate(totals, model, x[i:i + batch_size], x_adv[i:i + batch_size].to(x.device), rec)
     return NeuronSensitivity({k: (v / max(len(x), 1)).cpu() for k, v in totals.items()}, len(x))
 
