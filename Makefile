@@ -25,11 +25,12 @@ $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/* kernels/*)
 demo: setup
 	$(VENV)/bin/fastrob demo
 
-test: setup
+# the linter first: a formatting slip fails in seconds, not after the whole suite
+test: setup lint
 	$(VENV)/bin/fastrob info
 	$(PY) -m pytest
 
-# the formatter and the linter (configured in pyproject.toml); not yet part of `make test`: the tree is not clean yet
+# the formatter and the linter (configured in pyproject.toml): `ruff format .` and `ruff check --fix .` repair most findings
 lint: setup
 	$(VENV)/bin/ruff format --check --quiet .
 	$(VENV)/bin/ruff check --quiet .

@@ -24,11 +24,24 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["csrc/bindings.cpp", "csrc/pgd_step.cu", "csrc/sqnorm.cu", "csrc/cross_entropy.cu",
-           "csrc/bias_act.cu", "csrc/batch_norm.cu"]
-HEADERS = ["csrc/launchers.h", "csrc/launch_utils.h", "kernels/common.cuh", "kernels/pgd_step.cuh",
-           "kernels/sqnorm.cuh", "kernels/cross_entropy.cuh",
-           "kernels/bias_act.cuh", "kernels/batch_norm.cuh"]
+SOURCES = [
+    "csrc/bindings.cpp",
+    "csrc/pgd_step.cu",
+    "csrc/sqnorm.cu",
+    "csrc/cross_entropy.cu",
+    "csrc/bias_act.cu",
+    "csrc/batch_norm.cu",
+]
+HEADERS = [
+    "csrc/launchers.h",
+    "csrc/launch_utils.h",
+    "kernels/common.cuh",
+    "kernels/pgd_step.cuh",
+    "kernels/sqnorm.cuh",
+    "kernels/cross_entropy.cuh",
+    "kernels/bias_act.cuh",
+    "kernels/batch_norm.cuh",
+]
 BUILD_RECORD = "_C_build.json"  # written next to the extension: what was built, or why not
 
 
@@ -74,7 +87,9 @@ class BuildExt(build_ext):
         if mode == "0":
             record["reason"] = "skipped: FASTROB_CUDA=0 at install time"
         elif nvcc is None:
-            where = f"NVCC={os.environ['NVCC']} is not a file" if os.environ.get("NVCC") else "set NVCC, CUDA_HOME or PATH"
+            where = (
+                f"NVCC={os.environ['NVCC']} is not a file" if os.environ.get("NVCC") else "set NVCC, CUDA_HOME or PATH"
+            )
             record["reason"] = f"nvcc was not found at install time ({where}); reinstall once it is there"
             if mode == "1":
                 raise SystemExit(f"FASTROB_CUDA=1 but nvcc was not found ({where})")
@@ -84,11 +99,13 @@ class BuildExt(build_ext):
             try:
                 seconds = self._compile(nvcc, record["archs"], out_path)
                 record.update(built=True, reason=f"compiled in {seconds:.0f} s")
-                print(f"fastrob: built fastrob._C with {record['nvcc']} for sm_{', sm_'.join(record['archs'])}"
-                      f" in {seconds:.0f} s")
+                print(
+                    f"fastrob: built fastrob._C with {record['nvcc']} for sm_{', sm_'.join(record['archs'])}"
+                    f" in {seconds:.0f} s"
+                )
             except (subprocess.CalledProcessError, OSError) as err:
                 if mode == "1":
-                    raise SystemExit(f"FASTROB_CUDA=1 and the nvcc build of fastrob._C failed ({err})")
+                    raise SystemExit(f"FASTROB_CUDA=1 and the nvcc build of fastrob._C failed ({err})") from err
                 record["reason"] = f"the nvcc build failed ({err}); rerun with FASTROB_CUDA=1 to see why"
                 print(f"fastrob: WARNING: {record['reason']}; installing without the CUDA backend", file=sys.stderr)
         if not record["built"]:
@@ -123,20 +140,32 @@ class BuildExt(build_ext):
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
         includes = [sysconfig.get_paths()["include"], pybind11.get_include(), ROOT]
-        cflags = ["-O3", "-std=c++17", "-lineinfo", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
-                  *gencode, *[f"-I{i}" for i in includes]]
-        objects, lines = [], [
-            f"nvcc = {nvcc}",
-            f"cflags = {' '.join(cflags)}",
-            "rule nvcc",
-            "  command = $nvcc $cflags -MD -MF $out.d -c $in -o $out",
-            "  depfile = $out.d",
-            "  deps = gcc",
-            "  description = nvcc $in",
-            "rule link",
-            "  command = $nvcc -shared -cudart static $in -o $out",
-            "  description = link $out",
+        cflags = [
+            "-O3",
+            "-std=c++17",
+            "-lineinfo",
+            "-Xcompiler",
+            "-fPIC",
+            "-Xcompiler",
+            "-fvisibility=hidden",
+            *gencode,
+            *[f"-I{i}" for i in includes],
         ]
+        objects, lines = (
+            [],
+            [
+                f"nvcc = {nvcc}",
+                f"cflags = {' '.join(cflags)}",
+                "rule nvcc",
+                "  command = $nvcc $cflags -MD -MF $out.d -c $in -o $out",
+                "  depfile = $out.d",
+                "  deps = gcc",
+                "  description = nvcc $in",
+                "rule link",
+                "  command = $nvcc -shared -cudart static $in -o $out",
+                "  description = link $out",
+            ],
+        )
         for src in SOURCES:
             obj = os.path.join(build_dir, os.path.basename(src) + ".o")
             objects.append(obj)

@@ -72,7 +72,11 @@ def _ptr_types(kernel, storage: str, acc: str, acc_args=(), other=None) -> dict:
 
 
 def specs(quick: bool = False) -> list[Spec]:
-    from fastrob.triton import batch_norm as bn, bias_act as ba, cross_entropy as ce, pgd_step as pg, sqnorm as sq
+    from fastrob.triton import batch_norm as bn
+    from fastrob.triton import bias_act as ba
+    from fastrob.triton import cross_entropy as ce
+    from fastrob.triton import pgd_step as pg
+    from fastrob.triton import sqnorm as sq
     from fastrob.triton._common import warps
 
     out = []
@@ -83,82 +87,182 @@ def specs(quick: bool = False) -> list[Spec]:
         ints = dict(n_cols="i32", col_blocks="i32", smoothing="fp32")
         for block in row_blocks:
             c = dict(CT=_ct(dtype), BLOCK=block)
-            out.append(_spec(f"sqnorm_forward[{dtype},{block}]", sq._sqnorm_forward_kernel,
-                             {**_ptr_types(sq._sqnorm_forward_kernel, s, a, ("out",)), **ints}, c, warps(block)))
-            out.append(_spec(f"sqnorm_double_backward[{dtype},{block}]", sq._sqnorm_double_backward_kernel,
-                             {**_ptr_types(sq._sqnorm_double_backward_kernel, s, a, ("go", "d_go")), **ints}, c,
-                             warps(block)))
+            out.append(
+                _spec(
+                    f"sqnorm_forward[{dtype},{block}]",
+                    sq._sqnorm_forward_kernel,
+                    {**_ptr_types(sq._sqnorm_forward_kernel, s, a, ("out",)), **ints},
+                    c,
+                    warps(block),
+                )
+            )
+            out.append(
+                _spec(
+                    f"sqnorm_double_backward[{dtype},{block}]",
+                    sq._sqnorm_double_backward_kernel,
+                    {**_ptr_types(sq._sqnorm_double_backward_kernel, s, a, ("go", "d_go")), **ints},
+                    c,
+                    warps(block),
+                )
+            )
             for has_gs in (False, True):
                 cg = dict(c, HAS_GS=has_gs)
                 if not has_gs:
-                    out.append(_spec(f"ce_forward[{dtype},{block}]", ce._ce_forward_kernel,
-                                     {**_ptr_types(ce._ce_forward_kernel, s, a, ("loss", "lse"), {"y_ptr": "*i64"}),
-                                      **ints}, c, warps(block)))
-                out.append(_spec(f"ce_double_backward[{dtype},{block},gs={int(has_gs)}]",
-                                 ce._ce_double_backward_kernel,
-                                 {**_ptr_types(ce._ce_double_backward_kernel, s, a, ("lse", "gl", "gs", "d_gl", "d_gs"),
-                                               {"y_ptr": "*i64"}), **ints}, cg, warps(block)))
+                    out.append(
+                        _spec(
+                            f"ce_forward[{dtype},{block}]",
+                            ce._ce_forward_kernel,
+                            {**_ptr_types(ce._ce_forward_kernel, s, a, ("loss", "lse"), {"y_ptr": "*i64"}), **ints},
+                            c,
+                            warps(block),
+                        )
+                    )
+                out.append(
+                    _spec(
+                        f"ce_double_backward[{dtype},{block},gs={int(has_gs)}]",
+                        ce._ce_double_backward_kernel,
+                        {
+                            **_ptr_types(
+                                ce._ce_double_backward_kernel,
+                                s,
+                                a,
+                                ("lse", "gl", "gs", "d_gl", "d_gs"),
+                                {"y_ptr": "*i64"},
+                            ),
+                            **ints,
+                        },
+                        cg,
+                        warps(block),
+                    )
+                )
         for block in (16, 1024):
             c = dict(CT=_ct(dtype), BLOCK=block)
-            out.append(_spec(f"sqnorm_backward[{dtype},{block}]", sq._sqnorm_backward_kernel,
-                             {**_ptr_types(sq._sqnorm_backward_kernel, s, a, ("go",)), **ints}, c))
+            out.append(
+                _spec(
+                    f"sqnorm_backward[{dtype},{block}]",
+                    sq._sqnorm_backward_kernel,
+                    {**_ptr_types(sq._sqnorm_backward_kernel, s, a, ("go",)), **ints},
+                    c,
+                )
+            )
             for has_gs in (False, True):
-                out.append(_spec(f"ce_backward[{dtype},{block},gs={int(has_gs)}]", ce._ce_backward_kernel,
-                                 {**_ptr_types(ce._ce_backward_kernel, s, a, ("lse", "gl", "gs"), {"y_ptr": "*i64"}),
-                                  **ints}, dict(c, HAS_GS=has_gs)))
+                out.append(
+                    _spec(
+                        f"ce_backward[{dtype},{block},gs={int(has_gs)}]",
+                        ce._ce_backward_kernel,
+                        {**_ptr_types(ce._ce_backward_kernel, s, a, ("lse", "gl", "gs"), {"y_ptr": "*i64"}), **ints},
+                        dict(c, HAS_GS=has_gs),
+                    )
+                )
         # bias_act: every activation with a bias in float32 and bfloat16; without bias / other dtypes: relu, gelu
         ba_ints = dict(n="i32", stride_c="i32", channels="i32", beta="fp32", threshold="fp32", d="fp32")
         for kernel in (ba._bias_act_kernel, ba._bias_act_backward_kernel, ba._bias_act_double_backward_kernel):
             acts = range(5) if dtype == "float32" or (dtype == "bfloat16" and not quick) else (2,)
             for act in acts:
-                for has_bias in ((True, False) if act in (0, 2) and not quick else (True,)):
-                    out.append(_spec(f"{kernel.fn.__name__.strip('_')}[{dtype},act={act},bias={int(has_bias)}]",
-                                     kernel, {**_ptr_types(kernel, s, a), **ba_ints},
-                                     dict(ACT=act, HAS_BIAS=has_bias, CT=_ct(dtype), BLOCK=ba.BLOCK)))
+                for has_bias in (True, False) if act in (0, 2) and not quick else (True,):
+                    out.append(
+                        _spec(
+                            f"{kernel.fn.__name__.strip('_')}[{dtype},act={act},bias={int(has_bias)}]",
+                            kernel,
+                            {**_ptr_types(kernel, s, a), **ba_ints},
+                            dict(ACT=act, HAS_BIAS=has_bias, CT=_ct(dtype), BLOCK=ba.BLOCK),
+                        )
+                    )
         # batch_norm: per-channel vectors (weight, bias, statistics, partial sums) in the accumulate dtype
         bn_acc = ("w", "b", "mean", "invstd", "part", "coef", "gw", "gb", "ggw", "ggb", "d_w")
-        bn_ints = dict(C="i32", S="i32", M="i32", sn="i32", sc="i32", ss="i32", chunk="i32", splits="i32", eps="fp32",
-                       n="i32", stride_c="i32")
+        bn_ints = dict(
+            C="i32",
+            S="i32",
+            M="i32",
+            sn="i32",
+            sc="i32",
+            ss="i32",
+            chunk="i32",
+            splits="i32",
+            eps="fp32",
+            n="i32",
+            stride_c="i32",
+        )
         layouts = {"nchw": (1024, 2), "cl": (64, 64), "cl_c2": (2048, 2)}
         if quick:
             del layouts["cl_c2"]
         for layout, (block_m, block_c) in layouts.items():
             for mode in (0, 1, 2):
-                out.append(_spec(f"bn_reduce[{dtype},{layout},mode={mode}]", bn._bn_reduce_kernel,
-                                 {**_ptr_types(bn._bn_reduce_kernel, s, a, bn_acc), **bn_ints},
-                                 dict(MODE=mode, CT=_ct(dtype), BLOCK_M=block_m, BLOCK_C=block_c),
-                                 bn.reduce_warps(block_m, block_c)))
+                out.append(
+                    _spec(
+                        f"bn_reduce[{dtype},{layout},mode={mode}]",
+                        bn._bn_reduce_kernel,
+                        {**_ptr_types(bn._bn_reduce_kernel, s, a, bn_acc), **bn_ints},
+                        dict(MODE=mode, CT=_ct(dtype), BLOCK_M=block_m, BLOCK_C=block_c),
+                        bn.reduce_warps(block_m, block_c),
+                    )
+                )
         for has_w in (True,) if quick else (False, True):
             c = dict(HAS_W=has_w, CT=_ct(dtype), BLOCK=bn.FINAL_BLOCK)
-            out.append(_spec(f"bn_forward_finalize[{dtype},w={int(has_w)}]", bn._bn_forward_finalize_kernel,
-                             {**_ptr_types(bn._bn_forward_finalize_kernel, s, a, bn_acc), **bn_ints},
-                             dict(c, HAS_B=has_w)))
+            out.append(
+                _spec(
+                    f"bn_forward_finalize[{dtype},w={int(has_w)}]",
+                    bn._bn_forward_finalize_kernel,
+                    {**_ptr_types(bn._bn_forward_finalize_kernel, s, a, bn_acc), **bn_ints},
+                    dict(c, HAS_B=has_w),
+                )
+            )
             for kernel in (bn._bn_backward_finalize_kernel, bn._bn_double_backward_finalize_kernel):
-                out.append(_spec(f"{kernel.fn.__name__.strip('_')}[{dtype},w={int(has_w)}]", kernel,
-                                 {**_ptr_types(kernel, s, a, bn_acc), **bn_ints}, c))
+                out.append(
+                    _spec(
+                        f"{kernel.fn.__name__.strip('_')}[{dtype},w={int(has_w)}]",
+                        kernel,
+                        {**_ptr_types(kernel, s, a, bn_acc), **bn_ints},
+                        c,
+                    )
+                )
         for has_a, has_b, two in ((False, False, False), (True, False, False), (True, True, True)):
-            out.append(_spec(f"bn_apply[{dtype},a={int(has_a)},b={int(has_b)},two={int(two)}]", bn._bn_apply_kernel,
-                             {**_ptr_types(bn._bn_apply_kernel, s, a, bn_acc), **bn_ints},
-                             dict(HAS_A=has_a, HAS_B=has_b, TWO=two, CT=_ct(dtype), BLOCK=bn.BLOCK)))
+            out.append(
+                _spec(
+                    f"bn_apply[{dtype},a={int(has_a)},b={int(has_b)},two={int(two)}]",
+                    bn._bn_apply_kernel,
+                    {**_ptr_types(bn._bn_apply_kernel, s, a, bn_acc), **bn_ints},
+                    dict(HAS_A=has_a, HAS_B=has_b, TWO=two, CT=_ct(dtype), BLOCK=bn.BLOCK),
+                )
+            )
     # pgd_step: float32 arithmetic; per-sample eps/alpha are float32 tensors
-    pg_scalars = dict(eps="fp32", alpha="fp32", lower="fp32", upper="fp32", n_total="i32", per_sample="i32",
-                      n_chunks="i32")
-    for dtype in (("float32", "bfloat16") if quick else HALF_AND_FLOAT):
+    pg_scalars = dict(
+        eps="fp32", alpha="fp32", lower="fp32", upper="fp32", n_total="i32", per_sample="i32", n_chunks="i32"
+    )
+    for dtype in ("float32", "bfloat16") if quick else HALF_AND_FLOAT:
         s = STORAGE[dtype]
         for flags in ((False, False), (True, True)) if quick else ((False, False), (True, False), (True, True)):
             f = dict(EPS_PER_SAMPLE=flags[0], ALPHA_PER_SAMPLE=flags[1])
             tag = f"{dtype},eps_t={int(flags[0])},alpha_t={int(flags[1])}"
             kt = {**_ptr_types(pg._pgd_step_l2_apply_kernel, s, "fp32", ("eps", "alpha", "partials")), **pg_scalars}
             out.append(_spec(f"pgd_step_linf[{tag}]", pg._pgd_step_linf_kernel, kt, dict(f, BLOCK=pg.LINF_BLOCK)))
-            for block in (1024, 4096, pg.MAX_SAMPLE_IN_ONE_PROGRAM)[1 if quick else 0:]:  # 784, 3072, the largest
-                out.append(_spec(f"pgd_step_l2_sample[{tag},{block}]", pg._pgd_step_l2_sample_kernel, kt,
-                                 dict(f, BLOCK=block), pg._warps(block)))
+            for block in (1024, 4096, pg.MAX_SAMPLE_IN_ONE_PROGRAM)[1 if quick else 0 :]:  # 784, 3072, the largest
+                out.append(
+                    _spec(
+                        f"pgd_step_l2_sample[{tag},{block}]",
+                        pg._pgd_step_l2_sample_kernel,
+                        kt,
+                        dict(f, BLOCK=block),
+                        pg._warps(block),
+                    )
+                )
             for chunks in (8, 64):  # 16385..32768 and ImageNet's 150528 elements (37 chunks)
-                out.append(_spec(f"pgd_step_l2_apply[{tag},{chunks}]", pg._pgd_step_l2_apply_kernel, kt,
-                                 dict(f, BLOCK=pg.L2_CHUNK, CHUNKS=chunks)))
-        out.append(_spec(f"pgd_step_l2_partials[{dtype}]", pg._pgd_step_l2_partials_kernel,
-                         {**_ptr_types(pg._pgd_step_l2_partials_kernel, s, "fp32", ("partials",)), **pg_scalars},
-                         dict(BLOCK=pg.L2_CHUNK)))
+                out.append(
+                    _spec(
+                        f"pgd_step_l2_apply[{tag},{chunks}]",
+                        pg._pgd_step_l2_apply_kernel,
+                        kt,
+                        dict(f, BLOCK=pg.L2_CHUNK, CHUNKS=chunks),
+                    )
+                )
+        out.append(
+            _spec(
+                f"pgd_step_l2_partials[{dtype}]",
+                pg._pgd_step_l2_partials_kernel,
+                {**_ptr_types(pg._pgd_step_l2_partials_kernel, s, "fp32", ("partials",)), **pg_scalars},
+                dict(BLOCK=pg.L2_CHUNK),
+            )
+        )
     return out
 
 
@@ -178,8 +282,9 @@ def resources(cubin: bytes) -> tuple[int, int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(path)], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
+        ).stdout
     match = _USAGE.search(text)
     return tuple(map(int, match.groups())) if match else (-1, 0, 0)
 
@@ -203,8 +308,16 @@ def compile_one(job: tuple) -> dict:
         status = "ok"
     except Exception as err:  # noqa: BLE001  (report every failing specialization, then fail)
         regs, stack, local, status = -1, 0, 0, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
-    return dict(triton=triton.__version__, kernel=spec.name, arch=f"sm_{arch}", num_warps=spec.num_warps,
-                registers=regs, stack_bytes=stack, local_bytes=local, status=status)
+    return dict(
+        triton=triton.__version__,
+        kernel=spec.name,
+        arch=f"sm_{arch}",
+        num_warps=spec.num_warps,
+        registers=regs,
+        stack_bytes=stack,
+        local_bytes=local,
+        status=status,
+    )
 
 
 def main(argv=None) -> int:
@@ -215,15 +328,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default: 80 and 90)")
     parser.add_argument("--filter", help="only specializations whose name contains this")
-    parser.add_argument("--quick", action="store_true", help="float32 and bfloat16, the largest blocks, fewer "
-                        "flag combinations (what CI compiles)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="float32 and bfloat16, the largest blocks, fewer flag combinations (what CI compiles)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel")
     parser.add_argument("--csv", help="also write the table as CSV rows here")
     parser.add_argument("--no-usage", action="store_true", help="compile only, without the register report")
     args = parser.parse_args(argv)
     archs = args.arch or [80, 90]
-    jobs = [(args.quick, i, arch, not args.no_usage) for i, spec in enumerate(specs(args.quick))
-            if not args.filter or args.filter in spec.name for arch in archs]
+    jobs = [
+        (args.quick, i, arch, not args.no_usage)
+        for i, spec in enumerate(specs(args.quick))
+        if not args.filter or args.filter in spec.name
+        for arch in archs
+    ]
     start = time.perf_counter()
     print(f"triton {triton.__version__}: {len(jobs)} compiles (sm_{', sm_'.join(map(str, archs))})")
     print(f"{'kernel':<58} {'arch':>5} {'warps':>5} {'regs':>5} {'stack':>6} {'local':>6}")
@@ -232,9 +352,12 @@ def main(argv=None) -> int:
         for row in pool.map(compile_one, jobs):
             rows.append(row)
             flag = "  SPILLS" if row["stack_bytes"] or row["local_bytes"] else ""
-            print(f"{row['kernel']:<58} {row['arch']:>5} {row['num_warps']:>5} {row['registers']:>5} "
-                  f"{row['stack_bytes']:>6} {row['local_bytes']:>6}{flag}"
-                  f"{'' if row['status'] == 'ok' else '  ' + row['status']}", flush=True)
+            print(
+                f"{row['kernel']:<58} {row['arch']:>5} {row['num_warps']:>5} {row['registers']:>5} "
+                f"{row['stack_bytes']:>6} {row['local_bytes']:>6}{flag}"
+                f"{'' if row['status'] == 'ok' else '  ' + row['status']}",
+                flush=True,
+            )
     if args.csv and rows:
         with open(args.csv, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -242,8 +365,10 @@ def main(argv=None) -> int:
             writer.writerows(rows)
     failures = sum(1 for r in rows if r["status"] != "ok")
     spilling = sum(1 for r in rows if r["stack_bytes"] or r["local_bytes"])
-    print(f"triton {triton.__version__}: {len(rows) - failures} of {len(rows)} compiled, {spilling} spill, "
-          f"in {time.perf_counter() - start:.0f} s")
+    print(
+        f"triton {triton.__version__}: {len(rows) - failures} of {len(rows)} compiled, {spilling} spill, "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
     return 1 if failures else 0
 
 

@@ -32,10 +32,14 @@ from fastrob.data import load_digits
 
 def small_cnn(channels, side, width=32):
     return nn.Sequential(
-        nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Conv2d(2 * width, 2 * width, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(2 * width * (side // 4) ** 2, 10),
+        nn.Conv2d(channels, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * width * (side // 4) ** 2, 10),
     )
 
 
@@ -44,7 +48,7 @@ def train(model, x, y, epochs, device):
     for _ in range(epochs):
         perm = torch.randperm(len(y), device=device)
         for i in range(0, len(perm), 128):
-            b = perm[i:i + 128]
+            b = perm[i : i + 128]
             loss = F.cross_entropy(model(x[b]), y[b])
             opt.zero_grad()
             loss.backward()
@@ -54,8 +58,11 @@ def train(model, x, y, epochs, device):
 
 def throughput(stats, batch):
     """ms per call -> images per second (p20 of the time is p80 of the rate)."""
-    return {"median": batch * 1e3 / stats["median"], "p20": batch * 1e3 / stats["p80"],
-            "p80": batch * 1e3 / stats["p20"]}
+    return {
+        "median": batch * 1e3 / stats["median"],
+        "p20": batch * 1e3 / stats["p80"],
+        "p80": batch * 1e3 / stats["p20"],
+    }
 
 
 def interleaved_ms(fns: dict, device, reps: int) -> dict:
@@ -100,13 +107,25 @@ def main(argv=None):
 
     cifar_batch = 64 if args.quick else (512 if device.type == "cuda" else 128)
     cases = [
-        ("digits-cnn", digits_net, digits.x_test.to(device)[:256 if args.quick else 448], digits.y_test.to(device),
-         0.1, 0.025),
-        ("cifar-shaped-cnn", small_cnn(3, 32).to(device).eval(), torch.rand(cifar_batch, 3, 32, 32, device=device),
-         torch.randint(0, 10, (cifar_batch,), device=device), 8 / 255, 2 / 255),
+        (
+            "digits-cnn",
+            digits_net,
+            digits.x_test.to(device)[: 256 if args.quick else 448],
+            digits.y_test.to(device),
+            0.1,
+            0.025,
+        ),
+        (
+            "cifar-shaped-cnn",
+            small_cnn(3, 32).to(device).eval(),
+            torch.rand(cifar_batch, 3, 32, 32, device=device),
+            torch.randint(0, 10, (cifar_batch,), device=device),
+            8 / 255,
+            2 / 255,
+        ),
     ]
     for name, model, x, y, eps, alpha in cases:
-        y = y[:len(x)]
+        y = y[: len(x)]
         shape = (name,) + tuple(x.shape)
         providers = {
             "torchattacks": torchattacks.PGD(model, eps=eps, alpha=alpha, steps=10),
@@ -114,8 +133,7 @@ def main(argv=None):
         }
         if device.type == "cuda":
             providers["fastrob-bf16"] = fa.PGD(model, eps=eps, alpha=alpha, steps=10, amp="bf16")
-            providers["fastrob-bf16-graph"] = fa.PGD(model, eps=eps, alpha=alpha, steps=10, amp="bf16",
-                                                     cuda_graph=True)
+            providers["fastrob-bf16-graph"] = fa.PGD(model, eps=eps, alpha=alpha, steps=10, amp="bf16", cuda_graph=True)
         timings = interleaved_ms({p: (lambda a=a: a(x, y)) for p, a in providers.items()}, device, reps)
         for provider, attack in providers.items():
             stats = timings[provider]
@@ -125,8 +143,17 @@ def main(argv=None):
             if name == "digits-cnn":
                 torch.manual_seed(1)
                 acc = robust_acc(model, attack(x, y), y)
-                rows.append(row("robust_acc", provider, shape, x.dtype, "robust_acc",
-                                {"median": acc, "p20": acc, "p80": acc}, device))
+                rows.append(
+                    row(
+                        "robust_acc",
+                        provider,
+                        shape,
+                        x.dtype,
+                        "robust_acc",
+                        {"median": acc, "p20": acc, "p80": acc},
+                        device,
+                    )
+                )
             print(f"pgd10 {name:18s} {provider:20s} {rows[-1 if name != 'digits-cnn' else -2]['median']:>10s} images/s")
 
         batched = fa.PGD(model, eps=eps, alpha=alpha, steps=10, restarts=4)
@@ -137,12 +164,24 @@ def main(argv=None):
             for _ in range(4):
                 single(x, y)
 
-        fns = {"fastrob-batched": lambda: batched(x, y, restart_mode="batch"),
-               "fastrob-default": lambda: default(x, y), "fastrob-loop": loop}
+        fns = {
+            "fastrob-batched": lambda: batched(x, y, restart_mode="batch"),
+            "fastrob-default": lambda: default(x, y),
+            "fastrob-loop": loop,
+        }
         timings = interleaved_ms(fns, device, reps)
         for provider in fns:
-            rows.append(row("pgd10_restarts4", provider, shape, x.dtype, "images_per_s",
-                            throughput(timings[provider], len(x)), device))
+            rows.append(
+                row(
+                    "pgd10_restarts4",
+                    provider,
+                    shape,
+                    x.dtype,
+                    "images_per_s",
+                    throughput(timings[provider], len(x)),
+                    device,
+                )
+            )
             print(f"restarts4 {name:18s} {provider:20s} {rows[-1]['median']:>10s} images/s")
 
     # A weak model: one epoch on the digits, so most test points fall within a few steps.
@@ -156,8 +195,9 @@ def main(argv=None):
         rows.append(row("pgd10_weak", provider, shape, x.dtype, "images_per_s", throughput(stats, len(x)), device))
         torch.manual_seed(1)
         acc = robust_acc(weak, attack(x, y), y)
-        rows.append(row("pgd10_weak", provider, shape, x.dtype, "robust_acc", {"median": acc, "p20": acc, "p80": acc},
-                        device))
+        rows.append(
+            row("pgd10_weak", provider, shape, x.dtype, "robust_acc", {"median": acc, "p20": acc, "p80": acc}, device)
+        )
         print(f"weak model, 4 restarts {provider:20s} {rows[-2]['median']:>10s} images/s, robust acc {acc:.3f}")
     save_results(rows, device, quick=args.quick)
 

@@ -27,8 +27,14 @@ EPS = 0.1
 
 
 def digits_cnn():
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 10),
+    )
 
 
 def _fit(model, x, y, objective, epochs, batch=128, lr=3e-3):
@@ -36,7 +42,7 @@ def _fit(model, x, y, objective, epochs, batch=128, lr=3e-3):
     for _ in range(epochs):
         perm = torch.randperm(len(y))
         for i in range(0, len(perm), batch):
-            b = perm[i:i + batch]
+            b = perm[i : i + batch]
             loss = objective(model, x[b], y[b])
             opt.zero_grad()
             loss.backward()
@@ -86,15 +92,19 @@ def providers(model, eps, steps=100, n_queries=5000):
 
     import fastrob.attacks as fa
 
-    matched = torchattacks.MultiAttack([
-        torchattacks.APGD(model, eps=eps, steps=steps, loss="ce", seed=0),
-        torchattacks.APGDT(model, eps=eps, steps=steps, seed=0),
-        torchattacks.FAB(model, eps=eps, steps=steps, multi_targeted=True, seed=0),
-        torchattacks.Square(model, eps=eps, n_queries=n_queries, seed=0),
-    ])
-    return {"fastrob-standard": fa.AutoAttack(model, eps=eps, seed=0, quiet=True, steps=steps),
-            "torchattacks-matched": matched,
-            "torchattacks-aa": torchattacks.AutoAttack(model, eps=eps, seed=0)}
+    matched = torchattacks.MultiAttack(
+        [
+            torchattacks.APGD(model, eps=eps, steps=steps, loss="ce", seed=0),
+            torchattacks.APGDT(model, eps=eps, steps=steps, seed=0),
+            torchattacks.FAB(model, eps=eps, steps=steps, multi_targeted=True, seed=0),
+            torchattacks.Square(model, eps=eps, n_queries=n_queries, seed=0),
+        ]
+    )
+    return {
+        "fastrob-standard": fa.AutoAttack(model, eps=eps, seed=0, quiet=True, steps=steps),
+        "torchattacks-matched": matched,
+        "torchattacks-aa": torchattacks.AutoAttack(model, eps=eps, seed=0),
+    }
 
 
 def main(argv=None):
@@ -118,8 +128,17 @@ def main(argv=None):
             seconds = time.perf_counter() - start
             acc = robust_acc(model, adv, y)
             for metric, value in (("seconds", seconds), ("robust_acc", acc)):
-                rows.append(row("autoattack_linf0.1", provider, shape, x.dtype, metric,
-                                {"median": value, "p20": value, "p80": value}, device))
+                rows.append(
+                    row(
+                        "autoattack_linf0.1",
+                        provider,
+                        shape,
+                        x.dtype,
+                        metric,
+                        {"median": value, "p20": value, "p80": value},
+                        device,
+                    )
+                )
             print(f"{name:8s} clean {clean:.3f}  {provider:22s} {seconds:8.2f} s  robust acc {acc:.3f}", flush=True)
     save_results(rows, device, quick=args.quick)
 

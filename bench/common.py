@@ -78,6 +78,7 @@ def peak_rss_rise_mib(step) -> float:
         while not done.is_set():
             peak[0] = max(peak[0], rss_mib())
             time.sleep(2e-4)
+
     thread = threading.Thread(target=poll)
     thread.start()
     try:
@@ -110,10 +111,20 @@ def row(op: str, provider: str, shape, dtype, metric: str, stats: dict, device) 
         triton_version = triton.__version__
     except ImportError:
         triton_version = ""
-    return {"op": op, "provider": provider, "shape": "x".join(map(str, shape)) if not isinstance(shape, str) else shape,
-            "dtype": str(dtype).replace("torch.", ""), "metric": metric, "median": f"{stats['median']:.6g}",
-            "p20": f"{stats['p20']:.6g}", "p80": f"{stats['p80']:.6g}", "device": device_name(device),
-            "torch": torch.__version__, "triton": triton_version, "date": datetime.date.today().isoformat()}
+    return {
+        "op": op,
+        "provider": provider,
+        "shape": "x".join(map(str, shape)) if not isinstance(shape, str) else shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "metric": metric,
+        "median": f"{stats['median']:.6g}",
+        "p20": f"{stats['p20']:.6g}",
+        "p80": f"{stats['p80']:.6g}",
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def append_rows(rows: list[dict], device) -> Path:

@@ -16,7 +16,6 @@ to bench/results/<device>.csv.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
@@ -32,16 +31,22 @@ def cases(device, quick):
     fused = [b for b in ("triton", "cuda") if device.type == "cuda" and _backend.status(b).available]
     out = []
     for shape in ce_shapes:
+
         def make(shape=shape):
             z = torch.randn(shape, device=device, requires_grad=True)
             return z, torch.randint(0, shape[1], (shape[0],), device=device)
+
         fns = {"eager": lambda z, y: F.cross_entropy(z, y)}
         fns.update({b: (lambda z, y, b=b: cross_entropy(z, y, backend=b)) for b in fused})
         out.append(("cross_entropy", shape, make, fns, 4 * shape[0] * shape[1]))
     for shape in act_shapes:
+
         def make(shape=shape):
-            return (torch.randn(shape, device=device, requires_grad=True),
-                    torch.randn(shape[1], device=device, requires_grad=True))
+            return (
+                torch.randn(shape, device=device, requires_grad=True),
+                torch.randn(shape[1], device=device, requires_grad=True),
+            )
+
         fns = {"eager": lambda x, b: F.softplus(x + b.view(1, -1, 1, 1))}
         fns.update({k: (lambda x, b, k=k: bias_act(x, b, "softplus", backend=k)) for k in fused})
         out.append(("bias_act_softplus", shape, make, fns, 2 * 4 * torch.Size(shape).numel()))
@@ -50,9 +55,12 @@ def cases(device, quick):
         out.append(("sqnorm", shape, make, fns, 4 * torch.Size(shape).numel()))
 
         def make_bn(shape=shape):
-            return (torch.randn(shape, device=device, requires_grad=True),
-                    torch.randn(shape[1], device=device, requires_grad=True),
-                    torch.randn(shape[1], device=device, requires_grad=True))
+            return (
+                torch.randn(shape, device=device, requires_grad=True),
+                torch.randn(shape[1], device=device, requires_grad=True),
+                torch.randn(shape[1], device=device, requires_grad=True),
+            )
+
         fns = {"eager": lambda x, w, b: F.batch_norm(x, None, None, w, b, True)}
         fns.update({k: (lambda x, w, b, k=k: batch_norm(x, w, b, None, None, True, backend=k)) for k in fused})
         out.append(("batch_norm", shape, make_bn, fns, 2 * 4 * torch.Size(shape).numel()))
@@ -80,8 +88,17 @@ def passes(fn, inputs):
 def main(argv=None) -> None:
     args, device = parse_device_args(__doc__, argv)
     copy_gbps = copy_bandwidth_gbps(device)
-    rows = [row("copy", "torch", "1GiB" if device.type == "cuda" else "256MiB", torch.float32, "gbps",
-                {"median": copy_gbps, "p20": copy_gbps, "p80": copy_gbps}, device)]
+    rows = [
+        row(
+            "copy",
+            "torch",
+            "1GiB" if device.type == "cuda" else "256MiB",
+            torch.float32,
+            "gbps",
+            {"median": copy_gbps, "p20": copy_gbps, "p80": copy_gbps},
+            device,
+        )
+    ]
     print(f"device: {rows[0]['device']}; copy bandwidth {copy_gbps:.0f} GB/s")
     print(f"{'op':<19}{'shape':<16}{'pass':<16}{'provider':<9}{'ms':>9}{'fwd GB/s':>10}{'vs eager':>9}")
     for op, shape, make, fns, moved in cases(device, args.quick):
@@ -94,11 +111,25 @@ def main(argv=None) -> None:
                 rows.append(row(f"{op}_{name}", provider, shape, torch.float32, "time_ms", stats, device))
                 gbps = moved / (stats["median"] * 1e-3) / 1e9 if name == "forward" else float("nan")
                 if name == "forward":
-                    rows.append(row(f"{op}_{name}", provider, shape, torch.float32, "gbps",
-                                    {"median": gbps, "p20": moved / (stats["p80"] * 1e-3) / 1e9,
-                                     "p80": moved / (stats["p20"] * 1e-3) / 1e9}, device))
-                print(f"{op:<19}{'x'.join(map(str, shape)):<16}{name:<16}{provider:<9}{stats['median']:>9.3f}"
-                      f"{gbps:>10.1f}{eager[name] / stats['median']:>8.2f}x")
+                    rows.append(
+                        row(
+                            f"{op}_{name}",
+                            provider,
+                            shape,
+                            torch.float32,
+                            "gbps",
+                            {
+                                "median": gbps,
+                                "p20": moved / (stats["p80"] * 1e-3) / 1e9,
+                                "p80": moved / (stats["p20"] * 1e-3) / 1e9,
+                            },
+                            device,
+                        )
+                    )
+                print(
+                    f"{op:<19}{'x'.join(map(str, shape)):<16}{name:<16}{provider:<9}{stats['median']:>9.3f}"
+                    f"{gbps:>10.1f}{eager[name] / stats['median']:>8.2f}x"
+                )
     save_results(rows, device, quick=args.quick)
 
 

@@ -12,7 +12,6 @@ bench/results/<device>.csv, with the peak memory of one step (bench.common.peak_
 
 from __future__ import annotations
 
-
 import torch
 
 from bench.common import copy_bandwidth_gbps, parse_device_args, peak_memory, row, save_results, time_ms
@@ -38,11 +37,21 @@ def main(argv=None) -> None:
     args, device = parse_device_args(__doc__, argv)
     shapes = [(64, 3, 32, 32)] if args.quick else [(256, 3, 224, 224), (512, 3, 32, 32)]
     dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
-    providers = ["eager", "torch"] + [b for b in ("triton", "cuda")
-                                      if device.type == "cuda" and _backend.status(b).available]
+    providers = ["eager", "torch"] + [
+        b for b in ("triton", "cuda") if device.type == "cuda" and _backend.status(b).available
+    ]
     copy_gbps = copy_bandwidth_gbps(device)
-    rows = [row("copy", "torch", "1GiB" if device.type == "cuda" else "256MiB", torch.float32, "gbps",
-                {"median": copy_gbps, "p20": copy_gbps, "p80": copy_gbps}, device)]
+    rows = [
+        row(
+            "copy",
+            "torch",
+            "1GiB" if device.type == "cuda" else "256MiB",
+            torch.float32,
+            "gbps",
+            {"median": copy_gbps, "p20": copy_gbps, "p80": copy_gbps},
+            device,
+        )
+    ]
     print(f"device: {rows[0]['device']}; copy bandwidth {copy_gbps:.0f} GB/s")
     print(f"{'norm':<5}{'shape':<16}{'dtype':<10}{'provider':<8}{'ms':>9}{'GB/s':>9}{'% copy':>8}{'vs eager':>9}")
     for shape in shapes:
@@ -57,8 +66,9 @@ def main(argv=None) -> None:
                 pgd_step(x_adv, grad, x_orig, alpha=alpha, eps=eps, norm=norm)
                 fns = {"eager": lambda: eager_step(x_adv, grad, x_orig, alpha, eps, norm)}
                 for p in providers[1:]:
-                    fns[p] = (lambda p=p: pgd_step_unchecked(x_adv, grad, x_orig, alpha=alpha, eps=eps, norm=norm,
-                                                             lower=0.0, upper=1.0, backend=p))
+                    fns[p] = lambda p=p: pgd_step_unchecked(
+                        x_adv, grad, x_orig, alpha=alpha, eps=eps, norm=norm, lower=0.0, upper=1.0, backend=p
+                    )
                 eager_ms = None
                 for provider, fn in fns.items():
                     stats = time_ms(fn, device)
@@ -67,14 +77,30 @@ def main(argv=None) -> None:
                     op = f"pgd_step_{norm}"
                     rows.append(row(op, provider, shape, dtype, "time_ms", stats, device))
                     # the 20th percentile of bandwidth comes from the 80th of time, and vice versa
-                    rows.append(row(op, provider, shape, dtype, "gbps",
-                                    {"median": gbps, "p20": moved / (stats["p80"] * 1e-3) / 1e9,
-                                     "p80": moved / (stats["p20"] * 1e-3) / 1e9}, device))
+                    rows.append(
+                        row(
+                            op,
+                            provider,
+                            shape,
+                            dtype,
+                            "gbps",
+                            {
+                                "median": gbps,
+                                "p20": moved / (stats["p80"] * 1e-3) / 1e9,
+                                "p80": moved / (stats["p20"] * 1e-3) / 1e9,
+                            },
+                            device,
+                        )
+                    )
                     metric, mib = peak_memory(fn, device)
-                    rows.append(row(op, provider, shape, dtype, metric, {"median": mib, "p20": mib, "p80": mib}, device))
-                    print(f"{norm:<5}{'x'.join(map(str, shape)):<16}{str(dtype)[6:]:<10}{provider:<8}"
-                          f"{stats['median']:>9.3f}{gbps:>9.0f}{gbps / copy_gbps:>8.0%}"
-                          f"{eager_ms / stats['median']:>8.2f}x")
+                    rows.append(
+                        row(op, provider, shape, dtype, metric, {"median": mib, "p20": mib, "p80": mib}, device)
+                    )
+                    print(
+                        f"{norm:<5}{'x'.join(map(str, shape)):<16}{str(dtype)[6:]:<10}{provider:<8}"
+                        f"{stats['median']:>9.3f}{gbps:>9.0f}{gbps / copy_gbps:>8.0%}"
+                        f"{eager_ms / stats['median']:>8.2f}x"
+                    )
     save_results(rows, device, quick=args.quick)
 
 

@@ -9,8 +9,8 @@ jacobian_regularizer loop (one autograd.grad per projection) for the Jacobian, p
 batchings the issue considered (is_grads_batched, and an input-space finite-difference
 estimator). The paper methods (3-step PGD at eps 8/255): Int2 with 1-class saliency maps against
 the eager version a user writes, Lipschitz (fixed psi) against Woods et al.'s eager double
-backprop, SNS against eager PGD adversarial training. Providers are timed round-robin (median over rounds), so that load on a shared
-machine hits them alike. Peak memory is the rise of the
+backprop, SNS against eager PGD adversarial training. Providers are timed round-robin (median
+over rounds), so that load on a shared machine hits them alike. Peak memory is the rise of the
 process's resident memory over one step (sampled by a thread). Rows are appended
 to bench/results/<device>.csv (metrics ms, peak_rss_rise_mib, ratio_vs_plain, speedup_vs_reference).
 
@@ -34,18 +34,33 @@ import torch.nn.functional as F
 
 from bench.common import peak_rss_rise_mib, row, save_results, time_ms
 from fastrob.models import PreActResNet18
-from fastrob.regularizers import (InputGradientRegularizer, InterpretationRegularizer, JacobianRegularizer,
-                                  JSIGRRegularizer, LipschitzRegularizer, SNSRegularizer)
+from fastrob.regularizers import (
+    InputGradientRegularizer,
+    InterpretationRegularizer,
+    JacobianRegularizer,
+    JSIGRRegularizer,
+    LipschitzRegularizer,
+    SNSRegularizer,
+)
 
 LAM = 0.1
 
 
 def make_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.Softplus(),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.Softplus(),
-        nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.BatchNorm2d(128), nn.Softplus(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.Softplus(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.BatchNorm2d(64),
+        nn.Softplus(),
+        nn.Conv2d(64, 128, 3, stride=2, padding=1),
+        nn.BatchNorm2d(128),
+        nn.Softplus(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    )
 
 
 def reference_input_gradient(model, x, y):
@@ -58,6 +73,7 @@ def reference_input_gradient(model, x, y):
 
 def reference_jacobian_loop(n_proj):
     """facebookresearch/jacobian_regularizer: one autograd.grad per projection."""
+
     def loss(model, x, y):
         x = x.clone().requires_grad_(True)
         z = model(x)
@@ -69,11 +85,13 @@ def reference_jacobian_loop(n_proj):
             (g,) = torch.autograd.grad(z, x, v, retain_graph=True, create_graph=True)
             r = r + c * g.pow(2).sum() / (n_proj * b)
         return F.cross_entropy(z, y) + LAM * 0.5 * r
+
     return loss
 
 
 def vmapped_jacobian(n_proj):
     """The "obvious" batching: all projections in one vmapped VJP (is_grads_batched)."""
+
     def loss(model, x, y):
         x = x.clone().requires_grad_(True)
         z = model(x)
@@ -81,6 +99,7 @@ def vmapped_jacobian(n_proj):
         v = v / v.norm(dim=-1, keepdim=True)
         (g,) = torch.autograd.grad(z, x, v, create_graph=True, is_grads_batched=True)
         return F.cross_entropy(z, y) + LAM * 0.5 * z.shape[1] * g.pow(2).sum() / (n_proj * z.shape[0])
+
     return loss
 
 
@@ -88,11 +107,13 @@ def input_space_fd_jacobian(n_proj, h=0.01):
     """The forward finite-difference estimator E_u ||(z(x + h u) - z(x)) / h||^2 ~ ||J||_F^2,
     u ~ N(0, I), the P perturbed batches in one forward. Timing only: biased O(h), and it lets
     the perturbed copies share BatchNorm statistics."""
+
     def loss(model, x, y):
         z = model(x)
         u = torch.randn(n_proj, *x.shape)
         z_h = model((x + h * u).flatten(0, 1)).view(n_proj, *z.shape)
         return F.cross_entropy(z, y) + LAM * 0.5 * ((z_h - z) / h).pow(2).sum() / (n_proj * z.shape[0])
+
     return loss
 
 
@@ -128,6 +149,7 @@ def reference_int2(model, x, y):
         z = model(inputs)
         (g,) = torch.autograd.grad(z.gather(1, y[:, None]).sum(), inputs, create_graph=True)
         return z, g
+
     z, g = saliency(x)
     _, g_adv = saliency(x_adv)
     return F.cross_entropy(z, y) + LAM_INT * (g_adv - g).abs().flatten(1).sum(1).mean()
@@ -158,24 +180,42 @@ PROVIDERS = {
     # name: (op, objective, baseline provider for "speedup_vs_reference")
     "plain": ("train_step", plain, None),
     "input_grad_reference_eager": ("input_gradient_exact", reference_input_gradient, None),
-    "input_grad_exact": ("input_gradient_exact", fastrob_step(InputGradientRegularizer(LAM)),
-                         "input_grad_reference_eager"),
-    "input_grad_fd": ("input_gradient_fd", fastrob_step(InputGradientRegularizer(LAM, mode="fd")),
-                      "input_grad_reference_eager"),
+    "input_grad_exact": (
+        "input_gradient_exact",
+        fastrob_step(InputGradientRegularizer(LAM)),
+        "input_grad_reference_eager",
+    ),
+    "input_grad_fd": (
+        "input_gradient_fd",
+        fastrob_step(InputGradientRegularizer(LAM, mode="fd")),
+        "input_grad_reference_eager",
+    ),
     "jacobian1_reference_loop": ("jacobian_nproj1", reference_jacobian_loop(1), None),
     "jacobian1": ("jacobian_nproj1", fastrob_step(JacobianRegularizer(LAM, n_proj=1)), "jacobian1_reference_loop"),
     "jacobian4_reference_loop": ("jacobian_nproj4", reference_jacobian_loop(4), None),
     "jacobian4_is_grads_batched": ("jacobian_nproj4", vmapped_jacobian(4), "jacobian4_reference_loop"),
     "jacobian4_input_space_fd": ("jacobian_nproj4", input_space_fd_jacobian(4), "jacobian4_reference_loop"),
-    "jacobian4_graph": ("jacobian_nproj4", fastrob_step(JacobianRegularizer(LAM, n_proj=4, batching="graph")),
-                        "jacobian4_reference_loop"),
-    "jacobian4_replicate": ("jacobian_nproj4", fastrob_step(JacobianRegularizer(LAM, n_proj=4, batching="replicate")),
-                            "jacobian4_reference_loop"),
+    "jacobian4_graph": (
+        "jacobian_nproj4",
+        fastrob_step(JacobianRegularizer(LAM, n_proj=4, batching="graph")),
+        "jacobian4_reference_loop",
+    ),
+    "jacobian4_replicate": (
+        "jacobian_nproj4",
+        fastrob_step(JacobianRegularizer(LAM, n_proj=4, batching="replicate")),
+        "jacobian4_reference_loop",
+    ),
     "jsigr": ("jsigr", fastrob_step(JSIGRRegularizer(0.01, LAM, patch=8)), "input_grad_reference_eager"),
     "int2_reference_eager": ("int2_saliency_1class", reference_int2, None),
-    "int2": ("int2_saliency_1class", fastrob_step(InterpretationRegularizer(
-        "int2", lam=LAM_INT, eps=SEED_EPS, steps=SEED_STEPS, map="saliency", discrepancy="1class")),
-        "int2_reference_eager"),
+    "int2": (
+        "int2_saliency_1class",
+        fastrob_step(
+            InterpretationRegularizer(
+                "int2", lam=LAM_INT, eps=SEED_EPS, steps=SEED_STEPS, map="saliency", discrepancy="1class"
+            )
+        ),
+        "int2_reference_eager",
+    ),
     "lipschitz_reference_eager": ("lipschitz", reference_lipschitz, None),
     "lipschitz": ("lipschitz", fastrob_step(LipschitzRegularizer(psi=220.0)), "lipschitz_reference_eager"),
     "pgd_at_eager": ("sns", pgd_at, None),
@@ -195,11 +235,13 @@ def setup(name, shape):
         opt.zero_grad(set_to_none=True)
         objective(model, x, y).backward()
         opt.step()
+
     return step
 
 
 def resnet_steps(device: torch.device, shape) -> dict:
     """name -> (one training step of PreAct-ResNet-18 with BN, baseline name or None)."""
+
     def step_of(objective, backend):
         torch.manual_seed(0)
         model = PreActResNet18(10, shape[1], activation_name="softplus").to(device).train()
@@ -214,12 +256,16 @@ def resnet_steps(device: torch.device, shape) -> dict:
             opt.zero_grad(set_to_none=True)
             objective(model, x, y).backward()
             opt.step()
+
         return step
+
     return {
         "resnet18_plain": (step_of(plain, "auto"), None),
         "resnet18_input_grad_reference_eager": (step_of(reference_input_gradient, "torch"), None),
-        "resnet18_input_grad_exact": (step_of(fastrob_step(InputGradientRegularizer(LAM)), "auto"),
-                                      "resnet18_input_grad_reference_eager"),
+        "resnet18_input_grad_exact": (
+            step_of(fastrob_step(InputGradientRegularizer(LAM)), "auto"),
+            "resnet18_input_grad_reference_eager",
+        ),
     }
 
 
@@ -233,13 +279,31 @@ def resnet_rows(quick: bool) -> list:
     for name, (_, ref) in steps.items():
         s, ratio = stats[name], stats[name]["median"] / stats["resnet18_plain"]["median"]
         rows.append(row("resnet18_input_gradient_exact", name, shape, torch.float32, "ms", s, device))
-        rows.append(row("resnet18_input_gradient_exact", name, shape, torch.float32, "ratio_vs_plain",
-                        {"median": ratio, "p20": ratio, "p80": ratio}, device))
+        rows.append(
+            row(
+                "resnet18_input_gradient_exact",
+                name,
+                shape,
+                torch.float32,
+                "ratio_vs_plain",
+                {"median": ratio, "p20": ratio, "p80": ratio},
+                device,
+            )
+        )
         speedup = ""
         if ref:
             sp = stats[ref]["median"] / s["median"]
-            rows.append(row("resnet18_input_gradient_exact", name, shape, torch.float32, "speedup_vs_reference",
-                            {"median": sp, "p20": sp, "p80": sp}, device))
+            rows.append(
+                row(
+                    "resnet18_input_gradient_exact",
+                    name,
+                    shape,
+                    torch.float32,
+                    "speedup_vs_reference",
+                    {"median": sp, "p20": sp, "p80": sp},
+                    device,
+                )
+            )
             speedup = f"{sp:9.2f}"
         print(f"{name:36s} {s['median']:9.1f} ms {ratio:8.2f}x plain {speedup:>9s}")
     return rows
@@ -297,16 +361,29 @@ def main(argv=None):
         s = stats[name]
         base = stats["plain"]["median"]
         rows.append(row(op, name, shape, torch.float32, "ms", s, device))
-        rows.append(row(op, name, shape, torch.float32, "peak_rss_rise_mib",
-                        {"median": memory[name], "p20": memory[name], "p80": memory[name]}, device))
+        rows.append(
+            row(
+                op,
+                name,
+                shape,
+                torch.float32,
+                "peak_rss_rise_mib",
+                {"median": memory[name], "p20": memory[name], "p80": memory[name]},
+                device,
+            )
+        )
         ratio = s["median"] / base
-        rows.append(row(op, name, shape, torch.float32, "ratio_vs_plain",
-                        {"median": ratio, "p20": ratio, "p80": ratio}, device))
+        rows.append(
+            row(op, name, shape, torch.float32, "ratio_vs_plain", {"median": ratio, "p20": ratio, "p80": ratio}, device)
+        )
         speedup = ""
         if ref:
             sp = stats[ref]["median"] / s["median"]
-            rows.append(row(op, name, shape, torch.float32, "speedup_vs_reference",
-                            {"median": sp, "p20": sp, "p80": sp}, device))
+            rows.append(
+                row(
+                    op, name, shape, torch.float32, "speedup_vs_reference", {"median": sp, "p20": sp, "p80": sp}, device
+                )
+            )
             speedup = f"{sp:9.2f}"
         print(f"{name:30s} {s['median']:9.1f} {ratio:8.2f} {speedup:>9s} {memory[name]:9.1f}")
     save_results(rows, device, quick=args.quick)

@@ -68,7 +68,7 @@ def comparisons(rows: dict) -> list[dict]:
     copy = [float(r["median"]) for k, r in rows.items() if k[0] == "copy" and k[4] == "gbps"]
     copy_gbps = copy[-1] if copy else None
     out, seen = [], set()
-    for (op, provider, shape, dtype, metric) in rows:
+    for op, provider, shape, dtype, metric in rows:
         if metric not in TIME_METRICS + RATE_METRICS or (op, provider, shape, dtype) in seen:
             continue
         for pattern, fastrob, ref, ref_op in COMPARISONS:
@@ -83,10 +83,23 @@ def comparisons(rows: dict) -> list[dict]:
             _, gbps = _value(rows, op, provider, shape, dtype, ("gbps",))
             _, mem = _value(rows, op, provider, shape, dtype, MEMORY_METRICS)
             _, ref_mem = _value(rows, ref_op or op, ref, shape, dtype, MEMORY_METRICS)
-            out.append({"op": op, "fastrob": provider, "reference": ref, "shape": shape, "dtype": dtype,
-                        "metric": m, "value": value, "ref_value": ref_value, "speedup": speedup, "gbps": gbps,
-                        "pct_copy": gbps / copy_gbps if gbps is not None and copy_gbps else None,
-                        "mem": mem, "ref_mem": ref_mem})
+            out.append(
+                {
+                    "op": op,
+                    "fastrob": provider,
+                    "reference": ref,
+                    "shape": shape,
+                    "dtype": dtype,
+                    "metric": m,
+                    "value": value,
+                    "ref_value": ref_value,
+                    "speedup": speedup,
+                    "gbps": gbps,
+                    "pct_copy": gbps / copy_gbps if gbps is not None and copy_gbps else None,
+                    "mem": mem,
+                    "ref_mem": ref_mem,
+                }
+            )
             break
     return out
 
@@ -105,25 +118,34 @@ def table(data: dict) -> str:
         meta = next(iter(rows.values()))
         dates = sorted({r["date"] for r in rows.values()})
         copy = [float(r["median"]) for k, r in rows.items() if k[0] == "copy" and k[4] == "gbps"]
-        lines.append(f"**{device}**: torch {meta['torch']}" + (f", triton {meta['triton']}" if meta["triton"] else "")
-                     + (f"; copy bandwidth {_num(copy[-1])} GB/s" if copy else "")
-                     + f"; measured {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else ""))
+        lines.append(
+            f"**{device}**: torch {meta['torch']}"
+            + (f", triton {meta['triton']}" if meta["triton"] else "")
+            + (f"; copy bandwidth {_num(copy[-1])} GB/s" if copy else "")
+            + f"; measured {dates[0]}"
+            + (f" to {dates[-1]}" if len(dates) > 1 else "")
+        )
         lines.append("")
         if not comps:
             lines += ["No comparisons measured on this device.", ""]
             continue
-        lines.append("| benchmark | shape | dtype | fastrob | reference | fastrob | reference | speed-up "
-                     "| GB/s | % of copy | peak MiB (fastrob / ref) |")
+        lines.append(
+            "| benchmark | shape | dtype | fastrob | reference | fastrob | reference | speed-up "
+            "| GB/s | % of copy | peak MiB (fastrob / ref) |"
+        )
         lines.append("|---|---|---|---|---|--:|--:|--:|--:|--:|--:|")
         for c in comps:
             unit = UNITS[c["metric"]]
             gbps = _num(c["gbps"]) if c["gbps"] is not None else ""
             pct = f"{c['pct_copy']:.0%}" if c["pct_copy"] is not None else ""
-            mem = (f"{_num(c['mem'])} / {_num(c['ref_mem'])}" if c["mem"] is not None and c["ref_mem"] is not None
-                   else "")
-            lines.append(f"| {c['op']} | {c['shape']} | {c['dtype']} | {c['fastrob']} | {c['reference']} "
-                         f"| {_num(c['value'])} {unit} | {_num(c['ref_value'])} {unit} | {c['speedup']:.2f}x "
-                         f"| {gbps} | {pct} | {mem} |")
+            mem = (
+                f"{_num(c['mem'])} / {_num(c['ref_mem'])}" if c["mem"] is not None and c["ref_mem"] is not None else ""
+            )
+            lines.append(
+                f"| {c['op']} | {c['shape']} | {c['dtype']} | {c['fastrob']} | {c['reference']} "
+                f"| {_num(c['value'])} {unit} | {_num(c['ref_value'])} {unit} | {c['speedup']:.2f}x "
+                f"| {gbps} | {pct} | {mem} |"
+            )
         lines.append("")
     return "\n".join(lines).rstrip("\n")
 
@@ -132,7 +154,7 @@ def replace_table(readme_text: str, body: str) -> str:
     start, end = readme_text.find(START), readme_text.find(END)
     if start < 0 or end < start:
         raise ValueError(f"the README has no {START} ... {END} markers")
-    return readme_text[:start + len(START)] + "\n" + body + "\n" + readme_text[end:]
+    return readme_text[: start + len(START)] + "\n" + body + "\n" + readme_text[end:]
 
 
 def plot(data: dict, path: Path) -> None:
@@ -146,12 +168,18 @@ def plot(data: dict, path: Path) -> None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     devices = list(dict.fromkeys(d for d, _ in bars))
     for i, (device, c) in enumerate(bars):
-        ax.barh(i, c["speedup"], color=colours[devices.index(device) % len(colours)],
-                label=device if device not in [d for d, _ in bars[:i]] else None)
+        ax.barh(
+            i,
+            c["speedup"],
+            color=colours[devices.index(device) % len(colours)],
+            label=device if device not in [d for d, _ in bars[:i]] else None,
+        )
         ax.text(c["speedup"], i, f" {c['speedup']:.2f}x", va="center", fontsize=7)
-    ax.set_yticks(range(len(bars)),
-                  [f"{c['op']} {c['shape']} {c['dtype']}: {c['fastrob']} vs {c['reference']}" for _, c in bars],
-                  fontsize=7)
+    ax.set_yticks(
+        range(len(bars)),
+        [f"{c['op']} {c['shape']} {c['dtype']}: {c['fastrob']} vs {c['reference']}" for _, c in bars],
+        fontsize=7,
+    )
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
     ax.set_xlabel("speed-up over the reference (> 1: fastrob faster)")

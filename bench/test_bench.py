@@ -19,8 +19,7 @@ from fastrob.ops.pgd_step import pgd_step_unchecked
 pytest.importorskip("pytest_benchmark")
 
 
-@pytest.mark.parametrize("norm,eps,alpha", [("linf", 8 / 255, 2 / 255), ("l2", 0.5, 0.1)],
-                         ids=["linf", "l2"])
+@pytest.mark.parametrize("norm,eps,alpha", [("linf", 8 / 255, 2 / 255), ("l2", 0.5, 0.1)], ids=["linf", "l2"])
 @pytest.mark.parametrize("provider", ["eager", "torch"])
 def test_pgd_step(benchmark, provider, norm, eps, alpha):
     gen = torch.Generator().manual_seed(0)
@@ -29,12 +28,16 @@ def test_pgd_step(benchmark, provider, norm, eps, alpha):
     x_adv = (x_orig + 0.01 * torch.randn(shape, generator=gen)).clamp(0, 1)
     grad = torch.randn(shape, generator=gen)
     if provider == "eager":
+
         def fn():
             return eager_step(x_adv, grad, x_orig, alpha, eps, norm)
     else:
+
         def fn():
-            return pgd_step_unchecked(x_adv, grad, x_orig, alpha=alpha, eps=eps, norm=norm, lower=0.0, upper=1.0,
-                                      backend=provider)
+            return pgd_step_unchecked(
+                x_adv, grad, x_orig, alpha=alpha, eps=eps, norm=norm, lower=0.0, upper=1.0, backend=provider
+            )
+
     benchmark.group = f"pgd_step_{norm} 64x3x32x32"
     out = benchmark(fn)
     torch.testing.assert_close(out, eager_step(x_adv, grad, x_orig, alpha, eps, norm))

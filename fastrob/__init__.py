@@ -6,16 +6,41 @@ step fused into Triton and CUDA kernels behind pure-torch references. See the RE
 
 from importlib.metadata import PackageNotFoundError, version
 
-from fastrob import (adversarial_training, attacks, data, distributed, functional, interpret, methods, metrics, models,
-                     nn, ops, regularizers)
+from fastrob import (
+    adversarial_training,
+    attacks,
+    data,
+    distributed,
+    functional,
+    interpret,
+    methods,
+    metrics,
+    models,
+    nn,
+    ops,
+    regularizers,
+)
 from fastrob.adversarial_training import adversarial_loss
 from fastrob.attacks import FGSM, PGD, PGDL2, adversarial_explanation, isa, pgd
-from fastrob.metrics import (accuracy_curve, ara, interpretation_discrepancy, kl_robustness, neuron_sensitivity,
-                             neuron_sensitivity_metric, robust_accuracy)
+from fastrob.metrics import (
+    accuracy_curve,
+    ara,
+    interpretation_discrepancy,
+    kl_robustness,
+    neuron_sensitivity,
+    neuron_sensitivity_metric,
+    robust_accuracy,
+)
 from fastrob.objective import Objective
 from fastrob.ops import batch_norm, bias_act, cross_entropy, pgd_step, sqnorm
-from fastrob.regularizers import (InputGradientRegularizer, InterpretationRegularizer, JacobianRegularizer,
-                                  JSIGRRegularizer, LipschitzRegularizer, SNSRegularizer)
+from fastrob.regularizers import (
+    InputGradientRegularizer,
+    InterpretationRegularizer,
+    JacobianRegularizer,
+    JSIGRRegularizer,
+    LipschitzRegularizer,
+    SNSRegularizer,
+)
 
 
 def __getattr__(name):
@@ -34,13 +59,43 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "adversarial_training", "attacks", "data", "distributed", "functional", "interpret", "methods", "metrics", "models",
-    "nn", "ops", "regularizers",
-    "InputGradientRegularizer", "InterpretationRegularizer", "JacobianRegularizer", "JSIGRRegularizer",
-    "LipschitzRegularizer", "SNSRegularizer",
-    "FGSM", "PGD", "PGDL2", "adversarial_explanation", "isa", "pgd", "adversarial_loss",
-    "accuracy_curve", "ara", "interpretation_discrepancy", "kl_robustness", "neuron_sensitivity",
-    "neuron_sensitivity_metric", "robust_accuracy",
-    "Objective", "batch_norm", "bias_act", "cross_entropy", "pgd_step", "sqnorm",
+    "adversarial_training",
+    "attacks",
+    "data",
+    "distributed",
+    "functional",
+    "interpret",
+    "methods",
+    "metrics",
+    "models",
+    "nn",
+    "ops",
+    "regularizers",
+    "InputGradientRegularizer",
+    "InterpretationRegularizer",
+    "JacobianRegularizer",
+    "JSIGRRegularizer",
+    "LipschitzRegularizer",
+    "SNSRegularizer",
+    "FGSM",
+    "PGD",
+    "PGDL2",
+    "adversarial_explanation",
+    "isa",
+    "pgd",
+    "adversarial_loss",
+    "accuracy_curve",
+    "ara",
+    "interpretation_discrepancy",
+    "kl_robustness",
+    "neuron_sensitivity",
+    "neuron_sensitivity_metric",
+    "robust_accuracy",
+    "Objective",
+    "batch_norm",
+    "bias_act",
+    "cross_entropy",
+    "pgd_step",
+    "sqnorm",
     "__version__",
 ]

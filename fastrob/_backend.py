@@ -87,10 +87,13 @@ def status(name: str) -> BackendStatus:
             return BackendStatus("triton", True, f"triton {triton.__version__} on CUDA tensors")
         if triton_interpreter():
             return BackendStatus(
-                "triton", True, f"triton {triton.__version__} through TRITON_INTERPRET=1 on CPU tensors (slow: for testing)"
+                "triton",
+                True,
+                f"triton {triton.__version__} through TRITON_INTERPRET=1 on CPU tensors (slow: for testing)",
             )
         return BackendStatus(
-            "triton", False,
+            "triton",
+            False,
             f"triton {triton.__version__} is installed but no CUDA GPU is visible "
             "(set TRITON_INTERPRET=1 before importing fastrob to run its kernels on CPU, for testing)",
         )
@@ -168,9 +171,13 @@ def _auto(op: str, device: torch.device, dtype: torch.dtype) -> str:
         failed.append(failure)
     for failure in failed:
         detail = failure.error or f"max error {failure.max_error:.3g}, {failure.ratio:.3g} x the tolerance"
-        warnings.warn(f"fastrob: the {failure.backend} kernel of {op} failed its self-check on {device} "
-                      f"({failure.dtype}: {detail}); backend='auto' uses {choice} instead "
-                      "(`fastrob check` prints every kernel's check)", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"fastrob: the {failure.backend} kernel of {op} failed its self-check on {device} "
+            f"({failure.dtype}: {detail}); backend='auto' uses {choice} instead "
+            "(`fastrob check` prints every kernel's check)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     _auto_choice[key] = choice
     return choice
 
@@ -180,8 +187,7 @@ def clear_auto_cache() -> None:
     _auto_choice.clear()
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str,
-            dtypes: tuple = KERNEL_DTYPES) -> str:
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str, dtypes: tuple = KERNEL_DTYPES) -> str:
     """The backend that runs ``op`` on tensors of ``device`` and ``dtype``.
 
     An explicitly requested backend that cannot run raises RuntimeError (unavailable, wrong
@@ -204,7 +210,8 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str,
             warnings.warn(
                 f"fastrob: no fused backend can run on this GPU, so {op} and the other fused ops use the torch "
                 f"reference (cuda: {status('cuda').reason}; triton: {status('triton').reason})",
-                RuntimeWarning, stacklevel=3,
+                RuntimeWarning,
+                stacklevel=3,
             )
         return "torch"
     st = status(backend)
@@ -213,9 +220,11 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str,
     if backend == "cuda" and device.type != "cuda":
         raise RuntimeError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
     if backend == "cuda" and not _extension_runs_on_device(device):
-        raise RuntimeError(f"{op}: backend='cuda': fastrob._C was not compiled for {device} "
-                           f"(compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}); "
-                           "reinstall with FASTROB_CUDA_ARCH naming it")
+        raise RuntimeError(
+            f"{op}: backend='cuda': fastrob._C was not compiled for {device} "
+            f"(compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}); "
+            "reinstall with FASTROB_CUDA_ARCH naming it"
+        )
     if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreter()):
         raise RuntimeError(
             f"{op}: backend='triton' needs CUDA tensors, got tensors on {device} "
@@ -223,6 +232,8 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str,
         )
     if dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{op}: backend={backend!r} supports {names}; got {str(dtype).replace('torch.', '')} "
-                        "(backend='torch' runs any floating dtype)")
+        raise TypeError(
+            f"{op}: backend={backend!r} supports {names}; got {str(dtype).replace('torch.', '')} "
+            "(backend='torch' runs any floating dtype)"
+        )
     return backend

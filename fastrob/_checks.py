@@ -29,7 +29,9 @@ def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
     if t.shape != ref.shape:
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
     if t.dtype != ref.dtype:
-        raise TypeError(f"{name} must have the dtype of {ref_name} ({dtype_name(ref.dtype)}), got {dtype_name(t.dtype)}")
+        raise TypeError(
+            f"{name} must have the dtype of {ref_name} ({dtype_name(ref.dtype)}), got {dtype_name(t.dtype)}"
+        )
     if t.device != ref.device:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
 
@@ -45,8 +47,9 @@ def check_float(name: str, value, *, min_value: float | None = None) -> float:
     return value
 
 
-def per_sample_value(name: str, value, batch: int, device: torch.device, *, min_value: float = 0.0,
-                     dtype: torch.dtype = torch.float32):
+def per_sample_value(
+    name: str, value, batch: int, device: torch.device, *, min_value: float = 0.0, dtype: torch.dtype = torch.float32
+):
     """A float, or a per-sample tensor of shape [batch] (``dtype`` on ``device``) after checking it.
 
     A 0-dim tensor counts as a float. Checking a CUDA tensor's values costs one synchronisation;
@@ -56,8 +59,9 @@ def per_sample_value(name: str, value, batch: int, device: torch.device, *, min_
         if value.dim() == 0:
             return check_float(name, value.item(), min_value=min_value)
         if value.shape != (batch,):
-            raise ValueError(f"{name} must be a number or a tensor of shape [batch] = ({batch},), "
-                             f"got shape {tuple(value.shape)}")
+            raise ValueError(
+                f"{name} must be a number or a tensor of shape [batch] = ({batch},), got shape {tuple(value.shape)}"
+            )
         if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must hold real numbers, got dtype {dtype_name(value.dtype)}")
         value = value.detach().to(device=device, dtype=dtype)
@@ -93,8 +97,10 @@ def check_generator(generator, device: torch.device, name: str = "generator") ->
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
     if generator.device.type != torch.device(device).type:
-        raise ValueError(f"{name} must be on the inputs' device type {torch.device(device).type!r}, got a generator "
-                         f"on {generator.device} (e.g. torch.Generator(device=x.device))")
+        raise ValueError(
+            f"{name} must be on the inputs' device type {torch.device(device).type!r}, got a generator "
+            f"on {generator.device} (e.g. torch.Generator(device=x.device))"
+        )
 
 
 def check_model(model) -> None:
@@ -128,14 +134,18 @@ def check_logits(logits, batch: int, y: torch.Tensor | None = None, where: str |
         n_bad = int(bad.sum())
         if n_bad:
             rows = bad.nonzero().squeeze(1)[:8].tolist()
-            raise ValueError(f"model returned non-finite logits (NaN or inf) for {n_bad} of {batch} samples"
-                             f"{f' ({where})' if where else ''}: no prediction can be read from them "
-                             f"(samples {rows}{' ...' if n_bad > 8 else ''})")
+            raise ValueError(
+                f"model returned non-finite logits (NaN or inf) for {n_bad} of {batch} samples"
+                f"{f' ({where})' if where else ''}: no prediction can be read from them "
+                f"(samples {rows}{' ...' if n_bad > 8 else ''})"
+            )
     if y is not None and y.numel():
         low, high = int(y.min()), int(y.max())
         if low < 0 or high >= logits.shape[1]:
-            raise ValueError(f"y must hold labels in [0, {logits.shape[1]}) for a model with {logits.shape[1]} "
-                             f"outputs, got values in [{low}, {high}]")
+            raise ValueError(
+                f"y must hold labels in [0, {logits.shape[1]}) for a model with {logits.shape[1]} "
+                f"outputs, got values in [{low}, {high}]"
+            )
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
@@ -163,11 +173,15 @@ def check_model_input(model, x: torch.Tensor) -> None:
         raise ValueError("x is on the meta device (it holds no values): move it to a real device first")
     dtype, device = model_dtype_device(model)
     if device is not None and device.type == "meta":
-        raise ValueError("the model's parameters are on the meta device (no values): load or move them to a real "
-                         "device (e.g. model.to_empty(device=...) and load_state_dict) first")
+        raise ValueError(
+            "the model's parameters are on the meta device (no values): load or move them to a real "
+            "device (e.g. model.to_empty(device=...) and load_state_dict) first"
+        )
     if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"x has dtype {dtype_name(x.dtype)} but the model's parameters are {dtype_name(dtype)}: "
-                        f"convert one of them (e.g. x.to({str(dtype)}))")
+        raise TypeError(
+            f"x has dtype {dtype_name(x.dtype)} but the model's parameters are {dtype_name(dtype)}: "
+            f"convert one of them (e.g. x.to({str(dtype)}))"
+        )
 
 
 @contextlib.contextmanager

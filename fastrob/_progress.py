@@ -65,8 +65,9 @@ class StageLine:
         print(f"{self.desc}: {self.n} {self.unit} in {seconds:.1f} s{extra}", file=sys.stderr, flush=True)
 
 
-def progress(iterable=None, *, total=None, desc: str = "", unit: str = "it", disable: bool = False,
-             leave: bool = False, **kwargs):
+def progress(
+    iterable=None, *, total=None, desc: str = "", unit: str = "it", disable: bool = False, leave: bool = False, **kwargs
+):
     """A progress bar over ``iterable`` (or updated by hand up to ``total``), as ``tqdm(...)``:
     a tqdm bar on a terminal, a ``StageLine`` on any other stderr, tqdm's disabled bar (no output)
     when ``disable`` (the callers' quiet=True)."""

@@ -8,8 +8,17 @@ import contextlib
 import os
 
 LOCK = ".fastrob.lock"
-CHECKPOINT_KEYS = ("config", "model", "optimizer", "generator", "torch_rng", "epoch", "history", "in_shape",
-                   "num_classes")
+CHECKPOINT_KEYS = (
+    "config",
+    "model",
+    "optimizer",
+    "generator",
+    "torch_rng",
+    "epoch",
+    "history",
+    "in_shape",
+    "num_classes",
+)
 
 
 def check_out_dir(path, option: str = "--out") -> str:
@@ -85,8 +94,10 @@ def run_lock(out_dir: str | None):
             except (OSError, ValueError):
                 pid = 0
             if pid and _pid_alive(pid):
-                raise ValueError(f"{out_dir} is in use by another fastrob run (process {pid}); wait for it or "
-                                 f"choose another --out (remove {path} if that process is not fastrob)") from None
+                raise ValueError(
+                    f"{out_dir} is in use by another fastrob run (process {pid}); wait for it or "
+                    f"choose another --out (remove {path} if that process is not fastrob)"
+                ) from None
             os.remove(path)  # stale: its process is gone
     else:
         raise ValueError(f"{out_dir}: cannot take the lock {path}")
@@ -97,5 +108,3 @@ def run_lock(out_dir: str | None):
     finally:
         with contextlib.suppress(OSError):
             os.remove(path)
-
-

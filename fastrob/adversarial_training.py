@@ -7,17 +7,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastrob._checks import check_float, check_tensor
 from fastrob.attacks.losses import kl_loss
 from fastrob.attacks.torchattacks_compat import Attack
 from fastrob.distributed import unwrap
 from fastrob.objective import Objective
-from fastrob._checks import check_float, check_tensor
 
 KINDS = ("pgd", "trades", "half")
 
 
-def adversarial_loss(model, x: torch.Tensor, y: torch.Tensor, attack, kind: str = "pgd",
-                     beta: float = 6.0) -> Objective:
+def adversarial_loss(
+    model, x: torch.Tensor, y: torch.Tensor, attack, kind: str = "pgd", beta: float = 6.0
+) -> Objective:
     """The adversarial training objective for one batch; call ``.loss.backward()`` to train.
 
     kind="pgd" (Madry et al. 2018):  L = mean_b CE(f(x'_b), y_b),  x' = attack(x, y).
@@ -48,8 +49,10 @@ def adversarial_loss(model, x: torch.Tensor, y: torch.Tensor, attack, kind: str 
     beta = check_float("beta", beta, min_value=0.0)
     check_tensor("x", x, min_dim=2)
     if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
-        raise ValueError(f"y must be a tensor of labels of shape ({x.shape[0]},), got "
-                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+        raise ValueError(
+            f"y must be a tensor of labels of shape ({x.shape[0]},), got "
+            f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}"
+        )
 
     zero = x.new_zeros(())
     if kind == "pgd":

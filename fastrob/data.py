@@ -10,7 +10,8 @@ user data raises a ValueError that says what is wrong (missing keys, wrong rank,
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -63,8 +64,9 @@ def split_data(x: torch.Tensor, y: torch.Tensor, test_fraction: float = 0.25, se
     counts = torch.bincount(y)
     stratify = y.numpy() if bool((counts[counts > 0] >= 2).all()) else None
     try:
-        idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed,
-                                               stratify=stratify)
+        idx_train, idx_test = train_test_split(
+            np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=stratify
+        )
     except ValueError as err:  # too few samples for the split asked
         raise ValueError(f"cannot split {len(y)} samples with test_fraction={test_fraction}: {err}") from None
     idx_train, idx_test = torch.as_tensor(idx_train), torch.as_tensor(idx_test)
@@ -74,14 +76,16 @@ def split_data(x: torch.Tensor, y: torch.Tensor, test_fraction: float = 0.25, se
 def loaders(split: Split, batch_size: int = 128, seed: int = 0) -> tuple[DataLoader, DataLoader]:
     """(train loader, shuffled by a generator seeded with ``seed``; test loader, in order)."""
     generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(TensorDataset(split.x_train, split.y_train), batch_size=batch_size, shuffle=True,
-                       generator=generator)
+    train = DataLoader(
+        TensorDataset(split.x_train, split.y_train), batch_size=batch_size, shuffle=True, generator=generator
+    )
     test = DataLoader(TensorDataset(split.x_test, split.y_test), batch_size=batch_size)
     return train, test
 
 
 # ----------------------------------------------------------------------------------------------
 # user data
+
 
 def check_images(x, y, source: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
     """x as float32 NCHW in [0, 1] and y as int64 labels of the same length, or a ValueError
@@ -119,8 +123,10 @@ def load_npz(path: str, test_fraction: float = 0.25, seed: int = 0) -> Split:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic not in ZIP_MAGIC:  # numpy would call a text file "pickled data"
-        raise ValueError(f"{path}: not a valid .npz file (an .npz is a zip archive written by numpy.savez; "
-                         f"this file starts with {magic!r})")
+        raise ValueError(
+            f"{path}: not a valid .npz file (an .npz is a zip archive written by numpy.savez; "
+            f"this file starts with {magic!r})"
+        )
     try:
         arrays = np.load(path, allow_pickle=False)
         keys = set(arrays.files)
@@ -131,8 +137,10 @@ def load_npz(path: str, test_fraction: float = 0.25, seed: int = 0) -> Split:
         try:
             return arrays[key]
         except ValueError:  # allow_pickle=False refuses object arrays, without naming the file
-            raise ValueError(f"{path}: array {key!r} holds Python objects (dtype object); store numeric arrays "
-                             "(float images, integer labels)") from None
+            raise ValueError(
+                f"{path}: array {key!r} holds Python objects (dtype object); store numeric arrays "
+                "(float images, integer labels)"
+            ) from None
         except Exception as err:  # a truncated or corrupt member
             raise ValueError(f"{path}: array {key!r} cannot be read ({type(err).__name__}: {err})") from None
 
@@ -140,13 +148,17 @@ def load_npz(path: str, test_fraction: float = 0.25, seed: int = 0) -> Split:
         x_train, y_train = check_images(array("x_train"), array("y_train"), f"{path} (train)")
         x_test, y_test = check_images(array("x_test"), array("y_test"), f"{path} (test)")
         if x_train.shape[1:] != x_test.shape[1:]:
-            raise ValueError(f"{path}: x_train and x_test images differ in shape "
-                             f"({tuple(x_train.shape[1:])} vs {tuple(x_test.shape[1:])})")
+            raise ValueError(
+                f"{path}: x_train and x_test images differ in shape "
+                f"({tuple(x_train.shape[1:])} vs {tuple(x_test.shape[1:])})"
+            )
         return Split(x_train, y_train, x_test, y_test)
     missing = [k for k in ("x", "y") if k not in keys]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {', '.join(missing)} (expected arrays x and y, or "
-                         f"x_train, y_train, x_test, y_test; found {', '.join(sorted(keys)) or 'none'})")
+        raise ValueError(
+            f"{path}: missing key(s) {', '.join(missing)} (expected arrays x and y, or "
+            f"x_train, y_train, x_test, y_test; found {', '.join(sorted(keys)) or 'none'})"
+        )
     x, y = check_images(array("x"), array("y"), path)
     return split_data(x, y, test_fraction=test_fraction, seed=seed)
 
@@ -178,8 +190,10 @@ def load_folder(path: str, test_fraction: float = 0.25, seed: int = 0) -> tuple[
             if size is None:
                 size = arr.shape
             elif arr.shape != size:
-                raise ValueError(f"{file}: image of size {arr.shape[1]}x{arr.shape[0]}, the others are "
-                                 f"{size[1]}x{size[0]}; resize them to one size first")
+                raise ValueError(
+                    f"{file}: image of size {arr.shape[1]}x{arr.shape[0]}, the others are "
+                    f"{size[1]}x{size[0]}; resize them to one size first"
+                )
             images.append(arr.transpose(2, 0, 1))
             labels.append(label)
     x = np.stack(images)
@@ -206,8 +220,10 @@ def load_dataset(spec: str, size: int | None = None, test_fraction: float = 0.25
     elif spec.endswith(".npz") or os.path.isfile(spec):
         split = load_npz(spec, test_fraction, seed)
     else:
-        raise ValueError(f"data must be 'digits', an .npz file or a directory of class folders, got {spec!r} "
-                         "(no such file or directory)")
+        raise ValueError(
+            f"data must be 'digits', an .npz file or a directory of class folders, got {spec!r} "
+            "(no such file or directory)"
+        )
     if size is not None and spec != "digits":
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
@@ -228,9 +244,11 @@ def check_label_range(y: torch.Tensor, source: str) -> int:
     if num_classes < 2:
         raise ValueError(f"{source}: needs at least 2 classes, got labels of {num_classes}")
     if used * 2 < num_classes:
-        raise ValueError(f"{source}: the labels use {used} distinct values up to {num_classes - 1}, so a model "
-                         f"would have {num_classes} outputs of which {num_classes - used} never occur; relabel the "
-                         f"classes as 0..{used - 1} (e.g. numpy.unique(y, return_inverse=True)[1])")
+        raise ValueError(
+            f"{source}: the labels use {used} distinct values up to {num_classes - 1}, so a model "
+            f"would have {num_classes} outputs of which {num_classes - used} never occur; relabel the "
+            f"classes as 0..{used - 1} (e.g. numpy.unique(y, return_inverse=True)[1])"
+        )
     return num_classes
 
 
@@ -239,5 +257,17 @@ def subset(x: torch.Tensor, y: torch.Tensor, n: int | None) -> tuple[torch.Tenso
     return (x, y) if n is None or n >= len(y) else (x[:n], y[:n])
 
 
-__all__: Sequence[str] = ["Split", "Dataset", "load_digits", "load_npz", "load_folder", "load_dataset", "loaders",
-                          "resize", "split_data", "check_images", "subset", "SIZES"]
+__all__: Sequence[str] = [
+    "Split",
+    "Dataset",
+    "load_digits",
+    "load_npz",
+    "load_folder",
+    "load_dataset",
+    "loaders",
+    "resize",
+    "split_data",
+    "check_images",
+    "subset",
+    "SIZES",
+]

@@ -94,7 +94,7 @@ def all_gather_variable(values: torch.Tensor) -> list[torch.Tensor]:
     longest = max(sizes)
     # all_gather needs equal shapes: pad every rank's values to the longest, then cut
     padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
-    padded[:local.shape[0]] = local
+    padded[: local.shape[0]] = local
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     out = [o[:n].cpu() for o, n in zip(out, sizes)]

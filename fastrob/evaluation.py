@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
 
@@ -48,8 +48,9 @@ def _pgd(model, eps: float, s: EvalSettings):
     random starts from one generator per evaluation seeded with seed + rank (as the other metrics)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(s.seed + distributed.rank())
-    return lambda x, y: attacks.pgd(model, x, y, eps=eps, alpha=attacks.default_alpha(eps, s.steps), steps=s.steps,
-                                    norm=s.norm, generator=generator)
+    return lambda x, y: attacks.pgd(
+        model, x, y, eps=eps, alpha=attacks.default_alpha(eps, s.steps), steps=s.steps, norm=s.norm, generator=generator
+    )
 
 
 def _headline(model, data, s: EvalSettings, quiet: bool):
@@ -58,37 +59,70 @@ def _headline(model, data, s: EvalSettings, quiet: bool):
     with torch.no_grad():
         n_classes = int(model(x[:1]).shape[1])
     steps = s.steps if s.attack == "pgd" else s.attack_steps
-    attack = metrics.make_attack(s.attack, model, s.attack_eps, s.norm, steps=steps, restarts=s.restarts,
-                                 n_queries=s.attack_queries, n_classes=n_classes, seed=s.seed)
+    attack = metrics.make_attack(
+        s.attack,
+        model,
+        s.attack_eps,
+        s.norm,
+        steps=steps,
+        restarts=s.restarts,
+        n_queries=s.attack_queries,
+        n_classes=n_classes,
+        seed=s.seed,
+    )
     return metrics.robust_accuracy(model, data, attack, quiet=quiet)
 
 
 # What ``evaluate`` computes per model, in order: (key, function(model, data, settings, quiet) ->
 # result with as_dict(), enabled(settings)); ``table`` has a column for each.
 EVAL_METRICS: list[tuple[str, Callable, Callable]] = [
-    ("curve", lambda m, d, s, q: metrics.accuracy_curve(m, d, s.eps, s.norm, steps=s.steps, restarts=s.restarts,
-                                                        seed=s.seed, quiet=q, attack=s.curve_attack), lambda s: True),
+    (
+        "curve",
+        lambda m, d, s, q: metrics.accuracy_curve(
+            m, d, s.eps, s.norm, steps=s.steps, restarts=s.restarts, seed=s.seed, quiet=q, attack=s.curve_attack
+        ),
+        lambda s: True,
+    ),
     # the headline robust accuracy (AutoAttack, Croce & Hein 2020, by default) and the masking checks behind it
     ("robust", _headline, lambda s: s.attack_eps > 0),
-    ("masking", lambda m, d, s, q: metrics.masking_report(m, d, s.attack_eps, s.norm, n=s.masking_n,
-                                                          n_queries=s.masking_queries, seed=s.seed, quiet=q),
-     lambda s: s.attack_eps > 0 and s.masking_n > 0),
-    ("ara", lambda m, d, s, q: metrics.ara(m, d, n=s.ara_n, kind=s.ara_kind, seed=s.seed, quiet=q),
-     lambda s: s.ara_n > 0),
-    ("kl", lambda m, d, s, q: metrics.kl_robustness(m, d, s.kl_eps, s.norm, s.kl_steps, seed=s.seed, quiet=q),
-     lambda s: s.kl_eps > 0),
-    # Boopathy et al. 2020 (docs/methods.md#interpretation-aware-training): the 2-class l1 discrepancy of CAM (models with a GAP head) or saliency maps
-    ("interp", lambda m, d, s, q: metrics.interpretation_discrepancy(m, d, _pgd(m, s.interp_eps, s), map="auto",
-                                                                     quiet=q), lambda s: s.interp_eps > 0),
+    (
+        "masking",
+        lambda m, d, s, q: metrics.masking_report(
+            m, d, s.attack_eps, s.norm, n=s.masking_n, n_queries=s.masking_queries, seed=s.seed, quiet=q
+        ),
+        lambda s: s.attack_eps > 0 and s.masking_n > 0,
+    ),
+    (
+        "ara",
+        lambda m, d, s, q: metrics.ara(m, d, n=s.ara_n, kind=s.ara_kind, seed=s.seed, quiet=q),
+        lambda s: s.ara_n > 0,
+    ),
+    (
+        "kl",
+        lambda m, d, s, q: metrics.kl_robustness(m, d, s.kl_eps, s.norm, s.kl_steps, seed=s.seed, quiet=q),
+        lambda s: s.kl_eps > 0,
+    ),
+    # Boopathy et al. 2020 (docs/methods.md#interpretation-aware-training): the 2-class l1
+    # discrepancy of CAM (models with a GAP head) or saliency maps
+    (
+        "interp",
+        lambda m, d, s, q: metrics.interpretation_discrepancy(m, d, _pgd(m, s.interp_eps, s), map="auto", quiet=q),
+        lambda s: s.interp_eps > 0,
+    ),
     # Zhang, Liu et al. 2019 (docs/methods.md#neuron-sensitivity): mean neuron sensitivity of the activation layers
-    ("sensitivity", lambda m, d, s, q: metrics.neuron_sensitivity_metric(m, d, eps=s.sens_eps, norm=s.norm,
-                                                                        steps=s.steps, seed=s.seed, quiet=q),
-     lambda s: s.sens_eps > 0),
+    (
+        "sensitivity",
+        lambda m, d, s, q: metrics.neuron_sensitivity_metric(
+            m, d, eps=s.sens_eps, norm=s.norm, steps=s.steps, seed=s.seed, quiet=q
+        ),
+        lambda s: s.sens_eps > 0,
+    ),
 ]
 
 
-def evaluate(models: Mapping[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
-             quiet: bool = False) -> dict:
+def evaluate(
+    models: Mapping[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor, settings: EvalSettings, quiet: bool = False
+) -> dict:
     """{model name: {metric key: result object}} for every enabled metric of ``EVAL_METRICS``."""
     out = {}
     for name, model in models.items():
@@ -108,16 +142,20 @@ def table(results: Mapping[str, Mapping[str, object]], settings: EvalSettings) -
     head = f"{'model':<{width}}{'clean':>7}" + "".join(f"{f'{settings.norm} {e:g}':>11}" for e in eps)
     # the optional columns after the accuracies: (metric key, header, the cell of its result)
     short = {"autoattack": "AA", "apgd": "APGD", "pgd": "PGD"}.get(settings.attack, settings.attack)
-    columns = [("robust", f"{short}@{settings.attack_eps:g}", lambda r: f"{r.accuracy:.1%}"),
-               ("masking", "masking", lambda r: r.verdict),
-               ("ara", "ARA", lambda r: f"{r.ara:.4f}"),
-               ("kl", f"KL@{settings.kl_eps:g}", lambda r: f"{r.mean:.3f}"),
-               ("interp", f"D@{settings.interp_eps:g}", lambda r: f"{r.mean:.2f}"),
-               ("sensitivity", f"NS@{settings.sens_eps:g}", lambda r: f"{r.mean:.4f}")]
+    columns = [
+        ("robust", f"{short}@{settings.attack_eps:g}", lambda r: f"{r.accuracy:.1%}"),
+        ("masking", "masking", lambda r: r.verdict),
+        ("ara", "ARA", lambda r: f"{r.ara:.4f}"),
+        ("kl", f"KL@{settings.kl_eps:g}", lambda r: f"{r.mean:.3f}"),
+        ("interp", f"D@{settings.interp_eps:g}", lambda r: f"{r.mean:.2f}"),
+        ("sensitivity", f"NS@{settings.sens_eps:g}", lambda r: f"{r.mean:.4f}"),
+    ]
     columns = [c for c in columns if any(c[0] in r for r in results.values())]
     # each column as wide as its widest cell (at least 9): "suspicious" is wider than a number
-    widths = [max([9, len(header) + 2] + [len(cell(r[key])) + 2 for r in results.values() if key in r])
-              for key, header, cell in columns]
+    widths = [
+        max([9, len(header) + 2] + [len(cell(r[key])) + 2 for r in results.values() if key in r])
+        for key, header, cell in columns
+    ]
     head += "".join(f"{header:>{w}}" for (_, header, _), w in zip(columns, widths))
     lines = [head]
     for name, res in results.items():
@@ -137,35 +175,48 @@ def _attack_words(name: str, s: EvalSettings, steps: int, queries: int) -> str:
     if name == "apgd":
         return f"APGD-CE-{s.norm}, {steps} iterations{restarts}"
     standard = (steps, queries) == (100, 5000)
-    return (f"AutoAttack {'standard' if standard else 'in the standard order with cheaper settings'} "
-            f"(APGD-CE, APGD-T, FAB-T with {steps} iterations, Square with {queries} queries)")
+    return (
+        f"AutoAttack {'standard' if standard else 'in the standard order with cheaper settings'} "
+        f"(APGD-CE, APGD-T, FAB-T with {steps} iterations, Square with {queries} queries)"
+    )
 
 
 def legend(settings: EvalSettings) -> str:
     # accuracy_curve runs APGD with ``steps`` and AutoAttack standard
-    parts = [f"robust accuracy over eps: {_attack_words(settings.curve_attack, settings, settings.steps, 5000)}"
-             if settings.curve_attack != "autoattack" else
-             f"robust accuracy over eps: {_attack_words('autoattack', settings, 100, 5000)}"]
+    parts = [
+        f"robust accuracy over eps: {_attack_words(settings.curve_attack, settings, settings.steps, 5000)}"
+        if settings.curve_attack != "autoattack"
+        else f"robust accuracy over eps: {_attack_words('autoattack', settings, 100, 5000)}"
+    ]
     if settings.attack_eps > 0:
         short = {"autoattack": "AA", "apgd": "APGD", "pgd": "PGD"}[settings.attack]
-        parts.append(f"{short}@{settings.attack_eps:g}: robust accuracy at {settings.norm} eps "
-                     f"{settings.attack_eps:g} under "
-                     f"{_attack_words(settings.attack, settings, settings.attack_steps, settings.attack_queries)}")
+        parts.append(
+            f"{short}@{settings.attack_eps:g}: robust accuracy at {settings.norm} eps "
+            f"{settings.attack_eps:g} under "
+            f"{_attack_words(settings.attack, settings, settings.attack_steps, settings.attack_queries)}"
+        )
         if settings.masking_n > 0:
-            parts.append(f"masking: the gradient-masking report at the same eps on {settings.masking_n} images "
-                         "(suspicious: a check over its limit; the checks of flagged models follow)")
+            parts.append(
+                f"masking: the gradient-masking report at the same eps on {settings.masking_n} images "
+                "(suspicious: a check over its limit; the checks of flagged models follow)"
+            )
     if settings.ara_n > 0:
         parts.append(f"ARA: accuracy-robustness area over RMSE radii ({settings.ara_kind}; higher is more robust)")
     if settings.kl_eps > 0:
-        parts.append(f"KL@{settings.kl_eps:g}: mean max KL(p(x)||p(x+d)) over the {settings.norm} ball "
-                     "(lower is more stable)")
+        parts.append(
+            f"KL@{settings.kl_eps:g}: mean max KL(p(x)||p(x+d)) over the {settings.norm} ball (lower is more stable)"
+        )
     if settings.interp_eps > 0:
-        parts.append(f"D@{settings.interp_eps:g}: mean 2-class l1 interpretation discrepancy under PGD-{settings.norm} "
-                     "(CAM for models with a GAP head, else input-gradient saliency: compare like with like; "
-                     "lower is more stable)")
+        parts.append(
+            f"D@{settings.interp_eps:g}: mean 2-class l1 interpretation discrepancy under PGD-{settings.norm} "
+            "(CAM for models with a GAP head, else input-gradient saliency: compare like with like; "
+            "lower is more stable)"
+        )
     if settings.sens_eps > 0:
-        parts.append(f"NS@{settings.sens_eps:g}: mean neuron sensitivity of the activation layers under "
-                     f"PGD-{settings.norm} (lower is more stable)")
+        parts.append(
+            f"NS@{settings.sens_eps:g}: mean neuron sensitivity of the activation layers under "
+            f"PGD-{settings.norm} (lower is more stable)"
+        )
     return "\n".join(parts)
 
 

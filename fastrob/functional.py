@@ -19,8 +19,15 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fastrob._checks import (check_finite, check_int, check_labels, check_logits, check_model, check_model_input,
-                             check_tensor)
+from fastrob._checks import (
+    check_finite,
+    check_int,
+    check_labels,
+    check_logits,
+    check_model,
+    check_model_input,
+    check_tensor,
+)
 from fastrob.ops._common import resolve_backend
 from fastrob.ops.cross_entropy import cross_entropy_unchecked
 from fastrob.ops.sqnorm import sqnorm
@@ -30,8 +37,15 @@ INPUT_GRADIENT_NORMS = ("l2", "l1")
 
 # ---- the formulas ---------------------------------------------------------------------------
 
-def input_gradient_penalty(loss_per_sample: torch.Tensor, x: torch.Tensor, *, norm: str = "l2",
-                           weight: torch.Tensor | None = None, backend: str = "torch") -> torch.Tensor:
+
+def input_gradient_penalty(
+    loss_per_sample: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    norm: str = "l2",
+    weight: torch.Tensor | None = None,
+    backend: str = "torch",
+) -> torch.Tensor:
     """mean_i ||w * g_i||_2^2 (norm="l2") or mean_i ||w * g_i||_1^2 / d (norm="l1").
 
     g_i = d(sum_j loss_per_sample_j) / d x_i is sample i's input gradient (see the module
@@ -75,8 +89,15 @@ def gradient_norm_penalty(g: torch.Tensor, norm: str, *, backend: str = "torch")
     return g.abs().sum(1).pow(2).mean() / g.shape[1]
 
 
-def jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, *, n_proj: int = 1, exact: bool = False,
-                     samples_interact: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+def jacobian_penalty(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    n_proj: int = 1,
+    exact: bool = False,
+    samples_interact: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """1/2 ||J||_F^2 / B with J = d logits / d x the Jacobian of the whole batch, [B*C, B*d].
 
     For samples that do not interact, J is block-diagonal and this is mean_b 1/2 ||J_b||_F^2,
@@ -121,8 +142,9 @@ def jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, *, n_proj: int = 1, 
     return projected_jacobian_penalty(logits, x, v, scale=classes / v.shape[0])
 
 
-def projections(rows: int, classes: int, n_proj: int, exact: bool, like: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def projections(
+    rows: int, classes: int, n_proj: int, exact: bool, like: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """[P, rows, C] projection vectors: the C one-hot vectors (P = C) when ``exact``, else
     P x rows independent vectors uniform on the unit sphere (normalised Gaussians)."""
     if exact:
@@ -132,8 +154,7 @@ def projections(rows: int, classes: int, n_proj: int, exact: bool, like: torch.T
     return (v / v.norm(dim=-1, keepdim=True)).to(like.dtype)
 
 
-def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *,
-                               scale: float) -> torch.Tensor:
+def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
     """1/2 * scale / N * sum_p ||v_p^T J||^2 for projections v of shape [P, N, C], J = d logits / d x.
 
     The one formula behind every Jacobian penalty here; ``scale`` is C / P for one unit vector
@@ -150,6 +171,7 @@ def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.T
 
 
 # ---- argument checks and model calls shared by the regularizer classes ----------------------
+
 
 def check_inputs(model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks (model, x, y); returns a leaf copy of x that requires grad, and y as int64.
@@ -245,8 +267,12 @@ def per_sample_cross_entropy(logits: torch.Tensor, y: torch.Tensor, backend: str
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, backend: str = "torch") -> torch.Tensor:
     """Deprecated name of ``per_sample_cross_entropy`` (easily confused with the public op
     ``fastrob.ops.cross_entropy``, which reduces and checks its inputs)."""
-    warnings.warn("fastrob.functional.cross_entropy is deprecated: use fastrob.functional.per_sample_cross_entropy "
-                  "(or the checked op fastrob.ops.cross_entropy)", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "fastrob.functional.cross_entropy is deprecated: use fastrob.functional.per_sample_cross_entropy "
+        "(or the checked op fastrob.ops.cross_entropy)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return per_sample_cross_entropy(logits, y, backend)
 
 
@@ -304,6 +330,7 @@ def per_replica_batch_norm(model, replicas: int):
     dropped), so use this inside ``preserved_buffers``: its running-statistics update is not the
     clean batch's. Covers ``torch.nn`` BatchNorm1d/2d/3d semantics (affine or not).
     """
+
     def hook(module, inputs, output):
         x = inputs[0]
         channels = x.shape[1]

@@ -29,7 +29,7 @@ train mode), where they also carry the terms through the batch statistics.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ MapFn = Callable[..., torch.Tensor]
 
 
 # ---- classes ------------------------------------------------------------------------------------
+
 
 def class_index(classes, batch: int, num_classes: int, device) -> torch.Tensor:
     """``classes`` as an int64 [B, K] index: None -> all classes [B, C]; an int -> [B, 1]; a tensor
@@ -60,8 +61,10 @@ def class_index(classes, batch: int, num_classes: int, device) -> torch.Tensor:
         elif classes.dim() == 2 and classes.shape[0] == batch and classes.shape[1] >= 1:
             idx = classes
         else:
-            raise ValueError(f"classes must be None, an int, or an int tensor of shape [B] or [B, K] with "
-                             f"B = {batch}, got shape {tuple(classes.shape)}")
+            raise ValueError(
+                f"classes must be None, an int, or an int tensor of shape [B] or [B, K] with "
+                f"B = {batch}, got shape {tuple(classes.shape)}"
+            )
         idx = idx.to(device=device, dtype=torch.long)
     else:
         raise TypeError(f"classes must be None, an int or an int tensor, got {type(classes).__name__}")
@@ -88,13 +91,14 @@ def _score_grads(logits: torch.Tensor, idx: torch.Tensor, wrt: torch.Tensor, cre
     column (K backward passes; a vmapped backward measured slower on CPU, see functional.py)."""
     out = []
     for k in range(idx.shape[1]):
-        score = logits.gather(1, idx[:, k:k + 1]).sum()
+        score = logits.gather(1, idx[:, k : k + 1]).sum()
         (g,) = torch.autograd.grad(score, wrt, create_graph=create_graph, retain_graph=True)
         out.append(g)
     return torch.stack(out, 1)
 
 
 # ---- CAM ----------------------------------------------------------------------------------------
+
 
 def cam_parts(model, features=None, head=None):
     """(features, head) for ``cam``: the arguments if given, else ``model.features`` and
@@ -106,8 +110,15 @@ def cam_parts(model, features=None, head=None):
     return features, head
 
 
-def cam(model, x: torch.Tensor, classes=None, *, features: Optional[Callable] = None,
-        head: Optional[nn.Linear] = None, return_logits: bool = False):
+def cam(
+    model,
+    x: torch.Tensor,
+    classes=None,
+    *,
+    features: Callable | None = None,
+    head: nn.Linear | None = None,
+    return_logits: bool = False,
+):
     """Class activation maps (Zhou et al. 2016) of a network ending in a conv feature map A(x)
     (K channels), global average pooling and a linear layer W, b:
         I_c(x) = sum_k W_{c,k} A_k(x),   z_c = mean_{h,w} I_c(x) + b_c,
@@ -126,16 +137,20 @@ def cam(model, x: torch.Tensor, classes=None, *, features: Optional[Callable] = 
     _check_x(model, x)
     parts = cam_parts(model, features, head)
     if parts is None:
-        raise ValueError("cam needs a network that ends in conv features -> global average pooling -> nn.Linear: "
-                         "pass features= (the module computing the last feature map) and head= (the final "
-                         f"nn.Linear), or give the model .features and .head ({type(model).__name__} has neither); "
-                         "for other networks use grad_cam(model, x, classes, layer=...)")
+        raise ValueError(
+            "cam needs a network that ends in conv features -> global average pooling -> nn.Linear: "
+            "pass features= (the module computing the last feature map) and head= (the final "
+            f"nn.Linear), or give the model .features and .head ({type(model).__name__} has neither); "
+            "for other networks use grad_cam(model, x, classes, layer=...)"
+        )
     features, head = parts
     a = features(x)
     if not isinstance(a, torch.Tensor) or a.dim() < 3 or a.shape[0] != x.shape[0] or a.shape[1] != head.in_features:
         got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
-        raise ValueError(f"features must return a feature map [B, K, ...] with B = {x.shape[0]} and K = "
-                         f"head.in_features = {head.in_features}, got {got}")
+        raise ValueError(
+            f"features must return a feature map [B, K, ...] with B = {x.shape[0]} and K = "
+            f"head.in_features = {head.in_features}, got {got}"
+        )
     idx = class_index(classes, x.shape[0], head.out_features, x.device)
     w = head.weight[idx]  # [B, K, channels]
     maps = torch.einsum("bkc,bc...->bk...", w.to(a.dtype), a)
@@ -146,8 +161,17 @@ def cam(model, x: torch.Tensor, classes=None, *, features: Optional[Callable] = 
 
 # ---- Grad-CAM -----------------------------------------------------------------------------------
 
-def grad_cam(model, x: torch.Tensor, classes=None, *, layer: nn.Module, relu: bool = True,
-             create_graph: bool = True, return_logits: bool = False):
+
+def grad_cam(
+    model,
+    x: torch.Tensor,
+    classes=None,
+    *,
+    layer: nn.Module,
+    relu: bool = True,
+    create_graph: bool = True,
+    return_logits: bool = False,
+):
     """Grad-CAM (Selvaraju et al. 2017) at the output A of ``layer`` (K channels, any spatial shape):
         alpha_{c,k} = mean_{spatial} d z_c / d A_k,   M_c = ReLU(sum_k alpha_{c,k} A_k),
     [B, K, H', W'] at the layer's resolution (``relu=False`` keeps the signed sum). For a network
@@ -159,8 +183,9 @@ def grad_cam(model, x: torch.Tensor, classes=None, *, layer: nn.Module, relu: bo
     """
     _check_x(model, x)
     if not isinstance(layer, nn.Module):
-        raise TypeError(f"layer must be an nn.Module of the model (whose output Grad-CAM explains), got "
-                        f"{type(layer).__name__}")
+        raise TypeError(
+            f"layer must be an nn.Module of the model (whose output Grad-CAM explains), got {type(layer).__name__}"
+        )
     captured = []
 
     def hook(module, inputs, output):
@@ -195,6 +220,7 @@ def grad_cam(model, x: torch.Tensor, classes=None, *, layer: nn.Module, relu: bo
 
 # ---- input gradients ----------------------------------------------------------------------------
 
+
 def saliency(model, x: torch.Tensor, classes=None, *, create_graph: bool = True, return_logits: bool = False):
     """Input-gradient saliency (Simonyan et al. 2014): S_c = d z_c / d x, signed, at input
     resolution, [B, K, *x.shape[1:]]. One forward and one backward per requested class column."""
@@ -208,9 +234,17 @@ def saliency(model, x: torch.Tensor, classes=None, *, create_graph: bool = True,
     return (maps, logits) if return_logits else maps
 
 
-def integrated_gradients(model, x: torch.Tensor, classes=None, *, baseline: Optional[torch.Tensor] = None,
-                         steps: int = 5, batch_size: Optional[int] = None, create_graph: bool = True,
-                         return_logits: bool = False):
+def integrated_gradients(
+    model,
+    x: torch.Tensor,
+    classes=None,
+    *,
+    baseline: torch.Tensor | None = None,
+    steps: int = 5,
+    batch_size: int | None = None,
+    create_graph: bool = True,
+    return_logits: bool = False,
+):
     """Integrated gradients (Sundararajan et al. 2017) by a right Riemann sum of ``steps`` points
     (5 steps in Boopathy et al.'s code; docs/methods.md#interpretation-aware-training):
         IG_c(x) = (x - x0) * (1/m) sum_{i=1..m} d z_c / d x |_{x0 + (i/m)(x - x0)},   m = steps,
@@ -237,8 +271,9 @@ def integrated_gradients(model, x: torch.Tensor, classes=None, *, baseline: Opti
         try:
             baseline = torch.broadcast_to(baseline.to(x), x.shape)
         except RuntimeError:
-            raise ValueError(f"baseline must broadcast to x's shape {tuple(x.shape)}, "
-                             f"got {tuple(baseline.shape)}") from None
+            raise ValueError(
+                f"baseline must broadcast to x's shape {tuple(x.shape)}, got {tuple(baseline.shape)}"
+            ) from None
     batch = x.shape[0]
     per_chunk = steps if batch_size is None else max(1, check_int("batch_size", batch_size, 1) // max(batch, 1))
     diff = x - baseline
@@ -265,15 +300,18 @@ def integrated_gradients(model, x: torch.Tensor, classes=None, *, baseline: Opti
 
 # ---- by name --------------------------------------------------------------------------------------
 
-def map_function(map: Union[str, MapFn], **options) -> MapFn:
+
+def map_function(map: str | MapFn, **options) -> MapFn:
     """fn(model, x, classes, create_graph) -> (maps [B, K, ...], logits [B, C]) for a map name
     ("cam" | "grad_cam" | "saliency" | "ig") with its keyword ``options`` (grad_cam: layer=...;
     ig: steps=, baseline=, batch_size=), or a user callable fn(model, x, classes) -> maps, whose
     logits come from a separate model(x)."""
     if callable(map):
+
         def user(model, x, classes, create_graph=True):
             maps = map(model, x, classes, **options)
             return maps, model(x)
+
         return user
     if map not in MAPS:
         raise ValueError(f"map must be one of {MAPS} or a callable (model, x, classes) -> maps, got {map!r}")
@@ -288,9 +326,10 @@ def map_function(map: Union[str, MapFn], **options) -> MapFn:
         if map == "saliency":
             return saliency(model, x, classes, create_graph=create_graph, return_logits=True, **options)
         return integrated_gradients(model, x, classes, create_graph=create_graph, return_logits=True, **options)
+
     return fn
 
 
 def default_map(model) -> str:
-    """"cam" for models with a CAM head (``cam_parts``), else "saliency"."""
+    """ "cam" for models with a CAM head (``cam_parts``), else "saliency"."""
     return "cam" if cam_parts(model) is not None else "saliency"

@@ -63,6 +63,7 @@ def attack_alpha(config: TrainConfig) -> float:
 
 # ---- what ``describe`` prints after the display name ----
 
+
 def _no_details(config, lam) -> str:
     return ""
 
@@ -93,11 +94,13 @@ def _psi_details(config, lam) -> str:
 
 # ---- the objective builders: build(config, model, lam, steps_per_epoch) ----
 
+
 def _plain(config, model, lam, steps_per_epoch):
     def plain(model, x, y):
         logits = model(x)
         ce = F.cross_entropy(logits, y)
         return Objective(loss=ce, ce=ce, penalty=ce.new_zeros(()), logits=logits)
+
     return plain
 
 
@@ -115,16 +118,24 @@ def _interpretation(config, model, lam, steps_per_epoch):
 
     # CAM for the cnn (its GAP head), input-gradient saliency for the others
     warmup = None if config.warmup is None else tuple(round(w * steps_per_epoch) for w in config.warmup)
-    return regularizers.InterpretationRegularizer(config.method, lam=lam, eps=config.eps, alpha=attack_alpha(config),
-                                                  steps=config.attack_steps, norm=config.norm, warmup=warmup,
-                                                  map=interpret.default_map(distributed.unwrap(model)))
+    return regularizers.InterpretationRegularizer(
+        config.method,
+        lam=lam,
+        eps=config.eps,
+        alpha=attack_alpha(config),
+        steps=config.attack_steps,
+        norm=config.norm,
+        warmup=warmup,
+        map=interpret.default_map(distributed.unwrap(model)),
+    )
 
 
 def _sns(config, model, lam, steps_per_epoch):
     from fastrob import regularizers
 
-    return regularizers.SNSRegularizer(eps=config.eps, alpha=attack_alpha(config), steps=config.attack_steps,
-                                       norm=config.norm, lam=lam)
+    return regularizers.SNSRegularizer(
+        eps=config.eps, alpha=attack_alpha(config), steps=config.attack_steps, norm=config.norm, lam=lam
+    )
 
 
 def _input_gradient(config, model, lam, steps_per_epoch):
@@ -152,35 +163,82 @@ def _lipschitz(config, model, lam, steps_per_epoch):
 
 
 def _interpretation_method(name: str, display: str, help: str) -> Method:
-    return Method(name, display, help, _interpretation, _lam_attack_details, default_lam=0.01, attack=True,
-                  warmup=True)
+    return Method(name, display, help, _interpretation, _lam_attack_details, default_lam=0.01, attack=True, warmup=True)
 
 
 _ENTRIES = (
     Method("none", "plain", "plain cross-entropy training", _plain, _no_details),
-    Method("pgd", "PGD-AT", "adversarial training on PGD examples (Madry et al. 2018)", _adversarial,
-           _attack_details, attack=True),
-    Method("trades", "TRADES", "CE + beta * KL(f(x) || f(x')) at the KL-maximizing x' (Zhang et al. 2019)",
-           _adversarial, _trades_details, attack=True),
-    Method("half", "half-AT", "half of each batch replaced by PGD examples (Woods et al. 2019)", _adversarial,
-           _attack_details, attack=True),
-    Method("input_gradient", "input grad", "CE + lam * |grad_x CE|^2 (Drucker & LeCun 1992; Ross & Doshi-Velez "
-           "2018)", _input_gradient, _lam_details, default_lam=0.1),
-    Method("jacobian", "Jacobian", "CE + lam * |d logits / dx|_F^2, random projections (Hoffman et al. 2019)",
-           _jacobian, _lam_details, default_lam=0.01),
-    Method("jsigr", "J-SIGR", "Jacobian penalty (lam) + input gradient pulled toward a perturbation saliency "
-           "(--lam-saliency, --patch; Liu et al. 2024)", _jsigr, _jsigr_details, default_lam=0.01),
-    _interpretation_method("int", "Int", "CE + lam * D(x, x*), x* maximizing the interpretation discrepancy D "
-                           "(Boopathy et al. 2020)"),
-    _interpretation_method("int_adv", "Int-Adv", "CE(x*) + lam * D, x* maximizing CE + lam * D (Boopathy et al. "
-                           "2020)"),
+    Method(
+        "pgd",
+        "PGD-AT",
+        "adversarial training on PGD examples (Madry et al. 2018)",
+        _adversarial,
+        _attack_details,
+        attack=True,
+    ),
+    Method(
+        "trades",
+        "TRADES",
+        "CE + beta * KL(f(x) || f(x')) at the KL-maximizing x' (Zhang et al. 2019)",
+        _adversarial,
+        _trades_details,
+        attack=True,
+    ),
+    Method(
+        "half",
+        "half-AT",
+        "half of each batch replaced by PGD examples (Woods et al. 2019)",
+        _adversarial,
+        _attack_details,
+        attack=True,
+    ),
+    Method(
+        "input_gradient",
+        "input grad",
+        "CE + lam * |grad_x CE|^2 (Drucker & LeCun 1992; Ross & Doshi-Velez 2018)",
+        _input_gradient,
+        _lam_details,
+        default_lam=0.1,
+    ),
+    Method(
+        "jacobian",
+        "Jacobian",
+        "CE + lam * |d logits / dx|_F^2, random projections (Hoffman et al. 2019)",
+        _jacobian,
+        _lam_details,
+        default_lam=0.01,
+    ),
+    Method(
+        "jsigr",
+        "J-SIGR",
+        "Jacobian penalty (lam) + input gradient pulled toward a perturbation saliency "
+        "(--lam-saliency, --patch; Liu et al. 2024)",
+        _jsigr,
+        _jsigr_details,
+        default_lam=0.01,
+    ),
+    _interpretation_method(
+        "int", "Int", "CE + lam * D(x, x*), x* maximizing the interpretation discrepancy D (Boopathy et al. 2020)"
+    ),
+    _interpretation_method("int_adv", "Int-Adv", "CE(x*) + lam * D, x* maximizing CE + lam * D (Boopathy et al. 2020)"),
     _interpretation_method("int2", "Int2", "CE + lam * D(x, x*), x* a PGD example on CE (Boopathy et al. 2020)"),
-    _interpretation_method("int2_adv", "Int2-Adv", "CE(x*) + lam * D, x* a PGD example on CE (Boopathy et al. "
-                           "2020)"),
-    Method("lipschitz", "Lipschitz", "CE + psi * mean |ds/dx|^2, psi adaptive unless --lam fixes it (Woods et al. "
-           "2019)", _lipschitz, _psi_details),
-    Method("sns", "SNS", "PGD-AT + lam * the change of the most sensitive neurons (Zhang, Liu et al. 2019)", _sns,
-           _lam_attack_details, default_lam=1.0, attack=True),
+    _interpretation_method("int2_adv", "Int2-Adv", "CE(x*) + lam * D, x* a PGD example on CE (Boopathy et al. 2020)"),
+    Method(
+        "lipschitz",
+        "Lipschitz",
+        "CE + psi * mean |ds/dx|^2, psi adaptive unless --lam fixes it (Woods et al. 2019)",
+        _lipschitz,
+        _psi_details,
+    ),
+    Method(
+        "sns",
+        "SNS",
+        "PGD-AT + lam * the change of the most sensitive neurons (Zhang, Liu et al. 2019)",
+        _sns,
+        _lam_attack_details,
+        default_lam=1.0,
+        attack=True,
+    ),
 )
 
 REGISTRY: dict[str, Method] = {m.name: m for m in _ENTRIES}

@@ -23,8 +23,17 @@ class BiasAct(nn.Module):
         backend: "auto" | "torch" | "triton" | "cuda".
     """
 
-    def __init__(self, act: str = "relu", channels: int | None = None, dim: int = 1, *, beta: float = 1.0,
-                 threshold: float = 20.0, d: float = 0.5, backend: str = "auto"):
+    def __init__(
+        self,
+        act: str = "relu",
+        channels: int | None = None,
+        dim: int = 1,
+        *,
+        beta: float = 1.0,
+        threshold: float = 20.0,
+        d: float = 0.5,
+        backend: str = "auto",
+    ):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {tuple(ACTIVATIONS)}, got {act!r}")
@@ -34,8 +43,9 @@ class BiasAct(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels)) if channels is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bias_act(x, self.bias, self.act, self.dim, beta=self.beta, threshold=self.threshold, d=self.d,
-                        backend=self.backend)
+        return bias_act(
+            x, self.bias, self.act, self.dim, beta=self.beta, threshold=self.threshold, d=self.d, backend=self.backend
+        )
 
     def extra_repr(self) -> str:
         params = {"softplus": f", beta={self.beta}, threshold={self.threshold}", "half_huber": f", d={self.d}"}
@@ -91,8 +101,18 @@ class BatchNorm2d(nn.BatchNorm2d):
     on a GPU, the torch reference on CPU).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, backend: str = "auto"):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.backend = _backend.check_backend_name(backend)
 
@@ -105,19 +125,28 @@ class BatchNorm2d(nn.BatchNorm2d):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        return batch_norm(x, self.weight, self.bias, self.running_mean if use_running else None,
-                          self.running_var if use_running else None, use_batch_stats, factor, self.eps,
-                          backend=self.backend)
+        return batch_norm(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            use_batch_stats,
+            factor,
+            self.eps,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
 
     @classmethod
-    def from_module(cls, module: nn.BatchNorm2d, backend: str = "auto") -> "BatchNorm2d":
+    def from_module(cls, module: nn.BatchNorm2d, backend: str = "auto") -> BatchNorm2d:
         """A fastrob BatchNorm2d with ``module``'s settings, sharing its parameter and buffer
         tensors (so an optimizer holding them keeps working) and its training mode."""
-        new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                  backend=backend)
+        new = cls(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, backend=backend
+        )
         # exactly the module's own tensors (no fresh ones left beside them), and its hooks: a
         # parametrization or weight-norm pre-hook keeps computing the weight it computed
         new._parameters = type(module._parameters)(module._parameters)
@@ -146,8 +175,9 @@ def swap_batch_norm(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     return model
 
 
-def patch_model(model: nn.Module, act: str | None = None, batch_norm: bool = True, *,
-                backend: str = "auto") -> nn.Module:
+def patch_model(
+    model: nn.Module, act: str | None = None, batch_norm: bool = True, *, backend: str = "auto"
+) -> nn.Module:
     """Both swaps: ``swap_activations(model, act)`` and, with ``batch_norm=True``,
     ``swap_batch_norm(model)``, so that double backprop through the model's activations and
     BatchNorm layers runs through the fused kernels. Returns ``model``."""

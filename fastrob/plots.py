@@ -8,7 +8,7 @@ their own way.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -64,8 +64,12 @@ def accuracy_curves(curves: Mapping[str, object], path: str, title: str = "") ->
         acc = [c.clean_accuracy] + [a for e, a in zip(c.eps, c.accuracy) if e > 0]
         ax.plot(eps, acc, "o-", label=name)
         norms.add(c.norm)
-    ax.set(xlabel=f"eps ({' / '.join(sorted(norms))} radius)", ylabel="robust accuracy (PGD)", ylim=(-0.02, 1.02),
-           title=title or "accuracy under attack")
+    ax.set(
+        xlabel=f"eps ({' / '.join(sorted(norms))} radius)",
+        ylabel="robust accuracy (PGD)",
+        ylim=(-0.02, 1.02),
+        title=title or "accuracy under attack",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
@@ -91,8 +95,16 @@ def ara_curves(results: Mapping[str, object], path: str, title: str = "") -> str
         r, acc = curves[name]
         color = colors[i % len(colors)]
         ax.step(r.numpy(), acc.numpy(), where="post", color=color, lw=2, label=name)
-        ax.fill_between(r.numpy(), chance, acc.numpy(), where=(acc.numpy() > chance), step="post", color=color,
-                        alpha=0.3, label=f"ARA = {res.ara:.4f}")
+        ax.fill_between(
+            r.numpy(),
+            chance,
+            acc.numpy(),
+            where=(acc.numpy() > chance),
+            step="post",
+            color=color,
+            alpha=0.3,
+            label=f"ARA = {res.ara:.4f}",
+        )
         ax.axhline(chance, color="k", ls=":", lw=1, label=f"chance 1/C = {chance:.2f}")
         ax.set(xlim=(0, r_max * 1.02), ylim=(0, 1.02))
         ax.set_title(name, fontsize=10)
@@ -104,14 +116,15 @@ def ara_curves(results: Mapping[str, object], path: str, title: str = "") -> str
             ax.set_xlabel("perturbation r (RMSE = ||delta||_2 / sqrt(d))")
     for j in range(k, rows * cols):
         axes[j // cols, j % cols].axis("off")
-    fig.suptitle(title or f"accuracy-robustness area ({next(iter(results.values())).kind} ARA; grey: the other models)",
-                 fontsize=11)
+    fig.suptitle(
+        title or f"accuracy-robustness area ({next(iter(results.values())).kind} ARA; grey: the other models)",
+        fontsize=11,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
 
-def surface(model, x: torch.Tensor, y: torch.Tensor, span: float = 0.3, resolution: int = 41,
-            seed: int = 0) -> dict:
+def surface(model, x: torch.Tensor, y: torch.Tensor, span: float = 0.3, resolution: int = 41, seed: int = 0) -> dict:
     """Yu et al.'s (2019) input-space view around each sample: over the plane x + a·u + b·v,
     a, b in [-span, span], u = sign(∇ₓ CE) (the FGSM direction) and v a random ±1 vector, so that u
     and v have the same norms (Linf 1, L2 √d) and (a, b) read as Linf distances. Returns
@@ -121,7 +134,7 @@ def surface(model, x: torch.Tensor, y: torch.Tensor, span: float = 0.3, resoluti
     x = x.detach()
     with attack_context(model):
         xg = x.clone().requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
         u = grad.sign()
         g = torch.Generator(device=x.device).manual_seed(seed)
         v = torch.randint(0, 2, x.shape, generator=g, device=x.device).to(x.dtype) * 2 - 1
@@ -138,8 +151,15 @@ def surface(model, x: torch.Tensor, y: torch.Tensor, span: float = 0.3, resoluti
     return {"a": t.cpu(), "b": t.cpu(), "margin": torch.stack(margins).cpu(), "loss": torch.stack(losses).cpu()}
 
 
-def surfaces(models: Mapping[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor, path: str,
-             span: float = 0.3, resolution: int = 41, seed: int = 0) -> str:
+def surfaces(
+    models: Mapping[str, torch.nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    path: str,
+    span: float = 0.3,
+    resolution: int = 41,
+    seed: int = 0,
+) -> str:
     """For each sample (rows) and model: the decision surface (margin, diverging colours, the
     boundary margin = 0 drawn black) and the loss surface (CE, log colour scale) over the plane of
     ``surface``. The sample itself sits at (0, 0)."""
@@ -165,17 +185,24 @@ def surfaces(models: Mapping[str, torch.nn.Module], x: torch.Tensor, y: torch.Te
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
             ax = axes[i, 2 + 2 * j]
             loss = s["loss"][i].numpy().clip(1e-4, None)
-            im = ax.imshow(loss, origin="lower", extent=extent, cmap="viridis",
-                           norm=LogNorm(vmin=loss.min(), vmax=max(loss.max(), loss.min() * 1.01)))
+            im = ax.imshow(
+                loss,
+                origin="lower",
+                extent=extent,
+                cmap="viridis",
+                norm=LogNorm(vmin=loss.min(), vmax=max(loss.max(), loss.min() * 1.01)),
+            )
             ax.plot(0, 0, "w+")
             ax.set_title(f"{name}\nloss (CE, log)", fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-            for ax in axes[i, 1 + 2 * j:3 + 2 * j]:
+            for ax in axes[i, 1 + 2 * j : 3 + 2 * j]:
                 ax.set_xlabel("a (gradient-sign dir.)", fontsize=8)
                 ax.set_ylabel("b (random dir.)", fontsize=8)
                 ax.tick_params(labelsize=7)
-    fig.suptitle("margin z_y - max_{j!=y} z_j (blue: correct; black line: decision boundary) and loss over "
-                 "x + a*u + b*v", fontsize=10)
+    fig.suptitle(
+        "margin z_y - max_{j!=y} z_j (blue: correct; black line: decision boundary) and loss over x + a*u + b*v",
+        fontsize=10,
+    )
     fig.tight_layout()
     return _save(fig, path)
 
@@ -236,8 +263,16 @@ def _show_image(ax, img: torch.Tensor) -> None:
     ax.set_yticks([])
 
 
-def explanation_grid(model, x: torch.Tensor, target, path: str, rho: float = 0.1, overshoot: float = 5.0,
-                     steps: int = 35, title: str = "") -> str:
+def explanation_grid(
+    model,
+    x: torch.Tensor,
+    target,
+    path: str,
+    rho: float = 0.1,
+    overshoot: float = 5.0,
+    steps: int = 35,
+    title: str = "",
+) -> str:
     """Woods et al.'s adversarial explanations (``fastrob.attacks.explanation``) for a batch: one row
     per sample, columns original, explanation (x moved toward ``target`` within RMSE ``rho``) and
     difference (explanation - original; red where the explanation adds, blue where it removes,

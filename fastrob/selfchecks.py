@@ -19,13 +19,25 @@ _HALF = {torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
 TOLERANCES = {
     "sqnorm": {torch.float32: (1e-4, 1e-4), torch.float64: (1e-7, 1e-7), **_HALF},
     "cross_entropy": {torch.float32: (1e-4, 1e-4), torch.float64: (1e-7, 1e-7), **_HALF},
-    "bias_act": {torch.float32: (1e-4, 1e-4), torch.float64: (1e-10, 1e-10), torch.float16: (2e-3, 2e-3),
-                 torch.bfloat16: (2e-2, 2e-2)},
-    "batch_norm": {torch.float32: (1e-4, 1e-4), torch.float64: (1e-10, 1e-10), torch.float16: (5e-3, 5e-3),
-                   torch.bfloat16: (5e-2, 5e-2)},
+    "bias_act": {
+        torch.float32: (1e-4, 1e-4),
+        torch.float64: (1e-10, 1e-10),
+        torch.float16: (2e-3, 2e-3),
+        torch.bfloat16: (2e-2, 2e-2),
+    },
+    "batch_norm": {
+        torch.float32: (1e-4, 1e-4),
+        torch.float64: (1e-10, 1e-10),
+        torch.float16: (5e-3, 5e-3),
+        torch.bfloat16: (5e-2, 5e-2),
+    },
     # one rounding of the storage dtype (both sides compute in float32 and round once)
-    "pgd_step": {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12), torch.float16: (1e-3, 1e-3),
-                 torch.bfloat16: (8e-3, 8e-3)},
+    "pgd_step": {
+        torch.float32: (1e-5, 1e-5),
+        torch.float64: (1e-12, 1e-12),
+        torch.float16: (1e-3, 1e-3),
+        torch.bfloat16: (8e-3, 8e-3),
+    },
 }
 OPS = tuple(TOLERANCES)
 
@@ -111,19 +123,28 @@ def _differentiable_cases(op: str, device, dtype):
     elif op == "cross_entropy":
         z = _randn((4, 37), device, dtype, 2, scale=3.0)
         y = torch.tensor([0, 5, 36, 17], device=device)
-        yield ((lambda b: lambda t, y: ops.cross_entropy(t, y, "mean", 0.1, backend=b)),
-               lambda t, y: ops.cross_entropy_reference(t, y, "mean", 0.1), [z, y])
+        yield (
+            (lambda b: lambda t, y: ops.cross_entropy(t, y, "mean", 0.1, backend=b)),
+            lambda t, y: ops.cross_entropy_reference(t, y, "mean", 0.1),
+            [z, y],
+        )
     elif op == "bias_act":
         x, bias = _randn((2, 3, 5), device, dtype, 3), _randn((3,), device, dtype, 4)
         for act in ("relu", "gelu"):
-            yield ((lambda b, act=act: lambda t, c: ops.bias_act(t, c, act, backend=b)),
-                   lambda t, c, act=act: ops.bias_act_reference(t, c, act), [x, bias])
+            yield (
+                (lambda b, act=act: lambda t, c: ops.bias_act(t, c, act, backend=b)),
+                lambda t, c, act=act: ops.bias_act_reference(t, c, act),
+                [x, bias],
+            )
     elif op == "batch_norm":
         w, bias = 1.0 + 0.1 * _randn((3,), device, dtype, 6), _randn((3,), device, dtype, 7)
         for memory_format in (torch.contiguous_format, torch.channels_last):
             x = _randn((4, 3, 5, 5), device, dtype, 5, scale=2.0).contiguous(memory_format=memory_format)
-            yield ((lambda b: lambda t, w, c: ops.batch_norm(t, w, c, None, None, True, backend=b)),
-                   lambda t, w, c: ops.batch_norm_reference(t, w, c, None, None, True), [x, w, bias])
+            yield (
+                (lambda b: lambda t, w, c: ops.batch_norm(t, w, c, None, None, True, backend=b)),
+                lambda t, w, c: ops.batch_norm_reference(t, w, c, None, None, True),
+                [x, w, bias],
+            )
     else:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
 
@@ -143,8 +164,10 @@ def _pgd_step_cases(device, dtype):
         x_orig, x_adv, grad = (t.to(device=device, dtype=dtype) for t in (x_orig, x_adv, grad))
         eps = torch.linspace(0.01, 0.5, shape[0], device=device)
         kw = dict(alpha=0.05, eps=eps, norm=norm)
-        return (lambda b: ops.pgd_step(x_adv, grad, x_orig, **kw, backend=b),
-                lambda: ops.pgd_step_reference(x_adv, grad, x_orig, **kw))
+        return (
+            lambda b: ops.pgd_step(x_adv, grad, x_orig, **kw, backend=b),
+            lambda: ops.pgd_step_reference(x_adv, grad, x_orig, **kw),
+        )
 
     yield case((3, 2, 4, 4), "linf", 10)
     tiny = torch.tensor([1.0, 1e-18, 3.0], dtype=torch.float64)
@@ -165,12 +188,22 @@ def run_check(op: str, backend: str, device, dtype: torch.dtype) -> CheckResult:
             if op == "pgd_step":
                 pairs = [([fused(backend)], [reference()]) for fused, reference in _pgd_step_cases(device, dtype)]
             else:
-                pairs = [(_flat_derivatives(fused(backend), inputs), _flat_derivatives(reference, inputs))
-                         for fused, reference, inputs in _differentiable_cases(op, device, dtype)]
+                pairs = [
+                    (_flat_derivatives(fused(backend), inputs), _flat_derivatives(reference, inputs))
+                    for fused, reference, inputs in _differentiable_cases(op, device, dtype)
+                ]
             for got, expected in pairs:
                 err, r = _compare(got, expected, atol, rtol)
                 max_error, ratio = max(max_error, err), max(ratio, r)
     except Exception as err:  # noqa: BLE001  (any failure of a kernel means: do not use it)
-        return CheckResult(op, backend, str(device), dtype_name(dtype), math.nan, math.nan, False,
-                           f"{type(err).__name__}: {err}".splitlines()[0][:300])
+        return CheckResult(
+            op,
+            backend,
+            str(device),
+            dtype_name(dtype),
+            math.nan,
+            math.nan,
+            False,
+            f"{type(err).__name__}: {err}".splitlines()[0][:300],
+        )
     return CheckResult(op, backend, str(device), dtype_name(dtype), max_error, ratio, ratio <= 1.0)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Callable
 
 import torch
 
@@ -74,7 +74,7 @@ class TrainConfig:
     seed: int = 0
     test_fraction: float = 0.25
 
-    def check(self) -> "TrainConfig":
+    def check(self) -> TrainConfig:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.activation not in ACTIVATIONS:
@@ -82,6 +82,7 @@ class TrainConfig:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         from fastrob.attacks import check_norm
+
         check_norm(self.norm)
         check_float("eps", self.eps, min_value=0.0)
         if self.alpha is not None:
@@ -98,8 +99,9 @@ class TrainConfig:
             if full < start:
                 raise ValueError(f"warmup must have start <= full, got {self.warmup!r}")
             if self.method not in INTERPRETATION_KINDS:
-                raise ValueError(f"warmup is the eps schedule of the int* methods {INTERPRETATION_KINDS}, not of "
-                                 f"{self.method!r}")
+                raise ValueError(
+                    f"warmup is the eps schedule of the int* methods {INTERPRETATION_KINDS}, not of {self.method!r}"
+                )
             self.warmup = [start, full]
         check_int("patch", self.patch, 1)
         check_int("epochs", self.epochs, 1)
@@ -108,7 +110,7 @@ class TrainConfig:
         return self
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -118,8 +120,9 @@ def describe(config: TrainConfig) -> str:
     return method_registry.get(config.method).describe(config)
 
 
-def build_objective(config: TrainConfig, model, steps_per_epoch: int = 1
-                    ) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Objective]:
+def build_objective(
+    config: TrainConfig, model, steps_per_epoch: int = 1
+) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], Objective]:
     """objective(model, x, y) -> Objective for the configured method (fastrob.methods; docs/methods.md).
     ``steps_per_epoch`` (training batches per epoch) turns ``config.warmup`` into calls."""
     method = method_registry.get(config.method)
@@ -128,7 +131,7 @@ def build_objective(config: TrainConfig, model, steps_per_epoch: int = 1
 
 @torch.no_grad()
 def recalibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> None:
-    """"Precise BN": the BatchNorm running statistics recomputed at the model's current weights,
+    """ "Precise BN": the BatchNorm running statistics recomputed at the model's current weights,
     as the plain average of the batch statistics over the batches of ``x`` (train-mode forwards
     without gradient; momentum, num_batches_tracked and the model's mode are restored).
 
@@ -137,8 +140,9 @@ def recalibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor, batch_size: 
     statistics (train mode) but 30% in eval mode with the running ones, and 93% after this
     recalibration; the first epoch of every cnn run sat at chance in eval mode. Models without
     BatchNorm (tracking running statistics) are left alone at no cost."""
-    norms = [m for m in model.modules()
-             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [
+        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not norms:
         return
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
@@ -149,7 +153,7 @@ def recalibrate_batch_norm(model: torch.nn.Module, x: torch.Tensor, batch_size: 
     model.train()
     try:
         for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+            model(x[i : i + batch_size])
     finally:
         model.train(training)
         for m, (momentum, tracked) in zip(norms, saved):
@@ -168,16 +172,26 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> 
     training = model.training
     model.eval()
     try:
-        correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                      for i in range(0, len(y), batch_size))
+        correct = sum(
+            int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+            for i in range(0, len(y), batch_size)
+        )
     finally:
         model.train(training)
     correct, total = (int(v) for v in dist_utils.all_reduce_sum([correct, len(y)]))
     return correct / max(total, 1)
 
 
-def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu", resume: bool = False,
-          quiet: bool = False, dataset: Dataset | None = None, desc: str | None = None):
+def train(
+    config: TrainConfig,
+    out_dir: str | None = None,
+    *,
+    device: str = "cpu",
+    resume: bool = False,
+    quiet: bool = False,
+    dataset: Dataset | None = None,
+    desc: str | None = None,
+):
     """Trains ``config`` (to ``config.epochs`` epochs in all) and returns (model, history, dataset).
 
     With ``out_dir``, writes checkpoint.pt after every epoch, and metrics.json + training.png at the
@@ -201,8 +215,9 @@ def train(config: TrainConfig, out_dir: str | None = None, *, device: str = "cpu
         stored = TrainConfig.from_dict(dict(state["config"], epochs=config.epochs))
         ignored = resume_conflicts(config, stored, state.get("data_path"))
         if ignored and main:
-            warnings.warn(f"--resume continues {ckpt_path} with its own settings; ignored: {', '.join(ignored)}",
-                          stacklevel=2)
+            warnings.warn(
+                f"--resume continues {ckpt_path} with its own settings; ignored: {', '.join(ignored)}", stacklevel=2
+            )
         config = stored.check()
         if dataset is None and state.get("data_path") and not os.path.exists(config.data):
             config.data = state["data_path"]  # resumed from another directory
@@ -235,7 +250,8 @@ def _train(config, out_dir, ckpt_path, state, *, device, quiet, dataset, desc):
         # find_unused_parameters, no static_graph) are what fastrob's objectives need least of
         # (docs/distributed.md)
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.device(device)] if torch.device(device).type == "cuda" else None)
+            model, device_ids=[torch.device(device)] if torch.device(device).type == "cuda" else None
+        )
     objective = build_objective(config, net, steps_per_epoch=-(-len(dataset.split.y_train) // config.batch_size))
     if state is not None and state.get("objective") is not None:
         objective.load_state_dict(state["objective"])  # Lipschitz's adaptive psi, Int's warm-up position
@@ -243,8 +259,12 @@ def _train(config, out_dir, ckpt_path, state, *, device, quiet, dataset, desc):
     x_train, y_train = split.x_train.to(device), split.y_train.to(device)
     x_test, y_test = split.x_test.to(device), split.y_test.to(device)
     n_batches = -(-len(y_train) // config.batch_size)
-    bar = progress(total=(config.epochs - start_epoch) * n_batches, desc=desc or f"train {describe(config)}",
-                   disable=quiet, unit="batch")
+    bar = progress(
+        total=(config.epochs - start_epoch) * n_batches,
+        desc=desc or f"train {describe(config)}",
+        disable=quiet,
+        unit="batch",
+    )
     for epoch in range(start_epoch, config.epochs):
         model.train()
         start = time.perf_counter()
@@ -264,8 +284,10 @@ def _train(config, out_dir, ckpt_path, state, *, device, quiet, dataset, desc):
             loss = out.loss
             if not distributed and not bool(torch.isfinite(loss.detach())):
                 # one optimizer step on a NaN loss would make every weight NaN, and the saved checkpoint with it
-                raise ValueError(f"the training loss is {float(loss)} at epoch {epoch + 1}: training diverged "
-                                 "(try a lower --lr); the checkpoint of the last finished epoch is kept")
+                raise ValueError(
+                    f"the training loss is {float(loss)} at epoch {epoch + 1}: training diverged "
+                    "(try a lower --lr); the checkpoint of the last finished epoch is kept"
+                )
             if distributed:
                 # DDP averages the ranks' gradients; weighting each shard's mean loss by
                 # W * n_r / N makes that average the gradient of the global batch's mean loss
@@ -283,20 +305,33 @@ def _train(config, out_dir, ckpt_path, state, *, device, quiet, dataset, desc):
             # evaluate, and save, rank 0's statistics
             dist_utils.broadcast_buffers(model)
         record = {k: v / max(seen, 1) for k, v in sums.items()}
-        record.update(epoch=epoch + 1, seconds=time.perf_counter() - start,
-                      train_accuracy=accuracy(model, x_train, y_train), test_accuracy=accuracy(model, x_test, y_test))
+        record.update(
+            epoch=epoch + 1,
+            seconds=time.perf_counter() - start,
+            train_accuracy=accuracy(model, x_train, y_train),
+            test_accuracy=accuracy(model, x_test, y_test),
+        )
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", test_acc=f"{record['test_accuracy']:.3f}")
         if ckpt_path and main:
             # atomic (fastrob._atomic): a full disk or an interrupt never leaves a half-written checkpoint
-            torch_save({"config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                        "epoch": epoch + 1,
-                        "history": history, "in_shape": dataset.in_shape, "num_classes": dataset.num_classes,
-                        "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
-                        "data_path": data_path(config.data)},
-                       ckpt_path)
+            torch_save(
+                {
+                    "config": asdict(config),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "in_shape": dataset.in_shape,
+                    "num_classes": dataset.num_classes,
+                    "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
+                    "data_path": data_path(config.data),
+                },
+                ckpt_path,
+            )
         dist_utils.barrier()  # no rank starts the next epoch (or returns) before the checkpoint exists
     bar.close()
     model.eval()
@@ -310,9 +345,14 @@ def write_outputs(out_dir: str, config: TrainConfig, history: list[dict]) -> Non
     from fastrob import plots
 
     final = history[-1] if history else {}
-    summary = {"config": asdict(config), "method": describe(config), "epochs": len(history),
-               "test_accuracy": final.get("test_accuracy"), "train_seconds": sum(h["seconds"] for h in history),
-               "history": history}
+    summary = {
+        "config": asdict(config),
+        "method": describe(config),
+        "epochs": len(history),
+        "test_accuracy": final.get("test_accuracy"),
+        "train_seconds": sum(h["seconds"] for h in history),
+        "history": history,
+    }
     write_json(summary, os.path.join(out_dir, METRICS))
     plots.training_curves(history, os.path.join(out_dir, CURVE), title=describe(config))
 
@@ -327,8 +367,11 @@ def resume_conflicts(given: TrainConfig, stored: TrainConfig, stored_data_path: 
         if f.name == "epochs":
             continue
         value, kept = getattr(given, f.name), getattr(stored, f.name)
-        if f.name == "data" and data_path(value) is not None and data_path(value) in (
-                stored_data_path, data_path(kept)):
+        if (
+            f.name == "data"
+            and data_path(value) is not None
+            and data_path(value) in (stored_data_path, data_path(kept))
+        ):
             continue
         if value != getattr(defaults, f.name) and value != kept:
             out.append(f"{f.name}={value!r} (the checkpoint's {kept!r})")

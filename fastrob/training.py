@@ -7,5 +7,9 @@ from fastrob.adversarial_training import KINDS, adversarial_loss
 
 __all__ = ["KINDS", "adversarial_loss"]
 
-warnings.warn("fastrob.training is deprecated: import adversarial_loss from fastrob.adversarial_training (or "
-              "fastrob.adversarial_loss)", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "fastrob.training is deprecated: import adversarial_loss from fastrob.adversarial_training (or "
+    "fastrob.adversarial_loss)",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -38,7 +38,7 @@ def verify_mode() -> str:
 
 
 def capability_of(device: torch.device) -> str:
-    """"9.0" for an H100/H200; "interpreter" for CPU tensors run through TRITON_INTERPRET=1 (tests)."""
+    """ "9.0" for an H100/H200; "interpreter" for CPU tensors run through TRITON_INTERPRET=1 (tests)."""
     if device.type == "cuda":
         return ".".join(map(str, torch.cuda.get_device_capability(device)))
     return "interpreter"
@@ -105,6 +105,7 @@ def clear_cache() -> None:
 
 # ---- fastrob check: every self-check on this machine's devices, and the record ----
 
+
 def check_devices(devices=None, backends=None, dtypes=None, ops=None, quiet: bool = True) -> list[CheckResult]:
     """Every self-check (ops x fused backends that run on each device x dtypes); the checks run
     afresh, whatever the record and the cache hold. Default devices: every CUDA GPU, else the CPU
@@ -113,8 +114,11 @@ def check_devices(devices=None, backends=None, dtypes=None, ops=None, quiet: boo
     from fastrob.selfchecks import TOLERANCES
 
     if devices is None:
-        devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        devices = (
+            [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available()
             else ([torch.device("cpu")] if _backend.triton_interpreter() else [])
+        )
     results = []
     for device in map(torch.device, devices):
         for backend in backends or _backend.fused_backends_for(device):
@@ -147,13 +151,21 @@ def record_entries(results: list[CheckResult], passed_tests: dict | None = None)
         if not all(r.passed for r in rs):
             continue
         dev = torch.device(device)
-        entries.append({
-            "op": op, "backend": backend, "capability": capability_of(dev), "device": device_name(dev),
-            "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-            "passed": [f"fastrob check {', '.join(r.dtype for r in rs)} (largest err/tol "
-                       f"{max(r.ratio for r in rs):.3g})"] + sorted((passed_tests or {}).get(op, [])),
-        })
+        entries.append(
+            {
+                "op": op,
+                "backend": backend,
+                "capability": capability_of(dev),
+                "device": device_name(dev),
+                "torch": torch.__version__,
+                "triton": triton.__version__,
+                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+                "passed": [
+                    f"fastrob check {', '.join(r.dtype for r in rs)} (largest err/tol {max(r.ratio for r in rs):.3g})"
+                ]
+                + sorted((passed_tests or {}).get(op, [])),
+            }
+        )
     return entries
 
 
@@ -189,12 +201,19 @@ def passed_tests_by_op(junit_xml: str | Path) -> dict[str, list[str]]:
 def describe_record(path: Path | None = None) -> str:
     """What ``fastrob info`` prints about the record."""
     entries = load_record(path)["entries"]
-    lines = [f"verified kernels ({RECORD_PATH.name}, FASTROB_VERIFY={verify_mode()}): "
-             + (f"{len(entries)} entries" if entries else "none yet: on a GPU, auto self-checks each fused kernel "
-                "once per process before using it")]
+    lines = [
+        f"verified kernels ({RECORD_PATH.name}, FASTROB_VERIFY={verify_mode()}): "
+        + (
+            f"{len(entries)} entries"
+            if entries
+            else "none yet: on a GPU, auto self-checks each fused kernel once per process before using it"
+        )
+    ]
     for e in entries:
-        lines.append(f"  {e.get('op'):<14}{e.get('backend'):<7} sm {e.get('capability'):<6}{e.get('device')}, "
-                     f"torch {e.get('torch')}, triton {e.get('triton')}, {e.get('date')}")
+        lines.append(
+            f"  {e.get('op'):<14}{e.get('backend'):<7} sm {e.get('capability'):<6}{e.get('device')}, "
+            f"torch {e.get('torch')}, triton {e.get('triton')}, {e.get('date')}"
+        )
     return "\n".join(lines)
 
 
@@ -218,5 +237,16 @@ def check_command(devices=None, ops=None, record: bool = False, record_path=None
     return 1 if failed else 0
 
 
-__all__ = ["CheckResult", "check_devices", "dtype_name", "format_row", "is_recorded", "load_record",
-           "record_entries", "self_check", "trusted", "verify_mode", "write_record"]
+__all__ = [
+    "CheckResult",
+    "check_devices",
+    "dtype_name",
+    "format_row",
+    "is_recorded",
+    "load_record",
+    "record_entries",
+    "self_check",
+    "trusted",
+    "verify_mode",
+    "write_record",
+]

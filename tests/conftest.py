@@ -47,8 +47,9 @@ def plain(digits):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_loop
-    from bench.autoattack import digits_cnn
     from train_loop import fit
+
+    from bench.autoattack import digits_cnn
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

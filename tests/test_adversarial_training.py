@@ -9,14 +9,15 @@ import torch.nn.functional as F
 from train_loop import fit
 
 import fastrob.attacks as fa
-from fastrob.objective import Objective
 from fastrob.adversarial_training import adversarial_loss
+from fastrob.objective import Objective
 
 
 def make_net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(8 * 64, 10)).double()
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)
+    ).double()
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def test_pgd_at_is_ce_on_the_attack_output(data):
     x_adv = x.clone()
     for _ in range(3):
         x_adv.requires_grad_(True)
-        g, = torch.autograd.grad(F.cross_entropy(ref(x_adv), y), x_adv)
+        (g,) = torch.autograd.grad(F.cross_entropy(ref(x_adv), y), x_adv)
         x_adv = torch.clamp(x + torch.clamp(x_adv.detach() + 0.03 * g.sign() - x, -0.1, 0.1), 0, 1)
     ref.train()
     expected = F.cross_entropy(ref(x_adv), y)
@@ -80,8 +81,9 @@ def test_trades_matches_the_reference(data):
     ref.train()
     logits = ref(x)
     loss_natural = F.cross_entropy(logits, y)
-    loss_robust = (1.0 / len(x)) * nn.KLDivLoss(reduction="sum")(F.log_softmax(ref(x_adv), dim=1),
-                                                                  F.softmax(ref(x), dim=1))
+    loss_robust = (1.0 / len(x)) * nn.KLDivLoss(reduction="sum")(
+        F.log_softmax(ref(x_adv), dim=1), F.softmax(ref(x), dim=1)
+    )
     torch.testing.assert_close(obj.ce, loss_natural)
     torch.testing.assert_close(obj.penalty, loss_robust)
     torch.testing.assert_close(obj.loss, loss_natural + beta * loss_robust)
@@ -143,8 +145,14 @@ def test_pgd_training_makes_a_digits_net_more_robust(digits):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
         attack = fa.PGD(model, eps=0.1, alpha=0.04, steps=3)
-        fit(model, x, y, None if kind == "clean" else lambda m, xb, yb: adversarial_loss(m, xb, yb, attack).loss,
-            epochs=8, lr=1e-2)
+        fit(
+            model,
+            x,
+            y,
+            None if kind == "clean" else lambda m, xb, yb: adversarial_loss(m, xb, yb, attack).loss,
+            epochs=8,
+            lr=1e-2,
+        )
         model.eval()
         torch.manual_seed(1)
         x_adv = fa.pgd(model, xt, yt, eps=0.1, alpha=0.02, steps=10)

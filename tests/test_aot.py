@@ -25,8 +25,11 @@ def launched_kernels() -> set:
     for op in ("sqnorm", "cross_entropy", "bias_act", "batch_norm", "pgd_step"):
         module = importlib.import_module(f"fastrob.triton.{op}")
         # JIT functions, or their interpreter stand-ins under TRITON_INTERPRET=1
-        names |= {n for n, obj in inspect.getmembers(module) if isinstance(obj, triton.runtime.KernelInterface)
-                  and n not in HELPERS}
+        names |= {
+            n
+            for n, obj in inspect.getmembers(module)
+            if isinstance(obj, triton.runtime.KernelInterface) and n not in HELPERS
+        }
     return names
 
 
@@ -46,9 +49,25 @@ def test_a_kernel_compiles_for_sm90_and_reports_its_registers(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     csv_path = tmp_path / "aot.csv"
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "aot_compile.py"), "--quick", "--arch", "90",
-                          "--jobs", "1", "--filter", "sqnorm_forward[float32", "--csv", str(csv_path)],
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "aot_compile.py"),
+            "--quick",
+            "--arch",
+            "90",
+            "--jobs",
+            "1",
+            "--filter",
+            "sqnorm_forward[float32",
+            "--csv",
+            str(csv_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     rows = list(csv.DictReader(csv_path.open()))
     assert [r["status"] for r in rows] == ["ok"] and rows[0]["arch"] == "sm_90"

@@ -49,6 +49,7 @@ def three_models(digits):
 
 # ---------------------------------------------------------------------------------------------- schedule
 
+
 def reference_checkpoints(n):
     p = [Fraction(0), Fraction(22, 100)]
     while p[-1] <= 1:
@@ -99,18 +100,19 @@ def test_schedule_on_a_linear_model():
     eta = torch.stack(trace)[:, 0]
     marks = [0, 22, 41, 57, 70, 80, 87, 93, 99]
     for j in range(len(marks) - 1):
-        segment = eta[marks[j]:marks[j + 1]]
-        assert torch.allclose(segment, torch.full_like(segment, 2 * EPS / 2 ** j)), j
-    assert torch.allclose(eta[99], torch.tensor(2 * EPS / 2 ** 8))
+        segment = eta[marks[j] : marks[j + 1]]
+        assert torch.allclose(segment, torch.full_like(segment, 2 * EPS / 2**j)), j
+    assert torch.allclose(eta[99], torch.tensor(2 * EPS / 2**8))
 
 
 # ---------------------------------------------------------------------------------------------- DLR
 
+
 def test_dlr_by_hand():
     z = torch.tensor([[3.0, 1.0, 0.0, -1.0]])
     y0, y1 = torch.tensor([0]), torch.tensor([1])
-    assert torch.allclose(dlr_loss(z, y0), torch.tensor([-2 / 3]))       # -(3 - 1) / (3 - 0)
-    assert torch.allclose(dlr_loss(z, y1), torch.tensor([2 / 3]))        # misclassified: > 0
+    assert torch.allclose(dlr_loss(z, y0), torch.tensor([-2 / 3]))  # -(3 - 1) / (3 - 0)
+    assert torch.allclose(dlr_loss(z, y1), torch.tensor([2 / 3]))  # misclassified: > 0
     assert torch.allclose(targeted_dlr_loss(z, y0, torch.tensor([2])), torch.tensor([-3 / 3.5]))
     # invariant to shift and positive scale
     g = torch.Generator().manual_seed(0)
@@ -123,6 +125,7 @@ def test_dlr_by_hand():
 
 
 # ---------------------------------------------------------------------------------------------- parity
+
 
 def _parity(model, x, y, ours, theirs, eps, norm="Linf"):
     a, b = ours(x, y), theirs(x, y)
@@ -164,6 +167,7 @@ def test_parity_full(three_models, digits, name, kind):
 
 
 # ---------------------------------------------------------------------------------------------- behaviour
+
 
 def test_attributes_take_effect(plain, digits):
     x, y = digits.x_test[:16], digits.y_test[:16]

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 torchattacks = pytest.importorskip("torchattacks")
 
-import fastrob.attacks as fa  # noqa: E402
 from train_loop import fit  # noqa: E402
+
+import fastrob.attacks as fa  # noqa: E402
 
 # the module that warns once per process when a CUDA graph cannot be captured
 pgd_module = importlib.import_module("fastrob.attacks.graph")
@@ -20,9 +21,13 @@ pgd_module = importlib.import_module("fastrob.attacks.graph")
 
 def make_cnn(dtype=torch.float32):
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
     ).to(dtype)
 
 
@@ -115,8 +120,9 @@ def test_robust_accuracy_not_above_torchattacks(net, digits, restarts):
 
 # --- constraints --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-@pytest.mark.parametrize("loss", ["ce", "margin", "kl"])
+@pytest.mark.parametrize("loss", ["ce", "margin", "kl", "dlr"])
 def test_inside_ball_and_box(net64, digits, norm, loss):
     x, y = digits.x_test[:40].double(), digits.y_test[:40]
     gen = torch.Generator().manual_seed(0)
@@ -141,13 +147,24 @@ def test_steps_zero_returns_the_start(net, batch):
 
 # --- restarts -----------------------------------------------------------------------------------
 
+
 def test_restarts_never_weaker_than_one_run(net64, digits):
     x, y = digits.x_test[:200].double(), digits.y_test[:200]
     for norm, eps in (("linf", 0.1), ("l2", 0.9)):
-        one = fa.pgd(net64, x, y, eps=eps, alpha=eps / 4, steps=5, norm=norm,
-                     generator=torch.Generator().manual_seed(1))
-        many = fa.pgd(net64, x, y, eps=eps, alpha=eps / 4, steps=5, norm=norm, restarts=4,
-                      generator=torch.Generator().manual_seed(1))
+        one = fa.pgd(
+            net64, x, y, eps=eps, alpha=eps / 4, steps=5, norm=norm, generator=torch.Generator().manual_seed(1)
+        )
+        many = fa.pgd(
+            net64,
+            x,
+            y,
+            eps=eps,
+            alpha=eps / 4,
+            steps=5,
+            norm=norm,
+            restarts=4,
+            generator=torch.Generator().manual_seed(1),
+        )
         r_one, r_many = robust(net64, one, y), robust(net64, many, y)
         assert bool((r_many <= r_one).all())  # every sample one run breaks, restarts break too
 
@@ -170,6 +187,7 @@ def test_restarts_keep_the_highest_loss(net64, digits):
 
 # --- early stop and compaction ------------------------------------------------------------------
 
+
 class CountingModel(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -186,8 +204,19 @@ def test_compaction_equals_no_compaction(net64, digits, norm, eps):
     runs = {}
     for mode in ("robust_only", "early_stop"):
         counter = CountingModel(net64)
-        x_adv, fooled = fa.pgd(counter, x, y, eps=eps, alpha=eps / 4, steps=8, norm=norm, restarts=3,
-                               generator=torch.Generator().manual_seed(7), return_fooled=True, **{mode: True})
+        x_adv, fooled = fa.pgd(
+            counter,
+            x,
+            y,
+            eps=eps,
+            alpha=eps / 4,
+            steps=8,
+            norm=norm,
+            restarts=3,
+            generator=torch.Generator().manual_seed(7),
+            return_fooled=True,
+            **{mode: True},
+        )
         runs[mode] = (x_adv, fooled, counter.rows)
     (a, fa_, rows_a), (b, fb, rows_b) = runs["robust_only"], runs["early_stop"]
     assert torch.equal(fa_, fb)
@@ -208,6 +237,7 @@ def test_early_stop_is_never_weaker_than_last_iterate(net64, digits):
 
 
 # --- model state --------------------------------------------------------------------------------
+
 
 def test_model_state_restored_and_no_parameter_grads(digits):
     torch.manual_seed(0)
@@ -265,21 +295,25 @@ def test_training_mode_on_request(digits):
 
 # --- bad input ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(eps=-0.1), ValueError, "eps"),
-    (dict(alpha=-1.0), ValueError, "alpha"),
-    (dict(steps=-1), ValueError, "steps"),
-    (dict(steps=2.5), TypeError, "steps"),
-    (dict(restarts=0), ValueError, "restarts"),
-    (dict(eps=torch.ones(3)), ValueError, "eps"),
-    (dict(norm="l1"), ValueError, "norm"),
-    (dict(loss="hinge"), ValueError, "loss"),
-    (dict(amp="fp8"), ValueError, "amp"),
-    (dict(backend="tpu"), ValueError, "backend"),
-    (dict(random_start="sphere"), ValueError, "random_start"),
-    (dict(robust_only=True, early_stop=False), ValueError, "early_stop"),
-    (dict(loss="kl", targeted=True), ValueError, "kl"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(eps=-0.1), ValueError, "eps"),
+        (dict(alpha=-1.0), ValueError, "alpha"),
+        (dict(steps=-1), ValueError, "steps"),
+        (dict(steps=2.5), TypeError, "steps"),
+        (dict(restarts=0), ValueError, "restarts"),
+        (dict(eps=torch.ones(3)), ValueError, "eps"),
+        (dict(norm="l1"), ValueError, "norm"),
+        (dict(loss="hinge"), ValueError, "loss"),
+        (dict(amp="fp8"), ValueError, "amp"),
+        (dict(backend="tpu"), ValueError, "backend"),
+        (dict(random_start="sphere"), ValueError, "random_start"),
+        (dict(robust_only=True, early_stop=False), ValueError, "early_stop"),
+        (dict(loss="kl", targeted=True), ValueError, "kl"),
+    ],
+)
 def test_bad_arguments(net, batch, kwargs, error, match):
     x, y = batch
     with pytest.raises(error, match=match):
@@ -318,6 +352,7 @@ def test_bad_inputs(net, batch):
 
 # --- extras -------------------------------------------------------------------------------------
 
+
 def test_callable_loss_and_margin(net64, digits):
     x, y = digits.x_test[:50].double(), digits.y_test[:50]
     kw = dict(eps=0.1, alpha=0.03, steps=4, random_start=False)
@@ -330,6 +365,20 @@ def test_callable_loss_and_margin(net64, digits):
     torch.testing.assert_close(fa.margin_loss(z, y), other.amax(1) - z[torch.arange(50), y])
     margin = fa.pgd(net64, x, y, loss="margin", **kw)
     assert robust(net64, margin, y).float().mean() < robust(net64, x, y).float().mean()
+
+
+def test_dlr_loss_by_name_is_croce_and_heins(net64, digits):
+    x, y = digits.x_test[:50].double(), digits.y_test[:50]
+    kw = dict(eps=0.1, alpha=0.03, steps=4, random_start=False)
+
+    def written_out(z, t):  # -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3), from the sorted logits
+        ranked = z.sort(1, descending=True).values
+        true = z[torch.arange(len(t)), t]
+        best_other = torch.where(ranked[:, 0] == true, ranked[:, 1], ranked[:, 0])
+        return -(true - best_other) / (ranked[:, 0] - ranked[:, 2] + 1e-12)
+
+    torch.testing.assert_close(fa.dlr_loss(net64(x), y), written_out(net64(x), y))
+    torch.testing.assert_close(fa.pgd(net64, x, y, loss="dlr", **kw), fa.pgd(net64, x, y, loss=written_out, **kw))
 
 
 def test_targeted_modes(net, batch):
@@ -404,8 +453,9 @@ def test_cuda_graph_falls_back_on_cpu(net, batch):
 def test_triton_backend_matches_torch(net, batch, norm):
     x, y = batch[0][:4], batch[1][:4]
     kw = dict(eps=0.1 if norm == "linf" else 0.8, alpha=0.03, steps=2, norm=norm, random_start=False)
-    torch.testing.assert_close(fa.pgd(net, x, y, backend="triton", **kw), fa.pgd(net, x, y, backend="torch", **kw),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        fa.pgd(net, x, y, backend="triton", **kw), fa.pgd(net, x, y, backend="torch", **kw), atol=1e-6, rtol=0
+    )
     # per-sample eps, batched restarts and compaction go through the kernel's per-sample path
     eps = torch.tensor([0.0, 0.05, 0.1, 0.3]) * (1 if norm == "linf" else 8)
     kw = dict(eps=eps, alpha=eps / 2, steps=2, norm=norm, restarts=2, robust_only=True)

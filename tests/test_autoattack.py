@@ -11,9 +11,10 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from test_apgd import EPS, inside, robust_count  # noqa: E402
+
 from bench.autoattack import digits_models, providers  # noqa: E402
 from fastrob.attacks import APGD, PGD, AutoAttack, Square  # noqa: E402
-from test_apgd import EPS, inside, robust_count  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -80,8 +81,14 @@ def test_standard_version_small(plain, digits):
 
 
 def test_versions_and_bad_inputs(plain, digits):
-    assert [n for n, _ in AutoAttack(plain, version="plus").stages()] == \
-        ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+    assert [n for n, _ in AutoAttack(plain, version="plus").stages()] == [
+        "apgd-ce",
+        "apgd-dlr",
+        "fab",
+        "square",
+        "apgd-t",
+        "fab-t",
+    ]
     rand = AutoAttack(plain, version="rand").stages()
     assert [n for n, _ in rand] == ["apgd-ce", "apgd-dlr"] and all(a.eot_iter == 20 for _, a in rand)
     with pytest.raises(ValueError, match="version"):

@@ -50,12 +50,19 @@ def test_auto_prefers_cuda_then_triton_on_gpu_tensors(monkeypatch):
     assert _backend.resolve("auto", cuda, torch.float32, op="x") == "triton"
 
 
-@pytest.mark.parametrize("capability, runs", [
-    ((8, 0), True), ((8, 6), True), ((8, 9), True),  # sm_80 machine code runs on later 8.x
-    ((9, 0), True),
-    ((10, 0), True), ((12, 0), True),                # through the sm_90 PTX
-    ((7, 5), False), ((7, 0), False),                # older than anything compiled
-])
+@pytest.mark.parametrize(
+    "capability, runs",
+    [
+        ((8, 0), True),
+        ((8, 6), True),
+        ((8, 9), True),  # sm_80 machine code runs on later 8.x
+        ((9, 0), True),
+        ((10, 0), True),
+        ((12, 0), True),  # through the sm_90 PTX
+        ((7, 5), False),
+        ((7, 0), False),  # older than anything compiled
+    ],
+)
 def test_extension_runs_on_compiled_archs(monkeypatch, capability, runs):
     monkeypatch.setattr(_backend, "extension_build_record", lambda: {"built": True, "archs": ["80", "90"]})
     assert _backend.extension_runs_on(capability) is runs

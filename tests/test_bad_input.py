@@ -58,12 +58,18 @@ def always_right(classes=4):
     table = {tuple(xi.flatten().tolist()): yi for xi, yi in zip(x, y)}
 
     def model(inp):
-        return nn.functional.one_hot(torch.stack([table.get(tuple(r.flatten().tolist()), torch.tensor(0))
-                                                  for r in inp]), classes).float() * 5
+        return (
+            nn.functional.one_hot(
+                torch.stack([table.get(tuple(r.flatten().tolist()), torch.tensor(0)) for r in inp]), classes
+            ).float()
+            * 5
+        )
+
     return model, (x, y)
 
 
 # ---- 1. non-finite logits and attack outputs --------------------------------------------------
+
 
 def test_check_logits_rejects_non_finite_and_names_where():
     logits = torch.zeros(4, 3)
@@ -100,13 +106,16 @@ def test_nan_logits_on_adversarial_inputs_only():
         robust_accuracy(nan_above_half, (x, y), lambda a, b: (a + 0.3).clamp(0, 1), quiet=True)
 
 
-@pytest.mark.parametrize("attack, error, words", [
-    (lambda x, y: None, TypeError, "must return a tensor"),
-    (lambda x, y: x[:, :, :2], ValueError, "shape of x"),
-    (lambda x, y: x.flatten(1), ValueError, "shape of x"),
-    (lambda x, y: x * float("nan"), ValueError, "non-finite"),
-    (lambda x, y: x + 2.0, ValueError, r"outside \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "attack, error, words",
+    [
+        (lambda x, y: None, TypeError, "must return a tensor"),
+        (lambda x, y: x[:, :, :2], ValueError, "shape of x"),
+        (lambda x, y: x.flatten(1), ValueError, "shape of x"),
+        (lambda x, y: x * float("nan"), ValueError, "non-finite"),
+        (lambda x, y: x + 2.0, ValueError, r"outside \[0, 1\]"),
+    ],
+)
 def test_a_user_attack_must_return_valid_images(attack, error, words):
     model, data = always_right()
     with pytest.raises(error, match=words):
@@ -121,6 +130,7 @@ def test_an_attack_that_leaves_its_ball_is_refused():
 
         def __call__(self, x, y):
             return (x + 0.2).clamp(0, 1)
+
     with pytest.raises(ValueError, match="outside its linf ball of eps=0.01"):
         robust_accuracy(model, data, Cheat(), quiet=True)
     # fastrob's own attack class (eps, class name PGD) is inside its ball: accepted
@@ -132,6 +142,7 @@ def test_an_attack_that_leaves_its_ball_is_refused():
 
 
 # ---- 2. the metrics restore each module's mode ------------------------------------------------
+
 
 @pytest.mark.parametrize("metric", ["robust_accuracy", "accuracy_curve", "kl_robustness", "ara"])
 def test_metrics_restore_each_modules_mode(metric):
@@ -153,6 +164,7 @@ def test_metrics_restore_each_modules_mode(metric):
 
 
 # ---- 3. finite differences with Dropout --------------------------------------------------------
+
 
 def test_fd_penalty_with_dropout_is_a_finite_difference_of_one_function():
     model = mlp(classes=10, dropout=0.5)
@@ -247,11 +259,14 @@ def test_lipschitz_state_must_hold_a_number():
 EMPTY = (torch.zeros(0, 1, 4, 4), torch.zeros(0, dtype=torch.long))
 
 
-@pytest.mark.parametrize("metric", [
-    lambda m: robust_accuracy(m, EMPTY, identity_attack, quiet=True),
-    lambda m: accuracy_curve(m, EMPTY, [0.1], quiet=True),
-    lambda m: kl_robustness(m, EMPTY, eps=0.1, quiet=True),
-])  # ara refused empty data already
+@pytest.mark.parametrize(
+    "metric",
+    [
+        lambda m: robust_accuracy(m, EMPTY, identity_attack, quiet=True),
+        lambda m: accuracy_curve(m, EMPTY, [0.1], quiet=True),
+        lambda m: kl_robustness(m, EMPTY, eps=0.1, quiet=True),
+    ],
+)  # ara refused empty data already
 def test_every_metric_refuses_empty_data(metric):
     with pytest.raises(ValueError, match="no samples"):
         metric(mlp())
@@ -275,6 +290,7 @@ def test_robust_accuracy_has_as_dict():
 
 # ---- weak: data ----------------------------------------------------------------------------------
 
+
 def test_digits_size_zero_is_refused():
     with pytest.raises(ValueError, match="size must be one of"):
         load_dataset("digits", 0)
@@ -287,8 +303,9 @@ def test_sparse_labels_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"4 distinct values up to 3000.*relabel"):
         load_dataset(str(path))
     # a class or two absent from the data is fine
-    np.savez(path, x=np.random.default_rng(0).random((20, 1, 4, 4)).astype(np.float32),
-             y=np.array([0, 1, 3] * 6 + [0, 1]))
+    np.savez(
+        path, x=np.random.default_rng(0).random((20, 1, 4, 4)).astype(np.float32), y=np.array([0, 1, 3] * 6 + [0, 1])
+    )
     assert load_dataset(str(path)).num_classes == 4
 
 
@@ -309,6 +326,7 @@ def test_an_object_array_names_the_file(tmp_path):
 
 # ---- weak: progress on a stderr that is not a terminal -------------------------------------------
 
+
 def test_progress_writes_one_line_per_stage_into_a_log(capsys):
     x, y = toy_data(64)
     robust_accuracy(mlp(), (x, y), identity_attack, batch_size=4, quiet=False)
@@ -320,8 +338,8 @@ def test_progress_writes_one_line_per_stage_into_a_log(capsys):
 
 
 def test_training_progress_in_a_log(capsys, digits):
-    from fastrob.trainer import TrainConfig, train
     from fastrob.data import Dataset, Split
+    from fastrob.trainer import TrainConfig, train
 
     small = Split(digits.x_train[:64], digits.y_train[:64], digits.x_test[:32], digits.y_test[:32])
     train(TrainConfig(epochs=2, batch_size=16), dataset=Dataset("digits", small, 10, (1, 8, 8)))
@@ -330,6 +348,7 @@ def test_training_progress_in_a_log(capsys, digits):
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
+
 
 def cli(capsys, *args):
     from fastrob.cli import main
@@ -359,12 +378,15 @@ def test_train_out_empty_fails_before_training(capsys, monkeypatch):
     one_line_error(code, err, "--out must name an output directory")
 
 
-@pytest.mark.parametrize("command", [
-    ("train", "--epochs", "1"),
-    ("eval", "--checkpoint", "nowhere"),
-    ("explain", "--checkpoint", "nowhere"),
-    ("demo", "--epochs", "1"),
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("train", "--epochs", "1"),
+        ("eval", "--checkpoint", "nowhere"),
+        ("explain", "--checkpoint", "nowhere"),
+        ("demo", "--epochs", "1"),
+    ],
+)
 def test_every_subcommand_checks_its_out_first(capsys, tmp_path, command):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
@@ -386,11 +408,14 @@ def test_out_not_writable(capsys, tmp_path):
     one_line_error(code, err, "is not writable")
 
 
-@pytest.mark.parametrize("args, words", [
-    (("--seed", "-1"), "seed in [0, 4294967295]"),
-    (("--seed", str(2**40)), "seed in [0, 4294967295]"),
-    (("--device", "meta"), "meta holds no values"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("--seed", "-1"), "seed in [0, 4294967295]"),
+        (("--seed", str(2**40)), "seed in [0, 4294967295]"),
+        (("--device", "meta"), "meta holds no values"),
+    ],
+)
 def test_seed_and_device_are_one_line(capsys, tmp_path, args, words):
     code, _, err = cli(capsys, *TRAIN, "--out", str(tmp_path / "run"), *args)
     assert code == 2 and words in err and "Traceback" not in err
@@ -426,8 +451,11 @@ def run_dir(tmp_path_factory):
     os.chdir(root)
     try:
         from fastrob.cli import main
-        assert main(["train", "--data", "small.npz", "--epochs", "1", "--batch-size", "16", "--quiet",
-                     "--out", "run"]) == 0
+
+        assert (
+            main(["train", "--data", "small.npz", "--epochs", "1", "--batch-size", "16", "--quiet", "--out", "run"])
+            == 0
+        )
     finally:
         os.chdir(cwd)
     return root
@@ -435,9 +463,27 @@ def run_dir(tmp_path_factory):
 
 def test_eval_from_another_directory_finds_the_data(capsys, run_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, err = cli(capsys, "eval", "--checkpoint", str(run_dir / "run"), "--eps", "0.1", "--steps", "1",
-                         "--ara-n", "0", "--kl-eps", "0", "--interp-eps", "0", "--sens-eps", "0", "--quiet",
-                         "--out", str(tmp_path / "ev"))
+    code, out, err = cli(
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(run_dir / "run"),
+        "--eps",
+        "0.1",
+        "--steps",
+        "1",
+        "--ara-n",
+        "0",
+        "--kl-eps",
+        "0",
+        "--interp-eps",
+        "0",
+        "--sens-eps",
+        "0",
+        "--quiet",
+        "--out",
+        str(tmp_path / "ev"),
+    )
     assert code == 0, err
     assert (tmp_path / "ev" / "eval.json").is_file()
 
@@ -447,8 +493,20 @@ def test_resume_says_which_arguments_it_ignored(capsys, run_dir, tmp_path):
 
     out = tmp_path / "again"
     shutil.copytree(run_dir / "run", out)
-    code, _, err = cli(capsys, "train", "--data", str(run_dir / "small.npz"), "--epochs", "2", "--lr", "0.01",
-                       "--quiet", "--resume", "--out", str(out))
+    code, _, err = cli(
+        capsys,
+        "train",
+        "--data",
+        str(run_dir / "small.npz"),
+        "--epochs",
+        "2",
+        "--lr",
+        "0.01",
+        "--quiet",
+        "--resume",
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     assert err.startswith("fastrob: warning:") and "ignored: lr=0.01 (the checkpoint's 0.002)" in err
     assert "batch_size" not in err  # a default left alone is not reported
@@ -479,6 +537,7 @@ def test_a_full_disk_leaves_no_partial_checkpoint_and_one_line(capsys, tmp_path,
         with open(f, "wb") as h:
             h.write(b"half a checkp")
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(torch, "save", full_disk)
     code, _, err = cli(capsys, *TRAIN, "--out", str(tmp_path / "run"))
     one_line_error(code, err, "No space left on device", status=1)
@@ -496,6 +555,7 @@ def test_a_full_disk_while_writing_json_or_png(tmp_path, monkeypatch):
     def broken_dump(obj, f, **k):
         f.write('{"new": ')
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(json, "dump", broken_dump)
     with pytest.raises(OSError):
         _atomic.write_json({"new": 2}, str(target))
@@ -507,10 +567,23 @@ def test_a_full_disk_while_writing_json_or_png(tmp_path, monkeypatch):
     def broken_savefig(self, fname, **k):
         open(fname, "wb").write(b"\x89PNG half")
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken_savefig)
     with pytest.raises(OSError):
-        plots.training_curves([{"epoch": 1, "loss": 1.0, "ce": 1.0, "penalty": 0.0, "train_accuracy": 0.5,
-                                "test_accuracy": 0.5, "seconds": 1.0}], str(tmp_path / "training.png"))
+        plots.training_curves(
+            [
+                {
+                    "epoch": 1,
+                    "loss": 1.0,
+                    "ce": 1.0,
+                    "penalty": 0.0,
+                    "train_accuracy": 0.5,
+                    "test_accuracy": 0.5,
+                    "seconds": 1.0,
+                }
+            ],
+            str(tmp_path / "training.png"),
+        )
     assert os.listdir(tmp_path) == ["metrics.json"]
 
 
@@ -536,10 +609,16 @@ def test_a_nan_training_loss_stops_the_run(monkeypatch, digits, tmp_path):
             logits = model(x)
             loss = logits.sum() * float("nan")
             return Objective(loss, loss, loss.new_zeros(()), logits)
+
         return objective
+
     monkeypatch.setattr(fastrob.trainer, "build_objective", nan_objective)
     small = Split(digits.x_train[:32], digits.y_train[:32], digits.x_test[:16], digits.y_test[:16])
     with pytest.raises(ValueError, match="training loss is nan at epoch 1: training diverged"):
-        fastrob.trainer.train(fastrob.trainer.TrainConfig(epochs=1, batch_size=16), str(tmp_path), quiet=True,
-                              dataset=Dataset("digits", small, 10, (1, 8, 8)))
+        fastrob.trainer.train(
+            fastrob.trainer.TrainConfig(epochs=1, batch_size=16),
+            str(tmp_path),
+            quiet=True,
+            dataset=Dataset("digits", small, 10, (1, 8, 8)),
+        )
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / ".fastrob.lock").exists()

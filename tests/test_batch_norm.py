@@ -15,8 +15,12 @@ from fastrob.nn import BatchNorm2d, BiasAct, patch_model, swap_batch_norm
 from fastrob.ops import batch_norm, batch_norm_reference
 
 needs_triton = pytest.mark.skipif(not triton_runs_here(), reason="triton cannot run here")
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10),
-       torch.bfloat16: dict(atol=5e-2, rtol=5e-2), torch.float16: dict(atol=5e-3, rtol=5e-3)}
+TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
+    torch.float16: dict(atol=5e-3, rtol=5e-3),
+}
 # float32: the first and second derivatives of a normalisation sum O(M) terms that cancel; 1e-4
 # is what separates float32 rounding (1e-6 .. 1e-5 seen) from a wrong term (O(1)).
 
@@ -48,10 +52,13 @@ def by_hand(x, w, b, eps=1e-5):
 
 def fn_of(op, training, affine, rm, rv, **kw):
     """op(x, weight, bias) as a function of the differentiable inputs, fresh running stats per call."""
+
     def fn(x, *params):
         w, b = params if affine else (None, None)
-        return op(x, w, b, rm.clone() if rm is not None else None, rv.clone() if rv is not None else None,
-                  training, **kw)
+        return op(
+            x, w, b, rm.clone() if rm is not None else None, rv.clone() if rv is not None else None, training, **kw
+        )
+
     return fn
 
 
@@ -59,9 +66,12 @@ def test_reference_by_hand_and_against_torch():
     x, w, b, rm, rv = make((3, 4, 5, 2), torch.float64)
     torch.testing.assert_close(batch_norm_reference(x, w, b, None, None, True), by_hand(x, w, b))
     for training in (True, False):
-        assert_derivatives_close(fn_of(batch_norm_reference, training, True, rm, rv),
-                                 lambda x, w, b: F.batch_norm(x, rm.clone(), rv.clone(), w, b, training),
-                                 [x, w, b], **TOL[torch.float64])
+        assert_derivatives_close(
+            fn_of(batch_norm_reference, training, True, rm, rv),
+            lambda x, w, b: F.batch_norm(x, rm.clone(), rv.clone(), w, b, training),
+            [x, w, b],
+            **TOL[torch.float64],
+        )
 
 
 SHAPES = [(3, 5, 7, 3), (2, 3, 1, 1), (6, 4), (2, 70, 1, 3), (2, 3, 4, 5, 2)]  # 70: two channel blocks
@@ -72,12 +82,16 @@ SHAPES = [(3, 5, 7, 3), (2, 3, 1, 1), (6, 4), (2, 70, 1, 3), (2, 3, 4, 5, 2)]  #
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_triton_equals_reference(shape, dtype, training):
-    for channels_last in ([False, True] if len(shape) == 4 else [False]):
+    for channels_last in [False, True] if len(shape) == 4 else [False]:
         x, w, b, rm, rv = make(shape, dtype, triton_device(), channels_last=channels_last)
         for affine in (True, False):
             inputs = [x, w, b] if affine else [x]
-            assert_derivatives_close(fn_of(batch_norm, training, affine, rm, rv, backend="triton"),
-                                     fn_of(batch_norm_reference, training, affine, rm, rv), inputs, **TOL[dtype])
+            assert_derivatives_close(
+                fn_of(batch_norm, training, affine, rm, rv, backend="triton"),
+                fn_of(batch_norm_reference, training, affine, rm, rv),
+                inputs,
+                **TOL[dtype],
+            )
         out = batch_norm(x, w, b, rm, rv, training, backend="triton")
         layout = torch.channels_last if channels_last else torch.contiguous_format
         assert out.dtype == x.dtype and out.is_contiguous(memory_format=layout)
@@ -90,11 +104,13 @@ def test_triton_half_precision(dtype):
     rounding of the reference; running statistics stay in their own dtype."""
     x, w, b, rm, rv = make((4, 6, 5, 3), dtype, triton_device(), channels_last=True)
     for training in (True, False):
+
         def value_and_grads(op, **kw):
             leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
             out = op(*leaves, rm.clone(), rv.clone(), training, **kw)
             gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
             return [out, *torch.autograd.grad(out, leaves, gy)]
+
         for a, e in zip(value_and_grads(batch_norm, backend="triton"), value_and_grads(batch_norm_reference)):
             assert a.dtype == e.dtype
             torch.testing.assert_close(a.float(), e.float(), **TOL[dtype])
@@ -106,8 +122,9 @@ def test_far_from_zero_data_keeps_float32_accuracy():
     (sum(x^2) / M - mean^2 in float32 would lose every digit of the variance)."""
     x, w, b, _, _ = make((8, 3, 6, 6), offset=1e4)
     expected = batch_norm_reference(x.double(), w.double(), b.double(), None, None, True)
-    torch.testing.assert_close(batch_norm(x, w, b, None, None, True, backend="triton").double(), expected,
-                               atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        batch_norm(x, w, b, None, None, True, backend="triton").double(), expected, atol=2e-3, rtol=0
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -144,36 +161,51 @@ def test_opcheck():
     for weight, bias in ((w, b), (None, None)):
         torch.library.opcheck(ops.batch_norm_triton.default, (x, weight, bias, 1e-5))
         torch.library.opcheck(ops.batch_norm_backward_triton.default, (gy, x, weight, mean, invstd))
-        torch.library.opcheck(ops.batch_norm_double_backward_triton.default,
-                              (gy, x, weight, mean, invstd, v, torch.randn(3), torch.randn(3)))
+        torch.library.opcheck(
+            ops.batch_norm_double_backward_triton.default,
+            (gy, x, weight, mean, invstd, v, torch.randn(3), torch.randn(3)),
+        )
         torch.library.opcheck(ops.batch_norm_eval_triton.default, (x, weight, bias, rm, rv, 1e-5))
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    (dict(x=torch.zeros(4, dtype=torch.float32)), ValueError, "x must have at least 2 dimensions"),
-    (dict(x=torch.zeros(2, 3, 4, dtype=torch.int64)), TypeError, "x must be a floating-point"),
-    (dict(weight=torch.ones(4)), ValueError, r"weight must have shape \[channels\] = \(3,\)"),
-    (dict(running_var=torch.ones(3, 1)), ValueError, "running_var must have shape"),
-    (dict(bias=torch.ones(3, dtype=torch.int32)), TypeError, "bias must be a floating-point"),
-    (dict(training=False, running_mean=None, running_var=None), ValueError,
-     "running_mean and running_var must be given"),
-    (dict(running_mean=None), ValueError, "must both be None or both be given"),
-    (dict(training=1), TypeError, "training must be a bool"),
-    (dict(momentum=float("nan")), ValueError, "momentum"),
-    (dict(eps=-1e-5), ValueError, "eps"),
-    (dict(x=torch.zeros(1, 3, 1, 1)), ValueError, "more than one value per channel"),
-    (dict(backend="cuda"), RuntimeError, "backend='cuda'"),
-    (dict(backend="fast"), ValueError, "backend must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(x=torch.zeros(4, dtype=torch.float32)), ValueError, "x must have at least 2 dimensions"),
+        (dict(x=torch.zeros(2, 3, 4, dtype=torch.int64)), TypeError, "x must be a floating-point"),
+        (dict(weight=torch.ones(4)), ValueError, r"weight must have shape \[channels\] = \(3,\)"),
+        (dict(running_var=torch.ones(3, 1)), ValueError, "running_var must have shape"),
+        (dict(bias=torch.ones(3, dtype=torch.int32)), TypeError, "bias must be a floating-point"),
+        (
+            dict(training=False, running_mean=None, running_var=None),
+            ValueError,
+            "running_mean and running_var must be given",
+        ),
+        (dict(running_mean=None), ValueError, "must both be None or both be given"),
+        (dict(training=1), TypeError, "training must be a bool"),
+        (dict(momentum=float("nan")), ValueError, "momentum"),
+        (dict(eps=-1e-5), ValueError, "eps"),
+        (dict(x=torch.zeros(1, 3, 1, 1)), ValueError, "more than one value per channel"),
+        (dict(backend="cuda"), RuntimeError, "backend='cuda'"),
+        (dict(backend="fast"), ValueError, "backend must be one of"),
+    ],
+)
 def test_bad_input_names_the_argument(kwargs, error, words):
-    args = dict(x=torch.zeros(2, 3, 4), weight=None, bias=None, running_mean=torch.zeros(3),
-                running_var=torch.ones(3), training=True)
+    args = dict(
+        x=torch.zeros(2, 3, 4),
+        weight=None,
+        bias=None,
+        running_mean=torch.zeros(3),
+        running_var=torch.ones(3),
+        training=True,
+    )
     args.update(kwargs)
     with pytest.raises(error, match=words):
         batch_norm(**args)
 
 
 # ---- the module -----------------------------------------------------------------------------
+
 
 def torch_and_fastrob(backend="torch", **kw):
     torch.manual_seed(0)
@@ -188,8 +220,11 @@ def torch_and_fastrob(backend="torch", **kw):
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-@pytest.mark.parametrize("kw", [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
-                                dict(momentum=0.5, eps=1e-3)], ids=str)
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False), dict(momentum=0.5, eps=1e-3)],
+    ids=str,
+)
 def test_module_equals_torch_batchnorm(backend, kw):
     ref, ours = torch_and_fastrob(backend, **kw)
     assert isinstance(ours, nn.BatchNorm2d)
@@ -222,8 +257,13 @@ def test_module_state_dict_round_trip_both_ways():
 def test_swap_batch_norm_shares_parameters_and_keeps_the_function():
     torch.manual_seed(0)
     sync, bn1d = nn.SyncBatchNorm(4), nn.BatchNorm1d(4)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4, momentum=None)),
-                          sync, nn.Sequential(bn1d))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Sequential(nn.BatchNorm2d(4, momentum=None)),
+        sync,
+        nn.Sequential(bn1d),
+    )
     model[0:3].train()(torch.randn(4, 3, 6, 6))  # running statistics away from their initial values
     model.eval()
     weight, running_mean = model[1].weight, model[1].running_mean
@@ -251,8 +291,17 @@ def test_patch_model_swaps_both():
 
 def bn_net(bn):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), bn(4), nn.Softplus(), nn.Conv2d(4, 6, 3, stride=2),
-                         bn(6), nn.Softplus(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10)).double()
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        bn(4),
+        nn.Softplus(),
+        nn.Conv2d(4, 6, 3, stride=2),
+        bn(6),
+        nn.Softplus(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 10),
+    ).double()
 
 
 @needs_triton
@@ -288,13 +337,17 @@ def test_gpu_backends_equal_reference(backend, dtype, shape, channels_last, trai
         pytest.skip("channels_last needs 4-d inputs")
     x, w, b, rm, rv = make(shape, dtype, "cuda", channels_last=channels_last)
     if dtype == torch.float32:
-        assert_derivatives_close(fn_of(batch_norm, training, True, rm, rv, backend=backend),
-                                 fn_of(batch_norm_reference, training, True, rm, rv), [x, w, b],
-                                 **TOL[torch.float32])
+        assert_derivatives_close(
+            fn_of(batch_norm, training, True, rm, rv, backend=backend),
+            fn_of(batch_norm_reference, training, True, rm, rv),
+            [x, w, b],
+            **TOL[torch.float32],
+        )
     else:
         out = batch_norm(x, w, b, rm.clone(), rv.clone(), training, backend=backend)
-        torch.testing.assert_close(out.float(), batch_norm_reference(x, w, b, rm.clone(), rv.clone(),
-                                                                     training).float(), **TOL[dtype])
+        torch.testing.assert_close(
+            out.float(), batch_norm_reference(x, w, b, rm.clone(), rv.clone(), training).float(), **TOL[dtype]
+        )
     rm_a, rv_a, rm_e, rv_e = rm.clone(), rv.clone(), rm.clone(), rv.clone()
     batch_norm(x, w, b, rm_a, rv_a, training, backend=backend)
     batch_norm_reference(x, w, b, rm_e, rv_e, training)
@@ -307,12 +360,16 @@ def test_cuda_second_derivatives_float32_against_the_float64_reference():
     """CUDA kernels run float32/half only: a float32 double-derivative check at a small shape
     against the float64 reference."""
     x, w, b, rm, rv = make((3, 5, 7, 3), torch.float32, "cuda")
-    assert_derivatives_close(fn_of(batch_norm, True, True, rm, rv, backend="cuda"),
-                             lambda x, w, b: batch_norm_reference(x.double(), w.double(), b.double(), None, None,
-                                                                  True).float(), [x, w, b], **TOL[torch.float32])
+    assert_derivatives_close(
+        fn_of(batch_norm, True, True, rm, rv, backend="cuda"),
+        lambda x, w, b: batch_norm_reference(x.double(), w.double(), b.double(), None, None, True).float(),
+        [x, w, b],
+        **TOL[torch.float32],
+    )
 
 
 # ---- edge cases a review found ------------------------------------------------------------------
+
 
 @needs_triton
 def test_non_contiguous_weight_bias_and_one_of_them():

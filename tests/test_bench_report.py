@@ -17,9 +17,20 @@ DEVICE = "Test GPU 9000"
 
 
 def _row(op, provider, metric, median, shape="8x3x4x4"):
-    return {"op": op, "provider": provider, "shape": shape, "dtype": "float32", "metric": metric,
-            "median": median, "p20": median, "p80": median, "device": DEVICE, "torch": "2.13.0",
-            "triton": "3.9.0", "date": "2026-01-02"}
+    return {
+        "op": op,
+        "provider": provider,
+        "shape": shape,
+        "dtype": "float32",
+        "metric": metric,
+        "median": median,
+        "p20": median,
+        "p80": median,
+        "device": DEVICE,
+        "torch": "2.13.0",
+        "triton": "3.9.0",
+        "date": "2026-01-02",
+    }
 
 
 def _write(path, rows):
@@ -33,22 +44,25 @@ def _write(path, rows):
 def setup(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    _write(results / "test-gpu.csv", [
-        _row("copy", "torch", "gbps", 100.0, shape="1GiB"),
-        # time: fastrob 2 ms vs eager 8 ms -> 4x faster; 80 GB/s = 80% of copy
-        _row("pgd_step_linf", "eager", "time_ms", 8.0),
-        _row("pgd_step_linf", "eager", "gbps", 20.0),
-        _row("pgd_step_linf", "triton", "time_ms", 2.0),
-        _row("pgd_step_linf", "triton", "gbps", 80.0),
-        # throughput: fastrob 300 img/s vs torchattacks 100 img/s -> 3x faster
-        _row("pgd10", "torchattacks", "images_per_s", 100.0),
-        _row("pgd10", "fastrob", "images_per_s", 300.0),
-        # reference under another op, with peak memory
-        _row("input_gradient_exact", "input_grad_reference_eager", "ms", 10.0),
-        _row("input_gradient_exact", "input_grad_reference_eager", "peak_rss_rise_mib", 40.0),
-        _row("input_gradient_fd", "input_grad_fd", "ms", 20.0),
-        _row("input_gradient_fd", "input_grad_fd", "peak_rss_rise_mib", 30.0),
-    ])
+    _write(
+        results / "test-gpu.csv",
+        [
+            _row("copy", "torch", "gbps", 100.0, shape="1GiB"),
+            # time: fastrob 2 ms vs eager 8 ms -> 4x faster; 80 GB/s = 80% of copy
+            _row("pgd_step_linf", "eager", "time_ms", 8.0),
+            _row("pgd_step_linf", "eager", "gbps", 20.0),
+            _row("pgd_step_linf", "triton", "time_ms", 2.0),
+            _row("pgd_step_linf", "triton", "gbps", 80.0),
+            # throughput: fastrob 300 img/s vs torchattacks 100 img/s -> 3x faster
+            _row("pgd10", "torchattacks", "images_per_s", 100.0),
+            _row("pgd10", "fastrob", "images_per_s", 300.0),
+            # reference under another op, with peak memory
+            _row("input_gradient_exact", "input_grad_reference_eager", "ms", 10.0),
+            _row("input_gradient_exact", "input_grad_reference_eager", "peak_rss_rise_mib", 40.0),
+            _row("input_gradient_fd", "input_grad_fd", "ms", 20.0),
+            _row("input_gradient_fd", "input_grad_fd", "peak_rss_rise_mib", 30.0),
+        ],
+    )
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Benchmarks\n\ntext\n\n{report.START}\nold table 1.23x\n{report.END}\n\n## Next\n")
     return results, readme

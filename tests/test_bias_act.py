@@ -13,8 +13,12 @@ from fastrob.ops.bias_act import ACTIVATIONS, half_huber
 
 needs_triton = pytest.mark.skipif(not triton_runs_here(), reason="triton cannot run here")
 ACTS = list(ACTIVATIONS)
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12),
-       torch.bfloat16: dict(atol=2e-2, rtol=2e-2), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+}
 
 
 def make(shape, dtype=torch.float32, device="cpu", seed=0, bias=True, dim=1):
@@ -37,8 +41,12 @@ def test_triton_equals_reference(act, dtype, bias):
     x, b = make((3, 5, 4, 3), dtype, triton_device(), bias=bias)
     kw = dict(beta=2.0) if act == "softplus" else dict(d=0.75) if act == "half_huber" else {}
     inputs = [x, b] if bias else [x]
-    assert_derivatives_close(lambda x, b=None: bias_act(x, b, act, backend="triton", **kw),
-                             lambda x, b=None: bias_act_reference(x, b, act, **kw), inputs, **TOL[dtype])
+    assert_derivatives_close(
+        lambda x, b=None: bias_act(x, b, act, backend="triton", **kw),
+        lambda x, b=None: bias_act_reference(x, b, act, **kw),
+        inputs,
+        **TOL[dtype],
+    )
 
 
 @needs_triton
@@ -48,20 +56,30 @@ def test_triton_channels_last_and_other_dims(act):
     x = x.contiguous(memory_format=torch.channels_last)
     out = bias_act(x, b, act, backend="triton")
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert_derivatives_close(lambda x, b: bias_act(x, b, act, backend="triton"),
-                             lambda x, b: bias_act_reference(x, b, act), [x, b], **TOL[torch.float32])
+    assert_derivatives_close(
+        lambda x, b: bias_act(x, b, act, backend="triton"),
+        lambda x, b: bias_act_reference(x, b, act),
+        [x, b],
+        **TOL[torch.float32],
+    )
     for dim in (-1, 0):
         x, b = make((4, 3, 5), device=triton_device(), dim=dim)
-        assert_derivatives_close(lambda x, b: bias_act(x, b, act, dim, backend="triton"),
-                                 lambda x, b: bias_act_reference(x, b, act, dim), [x, b], **TOL[torch.float32])
+        assert_derivatives_close(
+            lambda x, b: bias_act(x, b, act, dim, backend="triton"),
+            lambda x, b: bias_act_reference(x, b, act, dim),
+            [x, b],
+            **TOL[torch.float32],
+        )
 
 
 @needs_triton
 def test_softplus_threshold_and_large_inputs():
     x = torch.tensor([[-100.0, -5.0, 0.0, 9.9, 10.1, 100.0]], device=triton_device())
     for threshold in (20.0, 10.0):
-        torch.testing.assert_close(bias_act(x, act="softplus", threshold=threshold, backend="triton"),
-                                   bias_act_reference(x, act="softplus", threshold=threshold))
+        torch.testing.assert_close(
+            bias_act(x, act="softplus", threshold=threshold, backend="triton"),
+            bias_act_reference(x, act="softplus", threshold=threshold),
+        )
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -70,8 +88,9 @@ def test_gradcheck_and_gradgradcheck_float64(backend, act):
     x, b = make((2, 3, 2, 2), torch.float64, "cpu" if backend == "torch" else triton_device())
     if act == "half_huber":  # keep clear of the kinks at 0 and d, where finite differences straddle them
         x = torch.where((x + b.view(1, -1, 1, 1) - 0.25).abs() < 0.2, x + 0.5, x)
-        x = torch.where(((x + b.view(1, -1, 1, 1)).abs() < 0.05) | ((x + b.view(1, -1, 1, 1) - 0.5).abs() < 0.05),
-                        x + 0.13, x)
+        x = torch.where(
+            ((x + b.view(1, -1, 1, 1)).abs() < 0.05) | ((x + b.view(1, -1, 1, 1) - 0.5).abs() < 0.05), x + 0.13, x
+        )
     x.requires_grad_(True)
     b.requires_grad_(True)
     fn = lambda x, b: bias_act(x, b, act, backend=backend)  # noqa: E731
@@ -92,17 +111,20 @@ def test_opcheck():
             torch.library.opcheck(ops.bias_act_double_backward_triton.default, (dy, x, bias, v, *params))
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    (dict(act="tanh"), ValueError, "act must be one of"),
-    (dict(bias=torch.zeros(4)), ValueError, "bias must have shape"),
-    (dict(bias=torch.zeros(3, dtype=torch.float64)), TypeError, "bias must have the dtype of x"),
-    (dict(dim=4, bias=torch.zeros(3)), ValueError, "dim must be an int indexing"),
-    (dict(dim="channels"), ValueError, "dim must be an int indexing"),
-    (dict(beta=0.0), ValueError, "beta must be > 0"),
-    (dict(d=-1.0), ValueError, "d must be > 0"),
-    (dict(x=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "x must be a floating-point"),
-    (dict(backend="cuda"), RuntimeError, "backend='cuda'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(act="tanh"), ValueError, "act must be one of"),
+        (dict(bias=torch.zeros(4)), ValueError, "bias must have shape"),
+        (dict(bias=torch.zeros(3, dtype=torch.float64)), TypeError, "bias must have the dtype of x"),
+        (dict(dim=4, bias=torch.zeros(3)), ValueError, "dim must be an int indexing"),
+        (dict(dim="channels"), ValueError, "dim must be an int indexing"),
+        (dict(beta=0.0), ValueError, "beta must be > 0"),
+        (dict(d=-1.0), ValueError, "d must be > 0"),
+        (dict(x=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "x must be a floating-point"),
+        (dict(backend="cuda"), RuntimeError, "backend='cuda'"),
+    ],
+)
 def test_bad_input_names_the_argument(kwargs, error, words):
     x = kwargs.pop("x", torch.zeros(2, 3, 4))
     with pytest.raises(error, match=words):
@@ -117,8 +139,15 @@ def test_without_bias_any_rank(shape):
 
 
 def test_swap_activations_keeps_the_function():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Sequential(nn.Conv2d(4, 4, 1), nn.GELU()),
-                          nn.Softplus(beta=3.0), nn.SiLU(), nn.GELU(approximate="tanh"), nn.Tanh())
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(inplace=True),
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.GELU()),
+        nn.Softplus(beta=3.0),
+        nn.SiLU(),
+        nn.GELU(approximate="tanh"),
+        nn.Tanh(),
+    )
     x = torch.randn(2, 3, 6, 6)
     expected = model(x)
     swap_activations(model, backend="torch")
@@ -156,5 +185,6 @@ def test_gpu_backends_equal_reference(backend, act, dtype, shape, channels_last)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
-    assert_derivatives_close(lambda x, b: bias_act(x, b, act, backend=backend),
-                             lambda x, b: bias_act_reference(x, b, act), [x, b], **tol)
+    assert_derivatives_close(
+        lambda x, b: bias_act(x, b, act, backend=backend), lambda x, b: bias_act_reference(x, b, act), [x, b], **tol
+    )

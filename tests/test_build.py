@@ -13,9 +13,23 @@ def build_ext(tmp_path, **env):
     # The caller's own switches (CI sets FASTROB_CUDA=1) must not leak into the case under test.
     inherited = {k: v for k, v in os.environ.items() if k not in ("FASTROB_CUDA", "NVCC", "FASTROB_CUDA_ARCH")}
     full_env = {**inherited, **env}
-    result = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path),
-                             "--build-temp", str(tmp_path / "temp")], cwd=ROOT, env=full_env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "setup.py",
+            "-q",
+            "build_ext",
+            "--build-lib",
+            str(tmp_path),
+            "--build-temp",
+            str(tmp_path / "temp"),
+        ],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     record = tmp_path / "fastrob" / "_C_build.json"
     return result, json.loads(record.read_text()) if record.exists() else None
 

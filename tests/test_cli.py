@@ -23,12 +23,15 @@ def test_info_lists_every_backend_with_availability():
     assert "extension fastrob._C:" in result.stdout
 
 
-@pytest.mark.parametrize("args, words", [
-    (["demo", "--epochs", "0"], "expected a positive integer"),
-    (["demo", "--device", "tpu9"], "--device"),
-    (["frobnicate"], "invalid choice"),
-    (["train", "--method", "dropout"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["demo", "--epochs", "0"], "expected a positive integer"),
+        (["demo", "--device", "tpu9"], "--device"),
+        (["frobnicate"], "invalid choice"),
+        (["train", "--method", "dropout"], "invalid choice"),
+    ],
+)
 def test_bad_arguments_give_one_clear_error(args, words):
     result = fastrob(*args)
     assert result.returncode == 2
@@ -40,13 +43,13 @@ def parse_table(stdout):
     lines = stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("model"))
     rows = {}
-    for line in lines[head + 1:]:
+    for line in lines[head + 1 :]:
         if not line.strip():
             break
         cells = line.split()
         is_number = [c.rstrip("%").replace(".", "", 1).isdigit() for c in cells]
         numbers = [c for c, number in zip(cells, is_number) if number]
-        rows[" ".join(cells[:is_number.index(True)])] = numbers  # the name: the words before the first number
+        rows[" ".join(cells[: is_number.index(True)])] = numbers  # the name: the words before the first number
     return lines[head].split(), rows
 
 
@@ -63,16 +66,19 @@ def in_process(capsys, *args):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("args, words", [
-    (["train", "--eps", "-0.1"], "expected a number >= 0"),
-    (["train", "--lr", "0"], "expected a number > 0"),
-    (["train", "--size", "2"], "image size >= 4"),
-    (["eval"], "--checkpoint"),
-    (["eval", "--checkpoint", "x", "--eps", "0.1,abc"], "comma-separated radii"),
-    (["eval", "--checkpoint", "x", "--attack", "cw"], "invalid choice"),
-    (["eval", "--checkpoint", "x", "--curve-attack", "fgsm"], "invalid choice"),
-    (["explain", "--checkpoint", "x", "--samples", "-1"], "indices >= 0"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["train", "--eps", "-0.1"], "expected a number >= 0"),
+        (["train", "--lr", "0"], "expected a number > 0"),
+        (["train", "--size", "2"], "image size >= 4"),
+        (["eval"], "--checkpoint"),
+        (["eval", "--checkpoint", "x", "--eps", "0.1,abc"], "comma-separated radii"),
+        (["eval", "--checkpoint", "x", "--attack", "cw"], "invalid choice"),
+        (["eval", "--checkpoint", "x", "--curve-attack", "fgsm"], "invalid choice"),
+        (["explain", "--checkpoint", "x", "--samples", "-1"], "indices >= 0"),
+    ],
+)
 def test_more_bad_arguments(capsys, args, words):
     code, _, err = in_process(capsys, *args)
     assert code == 2 and words in err and "Traceback" not in err
@@ -95,8 +101,15 @@ def test_demo_trains_four_models_and_compares_them(tmp_path):
     assert len(summary["models"]) == 4 and set(summary["results"]) == set(rows)
     for res in summary["results"].values():
         assert res["robust"]["attack"].startswith("AutoAttack") and res["masking"]["verdict"] in ("ok", "suspicious")
-    for name in ("accuracy.png", "ara.png", "surfaces.png", "saliency.png", "models/trades/checkpoint.pt",
-                 "models/plain/metrics.json", "models/plain/training.png"):
+    for name in (
+        "accuracy.png",
+        "ara.png",
+        "surfaces.png",
+        "saliency.png",
+        "models/trades/checkpoint.pt",
+        "models/plain/metrics.json",
+        "models/plain/training.png",
+    ):
         assert (out / name).is_file(), name
 
 
@@ -121,8 +134,22 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     plain = fastrob("train", "--epochs", "3", "--quiet", "--out", str(root / "plain"))
     assert plain.returncode == 0, plain.stderr
-    pgd = fastrob("train", "--method", "pgd", "--eps", "0.1", "--attack-steps", "2", "--epochs", "2",
-                  "--activation", "half_huber", "--quiet", "--out", str(root / "pgd"))
+    pgd = fastrob(
+        "train",
+        "--method",
+        "pgd",
+        "--eps",
+        "0.1",
+        "--attack-steps",
+        "2",
+        "--epochs",
+        "2",
+        "--activation",
+        "half_huber",
+        "--quiet",
+        "--out",
+        str(root / "pgd"),
+    )
     assert pgd.returncode == 0, pgd.stderr
     return root, plain, pgd
 
@@ -156,9 +183,28 @@ def test_resumed_training_equals_the_uninterrupted_run(trained, tmp_path):
 def test_eval_compares_checkpoints(trained, tmp_path):
     root, _, _ = trained
     out = tmp_path / "eval"
-    result = fastrob("eval", "--checkpoint", str(root / "plain"), "--checkpoint", str(root / "pgd" / "checkpoint.pt"),
-                     "--n", "60", "--eps", "0.05,0.1", "--steps", "5", "--ara-n", "20", "--kl-steps", "3",
-                     "--attack-eps", "0", "--quiet", "--out", str(out))
+    result = fastrob(
+        "eval",
+        "--checkpoint",
+        str(root / "plain"),
+        "--checkpoint",
+        str(root / "pgd" / "checkpoint.pt"),
+        "--n",
+        "60",
+        "--eps",
+        "0.05,0.1",
+        "--steps",
+        "5",
+        "--ara-n",
+        "20",
+        "--kl-steps",
+        "3",
+        "--attack-eps",
+        "0",
+        "--quiet",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     header, rows = parse_table(result.stdout)
     assert header == ["model", "clean", "linf", "0.05", "linf", "0.1", "ARA", "KL@0.1", "D@0.1", "NS@0.1"]
@@ -178,9 +224,36 @@ def test_eval_compares_checkpoints(trained, tmp_path):
 def test_eval_attack_and_masking_report(trained, tmp_path, attack, name):
     root, _, _ = trained
     out = tmp_path / "eval"
-    result = fastrob("eval", "--checkpoint", str(root / "plain"), "--n", "30", "--eps", "0.1", "--steps", "3",
-                     "--ara-n", "0", "--kl-eps", "0", "--interp-eps", "0", "--sens-eps", "0", "--attack", attack,
-                     "--attack-iterations", "5", "--queries", "50", "--masking-n", "30", "--quiet", "--out", str(out))
+    result = fastrob(
+        "eval",
+        "--checkpoint",
+        str(root / "plain"),
+        "--n",
+        "30",
+        "--eps",
+        "0.1",
+        "--steps",
+        "3",
+        "--ara-n",
+        "0",
+        "--kl-eps",
+        "0",
+        "--interp-eps",
+        "0",
+        "--sens-eps",
+        "0",
+        "--attack",
+        attack,
+        "--attack-iterations",
+        "5",
+        "--queries",
+        "50",
+        "--masking-n",
+        "30",
+        "--quiet",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     header, rows = parse_table(result.stdout)
     short = {"autoattack": "AA", "apgd": "APGD", "pgd": "PGD"}[attack]
@@ -191,17 +264,53 @@ def test_eval_attack_and_masking_report(trained, tmp_path, attack, name):
     assert f"{plain['robust']['accuracy']:.1%}" == rows["plain"][2]
     assert plain["masking"]["n"] == 30 and set(plain["masking"]["checks"]) >= {"black_box", "ce_vs_dlr"}
     assert plain["masking"]["verdict"] in result.stdout.splitlines()[3]
-    skipped = fastrob("eval", "--checkpoint", str(root / "plain"), "--n", "30", "--eps", "0.1", "--steps", "3",
-                      "--ara-n", "0", "--kl-eps", "0", "--interp-eps", "0", "--sens-eps", "0", "--attack", attack,
-                      "--attack-iterations", "5", "--queries", "50", "--no-masking", "--quiet", "--out", str(out))
+    skipped = fastrob(
+        "eval",
+        "--checkpoint",
+        str(root / "plain"),
+        "--n",
+        "30",
+        "--eps",
+        "0.1",
+        "--steps",
+        "3",
+        "--ara-n",
+        "0",
+        "--kl-eps",
+        "0",
+        "--interp-eps",
+        "0",
+        "--sens-eps",
+        "0",
+        "--attack",
+        attack,
+        "--attack-iterations",
+        "5",
+        "--queries",
+        "50",
+        "--no-masking",
+        "--quiet",
+        "--out",
+        str(out),
+    )
     assert skipped.returncode == 0 and "masking" not in parse_table(skipped.stdout)[0]
 
 
 def test_explain_writes_maps_and_surfaces(trained, tmp_path):
     root, _, _ = trained
     out = tmp_path / "explain"
-    result = fastrob("explain", "--checkpoint", str(root / "plain"), "--samples", "0,5", "--resolution", "9",
-                     "--quiet", "--out", str(out))
+    result = fastrob(
+        "explain",
+        "--checkpoint",
+        str(root / "plain"),
+        "--samples",
+        "0,5",
+        "--resolution",
+        "9",
+        "--quiet",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "explain.json").read_text())
     rows = report["models"]["plain"]
@@ -214,31 +323,79 @@ def test_train_and_eval_on_user_npz_data(tmp_path):
     y = np.arange(60) % 3
     x = np.clip(rng.random((60, 1, 6, 6)) * 0.3 + y[:, None, None, None] * 0.3, 0, 1).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    result = fastrob("train", "--data", str(tmp_path / "d.npz"), "--model", "cnn", "--epochs", "2", "--quiet",
-                     "--out", str(tmp_path / "npz"))
+    result = fastrob(
+        "train",
+        "--data",
+        str(tmp_path / "d.npz"),
+        "--model",
+        "cnn",
+        "--epochs",
+        "2",
+        "--quiet",
+        "--out",
+        str(tmp_path / "npz"),
+    )
     assert result.returncode == 0, result.stderr
     assert "1x6x6" in result.stdout
-    ev = fastrob("eval", "--checkpoint", str(tmp_path / "npz"), "--eps", "0.1", "--steps", "2", "--ara-n", "0",
-                 "--kl-eps", "0", "--attack-eps", "0", "--quiet", "--out", str(tmp_path / "ev"))
+    ev = fastrob(
+        "eval",
+        "--checkpoint",
+        str(tmp_path / "npz"),
+        "--eps",
+        "0.1",
+        "--steps",
+        "2",
+        "--ara-n",
+        "0",
+        "--kl-eps",
+        "0",
+        "--attack-eps",
+        "0",
+        "--quiet",
+        "--out",
+        str(tmp_path / "ev"),
+    )
     assert ev.returncode == 0, ev.stderr
     header, rows = parse_table(ev.stdout)
     assert header == ["model", "clean", "linf", "0.1", "D@0.1", "NS@0.1"] and len(rows) == 1  # cnn: CAM maps
-    skipped = fastrob("eval", "--checkpoint", str(tmp_path / "npz"), "--eps", "0.1", "--steps", "2", "--ara-n", "0",
-                      "--kl-eps", "0", "--interp-eps", "0", "--sens-eps", "0", "--attack-eps", "0", "--quiet",
-                      "--out", str(tmp_path / "ev"))
+    skipped = fastrob(
+        "eval",
+        "--checkpoint",
+        str(tmp_path / "npz"),
+        "--eps",
+        "0.1",
+        "--steps",
+        "2",
+        "--ara-n",
+        "0",
+        "--kl-eps",
+        "0",
+        "--interp-eps",
+        "0",
+        "--sens-eps",
+        "0",
+        "--attack-eps",
+        "0",
+        "--quiet",
+        "--out",
+        str(tmp_path / "ev"),
+    )
     assert skipped.returncode == 0, skipped.stderr
     assert parse_table(skipped.stdout)[0] == ["model", "clean", "linf", "0.1"]
 
 
-@pytest.mark.parametrize("setup, args, words", [
-    ("missing", ["train", "--data", "{tmp}/nothing.npz"], "no such file"),
-    ("bad_keys", ["train", "--data", "{tmp}/bad.npz"], "missing key(s) y"),
-    ("bad_range", ["train", "--data", "{tmp}/bad.npz"], "must lie in [0, 1]"),
-    ("missing", ["train", "--resume", "--out", "{tmp}/none"], "no checkpoint"),
-    ("missing", ["eval", "--checkpoint", "{tmp}/none"], "no such file"),
-    ("not_ckpt", ["eval", "--checkpoint", "{tmp}/fake.pt"], "not a fastrob checkpoint"),
-    ("folder", ["train", "--data", "{tmp}/imgs"], "holds no PNG images"),
-])
+@pytest.mark.parametrize(
+    "setup, args, words",
+    [
+        ("missing", ["train", "--data", "{tmp}/nothing.npz"], "no such file"),
+        ("bad_keys", ["train", "--data", "{tmp}/bad.npz"], "missing key(s) y"),
+        ("bad_range", ["train", "--data", "{tmp}/bad.npz"], "must lie in [0, 1]"),
+        ("missing", ["train", "--resume", "--out", "{tmp}/none"], "no checkpoint"),
+        ("missing", ["eval", "--checkpoint", "{tmp}/none"], "no such file"),
+        ("not_ckpt", ["eval", "--checkpoint", "{tmp}/fake.pt"], "not a fastrob checkpoint"),
+        ("folder", ["train", "--data", "{tmp}/imgs"], "holds no PNG images"),
+    ],
+)
 def test_bad_data_gives_one_clear_line(capsys, tmp_path, setup, args, words):
     if setup == "bad_keys":
         np.savez(tmp_path / "bad.npz", x=np.zeros((10, 1, 4, 4), np.float32))
@@ -289,8 +446,22 @@ def test_train_warmup_flag(tmp_path):
 def test_explain_writes_adversarial_explanations(trained, tmp_path):
     root, _, _ = trained
     out = tmp_path / "expl"
-    result = fastrob("explain", "--checkpoint", str(root / "plain"), "--samples", "1,2", "--resolution", "5",
-                     "--target", "3", "--rho", "0.05", "--quiet", "--out", str(out))
+    result = fastrob(
+        "explain",
+        "--checkpoint",
+        str(root / "plain"),
+        "--samples",
+        "1,2",
+        "--resolution",
+        "5",
+        "--target",
+        "3",
+        "--rho",
+        "0.05",
+        "--quiet",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "explain.json").read_text())
     assert report["targets"] == [3, 3] and report["rho"] == 0.05

@@ -11,8 +11,12 @@ from fastrob.ops import cross_entropy, cross_entropy_reference
 
 needs_triton = pytest.mark.skipif(not triton_runs_here(), reason="triton cannot run here")
 
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-7, rtol=1e-7),
-       torch.bfloat16: dict(atol=1e-2, rtol=1e-2), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float64: dict(atol=1e-7, rtol=1e-7),
+    torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+}
 # float64: the kernels take label_smoothing as a float32 scalar (Triton's float arguments), so
 # smoothed float64 losses agree to about 1e-9 relative rather than to rounding.
 
@@ -31,8 +35,13 @@ def test_reference_is_torch_in_float32():
     torch.testing.assert_close(out, F.cross_entropy(z.float(), y, reduction="none", label_smoothing=0.2))
 
 
-CASES = [(5, 10, 0.0, "none"), (3, 1, 0.0, "none"), (4, 37, 0.1, "mean"), (2, 5000, 0.05, "sum"),
-         (1, 4097, 0.0, "mean")]
+CASES = [
+    (5, 10, 0.0, "none"),
+    (3, 1, 0.0, "none"),
+    (4, 37, 0.1, "mean"),
+    (2, 5000, 0.05, "sum"),
+    (1, 4097, 0.0, "mean"),
+]
 
 
 @needs_triton
@@ -40,8 +49,12 @@ CASES = [(5, 10, 0.0, "none"), (3, 1, 0.0, "none"), (4, 37, 0.1, "mean"), (2, 50
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_triton_equals_reference(rows, cols, smoothing, reduction, dtype):
     z, y = make(rows, cols, dtype, triton_device())
-    assert_derivatives_close(lambda t, y: cross_entropy(t, y, reduction, smoothing, backend="triton"),
-                             lambda t, y: cross_entropy_reference(t, y, reduction, smoothing), [z, y], **TOL[dtype])
+    assert_derivatives_close(
+        lambda t, y: cross_entropy(t, y, reduction, smoothing, backend="triton"),
+        lambda t, y: cross_entropy_reference(t, y, reduction, smoothing),
+        [z, y],
+        **TOL[dtype],
+    )
 
 
 @needs_triton
@@ -63,8 +76,9 @@ def masked(rows, cols, dtype, device):
     return z.to(device=device, dtype=dtype), y.to(device)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton),
-                                     pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize(
+    "backend", ["torch", pytest.param("triton", marks=needs_triton), pytest.param("cuda", marks=pytest.mark.cuda)]
+)
 @pytest.mark.parametrize("cols", [7, 300, 5000])
 def test_minus_inf_logits_give_the_finite_loss(backend, cols):
     device = "cpu" if backend == "torch" else triton_device() if backend == "triton" else "cuda"
@@ -72,8 +86,12 @@ def test_minus_inf_logits_give_the_finite_loss(backend, cols):
     out = cross_entropy(z, y, "none", backend=backend)
     assert torch.isfinite(out).all(), out
     torch.testing.assert_close(out.cpu(), F.cross_entropy(z.cpu(), y.cpu(), reduction="none"), **TOL[torch.float32])
-    assert_derivatives_close(lambda t, y: cross_entropy(t, y, "mean", backend=backend),
-                             lambda t, y: cross_entropy_reference(t, y, "mean"), [z, y], **TOL[torch.float32])
+    assert_derivatives_close(
+        lambda t, y: cross_entropy(t, y, "mean", backend=backend),
+        lambda t, y: cross_entropy_reference(t, y, "mean"),
+        [z, y],
+        **TOL[torch.float32],
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -102,9 +120,12 @@ def test_input_gradient_penalty_through_the_ops():
         (gx,) = torch.autograd.grad(ce(x_ @ w_, y).sum(), x_, create_graph=True)
         return torch.autograd.grad(gx.pow(2).sum(), w_)[0]
 
-    torch.testing.assert_close(penalty_grad(lambda z, y: cross_entropy(z, y, "none", 0.1, backend="triton")),
-                               penalty_grad(lambda z, y: cross_entropy_reference(z, y, "none", 0.1)),
-                               rtol=1e-6, atol=1e-8)  # float32 label_smoothing, see TOL
+    torch.testing.assert_close(
+        penalty_grad(lambda z, y: cross_entropy(z, y, "none", 0.1, backend="triton")),
+        penalty_grad(lambda z, y: cross_entropy_reference(z, y, "none", 0.1)),
+        rtol=1e-6,
+        atol=1e-8,
+    )  # float32 label_smoothing, see TOL
 
 
 @needs_triton
@@ -134,19 +155,22 @@ def call(**overrides):
     return cross_entropy(kwargs.pop("logits"), kwargs.pop("target"), **kwargs)
 
 
-@pytest.mark.parametrize("overrides, error, words", [
-    (dict(logits=torch.zeros(2, 3, 1)), ValueError, "logits must have shape"),
-    (dict(logits=torch.zeros(2, 3, dtype=torch.int64)), TypeError, "logits must be a floating-point"),
-    (dict(logits=[[0.0]]), TypeError, "logits must be a torch.Tensor"),
-    (dict(target=torch.zeros(2)), TypeError, "target must hold integer"),
-    (dict(target=torch.zeros(3, dtype=torch.long)), ValueError, "target must have shape"),
-    (dict(target=torch.tensor([0, 3])), ValueError, "target must hold class indices in"),
-    (dict(target=torch.tensor([-1, 0])), ValueError, "target must hold class indices in"),
-    (dict(reduction="avg"), ValueError, "reduction must be one of"),
-    (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
-    (dict(label_smoothing=-0.1), ValueError, "label_smoothing must be >= 0"),
-    (dict(backend="cuda"), RuntimeError, "backend='cuda'"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, words",
+    [
+        (dict(logits=torch.zeros(2, 3, 1)), ValueError, "logits must have shape"),
+        (dict(logits=torch.zeros(2, 3, dtype=torch.int64)), TypeError, "logits must be a floating-point"),
+        (dict(logits=[[0.0]]), TypeError, "logits must be a torch.Tensor"),
+        (dict(target=torch.zeros(2)), TypeError, "target must hold integer"),
+        (dict(target=torch.zeros(3, dtype=torch.long)), ValueError, "target must have shape"),
+        (dict(target=torch.tensor([0, 3])), ValueError, "target must hold class indices in"),
+        (dict(target=torch.tensor([-1, 0])), ValueError, "target must hold class indices in"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing must be in"),
+        (dict(label_smoothing=-0.1), ValueError, "label_smoothing must be >= 0"),
+        (dict(backend="cuda"), RuntimeError, "backend='cuda'"),
+    ],
+)
 def test_bad_input_names_the_argument(overrides, error, words):
     with pytest.raises(error, match=words):
         call(**overrides)
@@ -160,8 +184,12 @@ def test_bad_input_names_the_argument(overrides, error, words):
 def test_gpu_backends_equal_reference(backend, dtype, rows, cols, smoothing):
     z, y = make(rows, cols, dtype, "cuda")
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
-    assert_derivatives_close(lambda t, y: cross_entropy(t, y, "mean", smoothing, backend=backend),
-                             lambda t, y: cross_entropy_reference(t, y, "mean", smoothing), [z, y], **tol)
+    assert_derivatives_close(
+        lambda t, y: cross_entropy(t, y, "mean", smoothing, backend=backend),
+        lambda t, y: cross_entropy_reference(t, y, "mean", smoothing),
+        [z, y],
+        **tol,
+    )
 
 
 @pytest.mark.cuda

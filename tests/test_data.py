@@ -49,18 +49,21 @@ def test_npz_round_trip(tmp_path):
     assert ds.in_shape == (3, 12, 12) and ds.num_classes == 4
 
 
-@pytest.mark.parametrize("arrays, words", [
-    (dict(x=np.zeros((4, 1, 2, 2), np.float32)), "missing key"),
-    (dict(images=np.zeros((4, 1, 2, 2)), labels=np.zeros(4)), "missing key"),
-    (dict(x=np.zeros((4, 2, 2), np.float32), y=np.zeros(4, int)), "rank 4"),
-    (dict(x=np.full((4, 1, 2, 2), 255.0), y=np.zeros(4, int)), r"\[0, 1\]"),
-    (dict(x=np.zeros((4, 1, 2, 2), np.uint8), y=np.zeros(4, int)), "floating point"),
-    (dict(x=np.zeros((4, 1, 2, 2)), y=np.zeros(3, int)), "3 labels but x has 4"),
-    (dict(x=np.zeros((4, 1, 2, 2)), y=np.array([0, 1, 0.5, 1])), "integer class labels"),
-    (dict(x=np.zeros((4, 1, 2, 2)), y=np.array(["a", "b", "a", "b"])), "integer class labels"),
-    (dict(x=np.zeros((4, 1, 2, 2)), y=np.array([0, -1, 0, 1])), ">= 0"),
-    (dict(x=np.full((4, 1, 2, 2), np.nan), y=np.zeros(4, int)), "NaN"),
-])
+@pytest.mark.parametrize(
+    "arrays, words",
+    [
+        (dict(x=np.zeros((4, 1, 2, 2), np.float32)), "missing key"),
+        (dict(images=np.zeros((4, 1, 2, 2)), labels=np.zeros(4)), "missing key"),
+        (dict(x=np.zeros((4, 2, 2), np.float32), y=np.zeros(4, int)), "rank 4"),
+        (dict(x=np.full((4, 1, 2, 2), 255.0), y=np.zeros(4, int)), r"\[0, 1\]"),
+        (dict(x=np.zeros((4, 1, 2, 2), np.uint8), y=np.zeros(4, int)), "floating point"),
+        (dict(x=np.zeros((4, 1, 2, 2)), y=np.zeros(3, int)), "3 labels but x has 4"),
+        (dict(x=np.zeros((4, 1, 2, 2)), y=np.array([0, 1, 0.5, 1])), "integer class labels"),
+        (dict(x=np.zeros((4, 1, 2, 2)), y=np.array(["a", "b", "a", "b"])), "integer class labels"),
+        (dict(x=np.zeros((4, 1, 2, 2)), y=np.array([0, -1, 0, 1])), ">= 0"),
+        (dict(x=np.full((4, 1, 2, 2), np.nan), y=np.zeros(4, int)), "NaN"),
+    ],
+)
 def test_malformed_npz_files_give_clear_errors(tmp_path, arrays, words):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)

@@ -29,6 +29,7 @@ BATCH = 16  # the global batch; each rank takes BATCH // WORLD rows
 
 # ---- the harness -----------------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -124,8 +125,8 @@ def objectives(rank):
     """name -> (objective(model, x_shard, y_shard) -> loss for this rank, reference(model, x, y) -> loss
     on the concatenated batch), for a model that is DDP-wrapped on the ranks."""
     import fastrob
-    from fastrob.attacks import pgd
     from fastrob.adversarial_training import adversarial_loss
+    from fastrob.attacks import pgd
 
     R = fastrob.regularizers
     shard = BATCH // WORLD
@@ -136,38 +137,63 @@ def objectives(rank):
     def half_reference(model, x, y):
         # kind="half" perturbs the first half of each rank's shard: in one process that is the
         # first half of the batch [shard 0 first half, shard 1 first half, the second halves]
-        order = torch.cat([torch.arange(r * shard, r * shard + shard // 2) for r in range(WORLD)]
-                          + [torch.arange(r * shard + shard // 2, (r + 1) * shard) for r in range(WORLD)])
+        order = torch.cat(
+            [torch.arange(r * shard, r * shard + shard // 2) for r in range(WORLD)]
+            + [torch.arange(r * shard + shard // 2, (r + 1) * shard) for r in range(WORLD)]
+        )
         return adversarial_loss(model, x[order], y[order], attack(model), kind="half").loss
 
     n_proj = 2
     return {
-        "input_gradient exact": (lambda m, x, y: R.InputGradientRegularizer(lam=LAM)(m, x, y).loss,
-                                 eager_input_gradient),
-        "input_gradient fd": (lambda m, x, y: R.InputGradientRegularizer(lam=LAM, mode="fd")(m, x, y).loss,
-                              lambda m, x, y: R.InputGradientRegularizer(lam=LAM, mode="fd")(m, x, y).loss),
-        "jacobian exact": (lambda m, x, y: R.JacobianRegularizer(lam=LAM, exact=True)(m, x, y).loss,
-                           lambda m, x, y: eager_jacobian(m, x, y, torch.eye(10)[:, None, :].expand(10, len(y), 10))),
+        "input_gradient exact": (
+            lambda m, x, y: R.InputGradientRegularizer(lam=LAM)(m, x, y).loss,
+            eager_input_gradient,
+        ),
+        "input_gradient fd": (
+            lambda m, x, y: R.InputGradientRegularizer(lam=LAM, mode="fd")(m, x, y).loss,
+            lambda m, x, y: R.InputGradientRegularizer(lam=LAM, mode="fd")(m, x, y).loss,
+        ),
+        "jacobian exact": (
+            lambda m, x, y: R.JacobianRegularizer(lam=LAM, exact=True)(m, x, y).loss,
+            lambda m, x, y: eager_jacobian(m, x, y, torch.eye(10)[:, None, :].expand(10, len(y), 10)),
+        ),
         # random projections: rank r seeds its generator with 100 + r; the reference uses those vectors
         "jacobian random": (
-            lambda m, x, y: R.JacobianRegularizer(lam=LAM, n_proj=n_proj,
-                                                  generator=torch.Generator().manual_seed(100 + rank))(m, x, y).loss,
-            lambda m, x, y: eager_jacobian(m, x, y, torch.cat([projections(100 + r, n_proj, shard)
-                                                               for r in range(WORLD)], dim=1))),
+            lambda m, x, y: (
+                R.JacobianRegularizer(lam=LAM, n_proj=n_proj, generator=torch.Generator().manual_seed(100 + rank))(
+                    m, x, y
+                ).loss
+            ),
+            lambda m, x, y: eager_jacobian(
+                m, x, y, torch.cat([projections(100 + r, n_proj, shard) for r in range(WORLD)], dim=1)
+            ),
+        ),
         "jacobian random replicate": (
-            lambda m, x, y: R.JacobianRegularizer(lam=LAM, n_proj=n_proj, batching="replicate",
-                                                  generator=torch.Generator().manual_seed(100 + rank))(m, x, y).loss,
-            lambda m, x, y: eager_jacobian(m, x, y, torch.cat([projections(100 + r, n_proj, shard)
-                                                               for r in range(WORLD)], dim=1))),
+            lambda m, x, y: (
+                R.JacobianRegularizer(
+                    lam=LAM, n_proj=n_proj, batching="replicate", generator=torch.Generator().manual_seed(100 + rank)
+                )(m, x, y).loss
+            ),
+            lambda m, x, y: eager_jacobian(
+                m, x, y, torch.cat([projections(100 + r, n_proj, shard) for r in range(WORLD)], dim=1)
+            ),
+        ),
         "jsigr saliency": (
             lambda m, x, y: R.JSIGRRegularizer(lam_jacobian=0.0, lam_saliency=LAM, patch=4)(m, x, y).loss,
-            lambda m, x, y: R.JSIGRRegularizer(lam_jacobian=0.0, lam_saliency=LAM, patch=4)(m, x, y).loss),
-        "trades": (lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="trades", beta=6.0).loss,
-                   lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="trades", beta=6.0).loss),
-        "pgd": (lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="pgd").loss,
-                lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="pgd").loss),
-        "half (Woods et al. 2019)": (lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="half").loss,
-                                          half_reference),
+            lambda m, x, y: R.JSIGRRegularizer(lam_jacobian=0.0, lam_saliency=LAM, patch=4)(m, x, y).loss,
+        ),
+        "trades": (
+            lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="trades", beta=6.0).loss,
+            lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="trades", beta=6.0).loss,
+        ),
+        "pgd": (
+            lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="pgd").loss,
+            lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="pgd").loss,
+        ),
+        "half (Woods et al. 2019)": (
+            lambda m, x, y: adversarial_loss(m, x, y, attack(m), kind="half").loss,
+            half_reference,
+        ),
         # Boopathy et al. 2020: saliency maps (the MLP has no CAM head), so the penalty is a
         # double backprop too; deterministic inner attacks. int runs its own map-driven attack loop,
         # int2_adv the pgd engine and the CE at x*.
@@ -176,9 +202,16 @@ def objectives(rank):
         # the same draws (the mean of the shards' objectives is the full batch's, for equal shards)
         "int (Boopathy et al.)": (
             interpretation("int", seed=100 + rank),
-            lambda m, x, y: sum(interpretation("int", seed=100 + r)(m, x[r * shard:(r + 1) * shard],
-                                                                     y[r * shard:(r + 1) * shard])
-                                for r in range(WORLD)) / WORLD),
+            lambda m, x, y: (
+                sum(
+                    interpretation("int", seed=100 + r)(
+                        m, x[r * shard : (r + 1) * shard], y[r * shard : (r + 1) * shard]
+                    )
+                    for r in range(WORLD)
+                )
+                / WORLD
+            ),
+        ),
         "int2_adv (Boopathy et al.)": (interpretation("int2_adv"), interpretation("int2_adv")),
         # Woods et al. 2019: zeta = 1 (always the margin) and a fixed psi make it
         # deterministic; the random-logit choice and the adaptive psi are per rank
@@ -196,9 +229,8 @@ def lipschitz(model, x, y):
 
 
 def sns(model, x, y):
-    from fastrob.regularizers.sns import SNSRegularizer
-
     from fastrob.attacks import pgd
+    from fastrob.regularizers.sns import SNSRegularizer
 
     attack = lambda a, b: pgd(model, a, b, eps=0.1, alpha=0.05, steps=2, random_start=False)  # noqa: E731
     return SNSRegularizer(attack, lam=LAM, k=1.0)(model, x, y).loss
@@ -206,14 +238,17 @@ def sns(model, x, y):
 
 def interpretation(kind, seed=None):
     """An Int objective on saliency maps; without a seed, no random start (deterministic)."""
+
     def objective(model, x, y):
         from fastrob.regularizers.interpretation import InterpretationRegularizer
 
         start = dict(random_start=False) if seed is None else dict(generator=torch.Generator().manual_seed(seed))
-        out = InterpretationRegularizer(kind, lam=LAM, eps=0.1, alpha=0.05, steps=2, map="saliency",
-                                        **start)(model, x, y)
+        out = InterpretationRegularizer(kind, lam=LAM, eps=0.1, alpha=0.05, steps=2, map="saliency", **start)(
+            model, x, y
+        )
         assert float(out.penalty) > 1e-6  # the attack moved the maps: the penalty is part of the check
         return out.loss
+
     return objective
 
 
@@ -229,7 +264,7 @@ def grads_worker(rank, payload):
 
     x, y = payload["x"], payload["y"]
     shard = BATCH // WORLD
-    xs, ys = x[rank * shard:(rank + 1) * shard], y[rank * shard:(rank + 1) * shard]
+    xs, ys = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
     errors = {}
     for name, (objective, reference) in objectives(rank).items():
         ref = mlp()
@@ -241,26 +276,27 @@ def grads_worker(rank, payload):
             for step in range(2):
                 model.zero_grad(set_to_none=True)
                 objective(model, xs, ys).backward()
-                errors[f"{name} / {setting} / step {step}"] = max_error([p.grad for p in model.parameters()],
-                                                                         ref_grads)
+                errors[f"{name} / {setting} / step {step}"] = max_error([p.grad for p in model.parameters()], ref_grads)
     # gradient accumulation: two micro-batches per rank, the first under no_sync
     objective, reference = objectives(rank)["input_gradient exact"]
     ref = mlp()
     reference(ref, x, y).backward()
     model = DDP(mlp())
     with model.no_sync():
-        (objective(model, xs[:shard // 2], ys[:shard // 2]) / 2).backward()
-    (objective(model, xs[shard // 2:], ys[shard // 2:]) / 2).backward()
-    errors["input_gradient exact / no_sync accumulation"] = max_error([p.grad for p in model.parameters()],
-                                                                      [p.grad for p in ref.parameters()])
+        (objective(model, xs[: shard // 2], ys[: shard // 2]) / 2).backward()
+    (objective(model, xs[shard // 2 :], ys[shard // 2 :]) / 2).backward()
+    errors["input_gradient exact / no_sync accumulation"] = max_error(
+        [p.grad for p in model.parameters()], [p.grad for p in ref.parameters()]
+    )
     return errors
 
 
 def bn_worker(rank, payload):
     """BatchNorm without SyncBatchNorm: DDP normalises each shard with its own statistics."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
     import fastrob
     from fastrob import functional as Fn
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     x, y = payload["x"], payload["y"]
     shard = BATCH // WORLD
@@ -271,7 +307,7 @@ def bn_worker(rank, payload):
         return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Softplus(), nn.Linear(32, 10))
 
     model = DDP(net())
-    reg(model, x[rank * shard:(rank + 1) * shard], y[rank * shard:(rank + 1) * shard]).loss.backward()
+    reg(model, x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]).loss.backward()
     grads = [p.grad for p in model.parameters()]
     per_shard, whole = net(), net()
     with Fn.per_replica_batch_norm(per_shard, WORLD):  # one process, statistics per shard
@@ -280,25 +316,31 @@ def bn_worker(rank, payload):
     # Int2-Adv under DDP: the running statistics move once per call, from the rank's clean shard
     from fastrob.regularizers.interpretation import InterpretationRegularizer
 
-    xs = x[rank * shard:(rank + 1) * shard]
+    xs = x[rank * shard : (rank + 1) * shard]
     model, moved_once = DDP(net()), net()
     InterpretationRegularizer("int2_adv", eps=0.1, alpha=0.05, steps=2, map="saliency", random_start=False)(
-        model, xs, y[rank * shard:(rank + 1) * shard]).loss.backward()
+        model, xs, y[rank * shard : (rank + 1) * shard]
+    ).loss.backward()
     with torch.no_grad():
         moved_once(xs)
-    buffers = max(float((a.float() - b.float()).abs().max())
-                  for a, b in zip(model.module.buffers(), moved_once.buffers()))
-    return {"per_shard": max_error(grads, [p.grad for p in per_shard.parameters()]),
-            "whole": max_error(grads, [p.grad for p in whole.parameters()]), "int_buffers": buffers}
+    buffers = max(
+        float((a.float() - b.float()).abs().max()) for a, b in zip(model.module.buffers(), moved_once.buffers())
+    )
+    return {
+        "per_shard": max_error(grads, [p.grad for p in per_shard.parameters()]),
+        "whole": max_error(grads, [p.grad for p in whole.parameters()]),
+        "int_buffers": buffers,
+    }
 
 
 def lipschitz_psi_worker(rank, payload):
     """The adaptive psi after two steps on DDP shards (it must not depend on the rank)."""
-    from fastrob.regularizers.lipschitz import LipschitzRegularizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from fastrob.regularizers.lipschitz import LipschitzRegularizer
+
     shard = BATCH // WORLD
-    x, y = payload["x"][rank * shard:(rank + 1) * shard], payload["y"][rank * shard:(rank + 1) * shard]
+    x, y = payload["x"][rank * shard : (rank + 1) * shard], payload["y"][rank * shard : (rank + 1) * shard]
     model, reg = DDP(mlp()), LipschitzRegularizer(zeta=1.0, target_loss=3.0)
     for _ in range(2):
         reg(model, x, y).loss.backward()
@@ -307,8 +349,12 @@ def lipschitz_psi_worker(rank, payload):
 
 def all_checks_worker(rank, payload):
     """Everything that runs inside the process group, in one spawned run (start-up costs seconds)."""
-    return {"grads": grads_worker(rank, payload), "bn": bn_worker(rank, payload),
-            "metrics": metrics_worker(rank, payload), "lipschitz_R": lipschitz_psi_worker(rank, payload)}
+    return {
+        "grads": grads_worker(rank, payload),
+        "bn": bn_worker(rank, payload),
+        "metrics": metrics_worker(rank, payload),
+        "lipschitz_R": lipschitz_psi_worker(rank, payload),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -387,14 +433,16 @@ def evaluate(model, data, rank=0, **kw):
     kl = kl_robustness(model, data, eps=0.1, steps=3, restarts=1, seed=7, quiet=True, **kw)
     interp = interpretation_discrepancy(model, data, attack, map="saliency", quiet=True, **kw)
     sensitivity = neuron_sensitivity_metric(model, data, attack, quiet=True, **kw)
-    return {"robust": [ra.accuracy, ra.clean_accuracy, ra.n, ra.robust.tolist()],
-            "robust_n20": [ra_n.accuracy, ra_n.clean_accuracy, ra_n.n],
-            "robust_n1": [ra_1.accuracy, ra_1.n],
-            "curve": [curve.accuracy, curve.clean_accuracy, curve.n],
-            "ara": [area.ara, area.clean_accuracy, area.radii.tolist()],
-            "kl": kl.values.tolist(),
-            "interpretation": [interp.mean, interp.values.tolist(), interp.fooled.tolist()],
-            "sensitivity": [sensitivity.n, {k: v.tolist() for k, v in sensitivity.sigma.items()}]}
+    return {
+        "robust": [ra.accuracy, ra.clean_accuracy, ra.n, ra.robust.tolist()],
+        "robust_n20": [ra_n.accuracy, ra_n.clean_accuracy, ra_n.n],
+        "robust_n1": [ra_1.accuracy, ra_1.n],
+        "curve": [curve.accuracy, curve.clean_accuracy, curve.n],
+        "ara": [area.ara, area.clean_accuracy, area.radii.tolist()],
+        "kl": kl.values.tolist(),
+        "interpretation": [interp.mean, interp.values.tolist(), interp.fooled.tolist()],
+        "sensitivity": [sensitivity.n, {k: v.tolist() for k, v in sensitivity.sigma.items()}],
+    }
 
 
 def metrics_worker(rank, payload):
@@ -423,8 +471,9 @@ def test_distributed_metrics_equal_the_single_process_ones(spawned):
     # shard with that seed, interleaved back into sample order
     kl_ref = torch.empty(N_EVAL)
     for r in range(WORLD):
-        kl_ref[r::WORLD] = kl_robustness(model, (x[r::WORLD], y[r::WORLD]), eps=0.1, steps=3, restarts=1,
-                                         seed=7 + r, quiet=True).values
+        kl_ref[r::WORLD] = kl_robustness(
+            model, (x[r::WORLD], y[r::WORLD]), eps=0.1, steps=3, restarts=1, seed=7 + r, quiet=True
+        ).values
     for rank in range(WORLD):
         for how in ("loader", "pair"):
             got = results[rank][how]
@@ -449,17 +498,48 @@ def test_distributed_metrics_equal_the_single_process_ones(spawned):
 
 # ---- fastrob train under torchrun ---------------------------------------------------------------
 
+
 def test_fastrob_train_under_torchrun_writes_one_checkpoint_equal_to_one_process(tmp_path):
     from fastrob.trainer import TrainConfig, load_checkpoint, train
 
-    args = ["--method", "input_gradient", "--activation", "softplus", "--epochs", "1", "--batch-size", "64",
-            "--seed", "3"]
+    args = [
+        "--method",
+        "input_gradient",
+        "--activation",
+        "softplus",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--seed",
+        "3",
+    ]
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-                             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                             "-m", "fastrob", "train", *args, "--out", str(out), "--quiet"],
-                            capture_output=True, text=True, timeout=240, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(WORLD),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "fastrob",
+            "train",
+            *args,
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.json", "training.png"]
     assert result.stdout.count("fastrob train:") == 1, result.stdout  # rank 0 alone prints
@@ -467,7 +547,8 @@ def test_fastrob_train_under_torchrun_writes_one_checkpoint_equal_to_one_process
         assert json.load(f)["epochs"] == 1
     model, config = load_checkpoint(str(out))
     # the global batch is the single-process batch, so one process trains the same model
-    single, history, _ = train(TrainConfig(method="input_gradient", activation="softplus", epochs=1, batch_size=64,
-                                           seed=3), quiet=True)
+    single, history, _ = train(
+        TrainConfig(method="input_gradient", activation="softplus", epochs=1, batch_size=64, seed=3), quiet=True
+    )
     for (name, p), q in zip(model.state_dict().items(), single.state_dict().values()):
         assert torch.allclose(p, q, atol=2e-4), name

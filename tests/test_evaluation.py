@@ -17,8 +17,19 @@ def tiny():
 
 
 def cheap(**kw):
-    return evaluation.EvalSettings(eps=[0.05, 0.1], steps=5, ara_n=0, kl_eps=0, interp_eps=0, sens_eps=0,
-                                   attack_steps=5, attack_queries=50, masking_n=24, masking_queries=50, **kw)
+    return evaluation.EvalSettings(
+        eps=[0.05, 0.1],
+        steps=5,
+        ara_n=0,
+        kl_eps=0,
+        interp_eps=0,
+        sens_eps=0,
+        attack_steps=5,
+        attack_queries=50,
+        masking_n=24,
+        masking_queries=50,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("attack, name", [("autoattack", "AutoAttack"), ("apgd", "APGD-CE"), ("pgd", "PGD-5")])
@@ -37,7 +48,8 @@ def test_evaluate_names_the_headline_attack_and_has_the_masking_report(tiny, att
 def test_no_masking_drops_the_column(tiny):
     model, x, y = tiny
     settings = evaluation.EvalSettings(
-        eps=[0.1], steps=5, ara_n=0, kl_eps=0, interp_eps=0, sens_eps=0, attack="pgd", masking_n=0)
+        eps=[0.1], steps=5, ara_n=0, kl_eps=0, interp_eps=0, sens_eps=0, attack="pgd", masking_n=0
+    )
     results = evaluation.evaluate({"lin": model}, x, y, settings, quiet=True)
     assert "masking" not in results["lin"] and "masking" not in evaluation.table(results, settings)
 

@@ -22,12 +22,12 @@ def reference_explanation(model, x, target, rho, overshoot, steps):
     out = []
     total = rho * overshoot
     for b in range(x.shape[0]):
-        xb = x[b:b + 1]
+        xb = x[b : b + 1]
         delta = torch.zeros_like(xb)
         for k in range(steps):
             a = total * (steps - k) / (steps * (steps + 1) / 2)
             inp = (xb + delta).requires_grad_(True)
-            (g,) = torch.autograd.grad(F.cross_entropy(model(inp), target[b:b + 1]), inp)
+            (g,) = torch.autograd.grad(F.cross_entropy(model(inp), target[b : b + 1]), inp)
             r = math.sqrt(float(delta.pow(2).mean()))
             v = -g if r < rho else -delta
             v = v / (math.sqrt(float(v.pow(2).mean())) + 1e-8)
@@ -38,7 +38,6 @@ def reference_explanation(model, x, target, rho, overshoot, steps):
 
 def rmse(d):
     return d.flatten(1).pow(2).mean(1).sqrt()
-
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +71,9 @@ def test_equals_the_one_sample_reference():
     target = torch.tensor([0, 1, 2, 3, 1])
     for rho, overshoot, steps in ((0.1, 5, 35), (0.3, 2, 7)):
         got = adversarial_explanation(model, x, target, rho, overshoot, steps, project=False)
-        torch.testing.assert_close(got, reference_explanation(model, x, target, rho, overshoot, steps),
-                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            got, reference_explanation(model, x, target, rho, overshoot, steps), rtol=1e-10, atol=1e-12
+        )
 
 
 def test_rmse_guarantees_and_the_target_is_approached_on_digits(digits_model, digits, one_thread):
@@ -151,7 +151,8 @@ def test_bad_arguments():
 
 
 def test_explanation_grid_writes_a_png(tmp_path, digits_model, digits):
-    path = plots.explanation_grid(digits_model, digits.x_test[:3], torch.tensor([1, 2, 3]),
-                                  str(tmp_path / "expl.png"), steps=5)
+    path = plots.explanation_grid(
+        digits_model, digits.x_test[:3], torch.tensor([1, 2, 3]), str(tmp_path / "expl.png"), steps=5
+    )
     img = mpimg.imread(path)
     assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 0.05

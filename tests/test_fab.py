@@ -9,18 +9,23 @@ import torch.nn as nn
 
 torchattacks = pytest.importorskip("torchattacks")
 
+from train_loop import fit  # noqa: E402
+
 from fastrob.attacks import FAB  # noqa: E402
 from fastrob.attacks.fab import project_hyperplane_box  # noqa: E402
-from train_loop import fit  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small nets run faster on one thread of a loaded machine
 
 
 def make_cnn():
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
     )
 
 
@@ -48,6 +53,7 @@ def robust(model, x_adv, y):
 
 
 # --- the projection against a generic solver ----------------------------------------------------
+
 
 def test_projection_is_the_exact_minimum():
     """On tiny problems: the projection is on the hyperplane, in the box, and its norm is the optimum of
@@ -83,17 +89,28 @@ def test_projection_is_the_exact_minimum():
             assert abs(wn @ z - bn) < 1e-9
             if norm == "Linf":
                 import numpy as np
+
                 eye = np.eye(dim)
-                lp = scipy_opt.linprog(np.r_[np.zeros(dim), 1.0],
-                                       A_ub=np.vstack([np.c_[eye, -np.ones(dim)], np.c_[-eye, -np.ones(dim)]]),
-                                       b_ub=np.zeros(2 * dim), A_eq=np.r_[wn, 0.0][None], b_eq=[bn - wn @ tn],
-                                       bounds=bounds + [(0, None)])
+                lp = scipy_opt.linprog(
+                    np.r_[np.zeros(dim), 1.0],
+                    A_ub=np.vstack([np.c_[eye, -np.ones(dim)], np.c_[-eye, -np.ones(dim)]]),
+                    b_ub=np.zeros(2 * dim),
+                    A_eq=np.r_[wn, 0.0][None],
+                    b_eq=[bn - wn @ tn],
+                    bounds=bounds + [(0, None)],
+                )
                 assert lp.success
                 assert abs(float(d.abs().max()) - lp.fun) < 1e-7
             else:
-                qp = scipy_opt.minimize(lambda v: v @ v, tn * 0, jac=lambda v: 2 * v, method="SLSQP", bounds=bounds,
-                                        constraints=[{"type": "eq", "fun": lambda v: wn @ (tn + v) - bn,
-                                                      "jac": lambda v: wn}], options={"ftol": 1e-14})
+                qp = scipy_opt.minimize(
+                    lambda v: v @ v,
+                    tn * 0,
+                    jac=lambda v: 2 * v,
+                    method="SLSQP",
+                    bounds=bounds,
+                    constraints=[{"type": "eq", "fun": lambda v: wn @ (tn + v) - bn, "jac": lambda v: wn}],
+                    options={"ftol": 1e-14},
+                )
                 assert torch.allclose(d, torch.from_numpy(qp.x), atol=1e-6)  # the L2 minimiser is unique
     assert feasible_seen > 100 and infeasible_seen > 5
 
@@ -106,10 +123,11 @@ def test_projection_batched_rows_are_independent():
     for norm in ("Linf", "L2"):
         whole = project_hyperplane_box(t, w, b, norm)
         for i in range(7):
-            assert torch.allclose(whole[i], project_hyperplane_box(t[i:i + 1], w[i:i + 1], b[i:i + 1], norm)[0])
+            assert torch.allclose(whole[i], project_hyperplane_box(t[i : i + 1], w[i : i + 1], b[i : i + 1], norm)[0])
 
 
 # --- minimal norm on a linear model -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
 @pytest.mark.parametrize("multi_targeted", [False, True])
@@ -126,14 +144,26 @@ def test_finds_the_exact_boundary_distance_of_a_linear_model(norm, multi_targete
         logits = model(x)
         y = logits.argmax(1)
         weight = model[1].weight
-        gaps = logits.gather(1, y[:, None]) - logits                        # f_y - f_j >= 0
-        dw = weight[None] - weight[y][:, None]                              # w_j - w_y  [B, C, D]
+        gaps = logits.gather(1, y[:, None]) - logits  # f_y - f_j >= 0
+        dw = weight[None] - weight[y][:, None]  # w_j - w_y  [B, C, D]
         dual = dw.abs().sum(-1) if norm == "Linf" else dw.norm(dim=-1)
         exact = (gaps / dual).scatter(1, y[:, None], float("inf")).amin(1)
     assert float(exact.max()) < 0.2  # far from the box's faces (x is in [0.4, 0.6]): the formula holds
     for eta, factor, broken in ((1 + 1e-4, 1.001, True), (1 + 1e-4, 0.999, False), (1.05, 1.06, True)):
-        x_adv = torch.cat([FAB(model, norm=norm, eps=factor * float(exact[i]), steps=3, eta=eta, n_classes=4,
-                               multi_targeted=multi_targeted)(x[i:i + 1], y[i:i + 1]) for i in range(len(y))])
+        x_adv = torch.cat(
+            [
+                FAB(
+                    model,
+                    norm=norm,
+                    eps=factor * float(exact[i]),
+                    steps=3,
+                    eta=eta,
+                    n_classes=4,
+                    multi_targeted=multi_targeted,
+                )(x[i : i + 1], y[i : i + 1])
+                for i in range(len(y))
+            ]
+        )
         fooled = ~robust(model, x_adv, y)
         assert bool(fooled.all()) if broken else not bool(fooled.any()), (eta, factor, fooled)
         if broken:
@@ -142,6 +172,7 @@ def test_finds_the_exact_boundary_distance_of_a_linear_model(norm, multi_targete
 
 
 # --- on a trained CNN ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("norm,eps", [("Linf", 0.1), ("L2", 0.8)])
 @pytest.mark.parametrize("multi_targeted", [False, True])
@@ -228,7 +259,7 @@ def test_attributes_take_effect(net, digits):
 
 
 def test_targeted_by_label_and_default_labels(net, digits):
-    x, y = digits.x_test[:30], digits.y_test[:30]
+    x = digits.x_test[:30]
     atk = FAB(net, eps=0.2, steps=10)
     pred = net(x).argmax(1)
     assert torch.equal(atk(x), atk(x, pred))  # labels=None: the model's predictions
@@ -249,12 +280,21 @@ def test_model_state_restored(digits):
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("attr,value,error,match", [
-    ("norm", "L1", ValueError, "norm"), ("eps", -1.0, ValueError, "eps"), ("steps", -1, ValueError, "steps"),
-    ("steps", 2.5, TypeError, "steps"), ("n_restarts", 0, ValueError, "n_restarts"),
-    ("alpha_max", 1.5, ValueError, "alpha_max"), ("beta", -0.1, ValueError, "beta"), ("eta", 0.0, ValueError, "eta"),
-    ("n_classes", 1, ValueError, "n_target_classes"), ("batch_targets", "yes", TypeError, "batch_targets"),
-])
+@pytest.mark.parametrize(
+    "attr,value,error,match",
+    [
+        ("norm", "L1", ValueError, "norm"),
+        ("eps", -1.0, ValueError, "eps"),
+        ("steps", -1, ValueError, "steps"),
+        ("steps", 2.5, TypeError, "steps"),
+        ("n_restarts", 0, ValueError, "n_restarts"),
+        ("alpha_max", 1.5, ValueError, "alpha_max"),
+        ("beta", -0.1, ValueError, "beta"),
+        ("eta", 0.0, ValueError, "eta"),
+        ("n_classes", 1, ValueError, "n_target_classes"),
+        ("batch_targets", "yes", TypeError, "batch_targets"),
+    ],
+)
 def test_bad_settings(net, attr, value, error, match):
     with pytest.raises(error, match=match):
         FAB(net, **{attr: value})

@@ -18,11 +18,15 @@ def make_model(kind: str, bn: bool, train: bool, seed: int = 0) -> nn.Module:
     """A small float64 softplus classifier for [B, 2, 6, 6] inputs: "mlp" or "cnn", with or without BatchNorm."""
     torch.manual_seed(seed)
     if kind == "mlp":
-        layers = [nn.Flatten(), nn.Linear(72, 16)] + ([nn.BatchNorm1d(16)] if bn else []) + [
-            nn.Softplus(), nn.Linear(16, C)]
+        layers = (
+            [nn.Flatten(), nn.Linear(72, 16)] + ([nn.BatchNorm1d(16)] if bn else []) + [nn.Softplus(), nn.Linear(16, C)]
+        )
     else:
-        layers = [nn.Conv2d(2, 4, 3, padding=1)] + ([nn.BatchNorm2d(4)] if bn else []) + [
-            nn.Softplus(), nn.Conv2d(4, 4, 3, stride=2), nn.Softplus(), nn.Flatten(), nn.Linear(16, C)]
+        layers = (
+            [nn.Conv2d(2, 4, 3, padding=1)]
+            + ([nn.BatchNorm2d(4)] if bn else [])
+            + [nn.Softplus(), nn.Conv2d(4, 4, 3, stride=2), nn.Softplus(), nn.Flatten(), nn.Linear(16, C)]
+        )
     model = nn.Sequential(*layers).double()
     if bn:  # non-trivial running statistics and affine parameters, so eval mode differs from train mode
         with torch.no_grad():
@@ -60,14 +64,14 @@ def brute_input_gradient_penalty(model, x, y, norm="l2", weight=None):
         g = g * weight
     g = g.flatten(1)
     if norm == "l2":
-        return (g ** 2).sum(1).mean()
+        return (g**2).sum(1).mean()
     return g.abs().sum(1).pow(2).mean() / g.shape[1]
 
 
 def brute_jacobian_penalty(model, x):
     """1/2 ||J||_F^2 / B with J the explicit [B, C, B, ...] Jacobian of the logits."""
     jac = jacobian(lambda xx: model(xx), x, create_graph=True)
-    return 0.5 * (jac ** 2).sum() / x.shape[0]
+    return 0.5 * (jac**2).sum() / x.shape[0]
 
 
 def param_grads(value, model):

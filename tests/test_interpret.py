@@ -23,8 +23,13 @@ class CamNet(nn.Module):
     def __init__(self, bn: bool = False, seed: int = 0, classes: int = C):
         super().__init__()
         torch.manual_seed(seed)
-        self.features = nn.Sequential(*([nn.Conv2d(2, 4, 3, padding=1)] + ([nn.BatchNorm2d(4)] if bn else []) + [
-            nn.Softplus(), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Softplus()]))
+        self.features = nn.Sequential(
+            *(
+                [nn.Conv2d(2, 4, 3, padding=1)]
+                + ([nn.BatchNorm2d(4)] if bn else [])
+                + [nn.Softplus(), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Softplus()]
+            )
+        )
         self.head = nn.Linear(6, classes)
         self.double()
         if bn:  # non-trivial running statistics, so that eval mode differs from train mode
@@ -42,8 +47,14 @@ class CamNet(nn.Module):
 def flat_net(seed=0):
     """A CNN without a CAM head: conv -> softplus -> conv -> softplus -> flatten -> linear."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Softplus(), nn.Conv2d(4, 3, 3, stride=2, padding=1),
-                         nn.Softplus(), nn.Flatten(), nn.Linear(27, C)).double()
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.Softplus(),
+        nn.Conv2d(4, 3, 3, stride=2, padding=1),
+        nn.Softplus(),
+        nn.Flatten(),
+        nn.Linear(27, C),
+    ).double()
 
 
 def make_batch(batch=4, seed=1):
@@ -80,7 +91,7 @@ def brute_grad_cam(model, layer, x, relu=True):
     for b in range(x.shape[0]):
         store = []
         h = layer.register_forward_hook(lambda m, i, o: store.append(o))
-        z = model(x[b:b + 1])
+        z = model(x[b : b + 1])
         h.remove()
         a = store[0]
         per_class = []
@@ -119,6 +130,7 @@ def assert_same_grads(a, b, rtol=1e-7, atol=1e-10):
 
 # ---- CAM ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bn, train", [(False, True), (True, False), (True, True)])
 def test_cam_equals_the_explicit_formula_and_explains_the_logits(bn, train):
     model = CamNet(bn).train(train)
@@ -153,19 +165,23 @@ def test_cam_without_a_head_says_what_to_pass():
         interpret.cam(flat_net(), make_batch()[0])
 
 
-@pytest.mark.parametrize("classes, error, match", [
-    (torch.tensor([0, 1, 2, C]), ValueError, r"classes must lie in \[0, 5\)"),
-    (torch.tensor([0, 1, -1, 2]), ValueError, "classes must lie"),
-    (torch.tensor([0, 1, 2]), ValueError, "shape"),
-    (torch.tensor([0.0, 1, 2, 3]), TypeError, "integer"),
-    ("all", TypeError, "classes"),
-])
+@pytest.mark.parametrize(
+    "classes, error, match",
+    [
+        (torch.tensor([0, 1, 2, C]), ValueError, r"classes must lie in \[0, 5\)"),
+        (torch.tensor([0, 1, -1, 2]), ValueError, "classes must lie"),
+        (torch.tensor([0, 1, 2]), ValueError, "shape"),
+        (torch.tensor([0.0, 1, 2, 3]), TypeError, "integer"),
+        ("all", TypeError, "classes"),
+    ],
+)
 def test_bad_classes(classes, error, match):
     with pytest.raises(error, match=match):
         interpret.cam(CamNet(), make_batch()[0], classes)
 
 
 # ---- Grad-CAM ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("relu", [True, False])
 def test_grad_cam_equals_per_sample_reference(relu):
@@ -176,8 +192,9 @@ def test_grad_cam_equals_per_sample_reference(relu):
     expected = brute_grad_cam(model, layer, x, relu=relu)
     assert maps.shape == (4, C, 3, 3)
     torch.testing.assert_close(maps, expected)
-    torch.testing.assert_close(interpret.grad_cam(model, x, y, layer=layer, relu=relu),
-                               expected[torch.arange(4), y][:, None])
+    torch.testing.assert_close(
+        interpret.grad_cam(model, x, y, layer=layer, relu=relu), expected[torch.arange(4), y][:, None]
+    )
 
 
 def test_grad_cam_of_a_gap_network_is_relu_cam_over_area():
@@ -218,6 +235,7 @@ def test_grad_cam_layer_errors():
 
 # ---- saliency and IG -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("net", [flat_net, CamNet])
 def test_saliency_equals_the_jacobian_rows(net):
     model = net()
@@ -252,8 +270,9 @@ def test_integrated_gradients_equal_the_path_loop(batch_size):
     maps = interpret.integrated_gradients(model, x, baseline=baseline, steps=5, batch_size=batch_size)
     assert maps.shape == (4, C, 2, 6, 6)
     torch.testing.assert_close(maps, expected)
-    torch.testing.assert_close(interpret.integrated_gradients(model, x, y, baseline=baseline, steps=5),
-                               expected[torch.arange(4), y][:, None])
+    torch.testing.assert_close(
+        interpret.integrated_gradients(model, x, y, baseline=baseline, steps=5), expected[torch.arange(4), y][:, None]
+    )
 
 
 def test_integrated_gradients_completeness():
@@ -286,8 +305,7 @@ def test_integrated_gradients_with_train_mode_batchnorm():
     for i in range(1, 4):
         p = (i / 3 * x).requires_grad_(True)
         z = model(p)
-        total = total + torch.stack([torch.autograd.grad(z[:, c].sum(), p, retain_graph=True)[0]
-                                     for c in range(C)], 1)
+        total = total + torch.stack([torch.autograd.grad(z[:, c].sum(), p, retain_graph=True)[0] for c in range(C)], 1)
     torch.testing.assert_close(maps, x.unsqueeze(1) * total / 3)
 
 
@@ -301,6 +319,7 @@ def test_integrated_gradients_bad_arguments():
 
 
 # ---- the model's state ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["cam", "grad_cam", "saliency", "ig"])
 @pytest.mark.parametrize("train", [True, False])

@@ -36,6 +36,7 @@ def brute_discrepancy(mc, ma, y, logits, kind):
 
 # ---- the discrepancy ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["2class", "1class"])
 def test_discrepancy_equals_brute_force(kind):
     g = torch.Generator().manual_seed(0)
@@ -76,6 +77,7 @@ def test_discrepancy_zero_at_equal_maps_and_bad_input():
 
 # ---- the regularizers against brute force ------------------------------------------------------------
 
+
 def brute_maps(model, x, name):
     """(all-class maps, logits): CAM by the explicit channel sum; saliency as rows of the explicit
     Jacobian of the batch-summed logits, d(sum_j z_jc)/dx_b (with a graph, for double backprop)."""
@@ -89,8 +91,9 @@ def brute_attack(model, x, y, kind, lam, eps, alpha, steps, seed, name, disc):
     """The inner maximisation by hand: a uniform start drawn from the seeded generator (as
     fastrob.attacks.pgd draws it), then Linf steps of the reference pgd_step on the kind's objective."""
     m = copy.deepcopy(model).eval()
-    x_adv = torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(seed)),
-                        0, 1)
+    x_adv = torch.clamp(
+        x + torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(seed)), 0, 1
+    )
     mc, _ = brute_maps(m, x, name)
     mc = mc.detach()
     for _ in range(steps):
@@ -115,8 +118,13 @@ def brute_loss(model, x, y, x_adv, kind, lam, name, disc):
     return ce + lam * d, ce, d
 
 
-SPECS = [("cam", False, True, "2class"), ("cam", True, False, "2class"), ("cam", True, True, "2class"),
-         ("cam", False, True, "1class"), ("saliency", False, True, "2class")]
+SPECS = [
+    ("cam", False, True, "2class"),
+    ("cam", True, False, "2class"),
+    ("cam", True, True, "2class"),
+    ("cam", False, True, "1class"),
+    ("saliency", False, True, "2class"),
+]
 SPEC_IDS = ["cam", "cam-bn-eval", "cam-bn-train", "cam-1class", "saliency"]
 
 
@@ -130,8 +138,16 @@ def test_regularizer_equals_brute_force(kind, spec):
     reference = copy.deepcopy(model)
     x, y = make_batch()
     eps, alpha, steps, lam = 0.2, 0.07, 3, 0.3
-    reg = InterpretationRegularizer(kind, lam=lam, eps=eps, alpha=alpha, steps=steps, map=name, discrepancy=disc,
-                                    generator=torch.Generator().manual_seed(11))
+    reg = InterpretationRegularizer(
+        kind,
+        lam=lam,
+        eps=eps,
+        alpha=alpha,
+        steps=steps,
+        map=name,
+        discrepancy=disc,
+        generator=torch.Generator().manual_seed(11),
+    )
     out = reg(model, x, y)
     x_adv = brute_attack(reference, x, y, kind, lam, eps, alpha, steps, 11, name, disc)
     loss, ce, d = brute_loss(reference, x, y, x_adv, kind, lam, name, disc)
@@ -154,8 +170,9 @@ def test_fused_backend_equals_torch(kind):
     out = {}
     for backend in ("torch", "triton"):
         m = copy.deepcopy(model)
-        reg = InterpretationRegularizer(kind, lam=0.3, eps=0.2, alpha=0.07, steps=2, backend=backend,
-                                        generator=torch.Generator().manual_seed(5))
+        reg = InterpretationRegularizer(
+            kind, lam=0.3, eps=0.2, alpha=0.07, steps=2, backend=backend, generator=torch.Generator().manual_seed(5)
+        )
         o = reg(m, x, y)
         out[backend] = (o.loss.detach(), param_grads(o.loss, m))
     torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-6)
@@ -171,7 +188,9 @@ def test_int_attack_increases_the_discrepancy():
     x, y = make_batch(8)
     ds = []
     for steps in (0, 5):
-        r = InterpretationRegularizer("int", eps=0.2, alpha=0.05, steps=steps, generator=torch.Generator().manual_seed(0))
+        r = InterpretationRegularizer(
+            "int", eps=0.2, alpha=0.05, steps=steps, generator=torch.Generator().manual_seed(0)
+        )
         x_adv = r.perturb(model, x, y, eps=0.2, alpha=0.05)
         ds.append(brute_discrepancy(brute_cam(model, x), brute_cam(model, x_adv), y, model(x_adv), "2class").mean())
     assert ds[1] > 1.5 * ds[0], ds
@@ -179,14 +198,17 @@ def test_int_attack_increases_the_discrepancy():
 
 # ---- the eps schedule ----------------------------------------------------------------------------------
 
+
 def test_warmup_schedule():
     reg = InterpretationRegularizer("int2", eps=0.4, steps=4, warmup=(2, 6))
     assert [reg.schedule(s) for s in range(8)] == [0, 0, 0, 0.25, 0.5, 0.75, 1, 1]
     assert reg.current_eps(4) == pytest.approx((0.2, 2.5 * 0.2 / 4))
     assert InterpretationRegularizer(eps=0.4, alpha=0.1, warmup=(0, 4)).current_eps(1) == pytest.approx((0.1, 0.025))
     assert InterpretationRegularizer(warmup=lambda s: 0.5).schedule(100) == 0.5
-    assert InterpretationRegularizer(warmup=(3, 3)).schedule(2) == 0 and InterpretationRegularizer(
-        warmup=(3, 3)).schedule(3) == 1
+    assert (
+        InterpretationRegularizer(warmup=(3, 3)).schedule(2) == 0
+        and InterpretationRegularizer(warmup=(3, 3)).schedule(3) == 1
+    )
     model = CamNet()
     x, y = make_batch()
     for expect_zero in (True, True, True, False):  # calls 0, 1, 2 have eps 0; call 3 has eps 0.1
@@ -201,19 +223,22 @@ def test_warmup_schedule():
     assert reg.current_eps() == (0.4, 2.5 * 0.4 / 4)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(kind="int3"), ValueError, "kind"),
-    (dict(lam=-1.0), ValueError, "lam"),
-    (dict(eps=-0.1), ValueError, "eps"),
-    (dict(steps=-1), ValueError, "steps"),
-    (dict(norm="l1"), ValueError, "norm"),
-    (dict(map="lime"), ValueError, "map"),
-    (dict(map="grad_cam"), ValueError, "layer"),
-    (dict(discrepancy="l2"), ValueError, "discrepancy"),
-    (dict(warmup=(5, 2)), ValueError, "warmup"),
-    (dict(warmup=(1, 2, 3)), ValueError, "warmup"),
-    (dict(random_start="trades"), ValueError, "random_start"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(kind="int3"), ValueError, "kind"),
+        (dict(lam=-1.0), ValueError, "lam"),
+        (dict(eps=-0.1), ValueError, "eps"),
+        (dict(steps=-1), ValueError, "steps"),
+        (dict(norm="l1"), ValueError, "norm"),
+        (dict(map="lime"), ValueError, "map"),
+        (dict(map="grad_cam"), ValueError, "layer"),
+        (dict(discrepancy="l2"), ValueError, "discrepancy"),
+        (dict(warmup=(5, 2)), ValueError, "warmup"),
+        (dict(warmup=(1, 2, 3)), ValueError, "warmup"),
+        (dict(random_start="trades"), ValueError, "random_start"),
+    ],
+)
 def test_bad_construction_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         InterpretationRegularizer(**kwargs)
@@ -238,8 +263,11 @@ def own_saliency(model, x, classes, create_graph=True):
 
 # every kind with CAM; IG (whose path forwards keep the statistics) and a callable map (which makes
 # forwards of its own) with one kind of each attack (the maps' handling is the same for all kinds)
-@pytest.mark.parametrize("kind, map_name", [(k, "cam") for k in ("int", "int_adv", "int2", "int2_adv")]
-                         + [(k, m) for k in ("int_adv", "int2") for m in ("ig", "callable")])
+@pytest.mark.parametrize(
+    "kind, map_name",
+    [(k, "cam") for k in ("int", "int_adv", "int2", "int2_adv")]
+    + [(k, m) for k in ("int_adv", "int2") for m in ("ig", "callable")],
+)
 @pytest.mark.parametrize("train", [True, False])
 def test_model_state_x_and_grads_are_left_alone(kind, map_name, train):
     model = CamNet(bn=True).train(train)
@@ -259,6 +287,7 @@ def test_model_state_x_and_grads_are_left_alone(kind, map_name, train):
 
 
 # ---- the dataset metric ------------------------------------------------------------------------------
+
 
 def test_interpretation_discrepancy_metric_equals_per_batch_brute_force():
     model = CamNet(bn=True).train()
@@ -280,8 +309,14 @@ def test_interpretation_discrepancy_metric_equals_per_batch_brute_force():
     with torch.no_grad():
         expected = brute_discrepancy(brute_cam(ev, x), brute_cam(ev, x_adv), y, ev(x_adv), "1class")
     torch.testing.assert_close(one.values, expected.float())
-    auto = interpretation_discrepancy(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(72, C)).double(),
-                                      (x, y), attack, map="auto", kind="1class", quiet=True)
+    auto = interpretation_discrepancy(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(72, C)).double(),
+        (x, y),
+        attack,
+        map="auto",
+        kind="1class",
+        quiet=True,
+    )
     assert auto.map == "saliency" and auto.values.shape == (10,)
     with pytest.raises(TypeError, match="attack"):
         interpretation_discrepancy(model, (x, y), None)
@@ -293,13 +328,28 @@ def test_interpretation_discrepancy_metric_equals_per_batch_brute_force():
 def train_digits(digits, reg, epochs=5, n=None, batch=64):
     torch.manual_seed(0)
     model = SmallCNN(1, 10, width=8)  # BatchNorm, ReLU, CAM head (CAM needs no second derivative)
-    losses = fit(model, digits.x_train[:n], digits.y_train[:n],
-                 None if reg is None else lambda m, x, y: reg(m, x, y).loss, epochs=epochs, batch=batch)
+    losses = fit(
+        model,
+        digits.x_train[:n],
+        digits.y_train[:n],
+        None if reg is None else lambda m, x, y: reg(m, x, y).loss,
+        epochs=epochs,
+        batch=batch,
+    )
     return model.eval(), losses
 
 
-@pytest.mark.parametrize("kind, map_name", [("int", "cam"), ("int_adv", "cam"), ("int2", "cam"), ("int2_adv", "cam"),
-                                           ("int", "saliency"), ("int2", "saliency")])
+@pytest.mark.parametrize(
+    "kind, map_name",
+    [
+        ("int", "cam"),
+        ("int_adv", "cam"),
+        ("int2", "cam"),
+        ("int2_adv", "cam"),
+        ("int", "saliency"),
+        ("int2", "saliency"),
+    ],
+)
 def test_each_regularizer_trains_on_digits_without_nan(digits, kind, map_name, one_thread):
     reg = InterpretationRegularizer(kind, eps=0.1, steps=2, map=map_name, warmup=(0, 3))
     model, losses = train_digits(digits, reg, epochs=1, n=256)
@@ -314,8 +364,11 @@ def test_int_and_int2_lower_the_interpretation_discrepancy_under_attack(digits, 
     # drops only ~6%, so the maps are not merely shrunk.
     x, y = digits.x_test[:200], digits.y_test[:200]
     results = {}
-    for name, reg in [("plain", None), ("int", InterpretationRegularizer("int", eps=0.1, steps=3)),
-                      ("int2", InterpretationRegularizer("int2", eps=0.1, steps=3))]:
+    for name, reg in [
+        ("plain", None),
+        ("int", InterpretationRegularizer("int", eps=0.1, steps=3)),
+        ("int2", InterpretationRegularizer("int2", eps=0.1, steps=3)),
+    ]:
         model, _ = train_digits(digits, reg)
         acc = (model(x).argmax(1) == y).float().mean().item()
         attack = fastrob.PGD(model, eps=0.1, alpha=0.025, steps=10, generator=torch.Generator().manual_seed(0))

@@ -35,9 +35,24 @@ def test_one_step_is_a_descent_step_on_hinge_plus_gamma_d():
     maps_clean = brute_cam(model, x).detach()
     for p in model.parameters():  # as isa's attack_context leaves them
         p.requires_grad_(False)
-    out, found = _descend(model, map_function("cam"), x, y, target, maps_clean, None, eps, gamma, kappa=kappa,
-                          norm="linf", steps=1, alpha_factor=alpha_factor, kind="2class", random_start=False,
-                          generator=None)
+    out, found = _descend(
+        model,
+        map_function("cam"),
+        x,
+        y,
+        target,
+        maps_clean,
+        None,
+        eps,
+        gamma,
+        kappa=kappa,
+        norm="linf",
+        steps=1,
+        alpha_factor=alpha_factor,
+        kind="2class",
+        random_start=False,
+        generator=None,
+    )
     # by hand
     xa = x.clone().requires_grad_(True)
     z = model(xa)
@@ -62,8 +77,17 @@ def test_one_step_is_a_descent_step_on_hinge_plus_gamma_d():
 def test_isa_respects_norms_and_targets(digits_model, digits, norm, eps_max, one_thread):
     model = digits_model.train()  # the attack must run in eval mode and restore this
     x, y = digits.x_test[:40], digits.y_test[:40]
-    r = isa(model, x, y, eps_max=eps_max, norm=norm, gamma_max=0.5, steps=15, search_steps=4,
-            generator=torch.Generator().manual_seed(0))
+    r = isa(
+        model,
+        x,
+        y,
+        eps_max=eps_max,
+        norm=norm,
+        gamma_max=0.5,
+        steps=15,
+        search_steps=4,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
     model.eval()
@@ -103,18 +127,21 @@ def test_isa_given_targets_and_hiding(digits_model, digits, one_thread):
     torch.testing.assert_close(r.discrepancy, expected, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(eps_max=0.0), ValueError, "eps_max"),
-    (dict(eps_max=-1.0), ValueError, "eps_max"),
-    (dict(norm="l1"), ValueError, "norm"),
-    (dict(kappa=-0.1), ValueError, "kappa"),
-    (dict(gamma_max=-1.0), ValueError, "gamma_max"),
-    (dict(steps=0), ValueError, "steps"),
-    (dict(kind="l2"), ValueError, "kind"),
-    (dict(map="lime"), ValueError, "map"),
-    (dict(random_start="unifrom"), ValueError, "random_start"),
-    (dict(generator=123), TypeError, "generator"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(eps_max=0.0), ValueError, "eps_max"),
+        (dict(eps_max=-1.0), ValueError, "eps_max"),
+        (dict(norm="l1"), ValueError, "norm"),
+        (dict(kappa=-0.1), ValueError, "kappa"),
+        (dict(gamma_max=-1.0), ValueError, "gamma_max"),
+        (dict(steps=0), ValueError, "steps"),
+        (dict(kind="l2"), ValueError, "kind"),
+        (dict(map="lime"), ValueError, "map"),
+        (dict(random_start="unifrom"), ValueError, "random_start"),
+        (dict(generator=123), TypeError, "generator"),
+    ],
+)
 def test_bad_arguments(kwargs, error, match):
     x, y = make_batch()
     with pytest.raises(error, match=match):

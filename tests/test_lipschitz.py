@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_functional import C, MODEL_IDS, MODELS, assert_same_grads, make_batch, make_model, param_grads
-from train_loop import fit
+from test_functional import MODEL_IDS, MODELS, C, assert_same_grads, make_batch, make_model, param_grads
 from torch.autograd.functional import jacobian
+from train_loop import fit
 
 from fastrob import _backend
 from fastrob.models import MLP
@@ -48,12 +48,11 @@ def per_sample_penalty(model, x, y, c, margin, z):
     """The same from one-sample forwards: only valid when samples do not interact."""
     total = 0
     for b in range(x.shape[0]):
-        xb = x[b:b + 1].clone().requires_grad_(True)
-        s = brute_s(model(xb), y[b:b + 1], c[b:b + 1], margin[b:b + 1])
+        xb = x[b : b + 1].clone().requires_grad_(True)
+        s = brute_s(model(xb), y[b : b + 1], c[b : b + 1], margin[b : b + 1])
         (g,) = torch.autograd.grad(s.sum(), xb, create_graph=True)
         total = total + g.abs().pow(z).sum()
     return total / x.numel()
-
 
 
 def test_outputs_follow_the_documented_draws_and_frequencies():
@@ -147,7 +146,7 @@ def test_calls_use_the_psi_before_their_update_and_resume_from_state_dict():
     reg = LipschitzRegularizer(generator=torch.Generator().manual_seed(0))
     R = 0.0
     for t in range(6):
-        xb, yb = x[t % 2 * 8:(t % 2 + 1) * 8], y[t % 2 * 8:(t % 2 + 1) * 8]
+        xb, yb = x[t % 2 * 8 : (t % 2 + 1) * 8], y[t % 2 * 8 : (t % 2 + 1) * 8]
         psi = 220 * math.exp(0.02 * R)
         assert reg.psi == pytest.approx(psi, rel=1e-12)
         out = reg(model, xb, yb)
@@ -161,7 +160,7 @@ def test_calls_use_the_psi_before_their_update_and_resume_from_state_dict():
     resumed = LipschitzRegularizer()
     resumed.load_state_dict(state)
     for t in range(3, 6):
-        xb, yb = x[t % 2 * 8:(t % 2 + 1) * 8], y[t % 2 * 8:(t % 2 + 1) * 8]
+        xb, yb = x[t % 2 * 8 : (t % 2 + 1) * 8], y[t % 2 * 8 : (t % 2 + 1) * 8]
         resumed(model, xb, yb)
     assert resumed.R == pytest.approx(reg.R, rel=1e-12) and resumed.psi == pytest.approx(reg.psi, rel=1e-12)
     fixed = LipschitzRegularizer(psi=5.0)
@@ -195,11 +194,21 @@ def test_fused_backend_equals_torch():
     assert_same_grads(param_grads(fused.loss, model), param_grads(ref.loss, model))
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(psi=-1.0), "psi"), (dict(psi0=0.0), "psi0"), (dict(k_psi=-0.1), "k_psi"), (dict(z=0), "z"),
-    (dict(zeta=1.5), "zeta"), (dict(zeta=-0.1), "zeta"), (dict(target_loss=0), "target_loss"),
-    (dict(eps_better=-1), "eps_better"), (dict(eps_worse=-1), "eps_worse"), (dict(backend="gpu"), "backend"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(psi=-1.0), "psi"),
+        (dict(psi0=0.0), "psi0"),
+        (dict(k_psi=-0.1), "k_psi"),
+        (dict(z=0), "z"),
+        (dict(zeta=1.5), "zeta"),
+        (dict(zeta=-0.1), "zeta"),
+        (dict(target_loss=0), "target_loss"),
+        (dict(eps_better=-1), "eps_better"),
+        (dict(eps_worse=-1), "eps_worse"),
+        (dict(backend="gpu"), "backend"),
+    ],
+)
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         LipschitzRegularizer(**kwargs)
@@ -209,11 +218,19 @@ def test_bad_arguments(kwargs, name):
 
 # ---- digits: smaller input gradients -------------------------------------------------------------
 
+
 def train_digits(digits, reg, epochs=8, batch=64):
     torch.manual_seed(0)
     model = MLP((1, 8, 8), 10, hidden=(64,), activation_name="half_huber")
-    fit(model, digits.x_train, digits.y_train, None if reg is None else lambda m, x, y: reg(m, x, y).loss,
-        epochs=epochs, batch=batch, check_finite=True)
+    fit(
+        model,
+        digits.x_train,
+        digits.y_train,
+        None if reg is None else lambda m, x, y: reg(m, x, y).loss,
+        epochs=epochs,
+        batch=batch,
+        check_finite=True,
+    )
     return model.eval()
 
 
@@ -229,8 +246,11 @@ def test_lipschitz_regularized_model_has_smaller_input_gradients_on_digits(digit
     # With the defaults (psi0 = 220) the penalty holds the training CE above L_target = 1.5 on
     # digits, so R stays 0 and psi at psi0; with psi0 = 22 the CE falls below it and psi rises.
     default, weak = LipschitzRegularizer(), LipschitzRegularizer(psi0=22.0)
-    models = {"plain": train_digits(digits, None), "default": train_digits(digits, default),
-              "psi0=22": train_digits(digits, weak)}
+    models = {
+        "plain": train_digits(digits, None),
+        "default": train_digits(digits, default),
+        "psi0=22": train_digits(digits, weak),
+    }
     x, y = digits.x_test, digits.y_test
     norms = {}
     for name, m in models.items():

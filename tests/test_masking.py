@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_fab import make_cnn
+from train_loop import fit
 
 import fastrob
 from fastrob.metrics import masking_report
 from fastrob.regularizers import InputGradientRegularizer
-from test_fab import make_cnn
-from train_loop import fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small nets run faster on one thread of a loaded machine
 
@@ -56,12 +56,15 @@ class Planted(nn.Module):
         return z
 
 
-@pytest.mark.parametrize("kind,checks", [
-    ("softmax", ["probabilities"]),
-    ("quantized", ["zero_gradients", "black_box"]),
-    ("noisy", ["randomized"]),
-    ("saturated", ["zero_gradients", "ce_vs_dlr"]),
-])
+@pytest.mark.parametrize(
+    "kind,checks",
+    [
+        ("softmax", ["probabilities"]),
+        ("quantized", ["zero_gradients", "black_box"]),
+        ("noisy", ["randomized"]),
+        ("saturated", ["zero_gradients", "ce_vs_dlr"]),
+    ],
+)
 def test_planted_masking_is_flagged_by_its_check(plain, digits, kind, checks):
     report = masking_report(Planted(plain, kind), (digits.x_test, digits.y_test), 0.1, **FAST)
     assert report.verdict == "suspicious"
@@ -144,19 +147,26 @@ def test_loader_input_and_model_state(digits):
     torch.manual_seed(0)
     model = make_cnn()
     model.train()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(digits.x_test[:24], digits.y_test[:24]),
-                                         batch_size=10)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(digits.x_test[:24], digits.y_test[:24]), batch_size=10
+    )
     report = masking_report(model, loader, 0.1, **dict(FAST, n=None))
     assert report.n == 24
     assert model.training and all(m.training for m in model.modules())
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(eps=-0.1), ValueError, "eps"), (dict(norm="L3"), ValueError, "norm"), (dict(n=0), ValueError, "n must"),
-    (dict(steps=0), ValueError, "steps"), (dict(n_queries=1.5), TypeError, "n_queries"),
-    (dict(large_eps=float("inf")), ValueError, "large_eps"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(eps=-0.1), ValueError, "eps"),
+        (dict(norm="L3"), ValueError, "norm"),
+        (dict(n=0), ValueError, "n must"),
+        (dict(steps=0), ValueError, "steps"),
+        (dict(n_queries=1.5), TypeError, "n_queries"),
+        (dict(large_eps=float("inf")), ValueError, "large_eps"),
+    ],
+)
 def test_bad_arguments(plain, digits, kwargs, error, match):
     options = dict(eps=0.1, quiet=True, n=8)
     options.update(kwargs)

@@ -34,8 +34,16 @@ OLD_DESCRIPTIONS = {
 def test_the_registry_holds_the_methods_there_were():
     assert METHODS == methods.NAMES == tuple(OLD_DESCRIPTIONS)
     # the defaults the trainer's constants held before the registry
-    assert DEFAULT_LAM == {"input_gradient": 0.1, "jacobian": 0.01, "jsigr": 0.01, "sns": 1.0, "int": 0.01,
-                           "int_adv": 0.01, "int2": 0.01, "int2_adv": 0.01}
+    assert DEFAULT_LAM == {
+        "input_gradient": 0.1,
+        "jacobian": 0.01,
+        "jsigr": 0.01,
+        "sns": 1.0,
+        "int": 0.01,
+        "int_adv": 0.01,
+        "int2": 0.01,
+        "int2_adv": 0.01,
+    }
     assert INTERPRETATION_KINDS == ("int", "int_adv", "int2", "int2_adv")
 
 

@@ -90,8 +90,9 @@ def test_kl_bound_is_monotone_in_eps_and_above_random_points(digits_mlp, digits)
             p = F.softmax(digits_mlp(x), 1)
             g = torch.Generator().manual_seed(1)
             points = [(x + eps * (2 * torch.rand(x.shape, generator=g) - 1)).clamp(0, 1) for _ in range(16)]
-            random_kl = torch.stack([F.kl_div(F.log_softmax(digits_mlp(pt), 1), p, reduction="none").sum(1)
-                                     for pt in points]).amax(0)
+            random_kl = torch.stack(
+                [F.kl_div(F.log_softmax(digits_mlp(pt), 1), p, reduction="none").sum(1) for pt in points]
+            ).amax(0)
         assert result.mean >= random_kl.mean()
         assert (result.values >= random_kl - 1e-6).float().mean() >= 0.97
         assert len(result.values) == 200 and result.quantiles["q10"] <= result.quantiles["q90"]
@@ -124,8 +125,9 @@ def test_accuracy_curve_is_non_increasing_and_below_per_eps_attacks(digits_mlp, 
     assert all(a >= b for a, b in zip(curve.accuracy, curve.accuracy[1:]))
     assert curve.accuracy[-1] < 0.05 < curve.accuracy[2]
     for eps, acc in zip(curve.eps[1:4], curve.accuracy[1:4]):
-        per_eps = robust_accuracy(digits_mlp, data, fa.PGD(digits_mlp, eps=eps, alpha=2.5 * eps / 10, steps=10),
-                                  quiet=True).accuracy
+        per_eps = robust_accuracy(
+            digits_mlp, data, fa.PGD(digits_mlp, eps=eps, alpha=2.5 * eps / 10, steps=10), quiet=True
+        ).accuracy
         assert acc <= per_eps + 0.02  # compaction only adds earlier breaks (random starts differ)
     l2 = accuracy_curve(digits_mlp, data, [0.5, 1.0, 2.0], "l2", steps=10, quiet=True)
     assert l2.accuracy == sorted(l2.accuracy, reverse=True)
@@ -139,16 +141,19 @@ def test_metrics_read_loaders_like_tensors(digits_mlp, digits):
     assert a.accuracy == b.accuracy and b.n == 100
 
 
-@pytest.mark.parametrize("call, words", [
-    (lambda m, d: accuracy_curve(m, d, [], quiet=True), "eps_list"),
-    (lambda m, d: accuracy_curve(m, d, [-0.1], quiet=True), "eps_list"),
-    (lambda m, d: ara(m, d, kind="bogus", quiet=True), "kind"),
-    (lambda m, d: ara(m, d, n=0, quiet=True), "n must be"),
-    (lambda m, d: kl_robustness(m, d, -1.0, quiet=True), "eps"),
-    (lambda m, d: robust_accuracy(m, d, "pgd", quiet=True), "attack"),
-    (lambda m, d: robust_accuracy(m, d[0], fa.PGD(m), quiet=True), "data must be"),
-    (lambda m, d: kl_robustness(m, (d[0], d[1][:3]), 0.1, quiet=True), "y must have shape"),
-])
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda m, d: accuracy_curve(m, d, [], quiet=True), "eps_list"),
+        (lambda m, d: accuracy_curve(m, d, [-0.1], quiet=True), "eps_list"),
+        (lambda m, d: ara(m, d, kind="bogus", quiet=True), "kind"),
+        (lambda m, d: ara(m, d, n=0, quiet=True), "n must be"),
+        (lambda m, d: kl_robustness(m, d, -1.0, quiet=True), "eps"),
+        (lambda m, d: robust_accuracy(m, d, "pgd", quiet=True), "attack"),
+        (lambda m, d: robust_accuracy(m, d[0], fa.PGD(m), quiet=True), "data must be"),
+        (lambda m, d: kl_robustness(m, (d[0], d[1][:3]), 0.1, quiet=True), "y must have shape"),
+    ],
+)
 def test_bad_arguments_name_the_argument(digits_mlp, digits, call, words):
     with pytest.raises((ValueError, TypeError), match=words):
         call(digits_mlp, (digits.x_test[:10], digits.y_test[:10]))

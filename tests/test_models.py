@@ -17,19 +17,20 @@ def test_half_huber_matches_its_formula_and_derivatives():
     h = activation("half_huber")(x)  # d = 0.5, the models' activation
     expected = torch.where(x < 0, torch.zeros_like(x), torch.where(x <= d, x * x / (2 * d), x - d / 2))
     assert torch.allclose(h, expected)
-    g, = torch.autograd.grad(h.sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(h.sum(), x, create_graph=True)
     assert torch.allclose(g, torch.tensor([0, 0, 0, 0.2, 0.5, 1.0, 1, 1], dtype=torch.float64))
-    gg, = torch.autograd.grad(g.sum(), x)
+    (gg,) = torch.autograd.grad(g.sum(), x)
     # h'' = 1/d strictly inside [0, d] and 0 outside: the curvature gradient penalties need
     assert torch.allclose(gg[[3, 4]], torch.full((2,), 1 / d, dtype=torch.float64))
     assert torch.all(gg[[0, 1, 6, 7]] == 0)
     # continuous derivative at the joints
     for joint in (0.0, d):
         t = torch.tensor([joint - 1e-6, joint + 1e-6], dtype=torch.float64, requires_grad=True)
-        gt, = torch.autograd.grad(half_huber(d)(t).sum(), t)
+        (gt,) = torch.autograd.grad(half_huber(d)(t).sum(), t)
         assert abs(float(gt[1] - gt[0])) < 1e-5
-    torch.autograd.gradgradcheck(half_huber(0.3), (torch.tensor([0.05, 0.2, 0.9], dtype=torch.float64,
-                                                                   requires_grad=True),))
+    torch.autograd.gradgradcheck(
+        half_huber(0.3), (torch.tensor([0.05, 0.2, 0.9], dtype=torch.float64, requires_grad=True),)
+    )
 
 
 def test_activation_names():
@@ -40,11 +41,18 @@ def test_activation_names():
         half_huber(0.0)
 
 
-@pytest.mark.parametrize("name, shape, act", [
-    *[(n, s, a) for n, s in (("mlp", (1, 8, 8)), ("cnn", (1, 16, 16)), ("cnn", (3, 8, 8)))
-      for a in ("relu", "softplus", "half_huber")],
-    ("resnet18", (3, 32, 32), "half_huber"), ("resnet18", (1, 16, 16), "relu"),
-])
+@pytest.mark.parametrize(
+    "name, shape, act",
+    [
+        *[
+            (n, s, a)
+            for n, s in (("mlp", (1, 8, 8)), ("cnn", (1, 16, 16)), ("cnn", (3, 8, 8)))
+            for a in ("relu", "softplus", "half_huber")
+        ],
+        ("resnet18", (3, 32, 32), "half_huber"),
+        ("resnet18", (1, 16, 16), "relu"),
+    ],
+)
 def test_models_map_images_to_logits(name, shape, act):
     model = build_model(name, shape, 7, act).eval()
     out = model(torch.rand(2, *shape))
@@ -69,13 +77,16 @@ def test_preact_resnet18_has_the_cifar_shape():
     assert len([m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]) == 1 + 16 + 3
 
 
-@pytest.mark.parametrize("args, words", [
-    (("vgg", (1, 8, 8), 10), "model must be one of"),
-    (("mlp", (1, 8, 8), 10, "tanh"), "activation must be one of"),
-    (("mlp", (8, 8), 10), r"in_shape must be \(C, H, W\)"),
-    (("resnet18", (1, 4, 4), 10), "at least 8x8"),
-    (("mlp", (1, 8, 8), 1), "num_classes"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("vgg", (1, 8, 8), 10), "model must be one of"),
+        (("mlp", (1, 8, 8), 10, "tanh"), "activation must be one of"),
+        (("mlp", (8, 8), 10), r"in_shape must be \(C, H, W\)"),
+        (("resnet18", (1, 4, 4), 10), "at least 8x8"),
+        (("mlp", (1, 8, 8), 1), "num_classes"),
+    ],
+)
 def test_bad_model_arguments(args, words):
     with pytest.raises(ValueError, match=words):
         build_model(*args)

@@ -12,8 +12,12 @@ from fastrob.triton import pgd_step as triton_kernels
 
 # Storage rounding: the kernels compute in float32 and round once, like the reference, but the
 # Triton interpreter and CUDA may round half types differently by one unit in the last place.
-TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float16: dict(atol=2**-10, rtol=0),
-       torch.bfloat16: dict(atol=2**-7, rtol=0), torch.float64: dict(atol=1e-12, rtol=1e-12)}
+TOL = {
+    torch.float32: dict(atol=1e-6, rtol=1e-5),
+    torch.float16: dict(atol=2**-10, rtol=0),
+    torch.bfloat16: dict(atol=2**-7, rtol=0),
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+}
 
 
 def make_inputs(shape, dtype=torch.float32, device="cpu", seed=0, eps=0.1):
@@ -44,6 +48,7 @@ def inputs_for(norm, shape, dtype=torch.float32, device="cpu"):
 
 
 # --- the reference, against numbers worked out by hand --------------------------------------------
+
 
 def test_linf_reference_by_hand():
     x_orig = torch.tensor([[0.5, 0.5, 0.5, 0.98]])
@@ -96,22 +101,23 @@ def test_per_sample_eps_and_alpha_equal_separate_calls(norm):
     alpha = torch.tensor([0.01, 0.3, 0.02, 0.0])
     out = pgd_step(x_adv, grad, x_orig, alpha=alpha, eps=eps, norm=norm, backend="torch")
     for i in range(4):
-        one = pgd_step_reference(x_adv[i:i + 1], grad[i:i + 1], x_orig[i:i + 1], alpha=alpha[i].item(),
-                                 eps=eps[i].item(), norm=norm)
-        torch.testing.assert_close(out[i:i + 1], one)
+        one = pgd_step_reference(
+            x_adv[i : i + 1], grad[i : i + 1], x_orig[i : i + 1], alpha=alpha[i].item(), eps=eps[i].item(), norm=norm
+        )
+        torch.testing.assert_close(out[i : i + 1], one)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_result_stays_in_ball_and_box(norm, backend):
-    x_adv, grad, x_orig = make_inputs((6, 3, 5, 5), device=triton_device() if backend == "triton" else "cpu",
-                                      eps=0.6)
+    x_adv, grad, x_orig = make_inputs((6, 3, 5, 5), device=triton_device() if backend == "triton" else "cpu", eps=0.6)
     eps, lower, upper = 0.25, 0.1, 0.9
     x_orig = x_orig.clamp(lower, upper)
     x = x_adv
     for _ in range(3):  # from outside the ball too: the first step projects back
-        x = pgd_step(x, torch.randn_like(x), x_orig, alpha=0.2, eps=eps, norm=norm, lower=lower, upper=upper,
-                     backend=backend)
+        x = pgd_step(
+            x, torch.randn_like(x), x_orig, alpha=0.2, eps=eps, norm=norm, lower=lower, upper=upper, backend=backend
+        )
         delta = (x - x_orig).flatten(1)
         size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
         assert (size <= eps * (1 + 1e-5)).all()
@@ -121,10 +127,10 @@ def test_result_stays_in_ball_and_box(norm, backend):
 # --- the Triton kernels (interpreter on CPU, compiled on a GPU) against the reference -------------
 
 SHAPES = [
-    (3, 1, 7, 5),   # odd image
-    (2, 5),         # flat features
-    (1, 3, 4, 4),   # batch of one
-    (2, 3, 80, 75), # 18000 per sample: the two-pass L2 path
+    (3, 1, 7, 5),  # odd image
+    (2, 5),  # flat features
+    (1, 3, 4, 4),  # batch of one
+    (2, 3, 80, 75),  # 18000 per sample: the two-pass L2 path
 ]
 
 
@@ -180,19 +186,23 @@ def test_triton_channels_last_and_mixed_layouts(norm):
     wide = torch.rand(3, 3, 5, 14, device=x_adv.device)
     view = wide[..., ::2]
     expected = pgd_step_reference(view, grad, x_orig, alpha=0.05, eps=0.2, norm=norm)
-    torch.testing.assert_close(pgd_step(view, grad, x_orig, alpha=0.05, eps=0.2, norm=norm, backend="triton"),
-                               expected, **TOL[torch.float32])
+    torch.testing.assert_close(
+        pgd_step(view, grad, x_orig, alpha=0.05, eps=0.2, norm=norm, backend="triton"), expected, **TOL[torch.float32]
+    )
 
 
 def test_triton_opcheck():
     x_adv, grad, x_orig = make_inputs((3, 2, 4, 5), device=triton_device())
     eps = torch.full((3,), 0.1, device=x_adv.device)
-    for args in [(x_adv, grad, x_orig, None, None, 0.1, 0.02, "linf", 0.0, 1.0),
-                 (x_adv, grad, x_orig, eps, None, 0.0, 0.02, "l2", 0.0, 1.0)]:
+    for args in [
+        (x_adv, grad, x_orig, None, None, 0.1, 0.02, "linf", 0.0, 1.0),
+        (x_adv, grad, x_orig, eps, None, 0.0, 0.02, "l2", 0.0, 1.0),
+    ]:
         torch.library.opcheck(torch.ops.fastrob.pgd_step_triton.default, args)
 
 
 # --- behaviour shared by all backends ------------------------------------------------------------
+
 
 def available_backends():
     names = ["torch"]
@@ -239,6 +249,7 @@ def test_float64_runs_on_torch_and_auto():
 
 # --- bad input -----------------------------------------------------------------------------------
 
+
 def call(**overrides):
     x_adv, grad, x_orig = make_inputs((2, 1, 3, 3))
     kwargs = dict(x_adv=x_adv, grad=grad, x_orig=x_orig, alpha=0.1, eps=0.1)
@@ -247,23 +258,30 @@ def call(**overrides):
     return pgd_step(x_adv, grad, x_orig, **kwargs)
 
 
-@pytest.mark.parametrize("overrides, error, words", [
-    (dict(grad=torch.zeros(2, 1, 3, 4)), ValueError, "grad must have the shape"),
-    (dict(x_orig=torch.zeros(3, 1, 3, 3)), ValueError, "x_orig must have the shape"),
-    (dict(eps=-0.1), ValueError, "eps must be >= 0"),
-    (dict(alpha=-1.0), ValueError, "alpha must be >= 0"),
-    (dict(eps=math.nan), ValueError, "eps must be finite"),
-    (dict(eps=torch.tensor([0.1, -0.2])), ValueError, "eps must be >= 0"),
-    (dict(alpha=torch.ones(3)), ValueError, "alpha must be a number or a tensor of shape [batch]"),
-    (dict(eps="0.1"), TypeError, "eps must be a real number"),
-    (dict(norm="l1"), ValueError, "norm must be one of"),
-    (dict(x_adv=torch.zeros(2, 1, 3, 3, dtype=torch.int64)), TypeError, "x_adv must be a floating-point"),
-    (dict(grad=torch.zeros(2, 1, 3, 3, dtype=torch.float64)), TypeError, "grad must have the dtype of x_adv"),
-    (dict(x_adv=torch.zeros(4), grad=torch.zeros(4), x_orig=torch.zeros(4)), ValueError, "x_adv must have at least 2"),
-    (dict(lower=1.0, upper=0.0), ValueError, "lower must be <= upper"),
-    (dict(backend="fast"), ValueError, "backend must be one of"),
-    (dict(backend="cuda"), RuntimeError, "backend='cuda'"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, words",
+    [
+        (dict(grad=torch.zeros(2, 1, 3, 4)), ValueError, "grad must have the shape"),
+        (dict(x_orig=torch.zeros(3, 1, 3, 3)), ValueError, "x_orig must have the shape"),
+        (dict(eps=-0.1), ValueError, "eps must be >= 0"),
+        (dict(alpha=-1.0), ValueError, "alpha must be >= 0"),
+        (dict(eps=math.nan), ValueError, "eps must be finite"),
+        (dict(eps=torch.tensor([0.1, -0.2])), ValueError, "eps must be >= 0"),
+        (dict(alpha=torch.ones(3)), ValueError, "alpha must be a number or a tensor of shape [batch]"),
+        (dict(eps="0.1"), TypeError, "eps must be a real number"),
+        (dict(norm="l1"), ValueError, "norm must be one of"),
+        (dict(x_adv=torch.zeros(2, 1, 3, 3, dtype=torch.int64)), TypeError, "x_adv must be a floating-point"),
+        (dict(grad=torch.zeros(2, 1, 3, 3, dtype=torch.float64)), TypeError, "grad must have the dtype of x_adv"),
+        (
+            dict(x_adv=torch.zeros(4), grad=torch.zeros(4), x_orig=torch.zeros(4)),
+            ValueError,
+            "x_adv must have at least 2",
+        ),
+        (dict(lower=1.0, upper=0.0), ValueError, "lower must be <= upper"),
+        (dict(backend="fast"), ValueError, "backend must be one of"),
+        (dict(backend="cuda"), RuntimeError, "backend='cuda'"),
+    ],
+)
 def test_bad_input_names_the_argument(overrides, error, words):
     with pytest.raises(error, match=words.replace("[", r"\[").replace("(", r"\(")):
         call(**overrides)
@@ -316,5 +334,6 @@ def test_gpu_backends_equal_reference(backend, dtype, norm, shape, channels_last
 def test_cuda_opcheck():
     x_adv, grad, x_orig = make_inputs((3, 2, 4, 5), device="cuda")
     for norm in ("linf", "l2"):
-        torch.library.opcheck(torch.ops.fastrob.pgd_step_cuda.default,
-                              (x_adv, grad, x_orig, None, None, 0.1, 0.02, norm, 0.0, 1.0))
+        torch.library.opcheck(
+            torch.ops.fastrob.pgd_step_cuda.default, (x_adv, grad, x_orig, None, None, 0.1, 0.02, norm, 0.0, 1.0)
+        )

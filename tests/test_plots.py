@@ -71,13 +71,24 @@ def test_every_figure_writes_a_png(tmp_path, digits):
     models = {"cnn": model, "linear": other}
     curves = {n: accuracy_curve(m, (x, y), [0.05, 0.1], steps=2, quiet=True) for n, m in models.items()}
     aras = {n: ara(m, (x, y), n=40, steps=3, search_steps=3, quiet=True) for n, m in models.items()}
-    history = [{"epoch": e, "loss": 1.0 / e, "ce": 0.8 / e, "penalty": 0.2 / e, "train_accuracy": 0.5 + e / 10,
-                "test_accuracy": 0.4 + e / 10} for e in (1, 2, 3)]
-    paths = [plots.training_curves(history, str(tmp_path / "t.png"), title="t"),
-             plots.accuracy_curves(curves, str(tmp_path / "a.png")),
-             plots.ara_curves(aras, str(tmp_path / "r.png")),
-             plots.surfaces(models, x[:2], y[:2], str(tmp_path / "s.png"), resolution=7),
-             plots.saliency_grid(models, x[:3], y[:3], str(tmp_path / "g.png"))]
+    history = [
+        {
+            "epoch": e,
+            "loss": 1.0 / e,
+            "ce": 0.8 / e,
+            "penalty": 0.2 / e,
+            "train_accuracy": 0.5 + e / 10,
+            "test_accuracy": 0.4 + e / 10,
+        }
+        for e in (1, 2, 3)
+    ]
+    paths = [
+        plots.training_curves(history, str(tmp_path / "t.png"), title="t"),
+        plots.accuracy_curves(curves, str(tmp_path / "a.png")),
+        plots.ara_curves(aras, str(tmp_path / "r.png")),
+        plots.surfaces(models, x[:2], y[:2], str(tmp_path / "s.png"), resolution=7),
+        plots.saliency_grid(models, x[:3], y[:3], str(tmp_path / "g.png")),
+    ]
     for p in paths:
         _png(p)
     # the saliency grid has a CAM column for the CNN only: input + 2 saliency + 1 CAM

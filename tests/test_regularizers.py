@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from test_functional import (
-    C,
     MODEL_IDS,
     MODELS,
+    C,
     assert_same_grads,
     assert_unbiased,
     brute_input_gradient_penalty,
@@ -35,8 +35,12 @@ def brute_objective(model, x, y, lam, penalty):
 
 def flat_grads(value, model):
     """The gradient of value w.r.t. all parameters as one vector (0 for those it does not use)."""
-    return torch.cat([torch.zeros_like(p).flatten() if g is None else g.flatten()
-                      for g, p in zip(param_grads(value, model), model.parameters())])
+    return torch.cat(
+        [
+            torch.zeros_like(p).flatten() if g is None else g.flatten()
+            for g, p in zip(param_grads(value, model), model.parameters())
+        ]
+    )
 
 
 def check_objective(out, model, x, y, lam, expected_penalty):
@@ -49,6 +53,7 @@ def check_objective(out, model, x, y, lam, expected_penalty):
 
 
 # ---- input gradient -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("norm", ["l2", "l1"])
 @pytest.mark.parametrize("spec", MODELS, ids=MODEL_IDS)
@@ -81,6 +86,7 @@ def test_fd_converges_to_exact(spec, norm):
 
 
 # ---- Jacobian ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("batching", ["auto", "graph", "replicate"])
 @pytest.mark.parametrize("spec", MODELS, ids=MODEL_IDS)
@@ -133,6 +139,7 @@ def test_jacobian_replicate_equals_graph_with_the_same_projections(spec):
 
 # ---- J-SIGR -----------------------------------------------------------------------------------
 
+
 def brute_saliency(model, x, y, patch, perturbation):
     """Patch by patch, one image at a time."""
     b, c, h, w = x.shape
@@ -145,14 +152,14 @@ def brute_saliency(model, x, y, patch, perturbation):
                 for q in range(0, w, patch):
                     xp = x.clone()
                     if perturbation == "mean":
-                        xp[i, :, r:r + patch, q:q + patch] = x[i].mean(dim=(1, 2))[:, None, None]
+                        xp[i, :, r : r + patch, q : q + patch] = x[i].mean(dim=(1, 2))[:, None, None]
                     else:
-                        blurred = F.avg_pool2d(x[i:i + 1], 3, 1, 1, count_include_pad=False)[0]
-                        xp[i, :, r:r + patch, q:q + patch] = blurred[:, r:r + patch, q:q + patch]
+                        blurred = F.avg_pool2d(x[i : i + 1], 3, 1, 1, count_include_pad=False)[0]
+                        xp[i, :, r : r + patch, q : q + patch] = blurred[:, r : r + patch, q : q + patch]
                     drops[r, q] = max(0.0, (p0 - model(xp).softmax(1)[i, y[i]]).item())
             top = max(drops.values())
             for (r, q), dr in drops.items():
-                s[i, 0, r:r + patch, q:q + patch] = dr / top if top > 0 else 0.0
+                s[i, 0, r : r + patch, q : q + patch] = dr / top if top > 0 else 0.0
     return s
 
 
@@ -185,8 +192,11 @@ def test_jsigr_jacobian_term_is_the_jacobian_penalty():
 # ---- the model's state, dtypes, shapes ----------------------------------------------------
 
 REGULARIZERS = [
-    InputGradientRegularizer(), InputGradientRegularizer(norm="l1", mode="fd"),
-    JacobianRegularizer(), JacobianRegularizer(n_proj=3), JacobianRegularizer(n_proj=2, batching="replicate"),
+    InputGradientRegularizer(),
+    InputGradientRegularizer(norm="l1", mode="fd"),
+    JacobianRegularizer(),
+    JacobianRegularizer(n_proj=3),
+    JacobianRegularizer(n_proj=2, batching="replicate"),
     JacobianRegularizer(exact=True),
     JSIGRRegularizer(patch=2),
 ]
@@ -259,22 +269,26 @@ def test_cuda_matches_cpu(reg):
 
 # ---- bad input ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make, name", [
-    (lambda: InputGradientRegularizer(lam=-1.0), "lam"),
-    (lambda: InputGradientRegularizer(h=0.0), "h"),
-    (lambda: InputGradientRegularizer(h=-0.1), "h"),
-    (lambda: InputGradientRegularizer(norm="linf"), "norm"),
-    (lambda: InputGradientRegularizer(mode="exactly"), "mode"),
-    (lambda: InputGradientRegularizer(backend="gpu"), "backend"),
-    (lambda: JacobianRegularizer(lam=-0.01), "lam"),
-    (lambda: JacobianRegularizer(n_proj=0), "n_proj"),
-    (lambda: JacobianRegularizer(batching="loop"), "batching"),
-    (lambda: JSIGRRegularizer(lam_jacobian=-1.0), "lam_jacobian"),
-    (lambda: JSIGRRegularizer(lam_saliency=-1.0), "lam_saliency"),
-    (lambda: JSIGRRegularizer(patch=0), "patch"),
-    (lambda: JSIGRRegularizer(n_proj=0), "n_proj"),
-    (lambda: JSIGRRegularizer(perturbation="noise"), "perturbation"),
-])
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: InputGradientRegularizer(lam=-1.0), "lam"),
+        (lambda: InputGradientRegularizer(h=0.0), "h"),
+        (lambda: InputGradientRegularizer(h=-0.1), "h"),
+        (lambda: InputGradientRegularizer(norm="linf"), "norm"),
+        (lambda: InputGradientRegularizer(mode="exactly"), "mode"),
+        (lambda: InputGradientRegularizer(backend="gpu"), "backend"),
+        (lambda: JacobianRegularizer(lam=-0.01), "lam"),
+        (lambda: JacobianRegularizer(n_proj=0), "n_proj"),
+        (lambda: JacobianRegularizer(batching="loop"), "batching"),
+        (lambda: JSIGRRegularizer(lam_jacobian=-1.0), "lam_jacobian"),
+        (lambda: JSIGRRegularizer(lam_saliency=-1.0), "lam_saliency"),
+        (lambda: JSIGRRegularizer(patch=0), "patch"),
+        (lambda: JSIGRRegularizer(n_proj=0), "n_proj"),
+        (lambda: JSIGRRegularizer(perturbation="noise"), "perturbation"),
+    ],
+)
 def test_bad_construction_arguments(make, name):
     with pytest.raises(ValueError, match=name):
         make()
@@ -322,17 +336,31 @@ def test_bad_call_arguments(reg):
 
 # ---- end to end: robustness on the digits set ------------------------------------------------
 
+
 def digits_net():
     # softplus, not ReLU: the penalties' parameter gradients need a non-zero second derivative
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Softplus(beta=2), nn.Conv2d(8, 16, 3, stride=2),
-                         nn.BatchNorm2d(16), nn.Softplus(beta=2), nn.Flatten(), nn.Linear(144, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.Softplus(beta=2),
+        nn.Conv2d(8, 16, 3, stride=2),
+        nn.BatchNorm2d(16),
+        nn.Softplus(beta=2),
+        nn.Flatten(),
+        nn.Linear(144, 10),
+    )
 
 
 def train_digits(digits, reg, epochs=6, batch=64):
     torch.manual_seed(0)
     model = digits_net()
-    fit(model, digits.x_train, digits.y_train, None if reg is None else lambda m, x, y: reg(m, x, y).loss,
-        epochs=epochs, batch=batch)
+    fit(
+        model,
+        digits.x_train,
+        digits.y_train,
+        None if reg is None else lambda m, x, y: reg(m, x, y).loss,
+        epochs=epochs,
+        batch=batch,
+    )
     return model.eval()
 
 
@@ -351,10 +379,13 @@ def pgd_accuracy(model, x, y, eps, steps=10):
 def test_regularizers_raise_pgd_robust_accuracy_on_digits(digits):
     eps = 0.15
     results = {}
-    for name, reg in [("plain", None), ("input-gradient", InputGradientRegularizer(lam=1.0)),
-                      ("input-gradient-fd", InputGradientRegularizer(lam=1.0, mode="fd")),
-                      ("jacobian", JacobianRegularizer(lam=0.03)),
-                      ("jsigr", JSIGRRegularizer(lam_jacobian=0.03, lam_saliency=0.5, patch=2))]:
+    for name, reg in [
+        ("plain", None),
+        ("input-gradient", InputGradientRegularizer(lam=1.0)),
+        ("input-gradient-fd", InputGradientRegularizer(lam=1.0, mode="fd")),
+        ("jacobian", JacobianRegularizer(lam=0.03)),
+        ("jsigr", JSIGRRegularizer(lam_jacobian=0.03, lam_saliency=0.5, patch=2)),
+    ]:
         model = train_digits(digits, reg)
         with torch.no_grad():
             clean = (model(digits.x_test).argmax(1) == digits.y_test).float().mean().item()

@@ -18,11 +18,17 @@ def _import_fresh(name):
     return importlib.import_module(name)
 
 
-@pytest.mark.parametrize("old, new, names", [
-    ("fastrob.training", adversarial_training, ("adversarial_loss", "KINDS")),
-    ("fastrob.metrics.interpretation", map_discrepancy,
-     ("discrepancy", "interpretation_discrepancy", "InterpretationDiscrepancy", "KINDS")),
-])
+@pytest.mark.parametrize(
+    "old, new, names",
+    [
+        ("fastrob.training", adversarial_training, ("adversarial_loss", "KINDS")),
+        (
+            "fastrob.metrics.interpretation",
+            map_discrepancy,
+            ("discrepancy", "interpretation_discrepancy", "InterpretationDiscrepancy", "KINDS"),
+        ),
+    ],
+)
 def test_an_old_module_warns_and_gives_the_same_objects(old, new, names):
     with pytest.warns(DeprecationWarning, match=f"{old} is deprecated: import .*{new.__name__}"):
         module = _import_fresh(old)
@@ -32,8 +38,10 @@ def test_an_old_module_warns_and_gives_the_same_objects(old, new, names):
 
 def test_importing_fastrob_imports_no_deprecated_module():
     # the package itself uses the new names only; the old ones load on first use
-    code = ("import sys, warnings; warnings.simplefilter('error', DeprecationWarning); import fastrob; "
-            "assert 'fastrob.training' not in sys.modules and 'fastrob.metrics.interpretation' not in sys.modules")
+    code = (
+        "import sys, warnings; warnings.simplefilter('error', DeprecationWarning); import fastrob; "
+        "assert 'fastrob.training' not in sys.modules and 'fastrob.metrics.interpretation' not in sys.modules"
+    )
     import subprocess
 
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from test_functional import assert_same_grads, param_grads
 from train_loop import fit
 
+from fastrob.adversarial_training import adversarial_loss
 from fastrob.attacks import PGD, pgd
 from fastrob.metrics.sensitivity import (
     default_layers,
@@ -23,14 +24,23 @@ from fastrob.metrics.sensitivity import (
 )
 from fastrob.models import MLP
 from fastrob.regularizers.sns import SNSRegularizer
-from fastrob.adversarial_training import adversarial_loss
 
 
 def tiny_cnn(bn=False, seed=0):
     torch.manual_seed(seed)
-    layers = [nn.Conv2d(2, 5, 3, padding=1)] + ([nn.BatchNorm2d(5)] if bn else []) + [
-        nn.Softplus(), nn.Conv2d(5, 6, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(24, 7), nn.Softplus(),
-        nn.Linear(7, 4)]
+    layers = (
+        [nn.Conv2d(2, 5, 3, padding=1)]
+        + ([nn.BatchNorm2d(5)] if bn else [])
+        + [
+            nn.Softplus(),
+            nn.Conv2d(5, 6, 3, stride=2),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(24, 7),
+            nn.Softplus(),
+            nn.Linear(7, 4),
+        ]
+    )
     return nn.Sequential(*layers).double()
 
 
@@ -54,8 +64,8 @@ def _brute_sigma(model, x, x_adv, names):
     for name in names:
         per_sample = []
         for k in range(x.shape[0]):
-            f = brute_features(model, x[k:k + 1])[name][0]
-            fa = brute_features(model, x_adv[k:k + 1])[name][0]
+            f = brute_features(model, x[k : k + 1])[name][0]
+            fa = brute_features(model, x_adv[k : k + 1])[name][0]
             per_sample.append(torch.stack([(fa[c] - f[c]).abs().sum() / fa[c].numel() for c in range(f.shape[0])]))
         sigma[name] = torch.stack(per_sample).mean(0)
     return sigma
@@ -73,8 +83,8 @@ def batch(n=7, seed=1):
     return x, x_adv, y
 
 
-
 # ---- neuron sensitivity ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bn", [False, True])
 def test_sigma_equals_brute_force(bn):
@@ -197,8 +207,8 @@ def test_metric_over_data_equals_the_pairwise_form():
     def attack(xb, yb):  # the batches come in order: hand out the matching rows of x_adv
         start = sum(seen)
         seen.append(len(xb))
-        assert torch.equal(xb, x[start:start + len(xb)]) and torch.equal(yb, y[start:start + len(xb)])
-        return x_adv[start:start + len(xb)]
+        assert torch.equal(xb, x[start : start + len(xb)]) and torch.equal(yb, y[start : start + len(xb)])
+        return x_adv[start : start + len(xb)]
 
     by_attack = neuron_sensitivity_metric(model, (x, y), attack=attack, batch_size=4, quiet=True)
     assert seen == [4, 4, 1]
@@ -215,6 +225,7 @@ def test_metric_over_data_equals_the_pairwise_form():
 
 
 # ---- SNS ------------------------------------------------------------------------------------------
+
 
 def brute_sns(model, x, x_adv, y, lam, k, names):
     """The SNS objective from the layer-by-layer features: per layer, sigma on the batch, the top
@@ -271,11 +282,18 @@ def test_sns_default_adversary_is_seeded_pgd():
     torch.testing.assert_close(out.loss, loss, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("kwargs, err, name", [
-    (dict(lam=-1.0), ValueError, "lam"), (dict(k=0.0), ValueError, "k"), (dict(eps=-0.1), ValueError, "eps"),
-    (dict(steps=-1), ValueError, "steps"), (dict(norm="l1"), ValueError, "norm"),
-    (dict(attack=3), TypeError, "attack"), (dict(backend="gpu"), ValueError, "backend"),
-])
+@pytest.mark.parametrize(
+    "kwargs, err, name",
+    [
+        (dict(lam=-1.0), ValueError, "lam"),
+        (dict(k=0.0), ValueError, "k"),
+        (dict(eps=-0.1), ValueError, "eps"),
+        (dict(steps=-1), ValueError, "steps"),
+        (dict(norm="l1"), ValueError, "norm"),
+        (dict(attack=3), TypeError, "attack"),
+        (dict(backend="gpu"), ValueError, "backend"),
+    ],
+)
 def test_sns_bad_arguments(kwargs, err, name):
     with pytest.raises(err, match=name):
         SNSRegularizer(**kwargs)
@@ -283,13 +301,17 @@ def test_sns_bad_arguments(kwargs, err, name):
 
 # ---- digits: plain > adversarially trained > SNS ------------------------------------------------
 
+
 def train_digits(digits, kind, epochs, eps=0.1):
     torch.manual_seed(0)
     model = MLP((1, 8, 8), 10, hidden=(64, 64))
     attack = PGD(model, eps=eps, alpha=2.5 * eps / 5, steps=5)
     sns = SNSRegularizer(eps=eps, steps=5, lam=1.0)
-    objective = {"plain": None, "pgd": lambda m, x, y: adversarial_loss(m, x, y, attack).loss,
-                 "sns": lambda m, x, y: sns(m, x, y).loss}[kind]
+    objective = {
+        "plain": None,
+        "pgd": lambda m, x, y: adversarial_loss(m, x, y, attack).loss,
+        "sns": lambda m, x, y: sns(m, x, y).loss,
+    }[kind]
     fit(model, digits.x_train, digits.y_train, objective, epochs=epochs, check_finite=True)
     return model.eval()
 

@@ -11,8 +11,12 @@ from fastrob.ops import sqnorm, sqnorm_reference
 
 needs_triton = pytest.mark.skipif(not triton_runs_here(), reason="triton cannot run here")
 
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-12),
-       torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=2e-2, rtol=1e-2)}
+TOL = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=1e-2),
+}
 
 
 def test_reference_by_hand():
@@ -30,8 +34,9 @@ SHAPES = [((3, 5), None), ((4, 3, 7, 5), None), ((2, 5000), None), ((3, 2, 5), (
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_triton_equals_reference(shape, dim, dtype):
     g = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device=triton_device(), dtype=dtype)
-    assert_derivatives_close(lambda t: sqnorm(t, dim, backend="triton"), lambda t: sqnorm_reference(t, dim), [g],
-                             **TOL[dtype])
+    assert_derivatives_close(
+        lambda t: sqnorm(t, dim, backend="triton"), lambda t: sqnorm_reference(t, dim), [g], **TOL[dtype]
+    )
 
 
 @needs_triton
@@ -56,8 +61,9 @@ def test_per_sample_norms_of_channels_last_g_read_it_in_place(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_gradcheck_and_gradgradcheck_float64(backend):
-    g = torch.randn(3, 2, 5, dtype=torch.float64, device="cpu" if backend == "torch" else triton_device(),
-                    requires_grad=True)
+    g = torch.randn(
+        3, 2, 5, dtype=torch.float64, device="cpu" if backend == "torch" else triton_device(), requires_grad=True
+    )
     for dim in (None, (0, 2)):
         fn = lambda t: sqnorm(t, dim, backend=backend)  # noqa: E731
         assert torch.autograd.gradcheck(fn, g)
@@ -77,8 +83,9 @@ def test_opcheck():
 @needs_triton
 def test_empty_rows_and_columns():
     assert sqnorm(torch.empty(0, 4, device=triton_device()), backend="triton").shape == (0,)
-    torch.testing.assert_close(sqnorm(torch.empty(3, 0, device=triton_device()), backend="triton"),
-                               torch.zeros(3, device=triton_device()))
+    torch.testing.assert_close(
+        sqnorm(torch.empty(3, 0, device=triton_device()), backend="triton"), torch.zeros(3, device=triton_device())
+    )
 
 
 def test_auto_is_the_reference_on_cpu():
@@ -86,15 +93,18 @@ def test_auto_is_the_reference_on_cpu():
     assert sqnorm(g).grad_fn.name() == sqnorm_reference(g).grad_fn.name()
 
 
-@pytest.mark.parametrize("args, error, words", [
-    ((torch.zeros(3, dtype=torch.int64),), TypeError, "g must be a floating-point"),
-    (([1.0, 2.0],), TypeError, "g must be a torch.Tensor"),
-    ((torch.zeros(3),), ValueError, "g must have at least 2 dimensions"),
-    ((torch.zeros(2, 3), 2), ValueError, "dim must index"),
-    ((torch.zeros(2, 3), (1, 1)), ValueError, "dim must not repeat"),
-    ((torch.zeros(2, 3), "1"), TypeError, "dim must be None, an int"),
-    ((torch.zeros(2, 3), ()), TypeError, "dim must be None, an int"),
-])
+@pytest.mark.parametrize(
+    "args, error, words",
+    [
+        ((torch.zeros(3, dtype=torch.int64),), TypeError, "g must be a floating-point"),
+        (([1.0, 2.0],), TypeError, "g must be a torch.Tensor"),
+        ((torch.zeros(3),), ValueError, "g must have at least 2 dimensions"),
+        ((torch.zeros(2, 3), 2), ValueError, "dim must index"),
+        ((torch.zeros(2, 3), (1, 1)), ValueError, "dim must not repeat"),
+        ((torch.zeros(2, 3), "1"), TypeError, "dim must be None, an int"),
+        ((torch.zeros(2, 3), ()), TypeError, "dim must be None, an int"),
+    ],
+)
 def test_bad_input_names_the_argument(args, error, words):
     with pytest.raises(error, match=words):
         sqnorm(*args)
@@ -113,8 +123,12 @@ def test_kernel_backend_errors():
 @pytest.mark.parametrize("shape", [(128, 3, 32, 32), (7, 100003), (4096, 10)], ids=str)
 def test_gpu_backends_equal_reference(backend, dtype, shape):
     g = torch.randn(shape, device="cuda", dtype=dtype)
-    assert_derivatives_close(lambda t: sqnorm(t, backend=backend), sqnorm_reference, [g],
-                             **{**TOL[dtype], "rtol": max(TOL[dtype]["rtol"], 1e-4)})
+    assert_derivatives_close(
+        lambda t: sqnorm(t, backend=backend),
+        sqnorm_reference,
+        [g],
+        **{**TOL[dtype], "rtol": max(TOL[dtype]["rtol"], 1e-4)},
+    )
 
 
 @pytest.mark.cuda

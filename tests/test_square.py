@@ -11,10 +11,11 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from test_apgd import EPS, allowed, inside, robust_count  # noqa: E402
+
 from bench.autoattack import digits_models  # noqa: E402
 from fastrob.attacks import Square  # noqa: E402
 from fastrob.attacks.square import p_selection  # noqa: E402
-from test_apgd import EPS, allowed, inside, robust_count  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -24,8 +25,18 @@ def _one_thread(one_thread):
 
 def test_p_schedule():
     # unscaled (10 000 queries): p_init up to iteration 10, halved after each mark
-    assert [p_selection(0.8, i, 10000) for i in (0, 10, 11, 50, 51, 200, 201, 8000, 8001, 9999)] == \
-        [0.8, 0.8, 0.4, 0.4, 0.2, 0.2, 0.1, 0.8 / 256, 0.8 / 512, 0.8 / 512]
+    assert [p_selection(0.8, i, 10000) for i in (0, 10, 11, 50, 51, 200, 201, 8000, 8001, 9999)] == [
+        0.8,
+        0.8,
+        0.4,
+        0.4,
+        0.2,
+        0.2,
+        0.1,
+        0.8 / 256,
+        0.8 / 512,
+        0.8 / 512,
+    ]
     # 5000 queries: the marks come twice as early
     assert [p_selection(0.8, i, 5000) for i in (5, 6, 25, 26)] == [0.8, 0.4, 0.4, 0.2]
     assert p_selection(0.8, 11, 5000, rescale=False) == 0.4

@@ -12,8 +12,11 @@ torchattacks = pytest.importorskip("torchattacks")
 
 def mlp():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.ReLU(),
-                               torch.nn.Linear(32, 5)).double().eval()
+    return (
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+        .double()
+        .eval()
+    )
 
 
 @pytest.fixture
@@ -55,8 +58,17 @@ def test_attribute_set_after_construction_takes_effect(data, cls, kwargs, name, 
     torch.testing.assert_close(after, reference(x, y), atol=1e-8, rtol=0)  # L2: torchattacks' eps_for_division
 
 
-@pytest.mark.parametrize("name,value", [("restarts", 3), ("loss", "margin"), ("robust_only", True),
-                                        ("early_stop", True), ("backend", "torch"), ("clamp_input", True)])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("restarts", 3),
+        ("loss", "margin"),
+        ("robust_only", True),
+        ("early_stop", True),
+        ("backend", "torch"),
+        ("clamp_input", True),
+    ],
+)
 def test_fastrob_extras_are_attributes_too(data, name, value):
     model, (x, y) = mlp(), data
     kwargs = dict(eps=0.2, alpha=0.05, steps=4)
@@ -81,8 +93,9 @@ def test_bad_attribute_value_is_named_at_attack_time(data):
         attack(*data)
 
 
-@pytest.mark.parametrize("setter", ["set_mode_targeted_by_label", "set_mode_targeted_random",
-                                    "set_mode_targeted_least_likely"])
+@pytest.mark.parametrize(
+    "setter", ["set_mode_targeted_by_label", "set_mode_targeted_random", "set_mode_targeted_least_likely"]
+)
 def test_supported_mode_is_honoured_like_torchattacks(setter):
     for attack in (fa.PGD(mlp()), torchattacks.PGD(mlp())):
         attack.supported_mode = ["default"]

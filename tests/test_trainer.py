@@ -6,19 +6,21 @@ import math
 import pytest
 import torch
 
-from fastrob import regularizers
-from fastrob import trainer
+from fastrob import regularizers, trainer
 from fastrob.trainer import TrainConfig, describe, train
 
 
-@pytest.mark.parametrize("method, model, name", [
-    ("int", "cnn", "Int lam=0.01 linf eps=0.1"),
-    ("int_adv", "cnn", "Int-Adv lam=0.01 linf eps=0.1"),
-    ("int2", "mlp", "Int2 lam=0.01 linf eps=0.1"),
-    ("int2_adv", "mlp", "Int2-Adv lam=0.01 linf eps=0.1"),
-    ("lipschitz", "mlp", "Lipschitz psi=adaptive"),
-    ("sns", "mlp", "SNS lam=1 linf eps=0.1"),
-])
+@pytest.mark.parametrize(
+    "method, model, name",
+    [
+        ("int", "cnn", "Int lam=0.01 linf eps=0.1"),
+        ("int_adv", "cnn", "Int-Adv lam=0.01 linf eps=0.1"),
+        ("int2", "mlp", "Int2 lam=0.01 linf eps=0.1"),
+        ("int2_adv", "mlp", "Int2-Adv lam=0.01 linf eps=0.1"),
+        ("lipschitz", "mlp", "Lipschitz psi=adaptive"),
+        ("sns", "mlp", "SNS lam=1 linf eps=0.1"),
+    ],
+)
 def test_seed_methods_train_from_the_config(method, model, name, one_thread):
     # SNS's default lam = 1 suits ReLU; with a smooth activation it needs a smaller lam (sns.py)
     activation = "relu" if method == "sns" else "softplus"
@@ -46,9 +48,15 @@ def test_resume_restores_the_objective_state(tmp_path, monkeypatch, one_thread):
     # a target loss above digits' CE makes the adaptive R grow every batch, so the psi of the
     # resumed epochs depends on the R saved in the checkpoint
     build = trainer.build_objective
-    monkeypatch.setattr(trainer, "build_objective",
-                        lambda config, model, **kw: regularizers.LipschitzRegularizer(target_loss=3.0)
-                        if config.method == "lipschitz" else build(config, model, **kw))
+    monkeypatch.setattr(
+        trainer,
+        "build_objective",
+        lambda config, model, **kw: (
+            regularizers.LipschitzRegularizer(target_loss=3.0)
+            if config.method == "lipschitz"
+            else build(config, model, **kw)
+        ),
+    )
     config = dict(method="lipschitz", activation="softplus", epochs=3, seed=2)
     _, straight, _ = train(TrainConfig(**config), quiet=True)
     out = str(tmp_path / "run")
@@ -61,15 +69,20 @@ def test_resume_restores_the_objective_state(tmp_path, monkeypatch, one_thread):
 
 def test_recalibrate_batch_norm_averages_the_batch_statistics():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3, momentum=0.3), torch.nn.Softplus(),
-                                torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3),
+        torch.nn.BatchNorm2d(3, momentum=0.3),
+        torch.nn.Softplus(),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(4),
+    )
     x = torch.rand(10, 1, 6, 6)
     model(x)  # moves the running statistics away from their reset values
     model.eval()
     trainer.recalibrate_batch_norm(model, x, batch_size=4)
     bn = model[1]
     with torch.no_grad():
-        h = [model[0](x[i:i + 4]) for i in (0, 4, 8)]  # batches of 4, 4, 2
+        h = [model[0](x[i : i + 4]) for i in (0, 4, 8)]  # batches of 4, 4, 2
     mean = torch.stack([t.mean((0, 2, 3)) for t in h]).mean(0)
     var = torch.stack([t.transpose(0, 1).flatten(1).var(1, unbiased=True) for t in h]).mean(0)
     torch.testing.assert_close(bn.running_mean, mean)
@@ -100,9 +113,14 @@ def test_int_warmup_schedule_in_epochs_and_resume(tmp_path, one_thread):
     assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in straight], rel=1e-6)
 
 
-@pytest.mark.parametrize("warmup, method, match", [
-    ([2, 1], "int2", "start <= full"), ([1], "int2", r"\[start, full\]"), ([0, 1], "pgd", "int"),
-])
+@pytest.mark.parametrize(
+    "warmup, method, match",
+    [
+        ([2, 1], "int2", "start <= full"),
+        ([1], "int2", r"\[start, full\]"),
+        ([0, 1], "pgd", "int"),
+    ],
+)
 def test_bad_warmup(warmup, method, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(method=method, warmup=warmup).check()

@@ -13,8 +13,10 @@ import fastrob.triton.sqnorm as triton_sqnorm
 from fastrob import _backend, cli, selfchecks, verify
 from fastrob.ops import pgd_step, pgd_step_reference, sqnorm, sqnorm_reference
 
-needs_interpreter = pytest.mark.skipif(torch.cuda.is_available() or not triton_runs_here(),
-                                       reason="plants kernels on CPU tensors through the Triton interpreter")
+needs_interpreter = pytest.mark.skipif(
+    torch.cuda.is_available() or not triton_runs_here(),
+    reason="plants kernels on CPU tensors through the Triton interpreter",
+)
 
 
 @pytest.fixture
@@ -56,8 +58,12 @@ def result(op, backend, passed, dtype="float32", device="cpu"):
 
 def test_record_entries_need_every_dtype_to_pass_and_replace_older_ones(tmp_path):
     path = tmp_path / "r.json"
-    results = [result("sqnorm", "triton", True), result("sqnorm", "triton", True, "bfloat16"),
-               result("pgd_step", "triton", True), result("pgd_step", "triton", False, "float16")]
+    results = [
+        result("sqnorm", "triton", True),
+        result("sqnorm", "triton", True, "bfloat16"),
+        result("pgd_step", "triton", True),
+        result("pgd_step", "triton", False, "float16"),
+    ]
     entries = verify.record_entries(results)
     assert [(e["op"], e["backend"], e["capability"]) for e in entries] == [("sqnorm", "triton", "interpreter")]
     assert "float32, bfloat16" in entries[0]["passed"][0]
@@ -128,8 +134,16 @@ def test_verify_modes_and_the_record(cpu_target, wrong_sqnorm, monkeypatch):
     assert _backend.resolve("auto", cpu, torch.float32, op="sqnorm") == "triton"
     assert not verify._checked
     # a recorded (op, backend, capability) is used without a check ...
-    entry = dict(op="sqnorm", backend="triton", capability="interpreter", device="x", torch="t", triton="t",
-                 date="d", passed=["planted"])
+    entry = dict(
+        op="sqnorm",
+        backend="triton",
+        capability="interpreter",
+        device="x",
+        torch="t",
+        triton="t",
+        date="d",
+        passed=["planted"],
+    )
     cpu_target.write_text(json.dumps({"schema": 1, "entries": [entry]}))
     monkeypatch.setenv("FASTROB_VERIFY", "1")
     verify.clear_cache()

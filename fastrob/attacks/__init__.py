@@ -11,28 +11,71 @@ Modules, one job each: ``config`` (the validated settings and the default step r
 import sys
 import types
 
-from fastrob.attacks.config import ALPHA_FACTOR, NORMS, STARTS, AttackConfig, check_norm, check_random_start, \
-    default_alpha
+from fastrob.attacks.config import (
+    ALPHA_FACTOR,
+    NORMS,
+    STARTS,
+    AttackConfig,
+    check_norm,
+    check_random_start,
+    default_alpha,
+)
 from fastrob.attacks.engine import AscentResult, Evaluation, ascend
 from fastrob.attacks.losses import LOSSES, dlr_loss, kl_loss, margin_loss, targeted_dlr_loss
 from fastrob.attacks.projected_gradient import pgd, trades_perturb
 from fastrob.attacks.state import attack_context
 from fastrob.attacks.torchattacks_compat import FGSM, PGD, PGDL2, Attack
 
-__all__ = ["ALPHA_FACTOR", "AscentResult", "Attack", "AttackConfig", "Evaluation", "FGSM", "ISAResult", "LOSSES",
-           "NORMS", "PGD", "PGDL2", "STARTS", "adversarial_explanation", "ascend", "attack_context", "check_norm",
-           "check_random_start", "default_alpha", "isa", "kl_loss", "margin_loss", "pgd", "trades_perturb"]
+__all__ = [
+    "ALPHA_FACTOR",
+    "AscentResult",
+    "Attack",
+    "AttackConfig",
+    "Evaluation",
+    "FGSM",
+    "ISAResult",
+    "LOSSES",
+    "NORMS",
+    "PGD",
+    "PGDL2",
+    "STARTS",
+    "adversarial_explanation",
+    "ascend",
+    "attack_context",
+    "check_norm",
+    "check_random_start",
+    "default_alpha",
+    "isa",
+    "kl_loss",
+    "margin_loss",
+    "pgd",
+    "trades_perturb",
+]
 
 
 def _legacy_pgd_module() -> types.ModuleType:
     """``fastrob.attacks.pgd`` as a module (deprecated): what ``from fastrob.attacks.pgd import ...``
     found before the split. Registered in sys.modules only, so that the attribute
     ``fastrob.attacks.pgd`` stays the function."""
-    module = types.ModuleType(__name__ + ".pgd", "Deprecated alias of the attacks before the split: import "
-                              "from fastrob.attacks (pgd, PGD, PGDL2, FGSM, Attack, attack_context, kl_loss, "
-                              "margin_loss, trades_perturb) instead.")
-    for name in ("Attack", "FGSM", "PGD", "PGDL2", "attack_context", "kl_loss", "margin_loss", "pgd",
-                 "trades_perturb", "LOSSES", "STARTS"):
+    module = types.ModuleType(
+        __name__ + ".pgd",
+        "Deprecated alias of the attacks before the split: import "
+        "from fastrob.attacks (pgd, PGD, PGDL2, FGSM, Attack, attack_context, kl_loss, "
+        "margin_loss, trades_perturb) instead.",
+    )
+    for name in (
+        "Attack",
+        "FGSM",
+        "PGD",
+        "PGDL2",
+        "attack_context",
+        "kl_loss",
+        "margin_loss",
+        "pgd",
+        "trades_perturb",
+        "LOSSES",
+        "STARTS",
+    ):
         setattr(module, name, globals()[name])
     module.NORMS = NORMS
     return module
@@ -42,10 +85,10 @@ sys.modules.setdefault(__name__ + ".pgd", _legacy_pgd_module())
 
 # after the engine: these import fastrob.metrics, whose modules run the attacks above
 from fastrob.attacks.explanation import adversarial_explanation  # noqa: E402
-from fastrob.attacks.isa import ISAResult, isa  # noqa: E402
 
 # FAB (Croce & Hein 2020)
 from fastrob.attacks.fab import FAB  # noqa: E402
+from fastrob.attacks.isa import ISAResult, isa  # noqa: E402
 
 __all__ += ["FAB"]
 
@@ -54,5 +97,14 @@ from fastrob.attacks.apgd import APGD, APGDT, apgd  # noqa: E402
 from fastrob.attacks.autoattack import AutoAttack, AutoAttackRecord  # noqa: E402
 from fastrob.attacks.square import Square, square  # noqa: E402
 
-__all__ += ["APGD", "APGDT", "AutoAttack", "AutoAttackRecord", "Square", "apgd", "dlr_loss", "square",
-            "targeted_dlr_loss"]
+__all__ += [
+    "APGD",
+    "APGDT",
+    "AutoAttack",
+    "AutoAttackRecord",
+    "Square",
+    "apgd",
+    "dlr_loss",
+    "square",
+    "targeted_dlr_loss",
+]

@@ -20,7 +20,6 @@ all in one batch or one (restart, target) block at a time on the still-robust sa
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -39,6 +38,7 @@ APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
 # ----------------------------------------------------------------------------------------------
 # the step-size schedule, as pure functions (tested on their own)
 
+
 def apgd_checkpoints(steps: int) -> list:
     """The checkpoints w_j = ⌈p_j·steps⌉ <= steps (w_0 = 0) at which APGD may halve its step size."""
     steps = check_int("steps", steps, 0)
@@ -49,8 +49,14 @@ def apgd_checkpoints(steps: int) -> list:
     return sorted({math.ceil(round(q * steps, 9)) for q in p} & set(range(steps + 1)))
 
 
-def halving_mask(increases: torch.Tensor, interval: int, rho: float, halved_last: torch.Tensor,
-                 best: torch.Tensor, best_last: torch.Tensor) -> torch.Tensor:
+def halving_mask(
+    increases: torch.Tensor,
+    interval: int,
+    rho: float,
+    halved_last: torch.Tensor,
+    best: torch.Tensor,
+    best_last: torch.Tensor,
+) -> torch.Tensor:
     """Per sample, whether to halve η at a checkpoint: (1) ``increases`` (how many of the
     ``interval`` steps since the last checkpoint raised f) < ρ·interval, or (2) η was not halved at
     the last checkpoint and the best f did not improve since (``best <= best_last``)."""
@@ -62,6 +68,7 @@ def halving_mask(increases: torch.Tensor, interval: int, rho: float, halved_last
 # ----------------------------------------------------------------------------------------------
 # the engine
 
+
 def _row_loss(loss, logits, y, target):
     if loss == "dlr-targeted":
         return targeted_dlr_loss(logits, y, target)
@@ -71,8 +78,24 @@ def _row_loss(loss, logits, y, target):
 class _Rows:
     """The rows still attacked; every tensor is indexed by row."""
 
-    names = ("x", "x_prev", "grad", "x0", "y", "target", "sample", "eps", "eta", "x_best", "grad_best", "loss_best",
-             "loss_last", "increases", "best_last", "halved_last")
+    names = (
+        "x",
+        "x_prev",
+        "grad",
+        "x0",
+        "y",
+        "target",
+        "sample",
+        "eps",
+        "eta",
+        "x_best",
+        "grad_best",
+        "loss_best",
+        "loss_last",
+        "increases",
+        "best_last",
+        "halved_last",
+    )
 
     def __init__(self, **values):
         for name in self.names:
@@ -151,13 +174,15 @@ def _run_rows(forward, r, state, *, loss, norm, steps, eot_iter, rho, momentum, 
             break
         if trace is not None:
             trace.append(r.eta.clone())
-        z = pgd_step_unchecked(r.x, r.grad, r.x0, alpha=r.eta, eps=r.eps, norm=norm, lower=0.0, upper=1.0,
-                               backend=backend)
+        z = pgd_step_unchecked(
+            r.x, r.grad, r.x0, alpha=r.eta, eps=r.eps, norm=norm, lower=0.0, upper=1.0, backend=backend
+        )
         if i > 0:
             # Π(x_k + α(z - x_k) + (1 - α)(x_k - x_{k-1})): the fused step with α = 0 is the projection.
             mixed = r.x + momentum * (z - r.x) + (1 - momentum) * (r.x - r.x_prev)
-            z = pgd_step_unchecked(mixed, mixed, r.x0, alpha=zero, eps=r.eps, norm=norm, lower=0.0, upper=1.0,
-                                   backend=backend)
+            z = pgd_step_unchecked(
+                mixed, mixed, r.x0, alpha=zero, eps=r.eps, norm=norm, lower=0.0, upper=1.0, backend=backend
+            )
         r.x_prev, r.x = r.x, z
         value, r.grad, logits = _evaluate(forward, r, loss, eot_iter)
         _record_fooled(state, r, logits.argmax(1) != r.y)
@@ -178,10 +203,27 @@ def _run_rows(forward, r, state, *, loss, norm, steps, eot_iter, rho, momentum, 
     _record_best(state, r)
 
 
-def apgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255, norm: str = "Linf",
-         steps: int = 100, n_restarts: int = 1, loss: str = "ce", n_target_classes: int = 9, eot_iter: int = 1,
-         rho: float = 0.75, momentum: float = 0.75, seed: Optional[int] = 0, batch_runs: Optional[bool] = None,
-         backend: str = "auto", model_training=False, return_fooled: bool = False, _trace=None):
+def apgd(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    eps=8 / 255,
+    norm: str = "Linf",
+    steps: int = 100,
+    n_restarts: int = 1,
+    loss: str = "ce",
+    n_target_classes: int = 9,
+    eot_iter: int = 1,
+    rho: float = 0.75,
+    momentum: float = 0.75,
+    seed: int | None = 0,
+    batch_runs: bool | None = None,
+    backend: str = "auto",
+    model_training=False,
+    return_fooled: bool = False,
+    _trace=None,
+):
     """Auto-PGD on a batch (module docstring).
 
     Args:
@@ -228,8 +270,11 @@ def apgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 25
             clean = model(x)
             check_logits(clean, batch, y, where="clean inputs")
         y = clean.argmax(1) if y is None else y.to(device=x.device, dtype=torch.long)
-        state = {"out": x.clone(), "done": clean.argmax(1) != y,
-                 "best_loss": torch.full((batch,), float("-inf"), device=x.device, dtype=compute)}
+        state = {
+            "out": x.clone(),
+            "done": clean.argmax(1) != y,
+            "best_loss": torch.full((batch,), float("-inf"), device=x.device, dtype=compute),
+        }
         targets = [None]
         if loss == "dlr-targeted":
             n_classes = clean.shape[1]
@@ -245,11 +290,28 @@ def apgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 25
                 break
             sample = live.repeat(len(block))
             x0 = x[sample]
-            r = _Rows(x0=x0, y=y[sample], sample=sample, eps=eps[sample], eta=2 * eps[sample],
-                      target=torch.cat([t[live] for t, _ in block]) if block[0][0] is not None else None)
+            r = _Rows(
+                x0=x0,
+                y=y[sample],
+                sample=sample,
+                eps=eps[sample],
+                eta=2 * eps[sample],
+                target=torch.cat([t[live] for t, _ in block]) if block[0][0] is not None else None,
+            )
             r.x = sphere_start(x0, r.eps, norm, generator)
-            _run_rows(model, r, state, loss=loss, norm=norm, steps=steps, eot_iter=eot_iter, rho=rho,
-                      momentum=momentum, backend=backend, trace=_trace)
+            _run_rows(
+                model,
+                r,
+                state,
+                loss=loss,
+                norm=norm,
+                steps=steps,
+                eot_iter=eot_iter,
+                rho=rho,
+                momentum=momentum,
+                backend=backend,
+                trace=_trace,
+            )
         out = state["out"]
         if return_fooled:
             with torch.no_grad():
@@ -262,6 +324,7 @@ def apgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 25
 # ----------------------------------------------------------------------------------------------
 # torchattacks-compatible classes
 
+
 class APGD(Attack):
     """APGD with CE or DLR loss, torchattacks.APGD's signature (``loss`` "ce" | "dlr"), plus
     ``batch_runs`` and ``backend`` (see ``apgd``). The attributes are read at each call, so setting
@@ -269,8 +332,22 @@ class APGD(Attack):
 
     options = ("eps", "steps", "n_restarts", "seed", "loss", "eot_iter", "rho", "batch_runs", "backend")
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, loss="ce", eot_iter=1,
-                 rho=0.75, verbose=False, *, batch_runs=None, backend="auto"):
+    def __init__(
+        self,
+        model,
+        norm="Linf",
+        eps=8 / 255,
+        steps=10,
+        n_restarts=1,
+        seed=0,
+        loss="ce",
+        eot_iter=1,
+        rho=0.75,
+        verbose=False,
+        *,
+        batch_runs=None,
+        backend="auto",
+    ):
         super().__init__("APGD", model)
         self.norm, self.eps, self.steps, self.n_restarts, self.seed = norm, eps, steps, n_restarts, seed
         self.loss, self.eot_iter, self.rho, self.verbose = loss, eot_iter, rho, verbose
@@ -291,10 +368,37 @@ class APGDT(APGD):
 
     options = APGD.options + ("n_target_classes",)
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, seed=0, eot_iter=1, rho=0.75,
-                 verbose=False, n_classes=10, *, n_target_classes=None, batch_runs=None, backend="auto"):
-        super().__init__(model, norm, eps, steps, n_restarts, seed, "ce", eot_iter, rho, verbose,
-                         batch_runs=batch_runs, backend=backend)
+    def __init__(
+        self,
+        model,
+        norm="Linf",
+        eps=8 / 255,
+        steps=10,
+        n_restarts=1,
+        seed=0,
+        eot_iter=1,
+        rho=0.75,
+        verbose=False,
+        n_classes=10,
+        *,
+        n_target_classes=None,
+        batch_runs=None,
+        backend="auto",
+    ):
+        super().__init__(
+            model,
+            norm,
+            eps,
+            steps,
+            n_restarts,
+            seed,
+            "ce",
+            eot_iter,
+            rho,
+            verbose,
+            batch_runs=batch_runs,
+            backend=backend,
+        )
         self.attack, self.loss = "APGDT", "dlr-targeted"
         self.n_classes = n_classes
         n_classes = check_int("n_classes", n_classes, 2)

@@ -14,7 +14,6 @@ the eps-ball and [0, 1]; the output keeps the clean input at points that stay ro
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -38,6 +37,7 @@ class AutoAttackRecord:
     without attack), the name of the first stage that broke it, or None (robust).
     robust_accuracy: per stage, the robust accuracy after it (the last is AutoAttack's number).
     """
+
     stages: list
     broken_by: list
     clean_accuracy: float
@@ -67,14 +67,27 @@ class AutoAttack(Attack):
     progress bar over stages). The attributes (``eps``, ``norm``, ``version``, ...) are read at each
     call. After a call, ``last_record`` holds an ``AutoAttackRecord``; ``run`` returns both."""
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, version="standard", n_classes=10, seed=None, verbose=False,
-                 *, attacks=None, steps=100, n_queries=5000, quiet=False):
+    def __init__(
+        self,
+        model,
+        norm="Linf",
+        eps=8 / 255,
+        version="standard",
+        n_classes=10,
+        seed=None,
+        verbose=False,
+        *,
+        attacks=None,
+        steps=100,
+        n_queries=5000,
+        quiet=False,
+    ):
         super().__init__("AutoAttack", model)
         self.norm, self.eps, self.version, self.n_classes = norm, eps, version, n_classes
         self.seed, self.verbose, self.attacks, self.steps, self.quiet = seed, verbose, attacks, steps, quiet
         self.n_queries = n_queries
         self.supported_mode = ["default"]
-        self.last_record: Optional[AutoAttackRecord] = None
+        self.last_record: AutoAttackRecord | None = None
         self.stages()  # checks the settings now
 
     def stages(self):
@@ -85,20 +98,30 @@ class AutoAttack(Attack):
             raise ValueError(f"version must be one of {VERSIONS}, got {self.version!r}")
         torchattacks_norm(self.norm)
         model, norm, eps, steps = self._model(), self.norm, self.eps, self.steps
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if self.seed is None else int(self.seed)
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if self.seed is None else int(self.seed)
         n_targets = max(1, min(9, self.n_classes - 1))
 
         def apgd(loss, **kw):
             return APGD(model, norm=norm, eps=eps, steps=steps, seed=seed, loss=loss, **kw)
 
         def apgdt():
-            return APGDT(model, norm=norm, eps=eps, steps=steps, seed=seed, n_classes=self.n_classes,
-                         n_target_classes=n_targets)
+            return APGDT(
+                model, norm=norm, eps=eps, steps=steps, seed=seed, n_classes=self.n_classes, n_target_classes=n_targets
+            )
 
         def fab(multi_targeted, n_restarts=1):
             from fastrob.attacks.fab import FAB  # written alongside; imported when first needed
-            atk = FAB(model, norm=norm, eps=eps, steps=steps, n_restarts=n_restarts, seed=seed,
-                      multi_targeted=multi_targeted, n_classes=self.n_classes)
+
+            atk = FAB(
+                model,
+                norm=norm,
+                eps=eps,
+                steps=steps,
+                n_restarts=n_restarts,
+                seed=seed,
+                multi_targeted=multi_targeted,
+                n_classes=self.n_classes,
+            )
             atk.n_target_classes = n_targets
             return atk
 
@@ -108,8 +131,14 @@ class AutoAttack(Attack):
         if self.version == "standard":
             return [("apgd-ce", apgd("ce")), ("apgd-t", apgdt()), ("fab-t", fab(True)), ("square", square())]
         if self.version == "plus":
-            return [("apgd-ce", apgd("ce", n_restarts=5)), ("apgd-dlr", apgd("dlr", n_restarts=5)),
-                    ("fab", fab(False, 5)), ("square", square()), ("apgd-t", apgdt()), ("fab-t", fab(True))]
+            return [
+                ("apgd-ce", apgd("ce", n_restarts=5)),
+                ("apgd-dlr", apgd("dlr", n_restarts=5)),
+                ("fab", fab(False, 5)),
+                ("square", square()),
+                ("apgd-t", apgdt()),
+                ("fab-t", fab(True)),
+            ]
         return [("apgd-ce", apgd("ce", eot_iter=20)), ("apgd-dlr", apgd("dlr", eot_iter=20))]
 
     def forward(self, images, labels=None):
@@ -161,5 +190,7 @@ class AutoAttack(Attack):
         return out, record
 
     def __repr__(self):
-        return (f"AutoAttack(norm={self.norm}, eps={self.eps}, version={self.version}, n_classes={self.n_classes}, "
-                f"seed={self.seed}, steps={self.steps})")
+        return (
+            f"AutoAttack(norm={self.norm}, eps={self.eps}, version={self.version}, n_classes={self.n_classes}, "
+            f"seed={self.seed}, steps={self.steps})"
+        )

@@ -4,9 +4,8 @@ which the regularizers, the metrics, the trainer and the CLI build their attacks
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
-
 
 from fastrob._checks import check_float, check_int
 from fastrob.attacks.losses import LOSSES
@@ -70,12 +69,12 @@ class AttackConfig:
     Every value is checked on construction; the error names the field and what it expected."""
 
     eps: float = 8 / 255
-    alpha: Optional[float] = None
+    alpha: float | None = None
     steps: int = 10
     norm: str = "linf"
-    random_start: Union[bool, str] = True
+    random_start: bool | str = True
     restarts: int = 1
-    loss: Union[str, Callable] = "ce"
+    loss: str | Callable = "ce"
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: the checked values replace the given ones
@@ -93,16 +92,28 @@ class AttackConfig:
         """alpha, or the default rule's 2.5·eps/steps when alpha is None."""
         return default_alpha(self.eps, self.steps) if self.alpha is None else self.alpha
 
-    def scaled(self, s: float) -> "AttackConfig":
+    def scaled(self, s: float) -> AttackConfig:
         """The same adversary with eps and the step size scaled by s (an eps warm-up)."""
         eps = self.eps * s
         alpha = default_alpha(eps, self.steps) if self.alpha is None else self.alpha * s
-        return AttackConfig(eps=eps, alpha=alpha, steps=self.steps, norm=self.norm,
-                            random_start=self.random_start, restarts=self.restarts, loss=self.loss)
+        return AttackConfig(
+            eps=eps,
+            alpha=alpha,
+            steps=self.steps,
+            norm=self.norm,
+            random_start=self.random_start,
+            restarts=self.restarts,
+            loss=self.loss,
+        )
 
     def pgd_kwargs(self) -> dict:
         """The keyword arguments of ``fastrob.attacks.pgd`` for this adversary."""
-        return dict(eps=self.eps, alpha=self.step_size, steps=self.steps, norm=self.norm,
-                    random_start=self.random_start, restarts=self.restarts, loss=self.loss)
-
-
+        return dict(
+            eps=self.eps,
+            alpha=self.step_size,
+            steps=self.steps,
+            norm=self.norm,
+            random_start=self.random_start,
+            restarts=self.restarts,
+            loss=self.loss,
+        )

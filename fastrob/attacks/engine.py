@@ -18,7 +18,8 @@ as a success; with early stop the engine keeps per sample the successful iterate
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -39,9 +40,9 @@ class Evaluation(NamedTuple):
     objective) which the engine checks to be finite at the first and the last evaluation."""
 
     value: torch.Tensor
-    fooled: Optional[torch.Tensor] = None
-    score: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
+    fooled: torch.Tensor | None = None
+    score: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 Objective = Callable[[object, torch.Tensor, torch.Tensor], Evaluation]
@@ -52,7 +53,7 @@ class AscentResult(NamedTuple):
     success (None without ``Evaluation.fooled``)."""
 
     x_adv: torch.Tensor
-    found: Optional[torch.Tensor]
+    found: torch.Tensor | None
 
 
 def restart_mode_for(device: torch.device) -> str:
@@ -77,8 +78,10 @@ def evaluate(objective: Objective, model, x_adv: torch.Tensor, rows: torch.Tenso
         grad = None
         if need_grad:
             if not ev.value.requires_grad:
-                raise RuntimeError("the attack's objective has no gradient with respect to the input: does the "
-                                   "model's forward run under torch.no_grad() or detach its input?")
+                raise RuntimeError(
+                    "the attack's objective has no gradient with respect to the input: does the "
+                    "model's forward run under torch.no_grad() or detach its input?"
+                )
             (grad,) = torch.autograd.grad(ev.value.sum(), inp)
     detached = Evaluation(*(t.detach() if isinstance(t, torch.Tensor) else t for t in ev))
     return detached, grad
@@ -128,8 +131,12 @@ class _Best:
         sentinel = rows.idx.numel()
         winner = better & (masked == lowest[samples])
         first = torch.full((self.batch,), sentinel, device=samples.device, dtype=torch.long)
-        first.scatter_reduce_(0, samples, torch.where(winner, torch.arange(sentinel, device=samples.device),
-                                                       torch.full_like(samples, sentinel)), reduce="amin")
+        first.scatter_reduce_(
+            0,
+            samples,
+            torch.where(winner, torch.arange(sentinel, device=samples.device), torch.full_like(samples, sentinel)),
+            reduce="amin",
+        )
         update = first < sentinel
         picked = rows.x_adv[first.clamp(max=max(sentinel - 1, 0))] if sentinel else self.out
         self.out = torch.where(update.view(-1, *([1] * (self.out.dim() - 1))), picked.to(self.out.dtype), self.out)
@@ -159,10 +166,27 @@ class _Best:
         return AscentResult(out, (found | self.final_fooled) if fooled_known else None)
 
 
-def ascend(model, x: torch.Tensor, objective: Objective, *, eps, alpha, steps: int, norm: str, start=False,
-           restarts: int = 1, early_stop: bool = False, robust_only: bool = False, backend: str = "auto",
-           generator: Optional[torch.Generator] = None, model_training=False, restart_mode: str = "auto",
-           cuda_graph: bool = False, graph_cache: Optional[dict] = None, need_final: bool = True) -> AscentResult:
+def ascend(
+    model,
+    x: torch.Tensor,
+    objective: Objective,
+    *,
+    eps,
+    alpha,
+    steps: int,
+    norm: str,
+    start=False,
+    restarts: int = 1,
+    early_stop: bool = False,
+    robust_only: bool = False,
+    backend: str = "auto",
+    generator: torch.Generator | None = None,
+    model_training=False,
+    restart_mode: str = "auto",
+    cuda_graph: bool = False,
+    graph_cache: dict | None = None,
+    need_final: bool = True,
+) -> AscentResult:
     """Ascends ``objective`` from ``restarts`` starts (see the module docstring) and returns per
     sample: with ``early_stop`` the kept successful iterate (``Evaluation.score``), else — and for
     samples never successful — the final iterate of the restart whose final iterate fools, else of
@@ -192,14 +216,33 @@ def ascend(model, x: torch.Tensor, objective: Objective, *, eps, alpha, steps: i
         groups = [list(range(restarts))] if restart_mode == "batch" or restarts == 1 else [[r] for r in range(restarts)]
         for g, group in enumerate(groups):
             idx = torch.cat([torch.arange(batch, device=x.device) + r * batch for r in group])
-            rows = _Rows(torch.cat([starts[r] for r in group]), x.repeat((len(group),) + (1,) * (x.dim() - 1)),
-                         _repeat(eps, len(group)), _repeat(alpha, len(group)), idx, batch)
+            rows = _Rows(
+                torch.cat([starts[r] for r in group]),
+                x.repeat((len(group),) + (1,) * (x.dim() - 1)),
+                _repeat(eps, len(group)),
+                _repeat(alpha, len(group)),
+                idx,
+                batch,
+            )
             if g > 0 and robust_only:  # samples already successful need no further restart
                 rows.keep(~best.found[rows.samples])
                 if not rows.idx.numel():
                     break
-            known = _run(model, objective, rows, best, steps, norm, early_stop, robust_only, backend, need_final,
-                         cuda_graph, graph_cache, first=g == 0)
+            known = _run(
+                model,
+                objective,
+                rows,
+                best,
+                steps,
+                norm,
+                early_stop,
+                robust_only,
+                backend,
+                need_final,
+                cuda_graph,
+                graph_cache,
+                first=g == 0,
+            )
             fooled_known = fooled_known or known
             if not need_final:
                 return AscentResult(rows.x_adv.clone(), None)
@@ -210,13 +253,27 @@ def _repeat(value, times):
     return value.repeat(times) if isinstance(value, torch.Tensor) else value
 
 
-def _run(model, objective, rows, best, steps, norm, early_stop, robust_only, backend, need_final, cuda_graph,
-         graph_cache, first):
+def _run(
+    model,
+    objective,
+    rows,
+    best,
+    steps,
+    norm,
+    early_stop,
+    robust_only,
+    backend,
+    need_final,
+    cuda_graph,
+    graph_cache,
+    first,
+):
     """Steps ``rows`` ``steps`` times, recording successes (early stop) and the final iterates."""
 
     def step(r, grad):
-        return pgd_step_unchecked(r.x_adv, grad, r.x0, alpha=r.alpha, eps=r.eps, norm=norm, lower=0.0, upper=1.0,
-                                  backend=backend)
+        return pgd_step_unchecked(
+            r.x_adv, grad, r.x0, alpha=r.alpha, eps=r.eps, norm=norm, lower=0.0, upper=1.0, backend=backend
+        )
 
     steps_left = steps
     if cuda_graph and steps > 0 and not early_stop:
@@ -232,7 +289,7 @@ def _run(model, objective, rows, best, steps, norm, early_stop, robust_only, bac
         last = k == steps_left
         if last and not need_final:
             break
-        where = ("the attack's start" if k == 0 and first else "the attack's last iterates" if last else None)
+        where = "the attack's start" if k == 0 and first else "the attack's last iterates" if last else None
         ev, grad = evaluate(objective, model, rows.x_adv, rows.samples, need_grad=not last, where=where)
         fooled_known = fooled_known or ev.fooled is not None
         if early_stop and ev.fooled is not None:
@@ -251,6 +308,8 @@ def _run(model, objective, rows, best, steps, norm, early_stop, robust_only, bac
         bad_grad |= ~torch.isfinite(grad).all()
         rows.x_adv = step(rows, grad)
     if bool(bad_grad):
-        raise ValueError("the attack's objective had a non-finite (NaN or infinite) input gradient during the "
-                         "attack: the model or the loss is not differentiable there")
+        raise ValueError(
+            "the attack's objective had a non-finite (NaN or infinite) input gradient during the "
+            "attack: the model or the loss is not differentiable there"
+        )
     return fooled_known

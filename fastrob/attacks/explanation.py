@@ -25,8 +25,17 @@ def step_sizes(rho: float, overshoot: float, steps: int) -> list[float]:
     return [total * (steps - k) / (steps * (steps + 1) / 2) for k in range(steps)]
 
 
-def adversarial_explanation(model, x: torch.Tensor, target, rho: float = 0.1, overshoot: float = 5.0,
-                            steps: int = 35, *, project: bool = True, quiet: bool = True) -> torch.Tensor:
+def adversarial_explanation(
+    model,
+    x: torch.Tensor,
+    target,
+    rho: float = 0.1,
+    overshoot: float = 5.0,
+    steps: int = 35,
+    *,
+    project: bool = True,
+    quiet: bool = True,
+) -> torch.Tensor:
     """Woods et al.'s explanation of ``target`` for each input: x_expl = clamp(x + delta, 0, 1).
 
     With delta_0 = 0 and a_k the step sizes of ``step_sizes`` (T = ``steps``, summing to
@@ -79,14 +88,16 @@ def adversarial_explanation(model, x: torch.Tensor, target, rho: float = 0.1, ov
     delta = torch.zeros_like(x)
     view = (-1,) + (1,) * (x.dim() - 1)
     with attack_context(model), torch.enable_grad():
-        for k, a in enumerate(progress(step_sizes(rho, overshoot, steps), desc="explanation", unit="steps",
-                                       disable=quiet)):
+        for k, a in enumerate(
+            progress(step_sizes(rho, overshoot, steps), desc="explanation", unit="steps", disable=quiet)
+        ):
             inp = (x + delta).requires_grad_(True)
             logits = model(inp)
             if k == 0:
                 check_logits(logits, batch, target)
-            ce = F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
-                                 target, reduction="none")
+            ce = F.cross_entropy(
+                logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, target, reduction="none"
+            )
             (grad,) = torch.autograd.grad(ce.sum(), inp)
             inside = (rmse(delta) < rho).view(view)
             v = torch.where(inside, -grad.to(x.dtype), -delta)
@@ -108,8 +119,9 @@ def check_targets(target, batch: int, device) -> torch.Tensor:
             raise ValueError(f"target must be a class index >= 0, got {target}")
         return torch.full((batch,), target, dtype=torch.long, device=device)
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be an int class index or a [B] tensor of class indices, got "
-                        f"{type(target).__name__}")
+        raise TypeError(
+            f"target must be an int class index or a [B] tensor of class indices, got {type(target).__name__}"
+        )
     if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
     if target.dim() == 0:

@@ -38,6 +38,7 @@ _DEFAULT_EPS = {"linf": 0.3, "l2": 1.0}  # torchattacks' defaults when eps=None
 # ----------------------------------------------------------------------------------------------
 # the projection onto hyperplane ∩ box
 
+
 def project_hyperplane_box(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
     """Per row i, the minimal-norm step d with w_i·(t_i + d) = b_i and 0 <= t_i + d <= 1.
 
@@ -61,14 +62,14 @@ def project_hyperplane_box(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, no
     gain = w.abs()
     rate = torch.ones_like(gain) if norm == "linf" else gain
     kink = torch.where(rate > 0, room / rate.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(room))
-    slope = gain * rate                        # dh/ds while coordinate k is not capped
-    capped = gain * room                       # its gain once capped (= slope·kink)
+    slope = gain * rate  # dh/ds while coordinate k is not capped
+    capped = gain * room  # its gain once capped (= slope·kink)
     order = kink.argsort(1)
     kink_s, slope_s, capped_s = kink.gather(1, order), slope.gather(1, order), capped.gather(1, order)
-    capped_before = capped_s.cumsum(1) - capped_s                  # Σ_{j<k} capped_j
-    slope_from = slope_s.flip(1).cumsum(1).flip(1)                 # Σ_{j>=k} slope_j
+    capped_before = capped_s.cumsum(1) - capped_s  # Σ_{j<k} capped_j
+    slope_from = slope_s.flip(1).cumsum(1).flip(1)  # Σ_{j>=k} slope_j
     h_at_kinks = capped_before + kink_s * slope_from
-    below = (h_at_kinks < c[:, None]).sum(1)                       # kinks with h < c
+    below = (h_at_kinks < c[:, None]).sum(1)  # kinks with h < c
     feasible = below < w.shape[1]
     k = below.clamp(max=w.shape[1] - 1)[:, None]
     rest = slope_from.gather(1, k).squeeze(1)
@@ -90,6 +91,7 @@ def _dual_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # one FAB run over a set of rows (a row: one sample, and one target class in the targeted modes)
 
+
 def _linearize(model, x1, y, target):
     """The nearest linearised boundary at x1: (f_j - f_y)(x1) [N] and its input gradient [N, D]."""
     n = x1.shape[0]
@@ -106,9 +108,10 @@ def _linearize(model, x1, y, target):
         try:  # all C logit gradients in one vectorised backward
             jac = torch.autograd.grad(logits, inp, seeds, is_grads_batched=True)[0]
         except RuntimeError:  # a model vmap cannot trace: one backward per class
-            jac = torch.stack([torch.autograd.grad(logits, inp, seeds[k], retain_graph=True)[0]
-                               for k in range(classes)])
-    jac = jac.flatten(2).transpose(0, 1)                               # [N, C, D]
+            jac = torch.stack(
+                [torch.autograd.grad(logits, inp, seeds[k], retain_graph=True)[0] for k in range(classes)]
+            )
+    jac = jac.flatten(2).transpose(0, 1)  # [N, C, D]
     logits = logits.detach()
     diff = logits - logits[rows, y][:, None]
     grads = jac - jac[rows, y][:, None]
@@ -176,6 +179,7 @@ def _fab_rows(model, x0, y, target, x1, *, eps, steps, norm, alpha_max, eta, bet
 # ----------------------------------------------------------------------------------------------
 # the torchattacks-compatible class
 
+
 class FAB(Attack):
     """FAB (see the module docstring), torchattacks.FAB's signature and call convention.
 
@@ -205,8 +209,23 @@ class FAB(Attack):
     leave. As in torchattacks, success is a misclassification, whichever class it reaches.
     """
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, steps=10, n_restarts=1, alpha_max=0.1, eta=1.05, beta=0.9,
-                 verbose=False, seed=0, multi_targeted=False, n_classes=10, *, batch_targets=True):
+    def __init__(
+        self,
+        model,
+        norm="Linf",
+        eps=8 / 255,
+        steps=10,
+        n_restarts=1,
+        alpha_max=0.1,
+        eta=1.05,
+        beta=0.9,
+        verbose=False,
+        seed=0,
+        multi_targeted=False,
+        n_classes=10,
+        *,
+        batch_targets=True,
+    ):
         super().__init__("FAB", model)
         self.norm = norm
         self.eps = eps if eps is not None else _DEFAULT_EPS[torchattacks_norm(norm)]
@@ -234,9 +253,16 @@ class FAB(Attack):
         check_int("seed", self.seed, 0)
         if not isinstance(self.batch_targets, bool):
             raise TypeError(f"batch_targets must be True or False, got {self.batch_targets!r}")
-        return dict(norm=norm, eps=check_float("eps", self.eps, min_value=0.0), steps=check_int("steps", self.steps, 0),
-                    alpha_max=alpha_max, eta=eta, beta=beta, n_restarts=check_int("n_restarts", self.n_restarts, 1),
-                    n_target_classes=check_int("n_target_classes", self.n_target_classes, 1))
+        return dict(
+            norm=norm,
+            eps=check_float("eps", self.eps, min_value=0.0),
+            steps=check_int("steps", self.steps, 0),
+            alpha_max=alpha_max,
+            eta=eta,
+            beta=beta,
+            n_restarts=check_int("n_restarts", self.n_restarts, 1),
+            n_target_classes=check_int("n_target_classes", self.n_target_classes, 1),
+        )
 
     def forward(self, images, labels=None):
         settings = self._settings()
@@ -264,16 +290,18 @@ class FAB(Attack):
             generator = make_generator(self.seed, x.device)
             if self.multi_targeted:
                 n_targets = min(n_target_classes, logits.shape[1] - 1)
-                ranked = logits.argsort(1, descending=True)[:, 1:n_targets + 1]  # after the top class (= y)
-                plans = [ranked] if self.batch_targets else [ranked[:, k:k + 1] for k in range(n_targets)]
+                ranked = logits.argsort(1, descending=True)[:, 1 : n_targets + 1]  # after the top class (= y)
+                plans = [ranked] if self.batch_targets else [ranked[:, k : k + 1] for k in range(n_targets)]
             else:
                 plans = [None if targets is None else targets[:, None]]
             for plan in plans:
                 for restart in range(n_restarts):
                     self._run(model, x, y, plan, restart, out, robust, generator, settings)
                     if self.verbose:
-                        print(f"FAB restart {restart}: robust accuracy {robust.float().mean().item():.2%} "
-                              f"at eps = {settings['eps']:.5f}")
+                        print(
+                            f"FAB restart {restart}: robust accuracy {robust.float().mean().item():.2%} "
+                            f"at eps = {settings['eps']:.5f}"
+                        )
         return out
 
     def _run(self, model, x, y, plan, restart, out, robust, generator, settings):
@@ -282,17 +310,20 @@ class FAB(Attack):
         if not len(alive):
             return
         n_rows = 1 if plan is None else plan.shape[1]
-        rows = alive.repeat(n_rows)                       # target-major: row r is sample alive[r % n]
+        rows = alive.repeat(n_rows)  # target-major: row r is sample alive[r % n]
         group = torch.arange(len(alive), device=x.device).repeat(n_rows)
         x0 = x[rows]
         target = None if plan is None else plan[alive].t().reshape(-1)
         start = x0 if restart == 0 else sphere_start(x0, 0.5 * settings["eps"], settings["norm"], generator)
-        adv, broken = _fab_rows(model, x0, y[rows], target, start, group=group, n_groups=len(alive),
-                                check_start=restart > 0, **settings)
+        adv, broken = _fab_rows(
+            model, x0, y[rows], target, start, group=group, n_groups=len(alive), check_start=restart > 0, **settings
+        )
         hit = alive[broken]
         out[hit] = adv[broken].to(out.dtype)
         robust[hit] = False
 
     def __repr__(self):
-        return (f"FAB(norm={self.norm}, eps={self.eps}, steps={self.steps}, n_restarts={self.n_restarts}, "
-                f"multi_targeted={self.multi_targeted}, n_classes={self.n_classes}, attack_mode={self.attack_mode})")
+        return (
+            f"FAB(norm={self.norm}, eps={self.eps}, steps={self.steps}, n_restarts={self.n_restarts}, "
+            f"multi_targeted={self.multi_targeted}, n_classes={self.n_classes}, attack_mode={self.attack_mode})"
+        )

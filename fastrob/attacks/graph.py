@@ -20,8 +20,9 @@ def _unavailable(reason):
     global _warned_graph
     if not _warned_graph:
         _warned_graph = True
-        warnings.warn(f"fastrob.attacks: cuda_graph=True falls back to eager execution: {reason}",
-                      RuntimeWarning, stacklevel=5)
+        warnings.warn(
+            f"fastrob.attacks: cuda_graph=True falls back to eager execution: {reason}", RuntimeWarning, stacklevel=5
+        )
     return GraphUnavailable(reason)
 
 
@@ -41,20 +42,28 @@ def run_captured(model, objective, rows, samples, steps, step, cache):
     if not torch.cuda.is_available():
         raise _unavailable("CUDA is not available")
     tensors = ("x_adv", "x0", "eps", "alpha")
-    key = (tuple(rows.x_adv.shape), rows.x_adv.dtype, rows.x_adv.device, steps,
-           tuple(v if not isinstance(v, torch.Tensor) else "tensor" for v in (rows.eps, rows.alpha)),
-           objective.graph_key())
+    key = (
+        tuple(rows.x_adv.shape),
+        rows.x_adv.dtype,
+        rows.x_adv.device,
+        steps,
+        tuple(v if not isinstance(v, torch.Tensor) else "tensor" for v in (rows.eps, rows.alpha)),
+        objective.graph_key(),
+    )
     entry = cache.get(key) if cache is not None else None
     try:
         if entry is None:
-            static = type(rows)(*(v.clone() if isinstance(v, torch.Tensor) else v
-                                  for v in (getattr(rows, n) for n in tensors)), idx=rows.idx)
+            static = type(rows)(
+                *(v.clone() if isinstance(v, torch.Tensor) else v for v in (getattr(rows, n) for n in tensors)),
+                idx=rows.idx,
+            )
 
             def loop(check):
                 x_cur = static.x_adv
                 for _ in range(steps):
-                    _, grad = evaluate(objective, model, x_cur, samples, True,
-                                       where="at the start of the attack" if check else None)
+                    _, grad = evaluate(
+                        objective, model, x_cur, samples, True, where="at the start of the attack" if check else None
+                    )
                     cur = type(rows)(x_cur, static.x0, static.eps, static.alpha, None)
                     x_cur = step(cur, grad)
                 return x_cur

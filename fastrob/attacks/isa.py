@@ -4,13 +4,20 @@ a prediction can change without its interpretation changing."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
 
 import torch
 
-from fastrob._checks import (check_float, check_generator, check_int, check_labels, check_logits, check_model,
-                             check_tensor)
+from fastrob._checks import (
+    check_float,
+    check_generator,
+    check_int,
+    check_labels,
+    check_logits,
+    check_model,
+    check_tensor,
+)
 from fastrob._progress import progress
 from fastrob.attacks.config import START_KINDS, check_norm, check_random_start, default_alpha
 from fastrob.attacks.engine import Evaluation, ascend
@@ -46,16 +53,36 @@ class ISAResult:
     def as_dict(self) -> dict:
         ok = self.success
         mean = (lambda v: float(v[ok].float().mean())) if bool(ok.any()) else (lambda v: float("nan"))
-        return {"n": len(ok), "success_rate": float(ok.float().mean()) if len(ok) else 0.0,
-                "mean_eps": mean(self.eps), "mean_gamma": mean(self.gamma),
-                "mean_discrepancy": mean(self.discrepancy), "mean_discrepancy_plain": mean(self.discrepancy_plain)}
+        return {
+            "n": len(ok),
+            "success_rate": float(ok.float().mean()) if len(ok) else 0.0,
+            "mean_eps": mean(self.eps),
+            "mean_gamma": mean(self.gamma),
+            "mean_discrepancy": mean(self.discrepancy),
+            "mean_discrepancy_plain": mean(self.discrepancy_plain),
+        }
 
 
-def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tensor] = None, eps_max: float = 0.3,
-        norm: str = "linf", kappa: float = 0.1, gamma_max: float = 1.0, steps: int = 20, search_steps: int = 6,
-        alpha_factor: float = 2.5, map: Union[str, Callable] = "cam", map_kwargs: Optional[dict] = None,
-        kind: str = "2class", random_start: Union[bool, str] = False, generator: Optional[torch.Generator] = None,
-        quiet: bool = True) -> ISAResult:
+def isa(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    target: torch.Tensor | None = None,
+    eps_max: float = 0.3,
+    norm: str = "linf",
+    kappa: float = 0.1,
+    gamma_max: float = 1.0,
+    steps: int = 20,
+    search_steps: int = 6,
+    alpha_factor: float = 2.5,
+    map: str | Callable = "cam",
+    map_kwargs: dict | None = None,
+    kind: str = "2class",
+    random_start: bool | str = False,
+    generator: torch.Generator | None = None,
+    quiet: bool = True,
+) -> ISAResult:
     """The interpretability sneaking attack: per sample, the targeted perturbation x' = x + δ that
     minimises
         L(x') = max(max_{j≠t} z_j(x') - z_t(x'), -kappa) + gamma·D(x, x')
@@ -67,8 +94,8 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
        failures), then ``search_steps`` halvings.
     2. gamma: at that radius, the largest gamma in [0, gamma_max] that still succeeds: first a try
        at gamma_max (samples succeeding there keep it), then ``search_steps`` halvings, which
-       hides the interpretation change as far as the radius allows. The result is the successful iterate of the largest successful gamma (the
-       plain attack's where none > 0 succeeded).
+       hides the interpretation change as far as the radius allows. The result is the successful
+       iterate of the largest successful gamma (the plain attack's where none > 0 succeeded).
 
     Each try is ``steps`` descent steps of the attack engine (``fastrob.attacks.engine``) of size
     alpha_factor·eps/steps
@@ -130,10 +157,24 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
 
         def attack(rows, eps, gamma):
             """(x_adv, success) for the samples ``rows`` at radii eps [R] and weights gamma [R]."""
-            return _descend(model, fn, x[rows], y[rows], target[rows], maps_clean[rows],
-                            None if classes is None else classes[rows], eps, gamma, kappa=kappa, norm=norm,
-                            steps=steps, alpha_factor=alpha_factor, kind=kind, random_start=random_start,
-                            generator=generator)
+            return _descend(
+                model,
+                fn,
+                x[rows],
+                y[rows],
+                target[rows],
+                maps_clean[rows],
+                None if classes is None else classes[rows],
+                eps,
+                gamma,
+                kappa=kappa,
+                norm=norm,
+                steps=steps,
+                alpha_factor=alpha_factor,
+                kind=kind,
+                random_start=random_start,
+                generator=generator,
+            )
 
         every = torch.arange(batch, device=x.device)
         zeros = torch.zeros(batch, device=x.device, dtype=compute)
@@ -174,8 +215,9 @@ def isa(model, x: torch.Tensor, y: torch.Tensor, *, target: Optional[torch.Tenso
         with torch.no_grad():
             success = model(x_out).argmax(1) == target
     nan = torch.full_like(hi, float("nan"))
-    return ISAResult(x_out, target, success, torch.where(success, hi, nan), torch.where(success, g_lo, nan),
-                     d_final, d_plain)
+    return ISAResult(
+        x_out, target, success, torch.where(success, hi, nan), torch.where(success, g_lo, nan), d_final, d_plain
+    )
 
 
 def _targets(target, y, num_classes, generator):
@@ -184,8 +226,9 @@ def _targets(target, y, num_classes, generator):
         return (y + shift) % num_classes
     target = check_labels(target, y.shape[0]).to(y.device)
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
-        raise ValueError(f"target must hold labels in [0, {num_classes}), got values in "
-                         f"[{int(target.min())}, {int(target.max())}]")
+        raise ValueError(
+            f"target must hold labels in [0, {num_classes}), got values in [{int(target.min())}, {int(target.max())}]"
+        )
     if bool((target == y).any()):
         raise ValueError("target must differ from y for every sample (ISA is a targeted attack)")
     return target
@@ -227,12 +270,39 @@ class _SneakingObjective:
         return Evaluation(-loss, hit, d.detach() if self.use_maps else None, logits)
 
 
-def _descend(model, fn, x, y, target, maps_clean, classes, eps, gamma, *, kappa, norm, steps, alpha_factor, kind,
-             random_start, generator):
+def _descend(
+    model,
+    fn,
+    x,
+    y,
+    target,
+    maps_clean,
+    classes,
+    eps,
+    gamma,
+    *,
+    kappa,
+    norm,
+    steps,
+    alpha_factor,
+    kind,
+    random_start,
+    generator,
+):
     """One try: ``steps`` descent steps on L, keeping per sample the successful iterate with the
     smallest D (gamma > 0) or the first successful one (gamma = 0); the last iterate where none
     succeeded. Returns (x_adv, success)."""
     objective = _SneakingObjective(fn, y, target, maps_clean, classes, gamma, kappa, kind)
-    result = ascend(model, x, objective, eps=eps, alpha=default_alpha(eps, steps, alpha_factor), steps=steps,
-                    norm=norm, start=random_start, early_stop=True, generator=generator)
+    result = ascend(
+        model,
+        x,
+        objective,
+        eps=eps,
+        alpha=default_alpha(eps, steps, alpha_factor),
+        steps=steps,
+        norm=norm,
+        start=random_start,
+        early_stop=True,
+        generator=generator,
+    )
     return result.x_adv, result.found

@@ -11,7 +11,7 @@ sample besides the label, so it is a function of its own (APGD-T's), not an entr
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,9 @@ def needs_clean_probabilities(loss) -> bool:
     return isinstance(loss, str) and LOSSES[loss][1] == "clean probabilities"
 
 
-def per_sample_loss(loss, logits: torch.Tensor, labels: torch.Tensor, p_clean: Optional[torch.Tensor],
-                    targeted: bool) -> torch.Tensor:
+def per_sample_loss(
+    loss, logits: torch.Tensor, labels: torch.Tensor, p_clean: torch.Tensor | None, targeted: bool
+) -> torch.Tensor:
     """J per sample, the quantity PGD ascends: l(z, y), or -l(z, t) when targeted. Half-precision
     logits (autocast) are upcast to float32; a callable loss must return one value per sample."""
     logits = _upcast(logits)

@@ -11,7 +11,7 @@ model when its argmax leaves y (untargeted) or reaches t (targeted).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +35,17 @@ class LossObjective:
     """The engine objective of a logit loss: J = ±l(forward(x'), labels[rows]) per sample. The
     labels (and TRADES' clean probabilities) are the tensors a captured CUDA graph reads."""
 
-    def __init__(self, loss, labels: torch.Tensor, p_clean: Optional[torch.Tensor], targeted: bool,
-                 forward: Callable, amp):
+    def __init__(
+        self, loss, labels: torch.Tensor, p_clean: torch.Tensor | None, targeted: bool, forward: Callable, amp
+    ):
         self.loss, self.labels, self.p_clean, self.targeted, self.forward, self.amp = (
-            loss, labels, p_clean, targeted, forward, amp)
+            loss,
+            labels,
+            p_clean,
+            targeted,
+            forward,
+            amp,
+        )
         self.checked = False
         self.report_fooled = True  # False: the caller never early-stops nor compares restarts
 
@@ -61,12 +68,30 @@ class LossObjective:
         return [t for t in (self.labels, self.p_clean) if t is not None]
 
 
-def pgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255, alpha=2 / 255, steps: int = 10,
-        norm: str = "linf", random_start: Union[bool, str] = True, restarts: int = 1,
-        loss: Union[str, LossFn] = "ce", targeted: bool = False, robust_only: bool = False,
-        early_stop: Optional[bool] = None, backend: str = "auto", amp: Optional[str] = None,
-        cuda_graph: bool = False, clamp_input: bool = False, model_training: Union[bool, Callable] = False,
-        generator: Optional[torch.Generator] = None, return_fooled: bool = False, restart_mode: str = "auto"):
+def pgd(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    eps=8 / 255,
+    alpha=2 / 255,
+    steps: int = 10,
+    norm: str = "linf",
+    random_start: bool | str = True,
+    restarts: int = 1,
+    loss: str | LossFn = "ce",
+    targeted: bool = False,
+    robust_only: bool = False,
+    early_stop: bool | None = None,
+    backend: str = "auto",
+    amp: str | None = None,
+    cuda_graph: bool = False,
+    clamp_input: bool = False,
+    model_training: bool | Callable = False,
+    generator: torch.Generator | None = None,
+    return_fooled: bool = False,
+    restart_mode: str = "auto",
+):
     """Projected gradient descent on the input (see the module docstring and ``fastrob.attacks.engine``).
 
     Args:
@@ -106,17 +131,57 @@ def pgd(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255
     Returns:
         x_adv (x's shape and dtype, no grad), or (x_adv, fooled) with ``return_fooled``.
     """
-    return pgd_cached(None, model, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start,
-                      restarts=restarts, loss=loss, targeted=targeted, robust_only=robust_only,
-                      early_stop=early_stop, backend=backend, amp=amp, cuda_graph=cuda_graph,
-                      clamp_input=clamp_input, model_training=model_training, generator=generator,
-                      return_fooled=return_fooled, restart_mode=restart_mode)
+    return pgd_cached(
+        None,
+        model,
+        x,
+        y,
+        eps=eps,
+        alpha=alpha,
+        steps=steps,
+        norm=norm,
+        random_start=random_start,
+        restarts=restarts,
+        loss=loss,
+        targeted=targeted,
+        robust_only=robust_only,
+        early_stop=early_stop,
+        backend=backend,
+        amp=amp,
+        cuda_graph=cuda_graph,
+        clamp_input=clamp_input,
+        model_training=model_training,
+        generator=generator,
+        return_fooled=return_fooled,
+        restart_mode=restart_mode,
+    )
 
 
-def pgd_cached(graph_cache: Optional[dict], model, x, y=None, *, eps=8 / 255, alpha=2 / 255, steps=10, norm="linf",
-               random_start=True, restarts=1, loss="ce", targeted=False, robust_only=False, early_stop=None,
-               backend="auto", amp=None, cuda_graph=False, clamp_input=False, model_training=False,
-               generator=None, return_fooled=False, restart_mode="auto"):
+def pgd_cached(
+    graph_cache: dict | None,
+    model,
+    x,
+    y=None,
+    *,
+    eps=8 / 255,
+    alpha=2 / 255,
+    steps=10,
+    norm="linf",
+    random_start=True,
+    restarts=1,
+    loss="ce",
+    targeted=False,
+    robust_only=False,
+    early_stop=None,
+    backend="auto",
+    amp=None,
+    cuda_graph=False,
+    clamp_input=False,
+    model_training=False,
+    generator=None,
+    return_fooled=False,
+    restart_mode="auto",
+):
     """``pgd`` keeping captured CUDA graphs in ``graph_cache`` (a dict the caller owns, e.g. an
     attack object, so that later calls of the same shapes replay them)."""
     check_attack_inputs(model, x, y, clamp_input, name="pgd")
@@ -165,10 +230,26 @@ def pgd_cached(graph_cache: Optional[dict], model, x, y=None, *, eps=8 / 255, al
         objective.report_fooled = early_stop or restarts > 1
         # BatchNorm in train mode couples the samples of a batch: then nothing is dropped
         robust_only = robust_only and not _batch_coupled(model)
-        result = ascend(model, x, objective, eps=eps, alpha=alpha, steps=steps, norm=norm, start=random_start,
-                        restarts=restarts, early_stop=early_stop, robust_only=robust_only, backend=backend,
-                        generator=generator, model_training=model_training, restart_mode=restart_mode,
-                        cuda_graph=cuda_graph, graph_cache=graph_cache, need_final=False)
+        result = ascend(
+            model,
+            x,
+            objective,
+            eps=eps,
+            alpha=alpha,
+            steps=steps,
+            norm=norm,
+            start=random_start,
+            restarts=restarts,
+            early_stop=early_stop,
+            robust_only=robust_only,
+            backend=backend,
+            generator=generator,
+            model_training=model_training,
+            restart_mode=restart_mode,
+            cuda_graph=cuda_graph,
+            graph_cache=graph_cache,
+            need_final=False,
+        )
         out = result.x_adv.clamp_(0, 1)  # a no-op except for an unstepped "trades" start
         if return_fooled:
             with torch.no_grad():
@@ -180,12 +261,37 @@ def pgd_cached(graph_cache: Optional[dict], model, x, y=None, *, eps=8 / 255, al
 
 def _batch_coupled(model) -> bool:
     return isinstance(model, torch.nn.Module) and any(
-        m.training for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+        m.training for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    )
 
 
-def trades_perturb(model, x, *, eps=0.031, alpha=0.007, steps=10, norm="linf", backend="auto", amp=None,
-                   generator=None, clamp_input=False):
+def trades_perturb(
+    model,
+    x,
+    *,
+    eps=0.031,
+    alpha=0.007,
+    steps=10,
+    norm="linf",
+    backend="auto",
+    amp=None,
+    generator=None,
+    clamp_input=False,
+):
     """TRADES' adversary: x' ≈ argmax_{x' ∈ B(x, eps) ∩ [0,1]} KL(f(x) ‖ f(x')), by ``steps``
     sign steps from x + 0.001·N(0, 1), with the model in eval mode (Zhang et al. 2019)."""
-    return pgd(model, x, None, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start="trades", loss="kl",
-               backend=backend, amp=amp, generator=generator, clamp_input=clamp_input)
+    return pgd(
+        model,
+        x,
+        None,
+        eps=eps,
+        alpha=alpha,
+        steps=steps,
+        norm=norm,
+        random_start="trades",
+        loss="kl",
+        backend=backend,
+        amp=amp,
+        generator=generator,
+        clamp_input=clamp_input,
+    )

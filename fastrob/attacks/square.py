@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +68,7 @@ def _eta_rectangles(a, b, device, dtype):
     ca, cb = a // 2 + 1, b // 2 + 1
     i0, j0 = ca - 1, cb - 1
     for k in range(max(ca, cb)):
-        delta[max(i0, 0):min(i0 + 2 * k + 1, a), max(j0, 0):min(j0 + 2 * k + 1, b)] += 1.0 / (k + 1) ** 2
+        delta[max(i0, 0) : min(i0 + 2 * k + 1, a), max(j0, 0) : min(j0 + 2 * k + 1, b)] += 1.0 / (k + 1) ** 2
         i0, j0 = i0 - 1, j0 - 1
     return delta / delta.norm()
 
@@ -79,8 +78,8 @@ def _eta(s, transpose, device, dtype):
     """The s×s L2 block: two nested-rectangle halves of opposite sign, unit norm (cached: only its
     orientation is random, and building it is a Python loop)."""
     delta = torch.zeros(s, s, device=device, dtype=dtype)
-    delta[:s // 2] = _eta_rectangles(s // 2, s, device, dtype)
-    delta[s // 2:] = -_eta_rectangles(s - s // 2, s, device, dtype)
+    delta[: s // 2] = _eta_rectangles(s // 2, s, device, dtype)
+    delta[s // 2 :] = -_eta_rectangles(s - s // 2, s, device, dtype)
     delta = delta / delta.norm()
     return delta.t() if transpose else delta
 
@@ -113,7 +112,7 @@ def _l2_init(x, eps, generator):
     for _ in range(h // s):
         vw = start
         for _ in range(w // s):
-            delta[:, :, vh:vh + s, vw:vw + s] += block * _signs((b, c, 1, 1), generator, x.device, x.dtype)
+            delta[:, :, vh : vh + s, vw : vw + s] += block * _signs((b, c, 1, 1), generator, x.device, x.dtype)
             vw += s
         vh += s
     return torch.clamp(x + delta / (_norm(delta) + 1e-12) * eps, 0, 1)
@@ -135,7 +134,7 @@ def _l2_proposal(x, x_best, eps, p, generator):
     norms_windows = _norm(delta * (mask1 | mask2).to(x.dtype))
     new = block + delta / (1e-12 + window_norm)
     new_norm = (new * m1).flatten(2).norm(dim=2).view(b, c, 1, 1)
-    budget = (torch.clamp(eps ** 2 - norms_image ** 2, min=0) / c + norms_windows ** 2).sqrt()
+    budget = (torch.clamp(eps**2 - norms_image**2, min=0) / c + norms_windows**2).sqrt()
     new = new / (1e-12 + new_norm) * budget
     delta = torch.where(mask2, 0.0, delta)
     delta = torch.where(mask1, new, delta)
@@ -177,10 +176,23 @@ def _single_run(forward, x, y, eps, norm, n_queries, p_init, loss, targeted, res
 
 
 @torch.no_grad()
-def square(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 255, norm: str = "Linf",
-           n_queries: int = 5000, n_restarts: int = 1, p_init: float = 0.8, loss: str = "margin",
-           resc_schedule: bool = True, seed: Optional[int] = 0, targeted: bool = False, model_training=False,
-           return_fooled: bool = False):
+def square(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    eps=8 / 255,
+    norm: str = "Linf",
+    n_queries: int = 5000,
+    n_restarts: int = 1,
+    p_init: float = 0.8,
+    loss: str = "margin",
+    resc_schedule: bool = True,
+    seed: int | None = 0,
+    targeted: bool = False,
+    model_training=False,
+    return_fooled: bool = False,
+):
     """Square Attack on NCHW inputs (module docstring). y: true labels (target labels when
     ``targeted``; None: the predictions). Later restarts run only on samples still robust. Returns
     x_adv: per sample the first point that succeeds, else the lowest-loss point of the last run."""
@@ -213,8 +225,9 @@ def square(model, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps=8 / 
             live = (~done).nonzero().squeeze(1)
             if live.numel() == 0:
                 break
-            adv, fooled = _single_run(model, x[live], y[live], eps, norm, n_queries, p_init, loss, targeted,
-                                      resc_schedule, generator)
+            adv, fooled = _single_run(
+                model, x[live], y[live], eps, norm, n_queries, p_init, loss, targeted, resc_schedule, generator
+            )
             out[live] = adv
             done[live] = fooled
         if return_fooled:
@@ -228,8 +241,19 @@ class Square(Attack):
 
     options = ("eps", "n_queries", "n_restarts", "p_init", "loss", "seed")
 
-    def __init__(self, model, norm="Linf", eps=8 / 255, n_queries=5000, n_restarts=1, p_init=0.8, loss="margin",
-                 resc_schedule=True, seed=0, verbose=False):
+    def __init__(
+        self,
+        model,
+        norm="Linf",
+        eps=8 / 255,
+        n_queries=5000,
+        n_restarts=1,
+        p_init=0.8,
+        loss="margin",
+        resc_schedule=True,
+        seed=0,
+        verbose=False,
+    ):
         super().__init__("Square", model)
         torchattacks_norm(norm)
         self.norm, self.eps, self.n_queries, self.n_restarts, self.p_init = norm, eps, n_queries, n_restarts, p_init

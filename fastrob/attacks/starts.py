@@ -3,15 +3,13 @@ same start), and the sphere starts of APGD and FAB; and the attacks' private ran
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from fastrob._checks import check_int
 from fastrob.ops._common import per_sample_view
 
 
-def make_generator(seed: Optional[int], device) -> torch.Generator:
+def make_generator(seed: int | None, device) -> torch.Generator:
     """A torch.Generator on ``device`` seeded with ``seed`` (an int >= 0; None: drawn from the
     global RNG), so that an attack never reseeds torch's global RNG (torchattacks does)."""
     if seed is None:

@@ -4,7 +4,7 @@ both restored afterwards), and the checks of the model and the input that an att
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 
@@ -12,7 +12,7 @@ from fastrob._checks import check_labels, check_model, check_tensor, dtype_name
 
 
 @contextlib.contextmanager
-def attack_context(model, training: Union[bool, Callable] = False):
+def attack_context(model, training: bool | Callable = False):
     """Runs the block with ``model`` in eval mode (``training=True``: train mode; a callable:
     called with the model to set modes itself) and every parameter's requires_grad off, so the
     backward computes input gradients only. Restores each module's ``training`` and each
@@ -40,9 +40,11 @@ def attack_context(model, training: Union[bool, Callable] = False):
 def check_grad_mode(name: str = "the attack") -> None:
     """Attacks differentiate the model with respect to its input: not possible under inference mode."""
     if torch.is_inference_mode_enabled():
-        raise RuntimeError(f"{name} needs input gradients and cannot run under torch.inference_mode(); "
-                           "call it outside the inference_mode block (torch.no_grad() is fine: attacks enable "
-                           "gradients themselves)")
+        raise RuntimeError(
+            f"{name} needs input gradients and cannot run under torch.inference_mode(); "
+            "call it outside the inference_mode block (torch.no_grad() is fine: attacks enable "
+            "gradients themselves)"
+        )
 
 
 def check_model_matches(model, x: torch.Tensor) -> None:
@@ -56,14 +58,23 @@ def check_model_matches(model, x: torch.Tensor) -> None:
         if p.device.type == "meta":
             raise ValueError("model has parameters on the meta device (no data): load its weights first")
         if p.is_floating_point() and p.dtype != x.dtype:
-            raise TypeError(f"x has dtype {dtype_name(x.dtype)} but the model's parameters are "
-                            f"{dtype_name(p.dtype)}: convert one of them (e.g. x.to({dtype_name(p.dtype)}))")
+            raise TypeError(
+                f"x has dtype {dtype_name(x.dtype)} but the model's parameters are "
+                f"{dtype_name(p.dtype)}: convert one of them (e.g. x.to({dtype_name(p.dtype)}))"
+            )
         if p.is_floating_point():
             return
 
 
-def check_attack_inputs(model, x: torch.Tensor, y, clamp_input: Optional[bool] = False, name: str = "the attack",
-                        x_name: str = "x", needs_grad: bool = True) -> None:
+def check_attack_inputs(
+    model,
+    x: torch.Tensor,
+    y,
+    clamp_input: bool | None = False,
+    name: str = "the attack",
+    x_name: str = "x",
+    needs_grad: bool = True,
+) -> None:
     """The model, x ([B, ...], no NaN, in [0, 1] unless ``clamp_input``; None: the attack has no
     clamp_input option) and the labels y [B] (or None). ``needs_grad``: the attack differentiates
     the model (a score-based attack such as Square does not, and runs under inference mode)."""
@@ -76,7 +87,8 @@ def check_attack_inputs(model, x: torch.Tensor, y, clamp_input: Optional[bool] =
         raise ValueError(f"{x_name} contains NaN")
     if not clamp_input and x.numel() and (bool(x.min() < 0) or bool(x.max() > 1)):
         hint = "; pass clamp_input=True to clamp it" if clamp_input is False else ""
-        raise ValueError(f"{x_name} must lie in [0, 1] (got values in [{x.min().item():.4g}, {x.max().item():.4g}])"
-                         f"{hint}")
+        raise ValueError(
+            f"{x_name} must lie in [0, 1] (got values in [{x.min().item():.4g}, {x.max().item():.4g}]){hint}"
+        )
     if y is not None:
         check_labels(y, x.shape[0])

@@ -5,7 +5,6 @@ construction takes effect; ``supported_mode`` lists the modes an attack accepts.
 
 from __future__ import annotations
 
-
 import torch
 
 from fastrob.attacks.projected_gradient import pgd_cached
@@ -13,8 +12,17 @@ from fastrob.attacks.state import attack_context
 from fastrob.distributed import unwrap
 
 # the keyword arguments of ``pgd`` that are attack settings, hence attributes of the classes
-EXTRA_OPTIONS = ("restarts", "loss", "robust_only", "early_stop", "backend", "amp", "cuda_graph", "clamp_input",
-                 "generator")
+EXTRA_OPTIONS = (
+    "restarts",
+    "loss",
+    "robust_only",
+    "early_stop",
+    "backend",
+    "amp",
+    "cuda_graph",
+    "clamp_input",
+    "generator",
+)
 
 
 class Attack:
@@ -59,8 +67,10 @@ class Attack:
 
     def set_mode_targeted_by_function(self, target_map_function, quiet=False):
         if not callable(target_map_function):
-            raise TypeError(f"target_map_function must be callable (images, labels) -> target labels, got "
-                            f"{type(target_map_function).__name__}")
+            raise TypeError(
+                f"target_map_function must be callable (images, labels) -> target labels, got "
+                f"{type(target_map_function).__name__}"
+            )
         self._set_targeted("targeted(custom)", target_map_function)
 
     def set_mode_targeted_random(self, quiet=False):
@@ -80,8 +90,9 @@ class Attack:
         def set_modes(model):
             model.train()
             for m in model.modules():
-                if (not batchnorm_training and isinstance(m, torch.nn.modules.batchnorm._BatchNorm)) or \
-                        (not dropout_training and isinstance(m, torch.nn.modules.dropout._DropoutNd)):
+                if (not batchnorm_training and isinstance(m, torch.nn.modules.batchnorm._BatchNorm)) or (
+                    not dropout_training and isinstance(m, torch.nn.modules.dropout._DropoutNd)
+                ):
                     m.eval()
 
         self._training = set_modes
@@ -119,8 +130,10 @@ class Attack:
     def get_least_likely_label(self, images, labels=None):
         logits = self._clean_logits(images)
         if self._kth_min > logits.shape[1] - 1:
-            raise ValueError(f"kth_min must be at most the number of classes - 1 = {logits.shape[1] - 1} (the "
-                             f"true class is excluded), got {self._kth_min}")
+            raise ValueError(
+                f"kth_min must be at most the number of classes - 1 = {logits.shape[1] - 1} (the "
+                f"true class is excluded), got {self._kth_min}"
+            )
         labels = logits.argmax(1) if labels is None else labels
         masked = logits.scatter(1, labels[:, None], float("inf"))
         return masked.kthvalue(self._kth_min, dim=1).indices
@@ -156,8 +169,9 @@ class Attack:
 
     def _attack(self, model, images, labels, options):
         """The attack proper on images and labels already on the device (targets when targeted)."""
-        return pgd_cached(self._graph_cache, model, images, labels, targeted=self.targeted,
-                          model_training=self._training, **options)
+        return pgd_cached(
+            self._graph_cache, model, images, labels, targeted=self.targeted, model_training=self._training, **options
+        )
 
     def __repr__(self):
         shown = ", ".join(f"{k}={v}" for k, v in self.settings().items())
@@ -186,9 +200,24 @@ class PGD(Attack):
     options = ("eps", "alpha", "steps", "random_start") + EXTRA_OPTIONS
     norm = "linf"
 
-    def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, *, restarts=1, loss="ce",
-                 robust_only=False, early_stop=None, backend="auto", amp=None, cuda_graph=False,
-                 clamp_input=False, generator=None):
+    def __init__(
+        self,
+        model,
+        eps=8 / 255,
+        alpha=2 / 255,
+        steps=10,
+        random_start=True,
+        *,
+        restarts=1,
+        loss="ce",
+        robust_only=False,
+        early_stop=None,
+        backend="auto",
+        amp=None,
+        cuda_graph=False,
+        clamp_input=False,
+        generator=None,
+    ):
         super().__init__(type(self).__name__, model)
         self.eps, self.alpha, self.steps, self.random_start = eps, alpha, steps, random_start
         self.restarts, self.loss, self.robust_only, self.early_stop = restarts, loss, robust_only, early_stop
@@ -206,12 +235,41 @@ class PGDL2(PGD):
 
     norm = "l2"
 
-    def __init__(self, model, eps=1.0, alpha=0.2, steps=10, random_start=True, eps_for_division=1e-10, *,
-                 restarts=1, loss="ce", robust_only=False, early_stop=None, backend="auto", amp=None,
-                 cuda_graph=False, clamp_input=False, generator=None):
-        super().__init__(model, eps, alpha, steps, random_start, restarts=restarts, loss=loss,
-                         robust_only=robust_only, early_stop=early_stop, backend=backend, amp=amp,
-                         cuda_graph=cuda_graph, clamp_input=clamp_input, generator=generator)
+    def __init__(
+        self,
+        model,
+        eps=1.0,
+        alpha=0.2,
+        steps=10,
+        random_start=True,
+        eps_for_division=1e-10,
+        *,
+        restarts=1,
+        loss="ce",
+        robust_only=False,
+        early_stop=None,
+        backend="auto",
+        amp=None,
+        cuda_graph=False,
+        clamp_input=False,
+        generator=None,
+    ):
+        super().__init__(
+            model,
+            eps,
+            alpha,
+            steps,
+            random_start,
+            restarts=restarts,
+            loss=loss,
+            robust_only=robust_only,
+            early_stop=early_stop,
+            backend=backend,
+            amp=amp,
+            cuda_graph=cuda_graph,
+            clamp_input=clamp_input,
+            generator=generator,
+        )
         self.eps_for_division = eps_for_division
 
 
@@ -229,5 +287,3 @@ class FGSM(Attack):
     def settings(self) -> dict:
         # one step of size eps from x, whatever eps is now
         return dict(super().settings(), alpha=self.eps, steps=1, random_start=False)
-
-

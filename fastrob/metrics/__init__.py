@@ -19,10 +19,17 @@ rank the global result (``fastrob.metrics._common.shard``, docs/distributed.md).
 """
 
 from fastrob.metrics.ara import ARAResult, ara, ara_from_radii
-from fastrob.metrics.map_discrepancy import InterpretationDiscrepancy, discrepancy, interpretation_discrepancy
 from fastrob.metrics.kl import KLRobustness, kl_robustness
-from fastrob.metrics.robust import (ATTACKS, AccuracyCurve, RobustAccuracy, accuracy_curve, describe_attack,
-                                   make_attack, robust_accuracy)
+from fastrob.metrics.map_discrepancy import InterpretationDiscrepancy, discrepancy, interpretation_discrepancy
+from fastrob.metrics.robust import (
+    ATTACKS,
+    AccuracyCurve,
+    RobustAccuracy,
+    accuracy_curve,
+    describe_attack,
+    make_attack,
+    robust_accuracy,
+)
 from fastrob.metrics.sensitivity import (
     NeuronSensitivity,
     neuron_sensitivity,
@@ -30,10 +37,27 @@ from fastrob.metrics.sensitivity import (
     top_k_sensitive,
 )
 
-__all__ = ["ARAResult", "AccuracyCurve", "InterpretationDiscrepancy", "KLRobustness", "NeuronSensitivity",
-           "RobustAccuracy", "ATTACKS", "accuracy_curve", "describe_attack", "make_attack", "ara", "ara_from_radii",
-           "discrepancy", "interpretation_discrepancy",
-           "kl_robustness", "neuron_sensitivity", "neuron_sensitivity_metric", "robust_accuracy", "top_k_sensitive"]
+__all__ = [
+    "ARAResult",
+    "AccuracyCurve",
+    "InterpretationDiscrepancy",
+    "KLRobustness",
+    "NeuronSensitivity",
+    "RobustAccuracy",
+    "ATTACKS",
+    "accuracy_curve",
+    "describe_attack",
+    "make_attack",
+    "ara",
+    "ara_from_radii",
+    "discrepancy",
+    "interpretation_discrepancy",
+    "kl_robustness",
+    "neuron_sensitivity",
+    "neuron_sensitivity_metric",
+    "robust_accuracy",
+    "top_k_sensitive",
+]
 
 # the gradient-masking report (issue 14)
 from fastrob.metrics.masking import MaskingCheck, MaskingReport, masking_report  # noqa: E402

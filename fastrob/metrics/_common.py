@@ -3,13 +3,21 @@ device, the progress bar, the clean pass, and the sharding of a distributed eval
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DistributedSampler
+
 from fastrob import distributed as dist_utils
-from fastrob._checks import (check_int, check_labels, check_logits, check_model, check_model_input, check_tensor,
-                             eval_mode)
+from fastrob._checks import (
+    check_int,
+    check_labels,
+    check_logits,
+    check_model,
+    check_model_input,
+    check_tensor,
+    eval_mode,
+)
 from fastrob._progress import progress
 
 
@@ -74,12 +82,14 @@ class Shard:
         got = [len(p) for p in parts]
         if got != expected:
             # every rank sees the same sizes, so every rank raises: no process is left waiting
-            raise ValueError(f"the distributed loaders yielded {got} samples per rank, expected {expected} "
-                             "(DistributedSampler positions < the dataset size); a DataLoader with drop_last=True "
-                             "or a custom batch_sampler does not read its whole shard")
+            raise ValueError(
+                f"the distributed loaders yielded {got} samples per rank, expected {expected} "
+                "(DistributedSampler positions < the dataset size); a DataLoader with drop_last=True "
+                "or a custom batch_sampler does not read its whole shard"
+            )
         out = torch.empty((self.total, *local.shape[1:]), dtype=parts[0].dtype)
         for r, part in enumerate(parts):
-            out[r::self.world] = part
+            out[r :: self.world] = part
         return out
 
 
@@ -99,8 +109,10 @@ def shard(data, n: int | None, distributed: bool | None) -> Shard | None:
     sampler = getattr(data, "sampler", None)
     if isinstance(sampler, DistributedSampler):
         if (sampler.num_replicas, sampler.rank) != (world, rank):
-            raise ValueError(f"data: the DistributedSampler is for rank {sampler.rank} of {sampler.num_replicas}, "
-                             f"but this process is rank {rank} of {world}")
+            raise ValueError(
+                f"data: the DistributedSampler is for rank {sampler.rank} of {sampler.num_replicas}, "
+                f"but this process is rank {rank} of {world}"
+            )
         total = sampler.total_size if sampler.drop_last else len(sampler.dataset)
     elif distributed and isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor):
         total = len(data[1])
@@ -111,8 +123,16 @@ def shard(data, n: int | None, distributed: bool | None) -> Shard | None:
     return Shard(rank, world, total if n is None else min(total, n))
 
 
-def batches(data, batch_size: int, device: torch.device, *, desc: str, quiet: bool,
-            limit: int | None = None, shard: Shard | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    data,
+    batch_size: int,
+    device: torch.device,
+    *,
+    desc: str,
+    quiet: bool,
+    limit: int | None = None,
+    shard: Shard | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) batches on ``device`` with a progress bar counting samples (on rank 0 only).
 
     data: a pair (x [N, ...] float in [0, 1], y [N] int) cut into ``batch_size`` chunks, or any
@@ -127,14 +147,16 @@ def batches(data, batch_size: int, device: torch.device, *, desc: str, quiet: bo
     quiet = quiet or not dist_utils.is_main_process()
     if isinstance(data, (tuple, list)):
         if len(data) != 2:
-            raise ValueError(f"data must be a pair (x, y) or a DataLoader of (x, y) batches, got a "
-                             f"{type(data).__name__} of length {len(data)}")
+            raise ValueError(
+                f"data must be a pair (x, y) or a DataLoader of (x, y) batches, got a "
+                f"{type(data).__name__} of length {len(data)}"
+            )
         xs, ys = data
         check_tensor("x", xs, min_dim=2)
         ys = check_labels(ys, xs.shape[0])
         if shard is not None and shard.positioned:
-            xs, ys = xs[shard.rank::shard.world], ys[shard.rank::shard.world]
-        source = [(xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, len(ys), batch_size)]
+            xs, ys = xs[shard.rank :: shard.world], ys[shard.rank :: shard.world]
+        source = [(xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, len(ys), batch_size)]
     elif hasattr(data, "__iter__") and not isinstance(data, torch.Tensor):
         source = data
     else:
@@ -151,7 +173,7 @@ def batches(data, batch_size: int, device: torch.device, *, desc: str, quiet: bo
             check_tensor("x", x, min_dim=2)
             y = check_labels(y, x.shape[0])
             if limit is not None and seen + len(y) > limit:
-                x, y = x[:limit - seen], y[:limit - seen]
+                x, y = x[: limit - seen], y[: limit - seen]
             if len(y) == 0:
                 break
             seen += len(y)

@@ -35,9 +35,15 @@ class ARAResult:
         return r, acc
 
     def as_dict(self) -> dict:
-        return {"ara": self.ara, "kind": self.kind, "num_classes": self.num_classes,
-                "clean_accuracy": self.clean_accuracy, "max_rmse": self.max_rmse, "n": len(self.radii),
-                "median_radius": float(self.radii.median()) if len(self.radii) else 0.0}
+        return {
+            "ara": self.ara,
+            "kind": self.kind,
+            "num_classes": self.num_classes,
+            "clean_accuracy": self.clean_accuracy,
+            "max_rmse": self.max_rmse,
+            "n": len(self.radii),
+            "median_radius": float(self.radii.median()) if len(self.radii) else 0.0,
+        }
 
 
 def ara_from_radii(radii: torch.Tensor, num_classes: int) -> float:
@@ -55,9 +61,21 @@ def ara_from_radii(radii: torch.Tensor, num_classes: int) -> float:
     return float((heights.clamp_min(0) * widths).sum())
 
 
-def ara(model, data, n: int = 1000, kind: str = "attack", *, steps: int = 20, search_steps: int = 10,
-        max_rmse: float = 1.0, seed: int = 0, batch_size: int = 256, device=None, quiet: bool = False,
-        distributed: bool | None = None) -> ARAResult:
+def ara(
+    model,
+    data,
+    n: int = 1000,
+    kind: str = "attack",
+    *,
+    steps: int = 20,
+    search_steps: int = 10,
+    max_rmse: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    device=None,
+    quiet: bool = False,
+    distributed: bool | None = None,
+) -> ARAResult:
     """Accuracy-robustness area over the first ``n`` samples of ``data``.
 
     For each sample, r_i = the smallest RMSE ‖δ‖₂/√d of a successful perturbation found by a
@@ -109,8 +127,9 @@ def ara(model, data, n: int = 1000, kind: str = "attack", *, steps: int = 20, se
         num_classes = None if num_classes < 0 else num_classes
     if num_classes is None:
         raise ValueError("data holds no samples")
-    return ARAResult(ara_from_radii(radii, num_classes), radii.float(), kind, num_classes,
-                     n_correct / len(radii), max_rmse)
+    return ARAResult(
+        ara_from_radii(radii, num_classes), radii.float(), kind, num_classes, n_correct / len(radii), max_rmse
+    )
 
 
 def _success(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
@@ -130,12 +149,33 @@ def _minimal_rmse(model, x, y, kind, steps, search_steps, max_rmse, generator) -
         mid = (lo + hi) / 2
         eps = mid * root_d
         if kind == "attack":
-            x_adv, fooled = pgd(model, x, y, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm="l2",
-                                random_start=False, loss="margin", robust_only=True, return_fooled=True,
-                                generator=generator)
+            x_adv, fooled = pgd(
+                model,
+                x,
+                y,
+                eps=eps,
+                alpha=default_alpha(eps, steps),
+                steps=steps,
+                norm="l2",
+                random_start=False,
+                loss="margin",
+                robust_only=True,
+                return_fooled=True,
+                generator=generator,
+            )
         else:
-            x_adv = pgd(model, x, y, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm="l2",
-                        random_start=False, loss="ce", generator=generator)
+            x_adv = pgd(
+                model,
+                x,
+                y,
+                eps=eps,
+                alpha=default_alpha(eps, steps),
+                steps=steps,
+                norm="l2",
+                random_start=False,
+                loss="ce",
+                generator=generator,
+            )
             fooled = _success(clean_logits(model, x_adv), y, kind)
         found = (x_adv - x).flatten(1).double().norm(dim=1) / root_d
         best = torch.where(fooled, torch.minimum(best, found), best)

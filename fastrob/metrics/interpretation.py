@@ -7,5 +7,8 @@ from fastrob.metrics.map_discrepancy import KINDS, InterpretationDiscrepancy, di
 
 __all__ = ["KINDS", "InterpretationDiscrepancy", "discrepancy", "interpretation_discrepancy"]
 
-warnings.warn("fastrob.metrics.interpretation is deprecated: import from fastrob.metrics.map_discrepancy (or "
-              "fastrob.metrics)", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "fastrob.metrics.interpretation is deprecated: import from fastrob.metrics.map_discrepancy (or fastrob.metrics)",
+    DeprecationWarning,
+    stacklevel=2,
+)

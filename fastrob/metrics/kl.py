@@ -1,4 +1,5 @@
-"""Yu et al.'s (IJCAI 2019) robustness metric (docs/methods.md#kl-robustness-bound): the upper bound of prediction divergence in the eps-ball."""
+"""Yu et al.'s (IJCAI 2019) robustness metric (docs/methods.md#kl-robustness-bound): the upper
+bound of prediction divergence in the eps-ball."""
 
 from __future__ import annotations
 
@@ -30,14 +31,33 @@ class KLRobustness:
         return quantiles(self.values)
 
     def as_dict(self) -> dict:
-        return {"mean": self.mean, "eps": self.eps, "norm": self.norm, "steps": self.steps, "restarts": self.restarts,
-                "n": len(self.values),
-                **self.quantiles}
+        return {
+            "mean": self.mean,
+            "eps": self.eps,
+            "norm": self.norm,
+            "steps": self.steps,
+            "restarts": self.restarts,
+            "n": len(self.values),
+            **self.quantiles,
+        }
 
 
-def kl_robustness(model, data, eps: float, norm: str = "linf", steps: int = 10, *, alpha: float | None = None,
-                  restarts: int = 4, seed: int = 0, batch_size: int = 256, device=None, quiet: bool = False,
-                  n: int | None = None, distributed: bool | None = None) -> KLRobustness:
+def kl_robustness(
+    model,
+    data,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 10,
+    *,
+    alpha: float | None = None,
+    restarts: int = 4,
+    seed: int = 0,
+    batch_size: int = 256,
+    device=None,
+    quiet: bool = False,
+    n: int | None = None,
+    distributed: bool | None = None,
+) -> KLRobustness:
     """psi(x) = max_{‖δ‖ <= eps, x+δ ∈ [0,1]} KL(p(x) ‖ p(x + δ)) per sample (Yu et al. 2019), and its mean.
 
     The max is found as in TRADES' inner maximisation: ``steps`` PGD steps of size ``alpha``
@@ -65,8 +85,9 @@ def kl_robustness(model, data, eps: float, norm: str = "linf", steps: int = 10, 
     part = shard(data, n, distributed)
     generator = torch.Generator(device=device).manual_seed(seed + (part.rank if part else 0))
     values = []
-    for x, y in batches(data, batch_size, device, desc=f"KL bound ({norm}, eps={eps:g})", quiet=quiet, limit=n,
-                        shard=part):
+    for x, y in batches(
+        data, batch_size, device, desc=f"KL bound ({norm}, eps={eps:g})", quiet=quiet, limit=n, shard=part
+    ):
         p = F.softmax(clean_logits(model, x), dim=1)
         if eps == 0:
             values.append(torch.zeros(len(y)))
@@ -75,8 +96,18 @@ def kl_robustness(model, data, eps: float, norm: str = "linf", steps: int = 10, 
         for r in range(restarts):
             # one pgd call per restart: the engine's own restarts keep a restart that flips the
             # argmax, while this metric wants the largest KL
-            x_adv = pgd(model, x, None, eps=eps, alpha=alpha, steps=steps, norm=norm, loss="kl",
-                        random_start="trades" if r == 0 else True, generator=generator)
+            x_adv = pgd(
+                model,
+                x,
+                None,
+                eps=eps,
+                alpha=alpha,
+                steps=steps,
+                norm=norm,
+                loss="kl",
+                random_start="trades" if r == 0 else True,
+                generator=generator,
+            )
             kl = torch.maximum(kl, kl_loss(clean_logits(model, x_adv), p))
         values.append(kl.clamp_min(0).cpu())
     values = torch.cat(values) if values else torch.zeros(0)

@@ -3,22 +3,27 @@ interpretation maps change under a perturbation, per sample and over a data set.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
 
 import torch
 
 from fastrob._checks import check_labels, check_tensor
 from fastrob.attacks.state import attack_context
-from fastrob.interpret import default_map, map_function
 from fastrob.distributed import unwrap
+from fastrob.interpret import default_map, map_function
 from fastrob.metrics._common import batches, model_device, quantiles, shard
 
 KINDS = ("2class", "1class")
 
 
-def discrepancy(maps_clean: torch.Tensor, maps_adv: torch.Tensor, y: torch.Tensor,
-                logits_adv: Optional[torch.Tensor] = None, kind: str = "2class") -> torch.Tensor:
+def discrepancy(
+    maps_clean: torch.Tensor,
+    maps_adv: torch.Tensor,
+    y: torch.Tensor,
+    logits_adv: torch.Tensor | None = None,
+    kind: str = "2class",
+) -> torch.Tensor:
     """The l1 interpretation discrepancy per sample, [B] (docs/methods.md#interpretation-aware-training):
         1-class:  D1(x, x') = ||I_y(x') - I_y(x)||_1
         2-class:  D2(x, x') = D1 + sum_{c != y} p~_c(x') ||I_c(x') - I_c(x)||_1,
@@ -41,8 +46,9 @@ def discrepancy(maps_clean: torch.Tensor, maps_adv: torch.Tensor, y: torch.Tenso
     check_tensor("maps_clean", maps_clean, min_dim=2)
     check_tensor("maps_adv", maps_adv, min_dim=2)
     if maps_clean.shape != maps_adv.shape:
-        raise ValueError(f"maps_adv must have the shape of maps_clean {tuple(maps_clean.shape)}, "
-                         f"got {tuple(maps_adv.shape)}")
+        raise ValueError(
+            f"maps_adv must have the shape of maps_clean {tuple(maps_clean.shape)}, got {tuple(maps_adv.shape)}"
+        )
     batch, k = maps_clean.shape[:2]
     y = check_labels(y, batch).to(maps_clean.device)
     if maps_adv.dtype in (torch.float16, torch.bfloat16) or maps_clean.dtype in (torch.float16, torch.bfloat16):
@@ -52,8 +58,9 @@ def discrepancy(maps_clean: torch.Tensor, maps_adv: torch.Tensor, y: torch.Tenso
     if kind == "1class" and k == 1:
         return diff[:, 0]
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
-        raise ValueError(f"y must hold labels in [0, {k}) for maps of {k} classes, got values in "
-                         f"[{int(y.min())}, {int(y.max())}]")
+        raise ValueError(
+            f"y must hold labels in [0, {k}) for maps of {k} classes, got values in [{int(y.min())}, {int(y.max())}]"
+        )
     d1 = diff.gather(1, y[:, None]).squeeze(1)
     if kind == "1class":
         return d1
@@ -61,8 +68,9 @@ def discrepancy(maps_clean: torch.Tensor, maps_adv: torch.Tensor, y: torch.Tenso
         raise ValueError("kind='2class' needs logits_adv, the logits of the perturbed inputs [B, C]")
     check_tensor("logits_adv", logits_adv, min_dim=2)
     if logits_adv.shape != (batch, k):
-        raise ValueError(f"logits_adv must have shape [B, C] = ({batch}, {k}) (the maps' classes), "
-                         f"got {tuple(logits_adv.shape)}")
+        raise ValueError(
+            f"logits_adv must have shape [B, C] = ({batch}, {k}) (the maps' classes), got {tuple(logits_adv.shape)}"
+        )
     if k < 2:
         return d1
     # p~: the softmax over c != y (the y entry masked to -inf gets weight 0)
@@ -89,14 +97,30 @@ class InterpretationDiscrepancy:
         return quantiles(self.values)
 
     def as_dict(self) -> dict:
-        return {"mean": self.mean, "map": self.map, "kind": self.kind, "n": len(self.values),
-                "fooled_rate": float(self.fooled.float().mean()) if len(self.fooled) else 0.0, **self.quantiles}
+        return {
+            "mean": self.mean,
+            "map": self.map,
+            "kind": self.kind,
+            "n": len(self.values),
+            "fooled_rate": float(self.fooled.float().mean()) if len(self.fooled) else 0.0,
+            **self.quantiles,
+        }
 
 
-def interpretation_discrepancy(model, data, attack: Callable, *, map: Union[str, Callable] = "cam",
-                               kind: str = "2class", map_kwargs: Optional[dict] = None, batch_size: int = 256,
-                               device=None, quiet: bool = False, n: Optional[int] = None,
-                               distributed: Optional[bool] = None) -> InterpretationDiscrepancy:
+def interpretation_discrepancy(
+    model,
+    data,
+    attack: Callable,
+    *,
+    map: str | Callable = "cam",
+    kind: str = "2class",
+    map_kwargs: dict | None = None,
+    batch_size: int = 256,
+    device=None,
+    quiet: bool = False,
+    n: int | None = None,
+    distributed: bool | None = None,
+) -> InterpretationDiscrepancy:
     """The mean interpretation discrepancy D(x, attack(x, y)) over ``data`` (``discrepancy``,
     with the true labels y), and its per-sample values.
 
@@ -125,8 +149,9 @@ def interpretation_discrepancy(model, data, attack: Callable, *, map: Union[str,
     device = model_device(model, device)
     part = shard(data, n, distributed)
     values, fooled = [], []
-    for x, y in batches(data, batch_size, device, desc=f"interpretation discrepancy ({name})", quiet=quiet, limit=n,
-                        shard=part):
+    for x, y in batches(
+        data, batch_size, device, desc=f"interpretation discrepancy ({name})", quiet=quiet, limit=n, shard=part
+    ):
         x_adv = attack(x, y).detach()
         with attack_context(model):
             classes = y if kind == "1class" else None  # 1-class D needs class y's maps only

@@ -58,8 +58,15 @@ from fastrob.metrics._common import batches, clean_logits, model_device
 # Checks that count samples need MIN_COUNT of them as well as the threshold: on a small n one or two
 # near-boundary points that a random search happens to break are noise, not masking.
 MIN_COUNT = 3
-THRESHOLDS = {"black_box": 0.02, "large_eps": 0.05, "convergence": 0.05, "zero_gradients": 0.05, "randomized": 0.0,
-              "probabilities": 0.5, "ce_vs_dlr": 0.10}
+THRESHOLDS = {
+    "black_box": 0.02,
+    "large_eps": 0.05,
+    "convergence": 0.05,
+    "zero_gradients": 0.05,
+    "randomized": 0.0,
+    "probabilities": 0.5,
+    "ce_vs_dlr": 0.10,
+}
 DESCRIPTIONS = {
     "black_box": "fraction broken by Square but by no gradient attack",
     "large_eps": "robust accuracy at a radius that reaches a gray image",
@@ -89,8 +96,13 @@ class MaskingCheck:
         return "suspicious" if self.value > self.threshold and enough else "ok"
 
     def as_dict(self) -> dict:
-        return {"value": self.value, "threshold": self.threshold, "verdict": self.verdict, "count": self.count,
-                "description": self.description}
+        return {
+            "value": self.value,
+            "threshold": self.threshold,
+            "verdict": self.verdict,
+            "count": self.count,
+            "description": self.description,
+        }
 
 
 @dataclass
@@ -122,13 +134,22 @@ class MaskingReport:
         raise KeyError(f"no check named {name!r}; the checks are {[c.name for c in self.checks]}")
 
     def as_dict(self) -> dict:
-        return {"verdict": self.verdict, "eps": self.eps, "norm": self.norm, "n": self.n,
-                "clean_accuracy": self.clean_accuracy, "robust_accuracy": self.robust_accuracy,
-                "attacks": self.attacks, "checks": {c.name: c.as_dict() for c in self.checks}}
+        return {
+            "verdict": self.verdict,
+            "eps": self.eps,
+            "norm": self.norm,
+            "n": self.n,
+            "clean_accuracy": self.clean_accuracy,
+            "robust_accuracy": self.robust_accuracy,
+            "attacks": self.attacks,
+            "checks": {c.name: c.as_dict() for c in self.checks},
+        }
 
     def table(self) -> str:
-        lines = [f"gradient-masking report ({self.norm} eps={self.eps:g}, n={self.n}, {self.attacks}): {self.verdict}",
-                 f"{'check':<16}{'value':>9}{'limit':>9}  {'verdict':<11}what"]
+        lines = [
+            f"gradient-masking report ({self.norm} eps={self.eps:g}, n={self.n}, {self.attacks}): {self.verdict}",
+            f"{'check':<16}{'value':>9}{'limit':>9}  {'verdict':<11}what",
+        ]
         for c in self.checks:
             value = "-" if c.value is None else f"{c.value:.4f}"
             lines.append(f"{c.name:<16}{value:>9}{c.threshold:>9.4f}  {c.verdict:<11}{c.description}")
@@ -141,6 +162,7 @@ class MaskingReport:
 # ----------------------------------------------------------------------------------------------
 # the attacks the checks use: H14a's APGD / Square where present, PGD otherwise
 
+
 def _gradient_attack(model, x, y, *, eps, norm, loss, steps, restarts, seed):
     """Whether APGD (or PGD) with ``loss`` ("ce" | "dlr") breaks each sample of (x, y)."""
     try:
@@ -148,24 +170,38 @@ def _gradient_attack(model, x, y, *, eps, norm, loss, steps, restarts, seed):
     except ImportError:
         apgd = None
     if apgd is not None:
-        _, fooled = apgd(model, x, y, eps=eps, norm=norm, steps=steps, n_restarts=restarts, loss=loss, seed=seed,
-                         return_fooled=True)
+        _, fooled = apgd(
+            model, x, y, eps=eps, norm=norm, steps=steps, n_restarts=restarts, loss=loss, seed=seed, return_fooled=True
+        )
         return fooled
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    _, fooled = pgd(model, x, y, eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm=norm, restarts=restarts,
-                    loss="ce" if loss == "ce" else margin_loss, robust_only=True, return_fooled=True,
-                    generator=generator)
+    _, fooled = pgd(
+        model,
+        x,
+        y,
+        eps=eps,
+        alpha=default_alpha(eps, steps),
+        steps=steps,
+        norm=norm,
+        restarts=restarts,
+        loss="ce" if loss == "ce" else margin_loss,
+        robust_only=True,
+        return_fooled=True,
+        generator=generator,
+    )
     return fooled
 
 
 def _attack_names():
     try:
         import fastrob.attacks.apgd  # noqa: F401
+
         gradient = "APGD-CE/DLR"
     except ImportError:
         gradient = "PGD-CE/margin"
     try:
         import fastrob.attacks.square  # noqa: F401
+
         return gradient + ", Square"
     except ImportError:
         return gradient
@@ -182,9 +218,23 @@ def _square(model, x, y, *, eps, norm, n_queries, seed):
 # ----------------------------------------------------------------------------------------------
 # the report
 
-def masking_report(model, data, eps: float, norm: str = "linf", *, n: int | None = 500, steps: int = 25,
-                   strong_factor: int = 4, n_queries: int = 1000, large_eps: float | None = None, seed: int = 0,
-                   batch_size: int = 256, device=None, quiet: bool = False) -> MaskingReport:
+
+def masking_report(
+    model,
+    data,
+    eps: float,
+    norm: str = "linf",
+    *,
+    n: int | None = 500,
+    steps: int = 25,
+    strong_factor: int = 4,
+    n_queries: int = 1000,
+    large_eps: float | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device=None,
+    quiet: bool = False,
+) -> MaskingReport:
     """The gradient-masking checks (module docstring) for ``model`` on up to ``n`` samples of ``data``.
 
     Args:
@@ -222,7 +272,7 @@ def masking_report(model, data, eps: float, norm: str = "linf", *, n: int | None
     total = len(y)
 
     def chunks(idx):
-        return [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+        return [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
 
     def attack(idx, **kwargs):
         """Fooled mask over ``idx`` (indices into x) under the gradient attack ``kwargs``."""
@@ -236,8 +286,9 @@ def masking_report(model, data, eps: float, norm: str = "linf", *, n: int | None
     checks = {}
 
     def done(name, value, count=None):
-        checks[name] = MaskingCheck(name, None if value is None else float(value), THRESHOLDS[name],
-                                    DESCRIPTIONS[name], count)
+        checks[name] = MaskingCheck(
+            name, None if value is None else float(value), THRESHOLDS[name], DESCRIPTIONS[name], count
+        )
         stages.set_postfix_str(name)
         stages.update(1)
 
@@ -250,7 +301,7 @@ def masking_report(model, data, eps: float, norm: str = "linf", *, n: int | None
         done("probabilities", rows_are_probabilities.float().mean())
 
         with attack_context(model), torch.no_grad():
-            probe = x[:min(total, 64)]
+            probe = x[: min(total, 64)]
             first, second = model(probe).float(), model(probe).float()
         scale = 1e-5 * (1 + first.abs().amax(1))
         done("randomized", ((first - second).abs().amax(1) > scale).float().mean())
@@ -267,8 +318,12 @@ def masking_report(model, data, eps: float, norm: str = "linf", *, n: int | None
         square_runs = _square_available(x)
         fooled_sq = torch.zeros(len(survivors), dtype=torch.bool, device=device)
         if square_runs and len(survivors):
-            fooled_sq = torch.cat([_square(model, x[p], y[p], eps=eps, norm=norm, n_queries=n_queries, seed=seed)
-                                   for p in chunks(survivors)])
+            fooled_sq = torch.cat(
+                [
+                    _square(model, x[p], y[p], eps=eps, norm=norm, n_queries=n_queries, seed=seed)
+                    for p in chunks(survivors)
+                ]
+            )
         done("black_box", int(fooled_sq.sum()) / total if square_runs else None, int(fooled_sq.sum()))
 
         strong = torch.zeros(len(survivors), dtype=torch.bool, device=device)
@@ -291,8 +346,16 @@ def masking_report(model, data, eps: float, norm: str = "linf", *, n: int | None
     robust = torch.zeros(total, dtype=torch.bool, device=device)
     robust[survivors[~(strong | fooled_sq)]] = True
     order = ("black_box", "large_eps", "convergence", "zero_gradients", "randomized", "probabilities", "ce_vs_dlr")
-    return MaskingReport([checks[k] for k in order], eps, norm, total, float(correct.float().mean()),
-                         float(robust.float().mean()), _attack_names(), robust.cpu())
+    return MaskingReport(
+        [checks[k] for k in order],
+        eps,
+        norm,
+        total,
+        float(correct.float().mean()),
+        float(robust.float().mean()),
+        _attack_names(),
+        robust.cpu(),
+    )
 
 
 def _square_available(x) -> bool:
@@ -309,9 +372,9 @@ def _zero_gradient_fraction(model, x, y, batch_size) -> float:
     bad = 0
     with attack_context(model):
         for i in range(0, len(y), batch_size):
-            inp = x[i:i + batch_size].detach().requires_grad_(True)
+            inp = x[i : i + batch_size].detach().requires_grad_(True)
             with torch.enable_grad():
-                loss = F.cross_entropy(model(inp).float(), y[i:i + batch_size], reduction="sum")
+                loss = F.cross_entropy(model(inp).float(), y[i : i + batch_size], reduction="sum")
                 grad = torch.autograd.grad(loss, inp)[0].flatten(1)
             bad += int(((grad == 0).all(1) | ~torch.isfinite(grad).all(1)).sum())
     return bad / len(y)

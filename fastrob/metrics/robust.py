@@ -4,8 +4,8 @@ names the attack a result came from."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 
@@ -45,12 +45,28 @@ class AccuracyCurve:
     attack: str = ""
 
     def as_dict(self) -> dict:
-        return {"eps": self.eps, "accuracy": self.accuracy, "clean_accuracy": self.clean_accuracy, "n": self.n,
-                "norm": self.norm, "steps": self.steps, "attack": self.attack}
+        return {
+            "eps": self.eps,
+            "accuracy": self.accuracy,
+            "clean_accuracy": self.clean_accuracy,
+            "n": self.n,
+            "norm": self.norm,
+            "steps": self.steps,
+            "attack": self.attack,
+        }
 
 
-def robust_accuracy(model, data, attack, *, batch_size: int = 256, device=None, quiet: bool = False,
-                    n: int | None = None, distributed: bool | None = None) -> RobustAccuracy:
+def robust_accuracy(
+    model,
+    data,
+    attack,
+    *,
+    batch_size: int = 256,
+    device=None,
+    quiet: bool = False,
+    n: int | None = None,
+    distributed: bool | None = None,
+) -> RobustAccuracy:
     """Fraction of samples with argmax f(x) = y and argmax f(attack(x, y)) = y.
 
     ``attack`` is any callable attack(x, y) -> x_adv (a fastrob attack such as
@@ -87,17 +103,29 @@ def robust_accuracy(model, data, attack, *, batch_size: int = 256, device=None, 
     if not len(robust):
         raise ValueError("data holds no samples: robust accuracy is undefined on empty data")
     total = len(robust)
-    return RobustAccuracy(float(robust.float().sum()) / total, n_clean / total, len(robust), robust,
-                          describe_attack(attack))
+    return RobustAccuracy(
+        float(robust.float().sum()) / total, n_clean / total, len(robust), robust, describe_attack(attack)
+    )
 
 
 # the attacks the metrics build by name (``make_attack``, ``accuracy_curve(attack=...)``, ``fastrob eval --attack``)
 ATTACKS = ("autoattack", "apgd", "pgd")
 
 
-def make_attack(name: str, model, eps: float, norm: str = "linf", *, steps: int = 20, restarts: int = 1,
-                n_queries: int = 5000, version: str = "standard", n_classes: int = 10, seed: int = 0,
-                quiet: bool = True):
+def make_attack(
+    name: str,
+    model,
+    eps: float,
+    norm: str = "linf",
+    *,
+    steps: int = 20,
+    restarts: int = 1,
+    n_queries: int = 5000,
+    version: str = "standard",
+    n_classes: int = 10,
+    seed: int = 0,
+    quiet: bool = True,
+):
     """The attack object ``name`` at radius ``eps``:
 
     - "pgd": PGD (``fastrob.PGD`` / ``PGDL2``), ``steps`` steps of 2.5·eps/steps, ``restarts`` random starts;
@@ -110,14 +138,29 @@ def make_attack(name: str, model, eps: float, norm: str = "linf", *, steps: int 
     check_norm(norm)
     if name == "pgd":
         cls = PGD if norm == "linf" else PGDL2
-        return cls(model, eps=eps, alpha=default_alpha(eps, steps), steps=steps, restarts=restarts,
-                   generator=torch.Generator(device=model_device(model, None)).manual_seed(seed))
+        return cls(
+            model,
+            eps=eps,
+            alpha=default_alpha(eps, steps),
+            steps=steps,
+            restarts=restarts,
+            generator=torch.Generator(device=model_device(model, None)).manual_seed(seed),
+        )
     upper = "Linf" if norm == "linf" else "L2"
     if name == "apgd":
         return APGD(model, norm=upper, eps=eps, steps=steps, n_restarts=restarts, seed=seed, loss="ce")
     if name == "autoattack":
-        return AutoAttack(model, norm=upper, eps=eps, version=version, n_classes=n_classes, seed=seed, steps=steps,
-                          n_queries=n_queries, quiet=quiet)
+        return AutoAttack(
+            model,
+            norm=upper,
+            eps=eps,
+            version=version,
+            n_classes=n_classes,
+            seed=seed,
+            steps=steps,
+            n_queries=n_queries,
+            quiet=quiet,
+        )
     raise ValueError(f"attack must be one of {ATTACKS}, got {name!r}")
 
 
@@ -128,8 +171,11 @@ def describe_attack(attack) -> str:
 
     kind = type(attack).__name__
     if isinstance(attack, AutoAttack):
-        extra = "" if (attack.steps, attack.n_queries) == (100, 5000) else \
-            f", steps={attack.steps}, n_queries={attack.n_queries}"
+        extra = (
+            ""
+            if (attack.steps, attack.n_queries) == (100, 5000)
+            else f", steps={attack.steps}, n_queries={attack.n_queries}"
+        )
         custom = "custom" if attack.attacks is not None else attack.version
         return f"AutoAttack({custom}, {attack.norm}, eps={attack.eps:g}{extra})"
     if isinstance(attack, APGD):
@@ -171,8 +217,9 @@ def check_attack_output(x_adv, x: torch.Tensor, ball: tuple[str, float] | None) 
     if not isinstance(x_adv, torch.Tensor):
         raise TypeError(f"attack(x, y) must return a tensor of adversarial images, got {type(x_adv).__name__}")
     if x_adv.shape != x.shape:
-        raise ValueError(f"attack(x, y) must return images of the shape of x {tuple(x.shape)}, got "
-                         f"{tuple(x_adv.shape)}")
+        raise ValueError(
+            f"attack(x, y) must return images of the shape of x {tuple(x.shape)}, got {tuple(x_adv.shape)}"
+        )
     n_bad = int((~torch.isfinite(x_adv)).flatten(1).any(1).sum())
     if n_bad:
         raise ValueError(f"attack(x, y) returned non-finite (NaN or inf) images for {n_bad} of {len(x)} samples")
@@ -187,14 +234,30 @@ def check_attack_output(x_adv, x: torch.Tensor, ball: tuple[str, float] | None) 
         size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
         worst = float(size.max())
         if worst > eps * (1 + 1e-4) + slack * (delta.shape[1] ** 0.5 if norm == "l2" else 1):
-            raise ValueError(f"attack(x, y) returned images outside its {norm} ball of eps={eps:g} "
-                             f"(largest distance {worst:.4g})")
+            raise ValueError(
+                f"attack(x, y) returned images outside its {norm} ball of eps={eps:g} (largest distance {worst:.4g})"
+            )
 
 
-def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *, steps: int = 20,
-                   alpha_factor: float = ALPHA_FACTOR, restarts: int = 1, random_start=True, loss: str = "ce",
-                   seed: int = 0, batch_size: int = 256, device=None, quiet: bool = False,
-                   n: int | None = None, distributed: bool | None = None, attack="pgd") -> AccuracyCurve:
+def accuracy_curve(
+    model,
+    data,
+    eps_list: Sequence[float],
+    norm: str = "linf",
+    *,
+    steps: int = 20,
+    alpha_factor: float = ALPHA_FACTOR,
+    restarts: int = 1,
+    random_start=True,
+    loss: str = "ce",
+    seed: int = 0,
+    batch_size: int = 256,
+    device=None,
+    quiet: bool = False,
+    n: int | None = None,
+    distributed: bool | None = None,
+    attack="pgd",
+) -> AccuracyCurve:
     """Robust accuracy under PGD (``fastrob.attacks.pgd``, the default) or another attack at each eps.
 
     ``attack``: "pgd" (below), "apgd" (APGD-CE with ``steps`` iterations, ``restarts`` restarts),
@@ -224,32 +287,62 @@ def accuracy_curve(model, data, eps_list: Sequence[float], norm: str = "linf", *
     alpha_factor = check_float("alpha_factor", alpha_factor, min_value=0.0)
     order = sorted(range(len(eps_values)), key=eps_values.__getitem__)
     if attack != "pgd":
-        return _curve_of(model, data, [eps_values[k] for k in order], norm, attack, steps=steps, restarts=restarts,
-                         seed=seed, batch_size=batch_size, device=device, quiet=quiet, n=n, distributed=distributed)
+        return _curve_of(
+            model,
+            data,
+            [eps_values[k] for k in order],
+            norm,
+            attack,
+            steps=steps,
+            restarts=restarts,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            quiet=quiet,
+            n=n,
+            distributed=distributed,
+        )
     model = unwrap(model)
     device = model_device(model, device)
     part = shard(data, n, distributed)
     generator = torch.Generator(device=device).manual_seed(seed + (part.rank if part else 0))
     alive_count = [0] * len(eps_values)
     n_total = n_clean = 0
-    for x, y in batches(data, batch_size, device, desc=f"accuracy curve ({norm})", quiet=quiet, limit=n,
-                        shard=part):
+    for x, y in batches(data, batch_size, device, desc=f"accuracy curve ({norm})", quiet=quiet, limit=n, shard=part):
         alive = (clean_logits(model, x, y).argmax(1) == y).nonzero().squeeze(1)
         n_total += len(y)
         n_clean += len(alive)
         for k in order:
             eps = eps_values[k]
             if eps > 0 and len(alive):
-                _, fooled = pgd(model, x[alive], y[alive], eps=eps, alpha=default_alpha(eps, steps, alpha_factor),
-                                steps=steps, norm=norm, restarts=restarts, random_start=random_start, loss=loss,
-                                robust_only=True, return_fooled=True, generator=generator)
+                _, fooled = pgd(
+                    model,
+                    x[alive],
+                    y[alive],
+                    eps=eps,
+                    alpha=default_alpha(eps, steps, alpha_factor),
+                    steps=steps,
+                    norm=norm,
+                    restarts=restarts,
+                    random_start=random_start,
+                    loss=loss,
+                    robust_only=True,
+                    return_fooled=True,
+                    generator=generator,
+                )
                 alive = alive[~fooled]
             alive_count[k] += len(alive)
     n_total, n_clean, alive_count = _curve_counts(part, n_total, n_clean, alive_count)
     total = n_total
-    return AccuracyCurve([eps_values[k] for k in order], [alive_count[k] / total for k in order], n_clean / total,
-                         n_total, norm, steps, f"PGD-{steps}({norm}, alpha={alpha_factor:g}*eps/{steps}"
-                         f"{f', {restarts} restarts' if restarts > 1 else ''})")
+    return AccuracyCurve(
+        [eps_values[k] for k in order],
+        [alive_count[k] / total for k in order],
+        n_clean / total,
+        n_total,
+        norm,
+        steps,
+        f"PGD-{steps}({norm}, alpha={alpha_factor:g}*eps/{steps}{f', {restarts} restarts' if restarts > 1 else ''})",
+    )
 
 
 def _curve_counts(part, n_total: int, n_clean: int, alive_count: list) -> tuple[int, int, list]:
@@ -261,8 +354,9 @@ def _curve_counts(part, n_total: int, n_clean: int, alive_count: list) -> tuple[
     return n_total, n_clean, alive_count
 
 
-def _curve_of(model, data, eps_values, norm, attack, *, steps, restarts, seed, batch_size, device, quiet, n,
-              distributed) -> AccuracyCurve:
+def _curve_of(
+    model, data, eps_values, norm, attack, *, steps, restarts, seed, batch_size, device, quiet, n, distributed
+) -> AccuracyCurve:
     """``accuracy_curve`` under a named attack or a factory eps -> attack (eps_values ascending): each
     eps attacks only the survivors of the smaller ones; outputs are checked as in ``robust_accuracy``."""
     if isinstance(attack, str):
@@ -281,13 +375,23 @@ def _curve_of(model, data, eps_values, norm, attack, *, steps, restarts, seed, b
         if eps not in built:
             if attack is None:
                 steps_of = 100 if name == "autoattack" else steps
-                built[eps] = make_attack(name, model, eps, norm, steps=steps_of, restarts=restarts, n_classes=n_classes,
-                                         seed=seed + (part.rank if part else 0), quiet=True)
+                built[eps] = make_attack(
+                    name,
+                    model,
+                    eps,
+                    norm,
+                    steps=steps_of,
+                    restarts=restarts,
+                    n_classes=n_classes,
+                    seed=seed + (part.rank if part else 0),
+                    quiet=True,
+                )
             else:
                 built[eps] = attack(eps)
                 if not callable(built[eps]):
-                    raise TypeError("attack(eps) must return an attack(x, y) -> x_adv, got "
-                                    f"{type(built[eps]).__name__}")
+                    raise TypeError(
+                        f"attack(eps) must return an attack(x, y) -> x_adv, got {type(built[eps]).__name__}"
+                    )
         return built[eps]
 
     alive_count = [0] * len(eps_values)
@@ -308,5 +412,6 @@ def _curve_of(model, data, eps_values, norm, attack, *, steps, restarts, seed, b
     n_total, n_clean, alive_count = _curve_counts(part, n_total, n_clean, alive_count)
     largest = max(eps_values)
     described = describe_attack(built[largest]) if largest in built else (name if attack is None else "")
-    return AccuracyCurve(list(eps_values), [c / n_total for c in alive_count], n_clean / n_total, n_total, norm,
-                         steps, described)
+    return AccuracyCurve(
+        list(eps_values), [c / n_total for c in alive_count], n_clean / n_total, n_total, norm, steps, described
+    )

@@ -18,9 +18,9 @@ torchvision's ResNet blocks) gives one layer per call: ``name``, ``name#1``, ``n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from numbers import Integral, Real
-from typing import Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -32,11 +32,28 @@ from fastrob.distributed import all_gather_objects, unwrap
 from fastrob.metrics._common import batches, model_device, shard
 from fastrob.nn import BiasAct
 
-ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-                    nn.Mish, nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardtanh, BiasAct)
+ACTIVATION_TYPES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardswish,
+    nn.Hardtanh,
+    BiasAct,
+)
 
 
 # ---- layers and hooks ---------------------------------------------------------------------------
+
 
 def default_layers(model: nn.Module) -> list[str]:
     """The names of the modules whose outputs neuron sensitivity watches by default (see the
@@ -58,8 +75,10 @@ def resolve_layers(model, layers=None) -> list[tuple[str, nn.Module]]:
     if layers is None:
         chosen = default_layers(model)
         if not chosen:
-            raise ValueError("model has no activation module and no Conv/Linear layer before the last one: pass "
-                             "layers=[module names] to choose the layers to watch")
+            raise ValueError(
+                "model has no activation module and no Conv/Linear layer before the last one: pass "
+                "layers=[module names] to choose the layers to watch"
+            )
         return [(n, named[n]) for n in chosen]
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
@@ -100,6 +119,7 @@ class FeatureRecorder:
             i = self._counts.get(name, 0)
             self._counts[name] = i + 1
             self.features[name if i == 0 else f"{name}#{i}"] = output.detach() if self.detach else output
+
         return hook
 
     def clear(self) -> None:
@@ -128,8 +148,9 @@ def channel_deviation(f_adv: torch.Tensor, f_clean: torch.Tensor) -> torch.Tenso
     """Per sample and channel ||F_c(x') - F_c(x)||_1 / dim(F_c): [B, C] for outputs [B, C, *rest]
     ([B, 1] for a [B] output), in float32 at least."""
     if f_adv.shape != f_clean.shape:
-        raise ValueError(f"a layer's output changed shape between x and x_adv: {tuple(f_clean.shape)} vs "
-                         f"{tuple(f_adv.shape)}")
+        raise ValueError(
+            f"a layer's output changed shape between x and x_adv: {tuple(f_clean.shape)} vs {tuple(f_adv.shape)}"
+        )
     diff = f_adv - f_clean
     if diff.dtype in (torch.float16, torch.bfloat16):
         diff = diff.float()
@@ -139,6 +160,7 @@ def channel_deviation(f_adv: torch.Tensor, f_clean: torch.Tensor) -> torch.Tenso
 
 
 # ---- the metric ---------------------------------------------------------------------------------
+
 
 @dataclass
 class NeuronSensitivity:
@@ -179,8 +201,12 @@ class NeuronSensitivity:
         return top_k_sensitive(self.sigma, k)
 
     def as_dict(self) -> dict:
-        return {"mean": self.mean, "n": self.n, "layers": self.layer_means,
-                "channels": {name: int(s.numel()) for name, s in self.sigma.items()}}
+        return {
+            "mean": self.mean,
+            "n": self.n,
+            "layers": self.layer_means,
+            "channels": {name: int(s.numel()) for name, s in self.sigma.items()},
+        }
 
 
 def top_k_count(channels: int, k) -> int:
@@ -229,8 +255,9 @@ def _accumulate(totals: dict, model, x, x_adv, recorder) -> None:
         totals[name] = totals[name] + dev if name in totals else dev
 
 
-def neuron_sensitivity(model, x: torch.Tensor, x_adv: torch.Tensor, layers=None, *, batch_size: int = 256,
-                       quiet: bool = True) -> NeuronSensitivity:
+def neuron_sensitivity(
+    model, x: torch.Tensor, x_adv: torch.Tensor, layers=None, *, batch_size: int = 256, quiet: bool = True
+) -> NeuronSensitivity:
     """sigma(l, c) over the pairs (x_k, x_adv_k), for the layers ``layers`` (module docstring).
 
     Both forwards run in eval mode under no_grad (BatchNorm uses its running statistics, so each
@@ -254,14 +281,27 @@ def neuron_sensitivity(model, x: torch.Tensor, x_adv: torch.Tensor, layers=None,
     totals: dict = {}
     with attack_context(model), torch.no_grad(), FeatureRecorder(model, layers, detach=True) as rec:
         for i in progress(range(0, len(x), batch_size), desc="neuron sensitivity", unit="batches", disable=quiet):
-            _accumulate(totals, model, x[i:i + batch_size], x_adv[i:i + batch_size].to(x.device), rec)
+            _accumulate(totals, model, x[i : i + batch_size], x_adv[i : i + batch_size].to(x.device), rec)
     return NeuronSensitivity({k: (v / max(len(x), 1)).cpu() for k, v in totals.items()}, len(x))
 
 
-def neuron_sensitivity_metric(model, data, attack: Optional[Callable] = None, *, eps: float = 0.1,
-                              norm: str = "linf", steps: int = 10, alpha: float | None = None, layers=None,
-                              batch_size: int = 256, seed: int = 0, device=None, quiet: bool = False,
-                              n: int | None = None, distributed: bool | None = None) -> NeuronSensitivity:
+def neuron_sensitivity_metric(
+    model,
+    data,
+    attack: Callable | None = None,
+    *,
+    eps: float = 0.1,
+    norm: str = "linf",
+    steps: int = 10,
+    alpha: float | None = None,
+    layers=None,
+    batch_size: int = 256,
+    seed: int = 0,
+    device=None,
+    quiet: bool = False,
+    n: int | None = None,
+    distributed: bool | None = None,
+) -> NeuronSensitivity:
     """Neuron sensitivity of ``model`` over ``data`` (a pair (x, y) or a DataLoader), each benign
     input paired with its adversarial example from ``attack(x, y)`` (any callable; default: PGD
     from ``fastrob.attacks.pgd`` with ``eps``, ``norm``, ``steps``, step ``alpha`` = 2.5·eps/steps,

@@ -7,4 +7,15 @@ from fastrob.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from fastrob.ops.pgd_step import pgd_step, pgd_step_reference
 from fastrob.ops.sqnorm import sqnorm, sqnorm_reference
 
-__all__ = ["batch_norm", "batch_norm_reference", "bias_act", "bias_act_reference", "cross_entropy", "cross_entropy_reference", "pgd_step", "pgd_step_reference", "sqnorm", "sqnorm_reference"]
+__all__ = [
+    "batch_norm",
+    "batch_norm_reference",
+    "bias_act",
+    "bias_act_reference",
+    "cross_entropy",
+    "cross_entropy_reference",
+    "pgd_step",
+    "pgd_step_reference",
+    "sqnorm",
+    "sqnorm_reference",
+]

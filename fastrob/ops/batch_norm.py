@@ -23,7 +23,6 @@ kernels, the known bottleneck of gradient penalties through BN (pytorch issue 30
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +31,16 @@ from fastrob._checks import check_float, check_tensor
 from fastrob.ops._common import accumulate_dtype, batch_outermost_dense, define_op, launch, resolve_backend, same_layout
 
 
-def batch_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                         running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                         training: bool, momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+def batch_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """The plain torch composite: batch statistics (training) or the running ones (eval), with
     the running statistics updated in place in training mode (unbiased variance, as torch).
     Half-precision inputs are computed in float32 (as the kernels) and returned in x's dtype."""
@@ -72,9 +78,18 @@ def _check_channel_vector(name: str, t, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
 
 
-def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
-               momentum: float = 0.1, eps: float = 1e-5, *, backend: str = "auto") -> torch.Tensor:
+def batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Batch normalisation with ``torch.nn.functional.batch_norm``'s semantics, differentiable
     twice on every backend (the fused backends fuse the double backward).
 
@@ -95,8 +110,7 @@ def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
         A tensor of x's shape, dtype and memory format.
     """
     check_tensor("x", x, min_dim=2)
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         _check_channel_vector(name, t, x)
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
@@ -163,8 +177,9 @@ def reduction_splits(backend: str, x: torch.Tensor) -> int:
         return max(1, min(3, rows // 16))
     width = _CHANNEL_BLOCK[backend][int(channels_last)]
     channel_blocks = -(-c // width)
-    target = -(-4 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-               // channel_blocks)
+    target = -(
+        -4 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device()) // channel_blocks
+    )
     return max(1, min(target, -(-rows // _MIN_ROWS_PER_SPLIT)))
 
 
@@ -175,7 +190,7 @@ def _geometry(x: torch.Tensor):
     return n, c, s, not x.is_contiguous()
 
 
-def _dense_vector(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _dense_vector(t: torch.Tensor | None) -> torch.Tensor | None:
     # the kernels index per-channel vectors as dense [C] arrays (the ops are public: torch.ops.fastrob)
     return t.contiguous() if t is not None else None
 
@@ -196,41 +211,86 @@ def _build(backend: str):
     def splits_for(x):
         return reduction_splits(backend, x)
 
-    def forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, weight, bias = dense(x), _dense_vector(weight), _dense_vector(bias)
         y, mean, invstd = torch.empty_like(x), channel_values(x), channel_values(x)
         splits = splits_for(x)
-        launch(backend, "batch_norm", "bn_forward", (x, weight, bias, y, mean, invstd, workspace(x, splits)), (),
-               (*_geometry(x), splits, eps))
+        launch(
+            backend,
+            "batch_norm",
+            "bn_forward",
+            (x, weight, bias, y, mean, invstd, workspace(x, splits)),
+            (),
+            (*_geometry(x), splits, eps),
+        )
         return y, mean, invstd
 
-    def backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
-                 invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(
+        grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, weight = dense(x), _dense_vector(weight)
         (gy,) = same_layout(x, grad_y)[1:]
         gx, gw, gb = torch.empty_like(x), channel_values(x), channel_values(x)
         splits = splits_for(x)
-        launch(backend, "batch_norm", "bn_backward", (gy, x, weight, mean, invstd, gx, gw, gb, workspace(x, splits)),
-               (), (*_geometry(x), splits))
+        launch(
+            backend,
+            "batch_norm",
+            "bn_backward",
+            (gy, x, weight, mean, invstd, gx, gw, gb, workspace(x, splits)),
+            (),
+            (*_geometry(x), splits),
+        )
         return gx, gw, gb
 
-    def double_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
-                        invstd: torch.Tensor, ggx: torch.Tensor, ggw: torch.Tensor, ggb: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def double_backward(
+        grad_y: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+        ggx: torch.Tensor,
+        ggw: torch.Tensor,
+        ggb: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, weight = dense(x), _dense_vector(weight)
         gy, v = same_layout(x, grad_y, ggx)[1:]
         d_gy, d_x, d_w = torch.empty_like(x), torch.empty_like(x), channel_values(x)
         splits = splits_for(x)
-        launch(backend, "batch_norm", "bn_double_backward",
-               (gy, x, weight, mean, invstd, v, ggw.contiguous(), ggb.contiguous(), d_gy, d_x,
-                d_w if weight is not None else None, workspace(x, splits)), (), (*_geometry(x), splits))
+        launch(
+            backend,
+            "batch_norm",
+            "bn_double_backward",
+            (
+                gy,
+                x,
+                weight,
+                mean,
+                invstd,
+                v,
+                ggw.contiguous(),
+                ggb.contiguous(),
+                d_gy,
+                d_x,
+                d_w if weight is not None else None,
+                workspace(x, splits),
+            ),
+            (),
+            (*_geometry(x), splits),
+        )
         if weight is None:
             d_w.zero_()
         return d_gy, d_x, d_w
 
-    def eval_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                     running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
+    def eval_forward(
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
         x = dense(x)
         y = torch.empty_like(x)
         invstd = torch.rsqrt(running_var + eps)
@@ -239,8 +299,14 @@ def _build(backend: str):
         if bias is not None:
             coef[3] = bias
         n, c, s, channels_last = _geometry(x)
-        launch(backend, "batch_norm", "bn_eval", (x, running_mean.contiguous(), invstd, coef, y), (),
-               (n, c, s, channels_last))
+        launch(
+            backend,
+            "batch_norm",
+            "bn_eval",
+            (x, running_mean.contiguous(), invstd, coef, y),
+            (),
+            (n, c, s, channels_last),
+        )
         return y
 
     def fake3(x, *args):
@@ -248,14 +314,24 @@ def _build(backend: str):
         return torch.empty_like(x), channel_values(x), channel_values(x)
 
     fwd = define_op(f"batch_norm_{backend}", forward, fake3, device_types=device_types)
-    bwd = define_op(f"batch_norm_backward_{backend}", backward,
-                    lambda gy, x, *args: (torch.empty_like(dense(x)), channel_values(x), channel_values(x)),
-                    device_types=device_types)
-    dbl = define_op(f"batch_norm_double_backward_{backend}", double_backward,
-                    lambda gy, x, *args: (torch.empty_like(dense(x)), torch.empty_like(dense(x)), channel_values(x)),
-                    device_types=device_types)
-    evl = define_op(f"batch_norm_eval_{backend}", eval_forward, lambda x, *args: torch.empty_like(dense(x)),
-                    device_types=device_types)
+    bwd = define_op(
+        f"batch_norm_backward_{backend}",
+        backward,
+        lambda gy, x, *args: (torch.empty_like(dense(x)), channel_values(x), channel_values(x)),
+        device_types=device_types,
+    )
+    dbl = define_op(
+        f"batch_norm_double_backward_{backend}",
+        double_backward,
+        lambda gy, x, *args: (torch.empty_like(dense(x)), torch.empty_like(dense(x)), channel_values(x)),
+        device_types=device_types,
+    )
+    evl = define_op(
+        f"batch_norm_eval_{backend}",
+        eval_forward,
+        lambda x, *args: torch.empty_like(dense(x)),
+        device_types=device_types,
+    )
 
     def setup_forward(ctx, inputs, output):
         x, weight, bias, _ = inputs
@@ -303,8 +379,11 @@ def _build(backend: str):
         # in the scale's (float32) precision, one rounding to grad_y's dtype, as the fused passes
         gx = (grad_y.to(scale.dtype) * scale.view(shape)).to(grad_y.dtype) if ctx.needs_input_grad[0] else None
         gy = grad_y.to(invstd.dtype)
-        gw = (gy * (x.to(invstd.dtype) - running_mean.view(shape)) * invstd.view(shape)).sum(dims) \
-            if ctx.has_weight and ctx.needs_input_grad[1] else None
+        gw = (
+            (gy * (x.to(invstd.dtype) - running_mean.view(shape)) * invstd.view(shape)).sum(dims)
+            if ctx.has_weight and ctx.needs_input_grad[1]
+            else None
+        )
         gb = gy.sum(dims) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None, None
 

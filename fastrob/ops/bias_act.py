@@ -12,8 +12,6 @@ is what lets a gradient penalty's parameter gradient see the activation's curvat
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -29,8 +27,9 @@ def half_huber(u: torch.Tensor, d: float = 0.5) -> torch.Tensor:
     return torch.where(u <= 0, torch.zeros_like(u), torch.where(u <= d, u * u / (2 * d), u - d / 2))
 
 
-def activation_reference(u: torch.Tensor, act: str, *, beta: float = 1.0, threshold: float = 20.0,
-                         d: float = 0.5) -> torch.Tensor:
+def activation_reference(
+    u: torch.Tensor, act: str, *, beta: float = 1.0, threshold: float = 20.0, d: float = 0.5
+) -> torch.Tensor:
     if act == "relu":
         return F.relu(u)
     if act == "softplus":
@@ -47,8 +46,16 @@ def check_act_params(beta, threshold, d) -> tuple[float, float, float]:
     return check_positive("beta", beta), check_float("threshold", threshold), check_positive("d", d)
 
 
-def bias_act_reference(x: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "relu", dim: int = 1, *,
-                       beta: float = 1.0, threshold: float = 20.0, d: float = 0.5) -> torch.Tensor:
+def bias_act_reference(
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act: str = "relu",
+    dim: int = 1,
+    *,
+    beta: float = 1.0,
+    threshold: float = 20.0,
+    d: float = 0.5,
+) -> torch.Tensor:
     """f(x + bias) with bias broadcast along ``dim``, computed in float32 for half-precision input
     (as the kernels) and returned in x's dtype."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -58,8 +65,17 @@ def bias_act_reference(x: torch.Tensor, bias: Optional[torch.Tensor] = None, act
     return activation_reference(u, act, beta=beta, threshold=threshold, d=d).to(x.dtype)
 
 
-def bias_act(x: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "relu", dim: int = 1, *,
-             beta: float = 1.0, threshold: float = 20.0, d: float = 0.5, backend: str = "auto") -> torch.Tensor:
+def bias_act(
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act: str = "relu",
+    dim: int = 1,
+    *,
+    beta: float = 1.0,
+    threshold: float = 20.0,
+    d: float = 0.5,
+    backend: str = "auto",
+) -> torch.Tensor:
     """y = act(x + bias), bias broadcast along ``dim``; differentiable twice on every backend.
 
     Args:
@@ -80,8 +96,9 @@ def bias_act(x: torch.Tensor, bias: Optional[torch.Tensor] = None, act: str = "r
     if bias is None:
         dim = 0  # without a bias the dimension plays no part (a BiasAct may see inputs of any rank)
         if x.dim() == 0:  # the kernels index a dense array: give a scalar one dimension
-            return bias_act(x.reshape(1), None, act, 0, beta=beta, threshold=threshold, d=d,
-                            backend=backend).reshape(())
+            return bias_act(x.reshape(1), None, act, 0, beta=beta, threshold=threshold, d=d, backend=backend).reshape(
+                ()
+            )
     elif not -x.dim() <= dim < x.dim():
         raise ValueError(f"dim must be an int indexing the {x.dim()} dimensions of x, got {dim!r}")
     if act not in ACTIVATIONS:
@@ -115,43 +132,81 @@ def _build(backend: str):
     def dense(x):
         return x if batch_outermost_dense(x) else x.contiguous()
 
-    def forward(x: torch.Tensor, bias: Optional[torch.Tensor], act: int, dim: int, beta: float, threshold: float,
-                d: float) -> torch.Tensor:
+    def forward(
+        x: torch.Tensor, bias: torch.Tensor | None, act: int, dim: int, beta: float, threshold: float, d: float
+    ) -> torch.Tensor:
         x = dense(x)
         y = torch.empty_like(x)
         n, stride_c, channels = geometry(x, dim)
-        launch(backend, "bias_act", "bias_act_forward", (x, bias, y), (n,),
-               (stride_c, channels, act, beta, threshold, d))
+        launch(
+            backend, "bias_act", "bias_act_forward", (x, bias, y), (n,), (stride_c, channels, act, beta, threshold, d)
+        )
         return y
 
-    def backward(grad_y: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], act: int, dim: int,
-                 beta: float, threshold: float, d: float) -> torch.Tensor:
+    def backward(
+        grad_y: torch.Tensor,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        act: int,
+        dim: int,
+        beta: float,
+        threshold: float,
+        d: float,
+    ) -> torch.Tensor:
         x = dense(x)
         (dy,) = same_layout(x, grad_y)[1:]
         dx = torch.empty_like(x)
         n, stride_c, channels = geometry(x, dim)
-        launch(backend, "bias_act", "bias_act_backward", (dy, x, bias, dx), (n,),
-               (stride_c, channels, act, beta, threshold, d))
+        launch(
+            backend,
+            "bias_act",
+            "bias_act_backward",
+            (dy, x, bias, dx),
+            (n,),
+            (stride_c, channels, act, beta, threshold, d),
+        )
         return dx
 
-    def double_backward(grad_y: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], grad_grad: torch.Tensor,
-                        act: int, dim: int, beta: float, threshold: float, d: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def double_backward(
+        grad_y: torch.Tensor,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        grad_grad: torch.Tensor,
+        act: int,
+        dim: int,
+        beta: float,
+        threshold: float,
+        d: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x = dense(x)
         dy, v = same_layout(x, grad_y, grad_grad)[1:]
         d_dy, d_x = torch.empty_like(x), torch.empty_like(x)
         n, stride_c, channels = geometry(x, dim)
-        launch(backend, "bias_act", "bias_act_double_backward", (dy, x, bias, v, d_dy, d_x), (n,),
-               (stride_c, channels, act, beta, threshold, d))
+        launch(
+            backend,
+            "bias_act",
+            "bias_act_double_backward",
+            (dy, x, bias, v, d_dy, d_x),
+            (n,),
+            (stride_c, channels, act, beta, threshold, d),
+        )
         return d_dy, d_x
 
-    fwd = define_op(f"bias_act_{backend}", forward, lambda x, b, *args: torch.empty_like(dense(x)),
-                    device_types=device_types)
-    bwd = define_op(f"bias_act_backward_{backend}", backward, lambda dy, x, b, *args: torch.empty_like(dense(x)),
-                    device_types=device_types)
-    dbl = define_op(f"bias_act_double_backward_{backend}", double_backward,
-                    lambda dy, x, b, v, *args: (torch.empty_like(dense(x)), torch.empty_like(dense(x))),
-                    device_types=device_types)
+    fwd = define_op(
+        f"bias_act_{backend}", forward, lambda x, b, *args: torch.empty_like(dense(x)), device_types=device_types
+    )
+    bwd = define_op(
+        f"bias_act_backward_{backend}",
+        backward,
+        lambda dy, x, b, *args: torch.empty_like(dense(x)),
+        device_types=device_types,
+    )
+    dbl = define_op(
+        f"bias_act_double_backward_{backend}",
+        double_backward,
+        lambda dy, x, b, v, *args: (torch.empty_like(dense(x)), torch.empty_like(dense(x))),
+        device_types=device_types,
+    )
 
     def bias_grad(ctx, g):
         """The bias's gradient: g summed over every dimension but the bias's."""

@@ -13,8 +13,6 @@ CE backward (the stylegan2-ada pattern, docs/design.md#backends-and-dispatch).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -24,15 +22,23 @@ from fastrob.ops._common import accumulate_dtype, define_op, dense_like, launch,
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
-                            label_smoothing: float = 0.0) -> torch.Tensor:
+def cross_entropy_reference(
+    logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean", label_smoothing: float = 0.0
+) -> torch.Tensor:
     """torch's cross-entropy, computed in float32 at least (float64 stays float64) as the kernels do."""
-    return F.cross_entropy(logits.to(accumulate_dtype(logits.dtype)), target, reduction=reduction,
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        logits.to(accumulate_dtype(logits.dtype)), target, reduction=reduction, label_smoothing=label_smoothing
+    )
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
-                  label_smoothing: float = 0.0, *, backend: str = "auto") -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Cross-entropy of [B, C] logits against class indices, differentiable twice on every backend.
 
     Args:
@@ -56,8 +62,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "
     return loss.sum() if reduction == "sum" else loss
 
 
-def cross_entropy_unchecked(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0, *,
-                            backend: str) -> torch.Tensor:
+def cross_entropy_unchecked(
+    logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0, *, backend: str
+) -> torch.Tensor:
     """Per-sample losses on a resolved fused backend ("triton" or "cuda"), without argument checks
     (the label range check costs a device synchronisation): for callers that checked already."""
     loss, _ = _OPS[backend](logits, target.long().contiguous(), float(label_smoothing))
@@ -87,8 +94,7 @@ def check_ce_args(logits, target, reduction, label_smoothing) -> None:
     if target.numel():  # one device synchronisation: a kernel would read out of bounds
         low, high = int(target.min()), int(target.max())
         if low < 0 or high >= logits.shape[1]:
-            raise ValueError(f"target must hold class indices in [0, {logits.shape[1]}), got values in "
-                             f"[{low}, {high}]")
+            raise ValueError(f"target must hold class indices in [0, {logits.shape[1]}), got values in [{low}, {high}]")
 
 
 def _build(backend: str):
@@ -104,33 +110,64 @@ def _build(backend: str):
         launch(backend, "cross_entropy", "ce_forward", (z, target, loss, lse), z.shape, (smoothing,))
         return loss, lse
 
-    def backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor,
-                 grad_lse: Optional[torch.Tensor], smoothing: float) -> torch.Tensor:
+    def backward(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_loss: torch.Tensor,
+        grad_lse: torch.Tensor | None,
+        smoothing: float,
+    ) -> torch.Tensor:
         z = logits.contiguous()
         dz = dense_like(z)
         gs = grad_lse.contiguous() if grad_lse is not None else None
-        launch(backend, "cross_entropy", "ce_backward", (z, target, lse, grad_loss.contiguous(), gs, dz), z.shape,
-               (smoothing,))
+        launch(
+            backend,
+            "cross_entropy",
+            "ce_backward",
+            (z, target, lse, grad_loss.contiguous(), gs, dz),
+            z.shape,
+            (smoothing,),
+        )
         return dz
 
-    def double_backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor,
-                        grad_lse: Optional[torch.Tensor], grad_grad: torch.Tensor, smoothing: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def double_backward(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        lse: torch.Tensor,
+        grad_loss: torch.Tensor,
+        grad_lse: torch.Tensor | None,
+        grad_grad: torch.Tensor,
+        smoothing: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = logits.contiguous()
         d_z, d_gl, d_gs = dense_like(z), row_values(z), row_values(z)
         gs = grad_lse.contiguous() if grad_lse is not None else None
-        launch(backend, "cross_entropy", "ce_double_backward",
-               (z, target, lse, grad_loss.contiguous(), gs, grad_grad.contiguous(), d_z, d_gl, d_gs), z.shape,
-               (smoothing,))
+        launch(
+            backend,
+            "cross_entropy",
+            "ce_double_backward",
+            (z, target, lse, grad_loss.contiguous(), gs, grad_grad.contiguous(), d_z, d_gl, d_gs),
+            z.shape,
+            (smoothing,),
+        )
         return d_z, d_gl, d_gs
 
-    fwd = define_op(f"cross_entropy_{backend}", forward, lambda z, t, e: (row_values(z), row_values(z)),
-                    device_types=device_types)
-    bwd = define_op(f"cross_entropy_backward_{backend}", backward, lambda z, t, lse, gl, gs, e: dense_like(z),
-                    device_types=device_types)
-    dbl = define_op(f"cross_entropy_double_backward_{backend}", double_backward,
-                    lambda z, t, lse, gl, gs, v, e: (dense_like(z), row_values(z), row_values(z)),
-                    device_types=device_types)
+    fwd = define_op(
+        f"cross_entropy_{backend}", forward, lambda z, t, e: (row_values(z), row_values(z)), device_types=device_types
+    )
+    bwd = define_op(
+        f"cross_entropy_backward_{backend}",
+        backward,
+        lambda z, t, lse, gl, gs, e: dense_like(z),
+        device_types=device_types,
+    )
+    dbl = define_op(
+        f"cross_entropy_double_backward_{backend}",
+        double_backward,
+        lambda z, t, lse, gl, gs, v, e: (dense_like(z), row_values(z), row_values(z)),
+        device_types=device_types,
+    )
 
     def setup_forward(ctx, inputs, output):
         ctx.smoothing = inputs[2]

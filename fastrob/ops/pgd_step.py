@@ -12,8 +12,6 @@ result never requires grad, whatever the backend.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from fastrob import _backend
@@ -23,8 +21,17 @@ from fastrob.ops._common import cuda_dtype_code, cuda_launch_context, per_sample
 NORMS = ("linf", "l2")
 
 
-def pgd_step_reference(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, *, alpha, eps,
-                       norm: str = "linf", lower: float = 0.0, upper: float = 1.0) -> torch.Tensor:
+def pgd_step_reference(
+    x_adv: torch.Tensor,
+    grad: torch.Tensor,
+    x_orig: torch.Tensor,
+    *,
+    alpha,
+    eps,
+    norm: str = "linf",
+    lower: float = 0.0,
+    upper: float = 1.0,
+) -> torch.Tensor:
     """The plain-torch definition of the step (see the module docstring).
 
     Half-precision inputs are computed in float32 and rounded once, as the kernels do; float64
@@ -49,8 +56,18 @@ def pgd_step_reference(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Te
     return torch.clamp(xo + delta, lower, upper).to(x_adv.dtype)
 
 
-def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, *, alpha, eps,
-             norm: str = "linf", lower: float = 0.0, upper: float = 1.0, backend: str = "auto") -> torch.Tensor:
+def pgd_step(
+    x_adv: torch.Tensor,
+    grad: torch.Tensor,
+    x_orig: torch.Tensor,
+    *,
+    alpha,
+    eps,
+    norm: str = "linf",
+    lower: float = 0.0,
+    upper: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
     """One projected gradient step, fused into one kernel on the triton and cuda backends.
 
     Each input is read once and the result written once, except for L2 steps on samples of more
@@ -90,8 +107,9 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, *, a
     alpha = per_sample_value("alpha", alpha, batch, x_adv.device, dtype=param_dtype)
     eps = per_sample_value("eps", eps, batch, x_adv.device, dtype=param_dtype)
     name = _backend.resolve(backend, x_adv.device, x_adv.dtype, op="pgd_step")
-    return pgd_step_unchecked(x_adv, grad, x_orig, alpha=alpha, eps=eps, norm=norm, lower=lower, upper=upper,
-                              backend=name)
+    return pgd_step_unchecked(
+        x_adv, grad, x_orig, alpha=alpha, eps=eps, norm=norm, lower=lower, upper=upper, backend=name
+    )
 
 
 def pgd_step_unchecked(x_adv, grad, x_orig, *, alpha, eps, norm, lower, upper, backend):
@@ -104,8 +122,7 @@ def pgd_step_unchecked(x_adv, grad, x_orig, *, alpha, eps, norm, lower, upper, b
     x_adv, grad, x_orig = x_adv.detach(), grad.detach(), x_orig.detach()
     if backend == "torch":
         with torch.no_grad():
-            return pgd_step_reference(x_adv, grad, x_orig, alpha=alpha, eps=eps, norm=norm, lower=lower,
-                                      upper=upper)
+            return pgd_step_reference(x_adv, grad, x_orig, alpha=alpha, eps=eps, norm=norm, lower=lower, upper=upper)
     x_adv, grad, x_orig = same_layout(x_adv, grad, x_orig)
     eps_t, eps_v = (eps, 0.0) if isinstance(eps, torch.Tensor) else (None, eps)
     alpha_t, alpha_v = (alpha, 0.0) if isinstance(alpha, torch.Tensor) else (None, alpha)
@@ -116,10 +133,20 @@ def pgd_step_unchecked(x_adv, grad, x_orig, *, alpha, eps, norm, lower, upper, b
 # The fused backends as torch.library custom ops, so that they compose with torch.compile and
 # pass torch.library.opcheck. Inputs arrive checked and in one batch-outermost layout.
 
+
 @torch.library.custom_op("fastrob::pgd_step_triton", mutates_args=())
-def _pgd_step_triton(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor,
-                     eps_per_sample: Optional[torch.Tensor], alpha_per_sample: Optional[torch.Tensor], eps: float,
-                     alpha: float, norm: str, lower: float, upper: float) -> torch.Tensor:
+def _pgd_step_triton(
+    x_adv: torch.Tensor,
+    grad: torch.Tensor,
+    x_orig: torch.Tensor,
+    eps_per_sample: torch.Tensor | None,
+    alpha_per_sample: torch.Tensor | None,
+    eps: float,
+    alpha: float,
+    norm: str,
+    lower: float,
+    upper: float,
+) -> torch.Tensor:
     from fastrob.triton import pgd_step as kernels  # imports triton only when first used
     from fastrob.triton._common import on_device_of
 
@@ -130,9 +157,18 @@ def _pgd_step_triton(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tens
 
 
 @torch.library.custom_op("fastrob::pgd_step_cuda", mutates_args=(), device_types="cuda")
-def _pgd_step_cuda(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor,
-                   eps_per_sample: Optional[torch.Tensor], alpha_per_sample: Optional[torch.Tensor], eps: float,
-                   alpha: float, norm: str, lower: float, upper: float) -> torch.Tensor:
+def _pgd_step_cuda(
+    x_adv: torch.Tensor,
+    grad: torch.Tensor,
+    x_orig: torch.Tensor,
+    eps_per_sample: torch.Tensor | None,
+    alpha_per_sample: torch.Tensor | None,
+    eps: float,
+    alpha: float,
+    norm: str,
+    lower: float,
+    upper: float,
+) -> torch.Tensor:
     ext = _backend.extension()
     out = torch.empty_like(x_adv)
     batch = x_adv.shape[0]
@@ -144,11 +180,24 @@ def _pgd_step_cuda(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor
         if floats:
             workspace = torch.empty(floats, device=x_adv.device, dtype=torch.float32)
     launch = ext.pgd_step_linf if norm == "linf" else ext.pgd_step_l2
-    launch(x_adv.data_ptr(), grad.data_ptr(), x_orig.data_ptr(), out.data_ptr(),
-           eps_per_sample.data_ptr() if eps_per_sample is not None else 0,
-           alpha_per_sample.data_ptr() if alpha_per_sample is not None else 0,
-           eps, alpha, lower, upper, batch, per_sample, cuda_dtype_code(x_adv.dtype), device, stream,
-           workspace.data_ptr() if workspace is not None else 0)
+    launch(
+        x_adv.data_ptr(),
+        grad.data_ptr(),
+        x_orig.data_ptr(),
+        out.data_ptr(),
+        eps_per_sample.data_ptr() if eps_per_sample is not None else 0,
+        alpha_per_sample.data_ptr() if alpha_per_sample is not None else 0,
+        eps,
+        alpha,
+        lower,
+        upper,
+        batch,
+        per_sample,
+        cuda_dtype_code(x_adv.dtype),
+        device,
+        stream,
+        workspace.data_ptr() if workspace is not None else 0,
+    )
     return out
 
 

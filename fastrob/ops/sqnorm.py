@@ -62,12 +62,16 @@ def _numel(shape) -> int:
 def _dims(g: torch.Tensor, dim) -> tuple:
     if dim is None:
         if g.dim() < 2:
-            raise ValueError(f"g must have at least 2 dimensions for per-sample norms (dim=None), got shape "
-                             f"{tuple(g.shape)}")
+            raise ValueError(
+                f"g must have at least 2 dimensions for per-sample norms (dim=None), got shape {tuple(g.shape)}"
+            )
         return tuple(range(1, g.dim()))
     dims = (dim,) if isinstance(dim, int) else dim
-    if not isinstance(dims, (tuple, list)) or not dims or any(isinstance(d, bool) or not isinstance(d, int)
-                                                               for d in dims):
+    if (
+        not isinstance(dims, (tuple, list))
+        or not dims
+        or any(isinstance(d, bool) or not isinstance(d, int) for d in dims)
+    ):
         raise TypeError(f"dim must be None, an int or a non-empty tuple of ints, got {dim!r}")
     if any(not -g.dim() <= d < g.dim() for d in dims):
         raise ValueError(f"dim must index the {g.dim()} dimensions of g, got {dim!r}")
@@ -93,20 +97,35 @@ def _build(backend: str):
         launch(backend, "sqnorm", "sqnorm_backward", (g, grad_out.contiguous(), dg), g.shape)
         return dg
 
-    def double_backward(g: torch.Tensor, grad_out: torch.Tensor, grad_grad: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def double_backward(
+        g: torch.Tensor, grad_out: torch.Tensor, grad_grad: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         g = g.contiguous()
         d_g, d_go = dense_like(g), dense_like(grad_out)
-        launch(backend, "sqnorm", "sqnorm_double_backward", (g, grad_out.contiguous(), grad_grad.contiguous(), d_g,
-                                                               d_go), g.shape)
+        launch(
+            backend,
+            "sqnorm",
+            "sqnorm_double_backward",
+            (g, grad_out.contiguous(), grad_grad.contiguous(), d_g, d_go),
+            g.shape,
+        )
         return d_g, d_go
 
-    fwd = define_op(f"sqnorm_{backend}", forward,
-                    lambda g: g.new_empty(g.shape[0], dtype=accumulate_dtype(g.dtype)), device_types=device_types)
-    bwd = define_op(f"sqnorm_backward_{backend}", backward, lambda g, grad_out: dense_like(g),
-                    device_types=device_types)
-    dbl = define_op(f"sqnorm_double_backward_{backend}", double_backward,
-                    lambda g, grad_out, grad_grad: (dense_like(g), dense_like(grad_out)), device_types=device_types)
+    fwd = define_op(
+        f"sqnorm_{backend}",
+        forward,
+        lambda g: g.new_empty(g.shape[0], dtype=accumulate_dtype(g.dtype)),
+        device_types=device_types,
+    )
+    bwd = define_op(
+        f"sqnorm_backward_{backend}", backward, lambda g, grad_out: dense_like(g), device_types=device_types
+    )
+    dbl = define_op(
+        f"sqnorm_double_backward_{backend}",
+        double_backward,
+        lambda g, grad_out, grad_grad: (dense_like(g), dense_like(grad_out)),
+        device_types=device_types,
+    )
 
     def save_inputs(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

@@ -8,5 +8,11 @@ from fastrob.regularizers.jsigr import JSIGRRegularizer
 from fastrob.regularizers.lipschitz import LipschitzRegularizer
 from fastrob.regularizers.sns import SNSRegularizer
 
-__all__ = ["InputGradientRegularizer", "InterpretationRegularizer", "JacobianRegularizer", "JSIGRRegularizer",
-           "LipschitzRegularizer", "SNSRegularizer"]
+__all__ = [
+    "InputGradientRegularizer",
+    "InterpretationRegularizer",
+    "JacobianRegularizer",
+    "JSIGRRegularizer",
+    "LipschitzRegularizer",
+    "SNSRegularizer",
+]

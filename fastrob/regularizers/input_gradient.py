@@ -60,8 +60,7 @@ class InputGradientRegularizer:
             exact penalty differentiates) and the l2 norm reduction run (``check_backend``).
     """
 
-    def __init__(self, lam: float = 0.1, norm: str = "l2", mode: str = "exact", h: float = 0.01,
-                 backend: str = "auto"):
+    def __init__(self, lam: float = 0.1, norm: str = "l2", mode: str = "exact", h: float = 0.01, backend: str = "auto"):
         self.lam = check_float("lam", lam, min_value=0.0)
         if norm not in Fn.INPUT_GRADIENT_NORMS:
             raise ValueError(f"norm must be one of {Fn.INPUT_GRADIENT_NORMS}, got {norm!r}")
@@ -71,8 +70,10 @@ class InputGradientRegularizer:
         self.backend = check_backend(backend, "InputGradientRegularizer")
 
     def __repr__(self):
-        return (f"InputGradientRegularizer(lam={self.lam}, norm={self.norm!r}, mode={self.mode!r}, h={self.h}, "
-                f"backend={self.backend!r})")
+        return (
+            f"InputGradientRegularizer(lam={self.lam}, norm={self.norm!r}, mode={self.mode!r}, h={self.h}, "
+            f"backend={self.backend!r})"
+        )
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)

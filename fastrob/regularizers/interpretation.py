@@ -4,14 +4,14 @@ an input and a perturbed copy of it."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_generator, check_int, check_logits
-from fastrob.distributed import unwrap
 from fastrob.attacks import AttackConfig, Evaluation, ascend, attack_context, check_random_start, pgd
+from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
 from fastrob.metrics.map_discrepancy import KINDS as DISCREPANCIES
 from fastrob.metrics.map_discrepancy import discrepancy
@@ -74,11 +74,22 @@ class InterpretationRegularizer:
             attack's PGD step run (``fastrob.regularizers.input_gradient.check_backend``).
     """
 
-    def __init__(self, kind: str = "int2", lam: float = 0.01, eps: float = 0.1, alpha: Optional[float] = None,
-                 steps: int = 7, norm: str = "linf", map: Union[str, Callable] = "cam",
-                 discrepancy: str = "2class", warmup: Union[None, Sequence[int], Callable[[int], float]] = None,
-                 map_kwargs: Optional[dict] = None, random_start: Union[bool, str] = True,
-                 generator: Optional[torch.Generator] = None, backend: str = "auto"):
+    def __init__(
+        self,
+        kind: str = "int2",
+        lam: float = 0.01,
+        eps: float = 0.1,
+        alpha: float | None = None,
+        steps: int = 7,
+        norm: str = "linf",
+        map: str | Callable = "cam",
+        discrepancy: str = "2class",
+        warmup: None | Sequence[int] | Callable[[int], float] = None,
+        map_kwargs: dict | None = None,
+        random_start: bool | str = True,
+        generator: torch.Generator | None = None,
+        backend: str = "auto",
+    ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if discrepancy not in DISCREPANCIES:
@@ -86,8 +97,9 @@ class InterpretationRegularizer:
         check_random_start(random_start, (True, False, "uniform", "normal"))
         if random_start is False and kind in ("int", "int_adv"):
             # D(x, x') = 0 with zero gradient at x' = x: Int's attack would never leave x
-            raise ValueError(f"kind={kind!r} needs a random start (D has zero gradient at x' = x); got "
-                             "random_start=False")
+            raise ValueError(
+                f"kind={kind!r} needs a random start (D has zero gradient at x' = x); got random_start=False"
+            )
         # the inner attack's settings, checked once (eps, alpha, steps, norm, random start)
         self.attack = AttackConfig(eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=random_start)
         self.kind, self.norm, self.discrepancy, self.random_start = kind, norm, discrepancy, random_start
@@ -101,9 +113,11 @@ class InterpretationRegularizer:
         self.step = 0
 
     def __repr__(self):
-        return (f"InterpretationRegularizer(kind={self.kind!r}, lam={self.lam}, eps={self.eps}, alpha={self.alpha}, "
-                f"steps={self.steps}, norm={self.norm!r}, map={self.map!r}, discrepancy={self.discrepancy!r}, "
-                f"warmup={self.warmup!r}, step={self.step})")
+        return (
+            f"InterpretationRegularizer(kind={self.kind!r}, lam={self.lam}, eps={self.eps}, alpha={self.alpha}, "
+            f"steps={self.steps}, norm={self.norm!r}, map={self.map!r}, discrepancy={self.discrepancy!r}, "
+            f"warmup={self.warmup!r}, step={self.step})"
+        )
 
     def state_dict(self) -> dict:
         """The warm-up position (``step``), for checkpoints; ``load_state_dict`` restores it."""
@@ -116,7 +130,7 @@ class InterpretationRegularizer:
 
     # ---- the eps schedule ----------------------------------------------------------------------
 
-    def schedule(self, step: Optional[int] = None) -> float:
+    def schedule(self, step: int | None = None) -> float:
         """s(step) in [0, 1], the fraction of eps used at call number ``step`` (default: the next)."""
         step = self.step if step is None else step
         w = self.warmup
@@ -134,7 +148,7 @@ class InterpretationRegularizer:
             return 1.0
         return (step - start) / (full - start)
 
-    def current_eps(self, step: Optional[int] = None) -> tuple[float, float]:
+    def current_eps(self, step: int | None = None) -> tuple[float, float]:
         """(eps, alpha) of call number ``step`` (default: the next call)."""
         attack = AttackConfig(eps=self.eps, alpha=self.alpha, steps=self.steps).scaled(self.schedule(step))
         return attack.eps, attack.alpha
@@ -158,18 +172,39 @@ class InterpretationRegularizer:
         """x*, the inner attack's result for this kind (see the class docstring), detached."""
         x = x.detach()
         if self.kind in ("int2", "int2_adv"):
-            return pgd(model, x, y, eps=eps, alpha=alpha, steps=self.steps, norm=self.norm, backend=self.backend,
-                       random_start=self.random_start, loss="ce", generator=self.generator)
+            return pgd(
+                model,
+                x,
+                y,
+                eps=eps,
+                alpha=alpha,
+                steps=self.steps,
+                norm=self.norm,
+                backend=self.backend,
+                random_start=self.random_start,
+                loss="ce",
+                generator=self.generator,
+            )
         classes = self._classes(y)
         with attack_context(model):
             maps_clean, _ = self._map_fn(model, x, classes, create_graph=False)
             objective = _InterpretationObjective(self, maps_clean.detach(), y, classes)
-            result = ascend(model, x, objective, eps=eps, alpha=alpha, steps=self.steps, norm=self.norm,
-                            start=self.random_start, backend=self.backend, generator=self.generator,
-                            need_final=False)
+            result = ascend(
+                model,
+                x,
+                objective,
+                eps=eps,
+                alpha=alpha,
+                steps=self.steps,
+                norm=self.norm,
+                start=self.random_start,
+                backend=self.backend,
+                generator=self.generator,
+                need_final=False,
+            )
         return result.x_adv.detach()
 
-    def objective(self, model, x: torch.Tensor, y: torch.Tensor, x_adv: Optional[torch.Tensor]) -> Objective:
+    def objective(self, model, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor | None) -> Objective:
         """The loss for a given x* (None: no attack, the loss is the plain CE and the penalty 0).
         ``x`` must be the checked leaf of ``fastrob.functional.check_inputs``."""
         if x_adv is None:
@@ -189,8 +224,9 @@ class InterpretationRegularizer:
             maps_clean, logits_clean = self._map_fn(module, x, classes, create_graph=True)
             check_logits(logits_clean, x.shape[0], y)
             maps_adv, logits_adv = self._map_fn(module, x_adv.detach(), classes, create_graph=True)
-            logits = Fn.forward(model, x_adv.detach() if adv else x, y) if ddp else (
-                logits_adv if adv else logits_clean)
+            logits = (
+                Fn.forward(model, x_adv.detach() if adv else x, y) if ddp else (logits_adv if adv else logits_clean)
+            )
         Fn.update_running_stats(module, x)
         penalty = discrepancy(maps_clean, maps_adv, y, logits_adv, self.discrepancy).mean()
         ce = Fn.per_sample_cross_entropy(logits, y, self.backend).mean()
@@ -217,8 +253,9 @@ def _check_warmup(warmup):
     if warmup is None or callable(warmup):
         return warmup
     if not isinstance(warmup, (tuple, list)) or len(warmup) != 2:
-        raise ValueError(f"warmup must be None, a pair (start, full) of call counts or a callable step -> "
-                         f"fraction, got {warmup!r}")
+        raise ValueError(
+            f"warmup must be None, a pair (start, full) of call counts or a callable step -> fraction, got {warmup!r}"
+        )
     start = check_int("warmup start", warmup[0], 0)
     full = check_int("warmup full", warmup[1], 0)
     if full < start:

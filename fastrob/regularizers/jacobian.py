@@ -53,8 +53,15 @@ class JacobianRegularizer:
         backend: "auto" | "torch" | "triton" | "cuda", for the cross-entropy (``check_backend``).
     """
 
-    def __init__(self, lam: float = 0.01, n_proj: int = 1, exact: bool = False, batching: str = "auto",
-                 generator: torch.Generator | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        lam: float = 0.01,
+        n_proj: int = 1,
+        exact: bool = False,
+        batching: str = "auto",
+        generator: torch.Generator | None = None,
+        backend: str = "auto",
+    ):
         self.lam = check_float("lam", lam, min_value=0.0)
         self.n_proj = check_int("n_proj", n_proj, 1)
         self.exact = bool(exact)
@@ -64,13 +71,16 @@ class JacobianRegularizer:
         self.backend = check_backend(backend, "JacobianRegularizer")
 
     def __repr__(self):
-        return (f"JacobianRegularizer(lam={self.lam}, n_proj={self.n_proj}, exact={self.exact}, "
-                f"batching={self.batching!r}, backend={self.backend!r})")
+        return (
+            f"JacobianRegularizer(lam={self.lam}, n_proj={self.n_proj}, exact={self.exact}, "
+            f"batching={self.batching!r}, backend={self.backend!r})"
+        )
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
-        logits, penalty = jacobian_objective_parts(model, x, y, n_proj=self.n_proj, exact=self.exact,
-                                                   batching=self.batching, generator=self.generator)
+        logits, penalty = jacobian_objective_parts(
+            model, x, y, n_proj=self.n_proj, exact=self.exact, batching=self.batching, generator=self.generator
+        )
         ce = Fn.per_sample_cross_entropy(logits, y, self.backend).mean()
         return Objective(ce + self.lam * penalty, ce, penalty, logits)
 
@@ -79,13 +89,16 @@ def jacobian_objective_parts(model, x, y, *, n_proj, exact, batching, generator)
     """(logits of the clean batch, Jacobian penalty), x a checked leaf requiring grad."""
     coupled = Fn.couples_samples(model)
     if batching == "replicate" and exact and coupled:
-        raise ValueError("batching='replicate' with exact=True needs samples that do not interact, but the "
-                         "model has BatchNorm in train mode (B*C single-sample projections); use 'graph' or 'auto'")
+        raise ValueError(
+            "batching='replicate' with exact=True needs samples that do not interact, but the "
+            "model has BatchNorm in train mode (B*C single-sample projections); use 'graph' or 'auto'"
+        )
     if batching in ("auto", "graph") or (n_proj == 1 and not exact):
         # Under DDP the VJPs run on the wrapped module's output (Fn.forward_pair)
         logits, inner = Fn.forward_pair(model, x, y)
-        return logits, Fn.jacobian_penalty(inner, x, n_proj=n_proj, exact=exact, generator=generator,
-                                           samples_interact=coupled)
+        return logits, Fn.jacobian_penalty(
+            inner, x, n_proj=n_proj, exact=exact, generator=generator, samples_interact=coupled
+        )
     # The clean forward comes first where the CE cannot take the first copy's logits: when the
     # copies' forward must not move running statistics, when C (the copies of exact mode) is known
     # only from the logits, and under DDP, whose one forward per step must be the loss's (the
@@ -105,6 +118,5 @@ def jacobian_objective_parts(model, x, y, *, n_proj, exact, batching, generator)
         logits = logits_rep[:batch]
     v = Fn.projections(batch, logits.shape[1], copies, exact, logits_rep, generator)
     # Row p*B + b of the stack takes projection v[p, b]: one VJP for all P.
-    penalty = Fn.projected_jacobian_penalty(logits_rep, x_rep, v.reshape(1, copies * batch, -1),
-                                            scale=logits.shape[1])
+    penalty = Fn.projected_jacobian_penalty(logits_rep, x_rep, v.reshape(1, copies * batch, -1), scale=logits.shape[1])
     return logits, penalty

@@ -46,9 +46,17 @@ class JSIGRRegularizer:
             term's norm reduction (``check_backend``).
     """
 
-    def __init__(self, lam_jacobian: float = 0.01, lam_saliency: float = 0.1, patch: int = 4,
-                 perturbation: str = "mean", n_proj: int = 1, chunk: int = 4096,
-                 generator: torch.Generator | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        lam_jacobian: float = 0.01,
+        lam_saliency: float = 0.1,
+        patch: int = 4,
+        perturbation: str = "mean",
+        n_proj: int = 1,
+        chunk: int = 4096,
+        generator: torch.Generator | None = None,
+        backend: str = "auto",
+    ):
         self.lam_jacobian = check_float("lam_jacobian", lam_jacobian, min_value=0.0)
         self.lam_saliency = check_float("lam_saliency", lam_saliency, min_value=0.0)
         for name, value in (("patch", patch), ("chunk", chunk)):
@@ -62,8 +70,10 @@ class JSIGRRegularizer:
         self.backend = check_backend(backend, "JSIGRRegularizer")
 
     def __repr__(self):
-        return (f"JSIGRRegularizer(lam_jacobian={self.lam_jacobian}, lam_saliency={self.lam_saliency}, "
-                f"patch={self.patch}, perturbation={self.perturbation!r}, n_proj={self.n_proj})")
+        return (
+            f"JSIGRRegularizer(lam_jacobian={self.lam_jacobian}, lam_saliency={self.lam_saliency}, "
+            f"patch={self.patch}, perturbation={self.perturbation!r}, n_proj={self.n_proj})"
+        )
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
@@ -106,7 +116,7 @@ class JSIGRRegularizer:
         per_chunk = max(1, self.chunk // b)
         with Fn.preserved_buffers(model):
             for k0 in range(0, gh * gw, per_chunk):
-                m = masks[k0:k0 + per_chunk, None]  # [k, 1, 1, H, W]
+                m = masks[k0 : k0 + per_chunk, None]  # [k, 1, 1, H, W]
                 xp = (x * (1 - m) + replacement * m).flatten(0, 1)  # [k*B, C, H, W]
                 p_pert = model(xp).to(dtype).softmax(1).gather(1, y.repeat(m.shape[0])[:, None])[:, 0]
                 drops.append((p_clean - p_pert.view(m.shape[0], b)).clamp_min(0))

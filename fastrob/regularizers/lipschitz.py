@@ -14,8 +14,9 @@ from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
 
 
-def lipschitz_outputs(logits: torch.Tensor, y: torch.Tensor, zeta: float = 0.2,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def lipschitz_outputs(
+    logits: torch.Tensor, y: torch.Tensor, zeta: float = 0.2, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """s_b per sample, the output whose input gradient the penalty smooths (Woods et al.'s "tandem"
     choice, K = 1):
         s_b = z_{b, c_b}                       with probability 1 - zeta, c_b uniform over the C classes,
@@ -80,9 +81,19 @@ class LipschitzRegularizer:
             reduction (``check_backend``).
     """
 
-    def __init__(self, psi: float | None = None, psi0: float = 220.0, k_psi: float = 0.02, z: float = 2.0,
-                 zeta: float = 0.2, target_loss: float = 1.5, eps_better: float = 1.0, eps_worse: float = 0.01,
-                 generator: torch.Generator | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        psi: float | None = None,
+        psi0: float = 220.0,
+        k_psi: float = 0.02,
+        z: float = 2.0,
+        zeta: float = 0.2,
+        target_loss: float = 1.5,
+        eps_better: float = 1.0,
+        eps_worse: float = 0.01,
+        generator: torch.Generator | None = None,
+        backend: str = "auto",
+    ):
         self.fixed_psi = None if psi is None else check_float("psi", psi, min_value=0.0)
         self.psi0 = check_positive("psi0", psi0)
         self.k_psi = check_float("k_psi", k_psi, min_value=0.0)
@@ -98,8 +109,11 @@ class LipschitzRegularizer:
         self.R = 0.0
 
     def __repr__(self):
-        psi = f"psi={self.fixed_psi}" if self.fixed_psi is not None else (
-            f"psi=adaptive(psi0={self.psi0}, k_psi={self.k_psi}, target_loss={self.target_loss}, R={self.R:.4g})")
+        psi = (
+            f"psi={self.fixed_psi}"
+            if self.fixed_psi is not None
+            else (f"psi=adaptive(psi0={self.psi0}, k_psi={self.k_psi}, target_loss={self.target_loss}, R={self.R:.4g})")
+        )
         return f"LipschitzRegularizer({psi}, z={self.z}, zeta={self.zeta}, backend={self.backend!r})"
 
     @property

@@ -5,7 +5,7 @@ fastrob's documented default."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -58,9 +58,20 @@ class SNSRegularizer:
             fused step (``check_backend``).
     """
 
-    def __init__(self, attack: Optional[Callable] = None, *, eps: float = 0.1, alpha: float | None = None,
-                 steps: int = 7, norm: str = "linf", lam: float = 1.0, k=0.1, layers=None,
-                 generator: torch.Generator | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        attack: Callable | None = None,
+        *,
+        eps: float = 0.1,
+        alpha: float | None = None,
+        steps: int = 7,
+        norm: str = "linf",
+        lam: float = 1.0,
+        k=0.1,
+        layers=None,
+        generator: torch.Generator | None = None,
+        backend: str = "auto",
+    ):
         if attack is not None and not callable(attack):
             raise TypeError(f"attack must be callable as attack(x, y) -> x_adv, got {type(attack).__name__}")
         self.attack = attack
@@ -74,15 +85,27 @@ class SNSRegularizer:
         self.backend = check_backend(backend, "SNSRegularizer")
 
     def __repr__(self):
-        adversary = repr(self.attack) if self.attack is not None else (
-            f"PGD(eps={self.eps}, alpha={self.alpha}, steps={self.steps}, norm={self.norm!r})")
+        adversary = (
+            repr(self.attack)
+            if self.attack is not None
+            else (f"PGD(eps={self.eps}, alpha={self.alpha}, steps={self.steps}, norm={self.norm!r})")
+        )
         return f"SNSRegularizer({adversary}, lam={self.lam}, k={self.k}, layers={self.layers!r})"
 
     def adversary(self, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.attack is not None:
             return self.attack(x, y)
-        return pgd(model, x, y, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
-                   backend=self.backend, generator=self.generator)
+        return pgd(
+            model,
+            x,
+            y,
+            eps=self.eps,
+            alpha=self.alpha,
+            steps=self.steps,
+            norm=self.norm,
+            backend=self.backend,
+            generator=self.generator,
+        )
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)

@@ -59,8 +59,25 @@ def _chunk(rows: int, splits: int, block_m: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _bn_reduce_kernel(x_ptr, gy_ptr, v_ptr, mean_ptr, invstd_ptr, part_ptr, C, S, M, sn, sc, ss, chunk,
-                      MODE: tl.constexpr, CT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_reduce_kernel(
+    x_ptr,
+    gy_ptr,
+    v_ptr,
+    mean_ptr,
+    invstd_ptr,
+    part_ptr,
+    C,
+    S,
+    M,
+    sn,
+    sc,
+    ss,
+    chunk,
+    MODE: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Partial sums over rows [split * chunk, (split + 1) * chunk) of a block of channels.
     MODE 0: sum(x - K), sum((x - K)^2); 1: sum(gy), sum(gy xhat);
     2: those two and sum(V), sum(V xhat), sum(V gy). part is [splits, 5, C]."""
@@ -124,13 +141,28 @@ def _weight(w_ptr, cols, cmask, HAS_W: tl.constexpr, CT: tl.constexpr, BLOCK: tl
 
 
 @triton.jit
-def _bn_forward_finalize_kernel(x_ptr, w_ptr, b_ptr, part_ptr, coef_ptr, mean_ptr, invstd_ptr, C, M, sc, splits,
-                                eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, CT: tl.constexpr,
-                                BLOCK: tl.constexpr):
+def _bn_forward_finalize_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    part_ptr,
+    coef_ptr,
+    mean_ptr,
+    invstd_ptr,
+    C,
+    M,
+    sc,
+    splits,
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < C
     shift = tl.load(x_ptr + cols.to(tl.int64) * sc, mask=cmask, other=0.0).to(CT)
-    m = (tl.zeros((BLOCK,), CT) + M)
+    m = tl.zeros((BLOCK,), CT) + M
     d_mean = _split_sum(part_ptr, 0, cols, cmask, C, splits, CT, BLOCK) / m
     var = tl.maximum(_split_sum(part_ptr, 1, cols, cmask, C, splits, CT, BLOCK) / m - d_mean * d_mean, 0.0)
     invstd = 1.0 / tl.sqrt(var + (tl.zeros((BLOCK,), CT) + eps))
@@ -145,14 +177,26 @@ def _bn_forward_finalize_kernel(x_ptr, w_ptr, b_ptr, part_ptr, coef_ptr, mean_pt
 
 
 @triton.jit
-def _bn_backward_finalize_kernel(w_ptr, invstd_ptr, part_ptr, coef_ptr, gw_ptr, gb_ptr, C, M, splits,
-                                 HAS_W: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+def _bn_backward_finalize_kernel(
+    w_ptr,
+    invstd_ptr,
+    part_ptr,
+    coef_ptr,
+    gw_ptr,
+    gb_ptr,
+    C,
+    M,
+    splits,
+    HAS_W: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < C
     s_gy = _split_sum(part_ptr, 0, cols, cmask, C, splits, CT, BLOCK)
     s_gyx = _split_sum(part_ptr, 1, cols, cmask, C, splits, CT, BLOCK)
     wr = _weight(w_ptr, cols, cmask, HAS_W, CT, BLOCK) * tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    m = (tl.zeros((BLOCK,), CT) + M)
+    m = tl.zeros((BLOCK,), CT) + M
     tl.store(gb_ptr + cols, s_gy, mask=cmask)
     tl.store(gw_ptr + cols, s_gyx, mask=cmask)
     tl.store(coef_ptr + cols, wr, mask=cmask)
@@ -161,8 +205,21 @@ def _bn_backward_finalize_kernel(w_ptr, invstd_ptr, part_ptr, coef_ptr, gw_ptr, 
 
 
 @triton.jit
-def _bn_double_backward_finalize_kernel(w_ptr, invstd_ptr, ggw_ptr, ggb_ptr, part_ptr, coef_ptr, d_w_ptr, C, M,
-                                        splits, HAS_W: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+def _bn_double_backward_finalize_kernel(
+    w_ptr,
+    invstd_ptr,
+    ggw_ptr,
+    ggb_ptr,
+    part_ptr,
+    coef_ptr,
+    d_w_ptr,
+    C,
+    M,
+    splits,
+    HAS_W: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < C
     s_gy = _split_sum(part_ptr, 0, cols, cmask, C, splits, CT, BLOCK)
@@ -170,7 +227,7 @@ def _bn_double_backward_finalize_kernel(w_ptr, invstd_ptr, ggw_ptr, ggb_ptr, par
     s_v = _split_sum(part_ptr, 2, cols, cmask, C, splits, CT, BLOCK)
     s_vx = _split_sum(part_ptr, 3, cols, cmask, C, splits, CT, BLOCK)
     s_vgy = _split_sum(part_ptr, 4, cols, cmask, C, splits, CT, BLOCK)
-    m = (tl.zeros((BLOCK,), CT) + M)
+    m = tl.zeros((BLOCK,), CT) + M
     a, b, a_bar, cv, d = s_gy / m, s_gyx / m, s_v / m, s_vx / m, s_vgy / m
     r = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(CT)
     wr = _weight(w_ptr, cols, cmask, HAS_W, CT, BLOCK) * r
@@ -192,9 +249,24 @@ def _bn_double_backward_finalize_kernel(w_ptr, invstd_ptr, ggw_ptr, ggb_ptr, par
 
 
 @triton.jit
-def _bn_apply_kernel(x_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr, coef_ptr, out0_ptr, out1_ptr, n, stride_c, C,
-                     HAS_A: tl.constexpr, HAS_B: tl.constexpr, TWO: tl.constexpr, CT: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _bn_apply_kernel(
+    x_ptr,
+    a_ptr,
+    b_ptr,
+    mean_ptr,
+    invstd_ptr,
+    coef_ptr,
+    out0_ptr,
+    out1_ptr,
+    n,
+    stride_c,
+    C,
+    HAS_A: tl.constexpr,
+    HAS_B: tl.constexpr,
+    TWO: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """out0 = k_a a + k_b b + k_xhat xhat + k_1 (coefficients of the element's channel), out1
     likewise with the next four coefficients; flat memory index i has channel (i // stride_c) % C."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -202,11 +274,13 @@ def _bn_apply_kernel(x_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr, coef_ptr, out0_p
     c = (offs // stride_c) % C
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CT)
     xhat = (x - tl.load(mean_ptr + c, mask=mask, other=0.0)) * tl.load(invstd_ptr + c, mask=mask, other=0.0)
-    out0 = tl.load(coef_ptr + 2 * C + c, mask=mask, other=0.0) * xhat + tl.load(coef_ptr + 3 * C + c, mask=mask,
-                                                                               other=0.0)
+    out0 = tl.load(coef_ptr + 2 * C + c, mask=mask, other=0.0) * xhat + tl.load(
+        coef_ptr + 3 * C + c, mask=mask, other=0.0
+    )
     if TWO:
-        out1 = tl.load(coef_ptr + 6 * C + c, mask=mask, other=0.0) * xhat + tl.load(coef_ptr + 7 * C + c,
-                                                                                   mask=mask, other=0.0)
+        out1 = tl.load(coef_ptr + 6 * C + c, mask=mask, other=0.0) * xhat + tl.load(
+            coef_ptr + 7 * C + c, mask=mask, other=0.0
+        )
     if HAS_A:
         a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(CT)
         out0 += tl.load(coef_ptr + c, mask=mask, other=0.0) * a
@@ -224,14 +298,31 @@ def _bn_apply_kernel(x_ptr, a_ptr, b_ptr, mean_ptr, invstd_ptr, coef_ptr, out0_p
 
 # ---- launchers: (tensors..., n, c, s, channels_last, splits, scalars) as fastrob.ops.batch_norm calls them ----
 
+
 def _reduce(mode, x, gy, v, mean, invstd, work, n, c, s, channels_last, splits) -> int:
     """Runs the split reduction; returns the number of splits holding sums."""
     (sn, sc, ss), (block_m, block_c) = geometry(n, c, s, channels_last)
     chunk, used = _chunk(n * s, splits, block_m)
     _bn_reduce_kernel[(triton.cdiv(c, block_c), used)](
-        x, gy if gy is not None else x, v if v is not None else x, mean if mean is not None else work,
-        invstd if invstd is not None else work, work, c, s, n * s, sn, sc, ss, chunk, MODE=mode,
-        CT=compute_type(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=reduce_warps(block_m, block_c))
+        x,
+        gy if gy is not None else x,
+        v if v is not None else x,
+        mean if mean is not None else work,
+        invstd if invstd is not None else work,
+        work,
+        c,
+        s,
+        n * s,
+        sn,
+        sc,
+        ss,
+        chunk,
+        MODE=mode,
+        CT=compute_type(x.dtype),
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+        num_warps=reduce_warps(block_m, block_c),
+    )
     return used
 
 
@@ -239,13 +330,27 @@ def _apply(x, a, b, mean, invstd, coef, out0, out1, c, s, channels_last) -> None
     numel = x.numel()
     stride_c = 1 if channels_last else s
     _bn_apply_kernel[(triton.cdiv(numel, BLOCK),)](
-        x, a if a is not None else x, b if b is not None else x, mean, invstd, coef, out0,
-        out1 if out1 is not None else out0, numel, stride_c, c, HAS_A=a is not None, HAS_B=b is not None,
-        TWO=out1 is not None, CT=compute_type(x.dtype), BLOCK=BLOCK)
+        x,
+        a if a is not None else x,
+        b if b is not None else x,
+        mean,
+        invstd,
+        coef,
+        out0,
+        out1 if out1 is not None else out0,
+        numel,
+        stride_c,
+        c,
+        HAS_A=a is not None,
+        HAS_B=b is not None,
+        TWO=out1 is not None,
+        CT=compute_type(x.dtype),
+        BLOCK=BLOCK,
+    )
 
 
 def _coef(work, c, splits):
-    return work[splits * 5 * c:]
+    return work[splits * 5 * c :]
 
 
 def bn_forward(x, w, b, y, mean, invstd, work, n, c, s, channels_last, splits, eps) -> None:
@@ -254,8 +359,23 @@ def bn_forward(x, w, b, y, mean, invstd, work, n, c, s, channels_last, splits, e
     (_, sc, _), _ = geometry(n, c, s, channels_last)
     coef = _coef(work, c, splits)
     _bn_forward_finalize_kernel[(triton.cdiv(c, FINAL_BLOCK),)](
-        x, w if w is not None else work, b if b is not None else work, work, coef, mean, invstd, c, n * s, sc, used,
-        eps, HAS_W=w is not None, HAS_B=b is not None, CT=compute_type(x.dtype), BLOCK=FINAL_BLOCK)
+        x,
+        w if w is not None else work,
+        b if b is not None else work,
+        work,
+        coef,
+        mean,
+        invstd,
+        c,
+        n * s,
+        sc,
+        used,
+        eps,
+        HAS_W=w is not None,
+        HAS_B=b is not None,
+        CT=compute_type(x.dtype),
+        BLOCK=FINAL_BLOCK,
+    )
     _apply(x, None, None, mean, invstd, coef, y, None, c, s, channels_last)
 
 
@@ -264,19 +384,43 @@ def bn_backward(gy, x, w, mean, invstd, gx, gw, gb, work, n, c, s, channels_last
     used = _reduce(1, x, gy, None, mean, invstd, work, n, c, s, channels_last, splits)
     coef = _coef(work, c, splits)
     _bn_backward_finalize_kernel[(triton.cdiv(c, FINAL_BLOCK),)](
-        w if w is not None else work, invstd, work, coef, gw, gb, c, n * s, used, HAS_W=w is not None,
-        CT=compute_type(x.dtype), BLOCK=FINAL_BLOCK)
+        w if w is not None else work,
+        invstd,
+        work,
+        coef,
+        gw,
+        gb,
+        c,
+        n * s,
+        used,
+        HAS_W=w is not None,
+        CT=compute_type(x.dtype),
+        BLOCK=FINAL_BLOCK,
+    )
     _apply(x, gy, None, mean, invstd, coef, gx, None, c, s, channels_last)
 
 
-def bn_double_backward(gy, x, w, mean, invstd, ggx, ggw, ggb, d_gy, d_x, d_w, work, n, c, s, channels_last,
-                       splits) -> None:
+def bn_double_backward(
+    gy, x, w, mean, invstd, ggx, ggw, ggb, d_gy, d_x, d_w, work, n, c, s, channels_last, splits
+) -> None:
     """d_gy, d_x, d_w (d_w only with a weight) of the backward, given V = ggx, gw' = ggw, gb' = ggb."""
     used = _reduce(2, x, gy, ggx, mean, invstd, work, n, c, s, channels_last, splits)
     coef = _coef(work, c, splits)
     _bn_double_backward_finalize_kernel[(triton.cdiv(c, FINAL_BLOCK),)](
-        w if w is not None else work, invstd, ggw, ggb, work, coef, d_w if d_w is not None else work, c, n * s,
-        used, HAS_W=w is not None, CT=compute_type(x.dtype), BLOCK=FINAL_BLOCK)
+        w if w is not None else work,
+        invstd,
+        ggw,
+        ggb,
+        work,
+        coef,
+        d_w if d_w is not None else work,
+        c,
+        n * s,
+        used,
+        HAS_W=w is not None,
+        CT=compute_type(x.dtype),
+        BLOCK=FINAL_BLOCK,
+    )
     _apply(x, gy, ggx, mean, invstd, coef, d_x, d_gy, c, s, channels_last)
 
 

@@ -73,8 +73,21 @@ def _load_u(x_ptr, b_ptr, offs, mask, stride_c, channels, HAS_BIAS: tl.constexpr
 
 
 @triton.jit
-def _bias_act_kernel(x_ptr, b_ptr, y_ptr, n, stride_c, channels, beta, threshold, d,
-                     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+def _bias_act_kernel(
+    x_ptr,
+    b_ptr,
+    y_ptr,
+    n,
+    stride_c,
+    channels,
+    beta,
+    threshold,
+    d,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     f, f1, f2 = _act(_load_u(x_ptr, b_ptr, offs, mask, stride_c, channels, HAS_BIAS, CT), ACT, beta, threshold, d)
@@ -82,8 +95,22 @@ def _bias_act_kernel(x_ptr, b_ptr, y_ptr, n, stride_c, channels, beta, threshold
 
 
 @triton.jit
-def _bias_act_backward_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, n, stride_c, channels, beta, threshold, d,
-                              ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+def _bias_act_backward_kernel(
+    dy_ptr,
+    x_ptr,
+    b_ptr,
+    dx_ptr,
+    n,
+    stride_c,
+    channels,
+    beta,
+    threshold,
+    d,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     f, f1, f2 = _act(_load_u(x_ptr, b_ptr, offs, mask, stride_c, channels, HAS_BIAS, CT), ACT, beta, threshold, d)
@@ -92,9 +119,24 @@ def _bias_act_backward_kernel(dy_ptr, x_ptr, b_ptr, dx_ptr, n, stride_c, channel
 
 
 @triton.jit
-def _bias_act_double_backward_kernel(dy_ptr, x_ptr, b_ptr, v_ptr, d_dy_ptr, d_x_ptr, n, stride_c, channels, beta,
-                                     threshold, d, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr,
-                                     BLOCK: tl.constexpr):
+def _bias_act_double_backward_kernel(
+    dy_ptr,
+    x_ptr,
+    b_ptr,
+    v_ptr,
+    d_dy_ptr,
+    d_x_ptr,
+    n,
+    stride_c,
+    channels,
+    beta,
+    threshold,
+    d,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     f, f1, f2 = _act(_load_u(x_ptr, b_ptr, offs, mask, stride_c, channels, HAS_BIAS, CT), ACT, beta, threshold, d)
@@ -108,8 +150,19 @@ def _launch(kernel, first: torch.Tensor, tensors, bias, stride_c, channels, act,
     n = first.numel()
     if n == 0:
         return
-    kernel[(triton.cdiv(n, BLOCK),)](*tensors, n, stride_c, channels, beta, threshold, d, ACT=act,
-                                     HAS_BIAS=bias is not None, CT=compute_type(first.dtype), BLOCK=BLOCK)
+    kernel[(triton.cdiv(n, BLOCK),)](
+        *tensors,
+        n,
+        stride_c,
+        channels,
+        beta,
+        threshold,
+        d,
+        ACT=act,
+        HAS_BIAS=bias is not None,
+        CT=compute_type(first.dtype),
+        BLOCK=BLOCK,
+    )
 
 
 def bias_act_forward(x, b, y, stride_c, channels, act, beta, threshold, d) -> None:
@@ -117,10 +170,30 @@ def bias_act_forward(x, b, y, stride_c, channels, act, beta, threshold, d) -> No
 
 
 def bias_act_backward(dy, x, b, dx, stride_c, channels, act, beta, threshold, d) -> None:
-    _launch(_bias_act_backward_kernel, x, (dy, x, b if b is not None else x, dx), b, stride_c, channels, act, beta,
-            threshold, d)
+    _launch(
+        _bias_act_backward_kernel,
+        x,
+        (dy, x, b if b is not None else x, dx),
+        b,
+        stride_c,
+        channels,
+        act,
+        beta,
+        threshold,
+        d,
+    )
 
 
 def bias_act_double_backward(dy, x, b, v, d_dy, d_x, stride_c, channels, act, beta, threshold, d) -> None:
-    _launch(_bias_act_double_backward_kernel, x, (dy, x, b if b is not None else x, v, d_dy, d_x), b, stride_c,
-            channels, act, beta, threshold, d)
+    _launch(
+        _bias_act_double_backward_kernel,
+        x,
+        (dy, x, b if b is not None else x, v, d_dy, d_x),
+        b,
+        stride_c,
+        channels,
+        act,
+        beta,
+        threshold,
+        d,
+    )

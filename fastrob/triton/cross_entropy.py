@@ -23,8 +23,7 @@ from fastrob.triton._common import compute_type, row_block, warps
 
 
 @triton.jit
-def _ce_forward_kernel(z_ptr, y_ptr, loss_ptr, lse_ptr, n_cols, smoothing,
-                       CT: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_forward_kernel(z_ptr, y_ptr, loss_ptr, lse_ptr, n_cols, smoothing, CT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * n_cols
     # Per-lane online logsumexp, combined across lanes at the end: lane values never mix until then.
@@ -54,8 +53,20 @@ def _ce_forward_kernel(z_ptr, y_ptr, loss_ptr, lse_ptr, n_cols, smoothing,
 
 
 @triton.jit
-def _ce_backward_kernel(z_ptr, y_ptr, lse_ptr, gl_ptr, gs_ptr, dz_ptr, n_cols, col_blocks, smoothing,
-                        HAS_GS: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_backward_kernel(
+    z_ptr,
+    y_ptr,
+    lse_ptr,
+    gl_ptr,
+    gs_ptr,
+    dz_ptr,
+    n_cols,
+    col_blocks,
+    smoothing,
+    HAS_GS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     # a 1-D grid of rows x column blocks (axes 1 and 2 of a grid hold at most 65535 blocks):
     # elementwise given the row's lse
     pid = tl.program_id(0).to(tl.int64)
@@ -75,8 +86,22 @@ def _ce_backward_kernel(z_ptr, y_ptr, lse_ptr, gl_ptr, gs_ptr, dz_ptr, n_cols, c
 
 
 @triton.jit
-def _ce_double_backward_kernel(z_ptr, y_ptr, lse_ptr, gl_ptr, gs_ptr, v_ptr, d_z_ptr, d_gl_ptr, d_gs_ptr,
-                               n_cols, smoothing, HAS_GS: tl.constexpr, CT: tl.constexpr, BLOCK: tl.constexpr):
+def _ce_double_backward_kernel(
+    z_ptr,
+    y_ptr,
+    lse_ptr,
+    gl_ptr,
+    gs_ptr,
+    v_ptr,
+    d_z_ptr,
+    d_gl_ptr,
+    d_gs_ptr,
+    n_cols,
+    smoothing,
+    HAS_GS: tl.constexpr,
+    CT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     lse = tl.load(lse_ptr + row).to(CT)
     scale = tl.load(gl_ptr + row).to(CT)
@@ -111,8 +136,9 @@ def ce_forward(z, y, loss, lse, smoothing: float) -> None:
     if rows == 0:
         return
     block = row_block(cols)
-    _ce_forward_kernel[(rows,)](z, y, loss, lse, cols, smoothing, CT=compute_type(z.dtype), BLOCK=block,
-                                num_warps=warps(block))
+    _ce_forward_kernel[(rows,)](
+        z, y, loss, lse, cols, smoothing, CT=compute_type(z.dtype), BLOCK=block, num_warps=warps(block)
+    )
 
 
 def ce_backward(z, y, lse, gl, gs, dz, smoothing: float) -> None:
@@ -121,9 +147,20 @@ def ce_backward(z, y, lse, gl, gs, dz, smoothing: float) -> None:
         return
     block = row_block(cols, 1024)
     col_blocks = triton.cdiv(cols, block)
-    _ce_backward_kernel[(rows * col_blocks,)](z, y, lse, gl, gs if gs is not None else gl, dz, cols, col_blocks,
-                                              smoothing, HAS_GS=gs is not None, CT=compute_type(z.dtype),
-                                              BLOCK=block)
+    _ce_backward_kernel[(rows * col_blocks,)](
+        z,
+        y,
+        lse,
+        gl,
+        gs if gs is not None else gl,
+        dz,
+        cols,
+        col_blocks,
+        smoothing,
+        HAS_GS=gs is not None,
+        CT=compute_type(z.dtype),
+        BLOCK=block,
+    )
 
 
 def ce_double_backward(z, y, lse, gl, gs, v, d_z, d_gl, d_gs, smoothing: float) -> None:
@@ -131,6 +168,20 @@ def ce_double_backward(z, y, lse, gl, gs, v, d_z, d_gl, d_gs, smoothing: float) 
     if rows == 0:
         return
     block = row_block(cols)
-    _ce_double_backward_kernel[(rows,)](z, y, lse, gl, gs if gs is not None else gl, v, d_z, d_gl, d_gs, cols,
-                                        smoothing, HAS_GS=gs is not None, CT=compute_type(z.dtype), BLOCK=block,
-                                        num_warps=warps(block))
+    _ce_double_backward_kernel[(rows,)](
+        z,
+        y,
+        lse,
+        gl,
+        gs if gs is not None else gl,
+        v,
+        d_z,
+        d_gl,
+        d_gs,
+        cols,
+        smoothing,
+        HAS_GS=gs is not None,
+        CT=compute_type(z.dtype),
+        BLOCK=block,
+        num_warps=warps(block),
+    )

@@ -34,9 +34,23 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
-def _pgd_step_linf_kernel(x_adv_ptr, grad_ptr, x_orig_ptr, out_ptr, eps_ptr, alpha_ptr,
-                          eps, alpha, lower, upper, n_total, per_sample,
-                          EPS_PER_SAMPLE: tl.constexpr, ALPHA_PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+def _pgd_step_linf_kernel(
+    x_adv_ptr,
+    grad_ptr,
+    x_orig_ptr,
+    out_ptr,
+    eps_ptr,
+    alpha_ptr,
+    eps,
+    alpha,
+    lower,
+    upper,
+    n_total,
+    per_sample,
+    EPS_PER_SAMPLE: tl.constexpr,
+    ALPHA_PER_SAMPLE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_total
     xa = tl.load(x_adv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -53,10 +67,22 @@ def _pgd_step_linf_kernel(x_adv_ptr, grad_ptr, x_orig_ptr, out_ptr, eps_ptr, alp
 
 
 @triton.jit
-def _pgd_step_l2_sample_kernel(x_adv_ptr, grad_ptr, x_orig_ptr, out_ptr, eps_ptr, alpha_ptr,
-                               eps, alpha, lower, upper, per_sample,
-                               EPS_PER_SAMPLE: tl.constexpr, ALPHA_PER_SAMPLE: tl.constexpr,
-                               BLOCK: tl.constexpr):
+def _pgd_step_l2_sample_kernel(
+    x_adv_ptr,
+    grad_ptr,
+    x_orig_ptr,
+    out_ptr,
+    eps_ptr,
+    alpha_ptr,
+    eps,
+    alpha,
+    lower,
+    upper,
+    per_sample,
+    EPS_PER_SAMPLE: tl.constexpr,
+    ALPHA_PER_SAMPLE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     b = tl.program_id(0).to(tl.int64)
     offs = b * per_sample + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < per_sample
@@ -77,8 +103,9 @@ def _pgd_step_l2_sample_kernel(x_adv_ptr, grad_ptr, x_orig_ptr, out_ptr, eps_ptr
 
 
 @triton.jit
-def _pgd_step_l2_partials_kernel(x_adv_ptr, grad_ptr, x_orig_ptr, partials_ptr, per_sample, n_chunks,
-                                 BLOCK: tl.constexpr):
+def _pgd_step_l2_partials_kernel(
+    x_adv_ptr, grad_ptr, x_orig_ptr, partials_ptr, per_sample, n_chunks, BLOCK: tl.constexpr
+):
     """partials[b, c] = (g.g, d0.g, d0.d0) over chunk c of sample b."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_chunks
@@ -88,17 +115,33 @@ def _pgd_step_l2_partials_kernel(x_adv_ptr, grad_ptr, x_orig_ptr, partials_ptr, 
     offs = b * per_sample + local
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     d = tl.load(x_adv_ptr + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(
-        x_orig_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x_orig_ptr + offs, mask=mask, other=0.0
+    ).to(tl.float32)
     tl.store(partials_ptr + pid * 3 + 0, tl.sum(g * g, axis=0))
     tl.store(partials_ptr + pid * 3 + 1, tl.sum(d * g, axis=0))
     tl.store(partials_ptr + pid * 3 + 2, tl.sum(d * d, axis=0))
 
 
 @triton.jit
-def _pgd_step_l2_apply_kernel(x_adv_ptr, grad_ptr, x_orig_ptr, out_ptr, partials_ptr, eps_ptr, alpha_ptr,
-                              eps, alpha, lower, upper, per_sample, n_chunks,
-                              EPS_PER_SAMPLE: tl.constexpr, ALPHA_PER_SAMPLE: tl.constexpr,
-                              BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+def _pgd_step_l2_apply_kernel(
+    x_adv_ptr,
+    grad_ptr,
+    x_orig_ptr,
+    out_ptr,
+    partials_ptr,
+    eps_ptr,
+    alpha_ptr,
+    eps,
+    alpha,
+    lower,
+    upper,
+    per_sample,
+    n_chunks,
+    EPS_PER_SAMPLE: tl.constexpr,
+    ALPHA_PER_SAMPLE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNKS: tl.constexpr,
+):
     """The update from the partial sums, using ||d0 + s g||^2 = d0.d0 + 2 s d0.g + s^2 g.g."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_chunks
@@ -126,9 +169,19 @@ def _pgd_step_l2_apply_kernel(x_adv_ptr, grad_ptr, x_orig_ptr, out_ptr, partials
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, out: torch.Tensor,
-             eps_per_sample: torch.Tensor | None, alpha_per_sample: torch.Tensor | None,
-             eps: float, alpha: float, norm: str, lower: float, upper: float) -> None:
+def pgd_step(
+    x_adv: torch.Tensor,
+    grad: torch.Tensor,
+    x_orig: torch.Tensor,
+    out: torch.Tensor,
+    eps_per_sample: torch.Tensor | None,
+    alpha_per_sample: torch.Tensor | None,
+    eps: float,
+    alpha: float,
+    norm: str,
+    lower: float,
+    upper: float,
+) -> None:
     """Launches the step into ``out``. All tensors share one batch-outermost dense layout;
     per-sample eps/alpha are float32 [B] on the same device, or None to use the floats."""
     batch = x_adv.shape[0]
@@ -142,20 +195,63 @@ def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, out:
     flags = dict(EPS_PER_SAMPLE=eps_per_sample is not None, ALPHA_PER_SAMPLE=alpha_per_sample is not None)
     if norm == "linf":
         grid = (triton.cdiv(n_total, LINF_BLOCK),)
-        _pgd_step_linf_kernel[grid](x_adv, grad, x_orig, out, eps_arg, alpha_arg, eps, alpha, lower, upper,
-                                    n_total, per_sample, BLOCK=LINF_BLOCK, **flags)
+        _pgd_step_linf_kernel[grid](
+            x_adv,
+            grad,
+            x_orig,
+            out,
+            eps_arg,
+            alpha_arg,
+            eps,
+            alpha,
+            lower,
+            upper,
+            n_total,
+            per_sample,
+            BLOCK=LINF_BLOCK,
+            **flags,
+        )
     elif per_sample <= MAX_SAMPLE_IN_ONE_PROGRAM:
         block = triton.next_power_of_2(per_sample)
-        _pgd_step_l2_sample_kernel[(batch,)](x_adv, grad, x_orig, out, eps_arg, alpha_arg, eps, alpha, lower,
-                                             upper, per_sample, BLOCK=block, num_warps=_warps(block), **flags)
+        _pgd_step_l2_sample_kernel[(batch,)](
+            x_adv,
+            grad,
+            x_orig,
+            out,
+            eps_arg,
+            alpha_arg,
+            eps,
+            alpha,
+            lower,
+            upper,
+            per_sample,
+            BLOCK=block,
+            num_warps=_warps(block),
+            **flags,
+        )
     else:
         n_chunks = triton.cdiv(per_sample, L2_CHUNK)
         partials = torch.empty((batch, n_chunks, 3), device=x_adv.device, dtype=torch.float32)
         grid = (batch * n_chunks,)
         _pgd_step_l2_partials_kernel[grid](x_adv, grad, x_orig, partials, per_sample, n_chunks, BLOCK=L2_CHUNK)
-        _pgd_step_l2_apply_kernel[grid](x_adv, grad, x_orig, out, partials, eps_arg, alpha_arg, eps, alpha,
-                                        lower, upper, per_sample, n_chunks, BLOCK=L2_CHUNK,
-                                        CHUNKS=triton.next_power_of_2(n_chunks), **flags)
+        _pgd_step_l2_apply_kernel[grid](
+            x_adv,
+            grad,
+            x_orig,
+            out,
+            partials,
+            eps_arg,
+            alpha_arg,
+            eps,
+            alpha,
+            lower,
+            upper,
+            per_sample,
+            n_chunks,
+            BLOCK=L2_CHUNK,
+            CHUNKS=triton.next_power_of_2(n_chunks),
+            **flags,
+        )
 
 
 def _warps(block: int) -> int:

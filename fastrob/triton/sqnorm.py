@@ -44,8 +44,9 @@ def _sqnorm_backward_kernel(g_ptr, go_ptr, dg_ptr, n_cols, col_blocks, CT: tl.co
 
 
 @triton.jit
-def _sqnorm_double_backward_kernel(g_ptr, go_ptr, v_ptr, d_g_ptr, d_go_ptr, n_cols,
-                                   CT: tl.constexpr, BLOCK: tl.constexpr):
+def _sqnorm_double_backward_kernel(
+    g_ptr, go_ptr, v_ptr, d_g_ptr, d_go_ptr, n_cols, CT: tl.constexpr, BLOCK: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     scale = 2.0 * tl.load(go_ptr + row).to(CT)
     acc = tl.zeros((BLOCK,), dtype=CT)
@@ -81,5 +82,6 @@ def sqnorm_double_backward(g, go, v, d_g, d_go) -> None:
     if rows == 0:
         return
     block = row_block(cols)
-    _sqnorm_double_backward_kernel[(rows,)](g, go, v, d_g, d_go, cols, CT=compute_type(g.dtype), BLOCK=block,
-                                            num_warps=warps(block))
+    _sqnorm_double_backward_kernel[(rows,)](
+        g, go, v, d_g, d_go, cols, CT=compute_type(g.dtype), BLOCK=block, num_warps=warps(block)
+    )
