@@ -246,3 +246,34 @@ def test_bad_inputs(plain, digits):
 
     with pytest.raises(ValueError, match="non-finite"):
         APGD(NaNModel(), eps=EPS, steps=2)(x, y)
+
+
+def test_bf16_autocast(plain, digits):
+    """amp="bf16" runs the iterates under bfloat16 autocast: the forwards see bfloat16, the result
+    stays in the ball, and the attack stays about as strong (a few samples of 200 either way)."""
+    x, y = digits.x_test[:200], digits.y_test[:200]
+    seen = []
+    hook = plain.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    try:
+        ref = APGD(plain, eps=EPS, steps=20)(x, y)
+        n_ref = len(seen)
+        atk = APGD(plain, eps=EPS, steps=20, amp="bf16")
+        out = atk(x, y)
+    finally:
+        hook.remove()
+    assert set(seen[:n_ref]) == {torch.float32} and torch.bfloat16 in seen[n_ref:]
+    assert out.dtype == x.dtype and inside(out, x, EPS)
+    assert abs(robust_count(plain, out, y) - robust_count(plain, ref, y)) <= 6
+    atk.amp = "fp16"
+    with pytest.raises(ValueError, match="amp must be None or 'bf16'"):
+        atk(x, y)
+
+
+def test_autoattack_passes_amp_to_the_apgd_stages_only(plain):
+    from fastrob.attacks import AutoAttack
+
+    stages = dict(AutoAttack(plain, eps=EPS, amp="bf16", seed=0).stages())
+    assert stages["apgd-ce"].amp == "bf16" and stages["apgd-t"].amp == "bf16"
+    assert not hasattr(stages["fab-t"], "amp") and not hasattr(stages["square"], "amp")
+    with pytest.raises(ValueError, match="amp"):
+        AutoAttack(plain, eps=EPS, amp="float16")

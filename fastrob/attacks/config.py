@@ -44,6 +44,18 @@ def torchattacks_norm(norm, name: str = "norm") -> str:
     return _NORM_SPELLINGS[norm]
 
 
+# Mixed precision of the model's forward and backward during an attack: None (the model's own
+# dtype) or "bf16" (bfloat16 autocast; the losses upcast the logits, the step stays float32)
+AMP_MODES = (None, "bf16")
+
+
+def check_amp(amp, name: str = "amp"):
+    """amp must be one of ``AMP_MODES``."""
+    if not (amp is None or (isinstance(amp, str) and amp in AMP_MODES)):
+        raise ValueError(f"{name} must be None or 'bf16', got {amp!r}")
+    return amp
+
+
 def check_random_start(value, allowed=STARTS, name: str = "random_start"):
     """A random start among ``allowed``: True and False by identity (1 and 0.0 are not starts),
     the kinds by string equality."""

@@ -10,7 +10,6 @@ model when its argmax leaves y (untargeted) or reaches t (targeted).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -18,10 +17,10 @@ import torch.nn.functional as F
 
 from fastrob import _backend
 from fastrob._checks import check_generator, check_int, check_logits, per_sample_value
-from fastrob.attacks.config import check_loss, check_norm, check_random_start
+from fastrob.attacks.config import check_amp, check_loss, check_norm, check_random_start
 from fastrob.attacks.engine import Evaluation, ascend
 from fastrob.attacks.losses import LossFn, needs_clean_probabilities, per_sample_loss
-from fastrob.attacks.state import attack_context, check_attack_inputs
+from fastrob.attacks.state import amp_forward, attack_context, check_attack_inputs
 from fastrob.distributed import unwrap
 
 
@@ -196,8 +195,7 @@ def pgd_cached(
     if needs_clean_probabilities(loss) and targeted:
         raise ValueError("loss='kl' has no target: use targeted=False with it")
     check_random_start(random_start)
-    if amp not in (None, "bf16"):
-        raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
+    check_amp(amp)
     if early_stop is None:
         early_stop = robust_only
     elif robust_only and not early_stop:
@@ -208,11 +206,7 @@ def pgd_cached(
     eps = per_sample_value("eps", eps, batch, x.device, dtype=compute)
     alpha = per_sample_value("alpha", alpha, batch, x.device, dtype=compute)
     backend = _backend.resolve(backend, x.device, x.dtype, op="pgd")
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp == "bf16" else None
-
-    def forward(inp):
-        with autocast if autocast is not None else contextlib.nullcontext():
-            return model(inp)
+    forward = amp_forward(model, amp, x.device.type)
 
     with attack_context(model, model_training):
         clean_logits = None

@@ -37,6 +37,19 @@ def attack_context(model, training: bool | Callable = False):
             p.requires_grad_(flag)
 
 
+def amp_forward(model, amp, device_type: str) -> Callable:
+    """model's forward, under bfloat16 autocast on ``device_type`` when amp == "bf16" (amp as
+    checked by ``config.check_amp``)."""
+    if amp is None:
+        return model
+
+    def forward(inp):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return model(inp)
+
+    return forward
+
+
 def check_grad_mode(name: str = "the attack") -> None:
     """Attacks differentiate the model with respect to its input: not possible under inference mode."""
     if torch.is_inference_mode_enabled():
