@@ -8,6 +8,7 @@ Rows (bench/results/<device>.csv), per model, for three providers:
   torchattacks-matched  torchattacks.MultiAttack of APGD(ce, 100), APGDT(100), FAB(multi_targeted, 100),
                         Square(5000): the same settings
   torchattacks-aa       torchattacks.AutoAttack(version="standard"), whose parts run 10 iterations
+  fastrob-aa10          fastrob.attacks.AutoAttack(steps=10): torchattacks-aa's settings
 metrics: seconds (one call, wall clock) and robust_acc.
 """
 
@@ -104,6 +105,8 @@ def providers(model, eps, steps=100, n_queries=5000):
         "fastrob-standard": fa.AutoAttack(model, eps=eps, seed=0, quiet=True, steps=steps),
         "torchattacks-matched": matched,
         "torchattacks-aa": torchattacks.AutoAttack(model, eps=eps, seed=0),
+        # torchattacks.AutoAttack's settings (its parts' 10 iterations, Square's 5000 queries)
+        "fastrob-aa10": fa.AutoAttack(model, eps=eps, seed=0, quiet=True, steps=10, n_queries=n_queries),
     }
 
 

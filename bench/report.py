@@ -32,16 +32,20 @@ COMPARISONS = [
     ("jacobian_nproj1", ("jacobian1",), "jacobian1_reference_loop", None),
     ("jacobian_nproj4", ("jacobian4_graph", "jacobian4_replicate"), "jacobian4_reference_loop", None),
     ("pgd10", ("fastrob", "fastrob-bf16", "fastrob-bf16-graph"), "torchattacks", None),
-    ("pgd10_restarts4", ("fastrob-batched",), "fastrob-loop", None),
+    ("pgd10_restarts4", ("fastrob-default", "fastrob-batched"), "fastrob-loop", None),
     ("pgd10_weak", ("fastrob-robust_only",), "fastrob-full", None),
+    # bench/autoattack.py: the standard version against torchattacks' parts at the same settings, and
+    # the 10-iteration version against torchattacks.AutoAttack (whose parts run 10 iterations)
+    ("autoattack_*", ("fastrob-standard",), "torchattacks-matched", None),
+    ("autoattack_*", ("fastrob-aa10",), "torchattacks-aa", None),
 ]
 # Not compared: jsigr (no reference implementation of the same objective), the Jacobian
 # batchings written in bench/regularizers.py only (is_grads_batched, input_space_fd), train_step.
 
-TIME_METRICS = ("time_ms", "ms")  # lower is better
+TIME_METRICS = ("time_ms", "ms", "seconds")  # lower is better
 RATE_METRICS = ("images_per_s",)  # higher is better
 MEMORY_METRICS = ("peak_rss_rise_mib", "peak_cuda_mib")
-UNITS = {"time_ms": "ms", "ms": "ms", "images_per_s": "img/s"}
+UNITS = {"time_ms": "ms", "ms": "ms", "seconds": "s", "images_per_s": "img/s"}
 
 
 def load(results_dir: Path) -> dict:

@@ -148,34 +148,13 @@ def _minimal_rmse(model, x, y, kind, steps, search_steps, max_rmse, generator) -
     for _ in range(search_steps):
         mid = (lo + hi) / 2
         eps = mid * root_d
+        ball = dict(eps=eps, alpha=default_alpha(eps, steps), steps=steps, norm="l2", random_start=False)
         if kind == "attack":
             x_adv, fooled = pgd(
-                model,
-                x,
-                y,
-                eps=eps,
-                alpha=default_alpha(eps, steps),
-                steps=steps,
-                norm="l2",
-                random_start=False,
-                loss="margin",
-                robust_only=True,
-                return_fooled=True,
-                generator=generator,
+                model, x, y, loss="margin", robust_only=True, return_fooled=True, generator=generator, **ball
             )
         else:
-            x_adv = pgd(
-                model,
-                x,
-                y,
-                eps=eps,
-                alpha=default_alpha(eps, steps),
-                steps=steps,
-                norm="l2",
-                random_start=False,
-                loss="ce",
-                generator=generator,
-            )
+            x_adv = pgd(model, x, y, loss="ce", generator=generator, **ball)
             fooled = _success(clean_logits(model, x_adv), y, kind)
         found = (x_adv - x).flatten(1).double().norm(dim=1) / root_d
         best = torch.where(fooled, torch.minimum(best, found), best)
