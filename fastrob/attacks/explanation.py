@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastrob._checks import check_int, check_logits, check_model, check_positive, check_tensor
+from fastrob._checks import check_int, check_logits, check_positive
 from fastrob._progress import progress
-from fastrob.attacks.state import attack_context
+from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.distributed import unwrap
 
 
@@ -72,13 +72,8 @@ def adversarial_explanation(
     Returns:
         x_expl, x's shape and dtype, in [0, 1], no grad.
     """
-    check_model(model)
+    check_attack_inputs(model, x, None, clamp_input=None, name="adversarial_explanation")
     model = unwrap(model)  # a DDP model's wrapped module: attacks never communicate
-    check_tensor("x", x, min_dim=2)
-    if bool(torch.isnan(x).any()):
-        raise ValueError("x contains NaN")
-    if x.numel() and (bool(x.min() < 0) or bool(x.max() > 1)):
-        raise ValueError(f"x must lie in [0, 1], got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
     rho = check_positive("rho", rho)
     overshoot = check_positive("overshoot", overshoot)
     steps = check_int("steps", steps, 1)

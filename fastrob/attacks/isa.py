@@ -15,14 +15,12 @@ from fastrob._checks import (
     check_int,
     check_labels,
     check_logits,
-    check_model,
-    check_tensor,
 )
 from fastrob._progress import progress
 from fastrob.attacks.config import START_KINDS, check_norm, check_random_start, default_alpha
 from fastrob.attacks.engine import Evaluation, ascend
 from fastrob.attacks.losses import margin_loss
-from fastrob.attacks.state import attack_context, check_grad_mode, check_model_matches
+from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
 from fastrob.metrics.map_discrepancy import KINDS, discrepancy
@@ -117,17 +115,10 @@ def isa(
         steps: descent steps per try, >= 1; search_steps: halvings per bisection, >= 0.
         quiet: hide the progress bar over the 1 + 2·search_steps tries (hidden by default).
     """
-    check_model(model)
+    check_attack_inputs(model, x, y, clamp_input=None, name="isa")
     model = unwrap(model)  # a DDP model's wrapped module: attacks never communicate
-    check_tensor("x", x, min_dim=2)
-    y = check_labels(y, x.shape[0]).to(x.device)
-    if bool(torch.isnan(x).any()):
-        raise ValueError("x contains NaN")
-    if x.numel() and (bool(x.min() < 0) or bool(x.max() > 1)):
-        raise ValueError(f"x must lie in [0, 1], got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
+    y = check_labels(y, x.shape[0]).to(x.device)  # required here
     check_norm(norm)
-    check_model_matches(model, x)
-    check_grad_mode("isa")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     eps_max = check_float("eps_max", eps_max, min_value=0.0)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from fastrob._checks import check_float, check_int, check_positive
 from fastrob._progress import progress
 from fastrob.attacks import attack_context, check_norm, default_alpha, margin_loss, pgd
+from fastrob.attacks.state import check_attack_inputs
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device
 
@@ -264,8 +265,7 @@ def masking_report(
         raise ValueError("data holds no samples")
     x = torch.cat([p[0] for p in parts])
     y = torch.cat([p[1] for p in parts])
-    if bool(torch.isnan(x).any()) or bool(x.min() < 0) or bool(x.max() > 1):
-        raise ValueError("data: x must lie in [0, 1] and hold no NaN")
+    check_attack_inputs(model, x, y, clamp_input=None, name="masking_report")
     if large_eps is None:
         large_eps = 0.5 if norm == "linf" else 0.5 * math.sqrt(x[0].numel())
     large_eps = check_float("large_eps", large_eps, min_value=0.0)
