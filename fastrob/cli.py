@@ -293,7 +293,7 @@ def _eval(args) -> int:
     results = evaluation.evaluate(models, x, y, settings, quiet=args.quiet)
     print(f"fastrob eval: {len(models)} model(s) on {len(y)} test images of {data}\n")
     print(evaluation.table(results, settings))
-    print("\n" + evaluation.legend(settings))
+    print("\n" + evaluation.legend(settings, results))
     if settings.masking_n > 0 and settings.attack_eps > 0:  # every model's checks, suspicious or not
         print("\n" + evaluation.masking_tables(results))
     os.makedirs(args.out, exist_ok=True)

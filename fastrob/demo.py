@@ -95,7 +95,7 @@ def run(
     eval_seconds = time.perf_counter() - start
     print(f"\nevaluated on {len(y)} test images in {eval_seconds:.1f} s\n")
     print(evaluation.table(results, settings))
-    print("\n" + evaluation.legend(settings))
+    print("\n" + evaluation.legend(settings, results))
     suspicious = {name: res["masking"].suspicious for name, res in results.items() if res["masking"].suspicious}
     if suspicious:
         print("\n" + evaluation.masking_tables({name: results[name] for name in suspicious}))

@@ -181,7 +181,9 @@ def _attack_words(name: str, s: EvalSettings, steps: int, queries: int) -> str:
     )
 
 
-def legend(settings: EvalSettings) -> str:
+def legend(settings: EvalSettings, results: Mapping[str, Mapping[str, object]] | None = None) -> str:
+    """The lines under the table, one per column that ran; ``results`` give the number of images
+    the masking reports read (fewer than ``masking_n`` when the data has fewer)."""
     # accuracy_curve runs APGD with ``steps`` and AutoAttack standard
     parts = [
         f"robust accuracy over eps: {_attack_words(settings.curve_attack, settings, settings.steps, 5000)}"
@@ -196,8 +198,10 @@ def legend(settings: EvalSettings) -> str:
             f"{_attack_words(settings.attack, settings, settings.attack_steps, settings.attack_queries)}"
         )
         if settings.masking_n > 0:
+            # the images the reports read: --masking-n, or fewer when the data has fewer
+            n = max((r["masking"].n for r in (results or {}).values() if "masking" in r), default=settings.masking_n)
             parts.append(
-                f"masking: the gradient-masking report at the same eps on {settings.masking_n} images "
+                f"masking: the gradient-masking report at the same eps on {n} images "
                 "(suspicious: a check over its limit; the checks of flagged models follow)"
             )
     if settings.ara_n > 0:

@@ -45,6 +45,15 @@ def test_evaluate_names_the_headline_attack_and_has_the_masking_report(tiny, att
     assert "masking:" in evaluation.legend(settings)
 
 
+def test_the_legend_counts_the_images_the_masking_report_read(tiny):
+    model, x, y = tiny
+    settings = cheap(attack="pgd")
+    settings.masking_n = 500  # more than the 24 images there are
+    results = evaluation.evaluate({"lin": model}, x, y, settings, quiet=True)
+    assert results["lin"]["masking"].n == 24
+    assert "masking report at the same eps on 24 images" in evaluation.legend(settings, results)
+
+
 def test_no_masking_drops_the_column(tiny):
     model, x, y = tiny
     settings = evaluation.EvalSettings(
