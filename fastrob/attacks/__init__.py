@@ -4,9 +4,13 @@ objective over the input runs; on it PGD (Linf / L2), FGSM and TRADES' inner max
 ``FGSM``), the interpretability sneaking attack ``isa`` (Boopathy et al. 2020) and
 ``adversarial_explanation`` (Woods et al. 2019).
 
-Modules, one job each: ``config`` (the validated settings and the default step rule), ``losses``,
-``starts`` (random starts), ``state`` (model modes and input checks), ``engine`` (the loop),
-``graph`` (its CUDA-graph capture)."""
+The evaluation attacks (Croce & Hein 2020; Andriushchenko et al. 2020), with torchattacks' classes'
+arguments: ``APGD`` and ``APGDT`` (``apgd``), ``FAB``, ``Square`` (``square``) and ``AutoAttack``.
+
+Modules, one job each: ``config`` (the validated settings and the default step rule), ``losses``
+(CE, margin, KL, DLR), ``starts`` (random starts and the attacks' generator), ``state`` (model
+modes, bf16 autocast and input checks), ``engine`` (the loop), ``graph`` (its CUDA-graph capture);
+docs/design.md has the whole table."""
 
 import sys
 import types
