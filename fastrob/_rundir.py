@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 LOCK = ".fastrob.lock"
 CHECKPOINT_KEYS = (
@@ -63,6 +64,18 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
+# A run writes its pid right after creating the lock; an empty lock younger than this is one being
+# taken, an older one was left by a run that died in between.
+FRESH_EMPTY_LOCK_S = 10.0
+
+
+def _age_seconds(path: str) -> float:
+    try:
+        return time.time() - os.path.getmtime(path)
+    except OSError:  # removed meanwhile: as good as stale
+        return float("inf")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -98,7 +111,13 @@ def run_lock(out_dir: str | None):
                     f"{out_dir} is in use by another fastrob run (process {pid}); wait for it or "
                     f"choose another --out (remove {path} if that process is not fastrob)"
                 ) from None
-            os.remove(path)  # stale: its process is gone
+            if not pid and _age_seconds(path) < FRESH_EMPTY_LOCK_S:
+                # created but not yet written: another run is taking the lock right now
+                raise ValueError(
+                    f"{out_dir} is being taken by another fastrob run (its lock {path} is empty and "
+                    f"{FRESH_EMPTY_LOCK_S:g} s old at most); wait for it or choose another --out"
+                ) from None
+            os.remove(path)  # stale: its process is gone (or it died before writing its pid)
     else:
         raise ValueError(f"{out_dir}: cannot take the lock {path}")
     try:

@@ -530,6 +530,24 @@ def test_a_stale_lock_is_taken_over(capsys, tmp_path, one_thread):
     assert (tmp_path / "checkpoint.pt").is_file() and not (tmp_path / ".fastrob.lock").exists()
 
 
+def test_an_empty_lock_is_refused_while_fresh_and_taken_over_when_old(tmp_path):
+    """A run creates its lock and then writes its pid: an empty lock is a run taking it now,
+    unless it is older than that takes (then its run died in between)."""
+    from fastrob._rundir import FRESH_EMPTY_LOCK_S, LOCK, run_lock
+
+    lock = tmp_path / LOCK
+    lock.write_text("")
+    with pytest.raises(ValueError, match="being taken by another fastrob run"):
+        with run_lock(str(tmp_path)):
+            pass
+    assert lock.exists() and lock.read_text() == ""  # not removed: it belongs to the other run
+    old = lock.stat().st_mtime - 2 * FRESH_EMPTY_LOCK_S
+    os.utime(lock, (old, old))
+    with run_lock(str(tmp_path)):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()
+
+
 def test_a_full_disk_leaves_no_partial_checkpoint_and_one_line(capsys, tmp_path, monkeypatch, one_thread):
     import errno
 
