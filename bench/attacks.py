@@ -92,6 +92,16 @@ def interleaved_ms(fns: dict, device, reps: int) -> dict:
     return out
 
 
+def pgd10(provider: str, model, eps: float, alpha: float):
+    """The PGD-10 attack of ``provider``: "torchattacks", "fastrob", "fastrob-bf16", "fastrob-bf16-graph"."""
+    if provider == "torchattacks":
+        import torchattacks
+
+        return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=10)
+    extras = {"fastrob": {}, "fastrob-bf16": {"amp": "bf16"}, "fastrob-bf16-graph": {"amp": "bf16", "cuda_graph": True}}
+    return fa.PGD(model, eps=eps, alpha=alpha, steps=10, **extras[provider])
+
+
 def memory_in_fresh_process(provider: str, channels: int, side: int, batch: int, eps: float, alpha: float) -> float:
     """The RSS rise (MiB) of the second PGD-10 call of ``provider`` on an untrained small_cnn (the
     weights do not change the memory) in a new interpreter whose glibc returns every allocation of
@@ -109,13 +119,10 @@ def _memory_of(spec: str) -> None:
 
     set_mmap_threshold(64 * 1024)
     provider, channels, side, batch, eps, alpha = json.loads(spec)
-    import torchattacks
-
     torch.manual_seed(0)
     model = small_cnn(channels, side).eval()
     x, y = torch.rand(batch, channels, side, side), torch.randint(0, 10, (batch,))
-    cls = torchattacks.PGD if provider == "torchattacks" else fa.PGD
-    attack = cls(model, eps=eps, alpha=alpha, steps=10)
+    attack = pgd10(provider, model, eps, alpha)
     attack(x, y)  # first call: one-time allocations (kernels' workspaces, caches)
     print(peak_rss_rise_mib(lambda: attack(x, y)))
 
@@ -132,7 +139,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.memory_of:
         return _memory_of(args.memory_of)
-    import torchattacks
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reps = 3 if args.quick else 7
@@ -164,20 +170,15 @@ def main(argv=None):
     for name, model, x, y, eps, alpha in cases:
         y = y[: len(x)]
         shape = (name,) + tuple(x.shape)
-        providers = {
-            "torchattacks": torchattacks.PGD(model, eps=eps, alpha=alpha, steps=10),
-            "fastrob": fa.PGD(model, eps=eps, alpha=alpha, steps=10),
-        }
-        if device.type == "cuda":
-            providers["fastrob-bf16"] = fa.PGD(model, eps=eps, alpha=alpha, steps=10, amp="bf16")
-            providers["fastrob-bf16-graph"] = fa.PGD(model, eps=eps, alpha=alpha, steps=10, amp="bf16", cuda_graph=True)
+        names = ["torchattacks", "fastrob"] + (["fastrob-bf16", "fastrob-bf16-graph"] if device.type == "cuda" else [])
+        providers = {name: pgd10(name, model, eps, alpha) for name in names}
         timings = interleaved_ms({p: (lambda a=a: a(x, y)) for p, a in providers.items()}, device, reps)
         for provider, attack in providers.items():
             stats = timings[provider]
             if device.type == "cpu":
                 metric, mib = (
                     "peak_rss_rise_mib",
-                    memory_in_fresh_process(provider, x.shape[1], x.shape[2], *x.shape[:1], eps, alpha),
+                    memory_in_fresh_process(provider, x.shape[1], x.shape[2], x.shape[0], eps, alpha),
                 )
             else:
                 metric, mib = peak_memory(lambda: attack(x, y), device)

@@ -165,10 +165,12 @@ def model_dtype_device(model) -> tuple[torch.dtype | None, torch.device | None]:
     return None, None
 
 
-def check_model_input(model, x: torch.Tensor) -> None:
+def check_model_input(model, x: torch.Tensor, allow_autocast: bool = True) -> None:
     """x fits the model: not on the meta device (it holds no values), the model's parameters
-    neither, and x of the parameters' dtype, unless autocast chooses the dtypes. Without this the
-    errors are torch's ("mat1 and mat2 must have the same dtype", "Tensor.item() on meta tensors")."""
+    neither, and x of the parameters' dtype, unless autocast chooses the dtypes (``allow_autocast``;
+    the attacks pass False: their own bf16 autocast runs a float32 model on float32 inputs). Without
+    this the errors are torch's ("mat1 and mat2 must have the same dtype", "Tensor.item() on meta
+    tensors")."""
     if x.device.type == "meta":
         raise ValueError("x is on the meta device (it holds no values): move it to a real device first")
     dtype, device = model_dtype_device(model)
@@ -177,7 +179,8 @@ def check_model_input(model, x: torch.Tensor) -> None:
             "the model's parameters are on the meta device (no values): load or move them to a real "
             "device (e.g. model.to_empty(device=...) and load_state_dict) first"
         )
-    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+    autocast = allow_autocast and torch.is_autocast_enabled(x.device.type)
+    if dtype is not None and x.dtype != dtype and not autocast:
         raise TypeError(
             f"x has dtype {dtype_name(x.dtype)} but the model's parameters are {dtype_name(dtype)}: "
             f"convert one of them (e.g. x.to({str(dtype)}))"

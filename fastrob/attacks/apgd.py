@@ -24,7 +24,7 @@ import math
 import torch
 
 from fastrob import _backend
-from fastrob._checks import check_generator, check_int, check_logits, check_positive, per_sample_value
+from fastrob._checks import check_int, check_logits, check_positive, per_sample_value
 from fastrob.attacks.config import check_amp, torchattacks_norm
 from fastrob.attacks.losses import per_sample_loss, targeted_dlr_loss
 from fastrob.attacks.starts import make_generator, sphere_start
@@ -269,8 +269,7 @@ def apgd(
     eps = per_sample_value("eps", eps, batch, x.device, dtype=compute)
     eps = eps if isinstance(eps, torch.Tensor) else torch.full((batch,), eps, device=x.device, dtype=compute)
     backend = _backend.resolve(backend, x.device, x.dtype, op="pgd")
-    generator = make_generator(seed, x.device)
-    check_generator(generator, x.device)
+    generator = make_generator(seed, x.device)  # on x's device: nothing to check
     batch_runs = True if batch_runs is None else bool(batch_runs)
 
     with attack_context(model, model_training):

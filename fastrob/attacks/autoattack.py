@@ -25,6 +25,7 @@ from fastrob.attacks.fab import FAB
 from fastrob.attacks.square import Square
 from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
+from fastrob.ops.pgd_step import perturbation_norm
 
 VERSIONS = ("standard", "plus", "rand")
 _TOLERANCE = 1e-5  # float32 rounding of x + delta
@@ -55,8 +56,7 @@ MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
 
 def _inside(adv, x, eps, norm):
     """Rows of ``adv`` inside the eps-ball around x (norm "linf" / "l2") and the box [0, 1]."""
-    delta = (adv - x).flatten(1)
-    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    size = perturbation_norm(adv - x, norm)
     in_box = (adv.flatten(1).amin(1) >= -_TOLERANCE) & (adv.flatten(1).amax(1) <= 1 + _TOLERANCE)
     return (size <= eps + _TOLERANCE) & in_box & torch.isfinite(adv.flatten(1)).all(1)
 

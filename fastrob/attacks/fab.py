@@ -31,6 +31,7 @@ from fastrob.attacks.config import torchattacks_norm
 from fastrob.attacks.starts import make_generator, sphere_start
 from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
+from fastrob.ops.pgd_step import perturbation_norm
 
 _DEFAULT_EPS = {"linf": 0.3, "l2": 1.0}  # torchattacks' defaults when eps=None
 
@@ -77,11 +78,6 @@ def project_hyperplane_box(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, no
     s = torch.where(rest > 0, s, torch.zeros_like(s))
     step = torch.where(feasible[:, None], torch.minimum(s[:, None] * rate, room), room)
     return direction * step
-
-
-def _norm(v: torch.Tensor, norm: str) -> torch.Tensor:
-    v = v.flatten(1)
-    return v.abs().amax(1) if norm == "linf" else v.norm(dim=1)
 
 
 def _dual_norm(v: torch.Tensor, norm: str) -> torch.Tensor:
@@ -137,7 +133,7 @@ def _fab_rows(model, x0, y, target, x1, *, eps, steps, norm, alpha_max, eta, bet
     def settle(logits, x1, x0, y, group):
         """Record rows that are adversarial within eps; pull the other adversarial rows back."""
         adv = logits.argmax(1) != y
-        inside = adv & (_norm(x1 - x0, norm) <= eps)
+        inside = adv & (perturbation_norm(x1 - x0, norm) <= eps)
         if bool(inside.any()):
             first = inside & ~broken[group]
             # one winner per group: the first row of the group that is broken now
@@ -168,7 +164,7 @@ def _fab_rows(model, x0, y, target, x1, *, eps, steps, norm, alpha_max, eta, bet
             b = -diff + (grads * flat1).sum(1)
             d = project_hyperplane_box(torch.cat((flat1, flat0)), torch.cat((grads, grads)), torch.cat((b, b)), norm)
             d1, d0 = d.chunk(2)
-            size = _norm(d, norm).clamp_min(1e-8)
+            size = perturbation_norm(d, norm).clamp_min(1e-8)
             a1, a0 = size.chunk(2)
             alpha = (a1 / (a1 + a0)).clamp(0.0, alpha_max)[:, None]
             x1 = ((1 - alpha) * (flat1 + eta * d1) + alpha * (flat0 + eta * d0)).clamp(0, 1).view_as(x0)

@@ -7,6 +7,7 @@ import torch
 
 from fastrob._checks import check_int
 from fastrob.ops._common import per_sample_view
+from fastrob.ops.pgd_step import perturbation_norm
 
 
 def make_generator(seed: int | None, device) -> torch.Generator:
@@ -24,14 +25,12 @@ def sphere_start(x: torch.Tensor, radius, norm: str, generator=None) -> torch.Te
     """x + δ with ‖δ‖ = radius (a float or per-sample [B]), clamped to [0, 1]: APGD's start
     (radius eps) and FAB's restarts (radius eps/2). Linf: t ~ U(-1, 1) per element scaled so that
     its largest |t_i| is the radius; L2: t ~ N(0, I) scaled to norm radius."""
-    flat = (x.shape[0], -1)
     if norm == "linf":
         t = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * 2 - 1
-        size = t.reshape(flat).abs().amax(1)
     else:
         t = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        size = t.reshape(flat).norm(dim=1)
-    return torch.clamp(x + t * per_sample_view(radius / size.clamp_min(1e-12), x), 0, 1)
+    size = perturbation_norm(t, norm).clamp_min(1e-12)
+    return torch.clamp(x + t * per_sample_view(radius / size, x), 0, 1)
 
 
 def draw_start(x: torch.Tensor, eps, kind, norm: str, generator=None) -> torch.Tensor:

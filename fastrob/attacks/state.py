@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastrob._checks import check_labels, check_model, check_tensor, dtype_name
+from fastrob._checks import check_labels, check_model, check_model_input, check_tensor
 
 
 @contextlib.contextmanager
@@ -60,25 +60,6 @@ def check_grad_mode(name: str = "the attack") -> None:
         )
 
 
-def check_model_matches(model, x: torch.Tensor) -> None:
-    """x must be on a real device and share the dtype of the model's floating-point parameters
-    (bfloat16 autocast runs a float32 model on float32 inputs)."""
-    if x.device.type == "meta":
-        raise ValueError("x is on the meta device (no data): attacks need real tensors")
-    if not isinstance(model, torch.nn.Module):
-        return
-    for p in model.parameters():
-        if p.device.type == "meta":
-            raise ValueError("model has parameters on the meta device (no data): load its weights first")
-        if p.is_floating_point() and p.dtype != x.dtype:
-            raise TypeError(
-                f"x has dtype {dtype_name(x.dtype)} but the model's parameters are "
-                f"{dtype_name(p.dtype)}: convert one of them (e.g. x.to({dtype_name(p.dtype)}))"
-            )
-        if p.is_floating_point():
-            return
-
-
 def check_attack_inputs(
     model,
     x: torch.Tensor,
@@ -93,7 +74,7 @@ def check_attack_inputs(
     the model (a score-based attack such as Square does not, and runs under inference mode)."""
     check_model(model)
     check_tensor(x_name, x, min_dim=2)
-    check_model_matches(model, x)
+    check_model_input(model, x, allow_autocast=False)
     if needs_grad:
         check_grad_mode(name)
     if bool(torch.isnan(x).any()):

@@ -13,6 +13,7 @@ from fastrob._checks import check_float, check_int
 from fastrob.attacks import ALPHA_FACTOR, NORMS, PGD, PGDL2, check_norm, default_alpha, pgd
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device, shard
+from fastrob.ops.pgd_step import perturbation_norm
 
 
 @dataclass
@@ -231,7 +232,7 @@ def check_attack_output(x_adv, x: torch.Tensor, ball: tuple[str, float] | None) 
     if ball is not None:
         norm, eps = ball
         delta = (x_adv.detach().float() - x.detach().float()).flatten(1)
-        size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+        size = perturbation_norm(delta, norm)
         worst = float(size.max())
         if worst > eps * (1 + 1e-4) + slack * (delta.shape[1] ** 0.5 if norm == "l2" else 1):
             raise ValueError(

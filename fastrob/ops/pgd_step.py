@@ -21,6 +21,12 @@ from fastrob.ops._common import cuda_dtype_code, cuda_launch_context, per_sample
 NORMS = ("linf", "l2")
 
 
+def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per sample, the size of ``delta`` [B, ...] in ``norm`` (one of ``NORMS``): max |δ_i| or ‖δ‖₂, shape [B]."""
+    flat = delta.flatten(1)
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
+
+
 def pgd_step_reference(
     x_adv: torch.Tensor,
     grad: torch.Tensor,
