@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from fastrob._checks import dtype_name
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -247,9 +249,9 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str, 
             "(CPU tensors run only under TRITON_INTERPRET=1, set before importing fastrob)"
         )
     if dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        names = ", ".join(map(dtype_name, dtypes))
         raise TypeError(
-            f"{op}: backend={backend!r} supports {names}; got {str(dtype).replace('torch.', '')} "
+            f"{op}: backend={backend!r} supports {names}; got {dtype_name(dtype)} "
             "(backend='torch' runs any floating dtype)"
         )
     return backend
