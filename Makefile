@@ -66,7 +66,7 @@ test-triton36: setup $(VENV_OLD)/.installed
 	TRITON_INTERPRET=1 $(VENV_OLD)/bin/python -m pytest -q tests/test_pgd_step.py tests/test_sqnorm.py \
 		tests/test_cross_entropy.py tests/test_bias_act.py tests/test_batch_norm.py tests/test_verify.py
 
-# The GPU campaign (bench/gpu_campaign.sh) on a lent GPU machine, and its CPU dry run (CI).
+# The GPU campaign (bench/gpu_campaign.sh) on a machine with a GPU, and its CPU dry run (CI).
 OUT ?= campaign-out
 gpu:
 	bench/gpu_campaign.sh $(OUT)
