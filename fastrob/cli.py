@@ -621,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="run the benchmarks against the reference implementations (from a source "
-        "checkout), then regenerate the README's table and bench/results/speedup.png",
+        "checkout), then regenerate the table of docs/benchmarks.md and bench/results/speedup.png",
     )
     p.add_argument("--quick", action="store_true", help="small shapes, fewer repetitions")
     p.add_argument(

@@ -115,7 +115,7 @@ def jacobian_penalty(
     On a given graph the P vector-Jacobian products run one after another: batching them with
     ``is_grads_batched`` (vmap over the backward) measured 1.5x slower on CPU, and on torch 2.13
     the batched VJP fails on GroupNorm. ``JacobianRegularizer(batching="replicate")``, which owns
-    the forward pass, batches them by stacking the input instead (README, Regularizers).
+    the forward pass, batches them by stacking the input instead (docs/regularizers.md).
 
     Args:
         logits: [B, C] computed from ``x``.
