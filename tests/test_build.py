@@ -5,7 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,3 +115,81 @@ def test_a_missing_build_dependency_is_one_clear_message(tmp_path):
     assert result.returncode != 0
     assert "building fastrob._C needs pybind11 (pip install pybind11), or set FASTROB_CUDA=0" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def run_setup(*args, cwd=ROOT, **env):
+    switches = ("FASTROB_CUDA", "NVCC", "FASTROB_CUDA_ARCH", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS")
+    full_env = {**{k: v for k, v in os.environ.items() if k not in switches}, **env}
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sdist")
+    result = run_setup(sys.executable, "setup.py", "-q", "sdist", "-d", str(out))
+    assert result.returncode == 0, result.stderr
+    (path,) = out.glob("fastrob-*.tar.gz")
+    return path
+
+
+def test_the_sdist_holds_what_building_and_testing_need(sdist):
+    with tarfile.open(sdist) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    expected = {
+        "LICENSE",
+        "Makefile",
+        "README.md",
+        "PYPI.md",
+        "pyproject.toml",
+        "setup.py",
+        "fastrob/py.typed",
+        "fastrob/verified.json",
+        # the helpers the test files import, and every test file of the checkout
+        "tests/conftest.py",
+        "tests/op_checks.py",
+        "tests/train_loop.py",
+        *(f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py")),
+        *(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")),
+        *(f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir()),
+        *(f"kernels/{p.name}" for p in (ROOT / "kernels").iterdir()),
+    }
+    assert not expected - names, f"missing from the sdist: {sorted(expected - names)}"
+    assert not [n for n in names if n.endswith((".so", ".pyc")) or n.endswith("_C_build.json")]
+
+
+def test_without_the_extension_the_wheel_is_pure_python(tmp_path, sdist):
+    # built from the sdist, as a package index's users build it (and clear of the checkout's build/)
+    result = run_setup(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(tmp_path),
+        str(ROOT),
+        FASTROB_CUDA="0",
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("fastrob-*.whl")
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        record = json.loads(zf.read("fastrob/_C_build.json"))
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert record == {
+        "built": False,
+        "reason": "skipped: FASTROB_CUDA=0 at install time",
+        "nvcc": None,
+        "archs": [],
+        "ptx": [],
+    }
+    assert "fastrob/py.typed" in names and not [n for n in names if n.endswith(".so")]
+    assert "License-Expression: BSD-3-Clause" in metadata
+    # the optional dependencies are extras, not requirements of `import fastrob`
+    assert 'Requires-Dist: matplotlib; extra == "cli"' in metadata
+    requirements = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    required = sorted(line for line in requirements if "extra ==" not in line)
+    assert required == ["Requires-Dist: numpy", "Requires-Dist: torch>=2.4", "Requires-Dist: tqdm"], required
