@@ -670,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import warnings
 
+    from fastrob._optional import MissingDependency
+
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("FASTROB_DEBUG", "") not in ("", "0")
@@ -685,6 +687,10 @@ def main(argv: list[str] | None = None) -> int:
             if not debug:  # a warning (e.g. what --resume ignored) is one line too
                 warnings.showwarning = _one_line_warning
             return args.func(args)
+    except MissingDependency as err:
+        if debug:
+            raise
+        parser.exit(1, f"fastrob: error: {err}\n")
     except (ValueError, TypeError) as err:
         if debug:
             raise
