@@ -1,4 +1,4 @@
-// pybind11 module fastrob._C: torch-free bindings of the CUDA launchers (see DESIGN.md, Build).
+// pybind11 module fastrob._C: torch-free bindings of the CUDA launchers (docs/kernels.md, "Building the CUDA extension").
 #include <pybind11/pybind11.h>
 
 #include <cuda_runtime.h>
