@@ -41,7 +41,7 @@ def malt_scores(model, x: torch.Tensor, y: torch.Tensor, candidates: torch.Tenso
         target = candidates.T.reshape(-1)
         margin = logits[rows, y.repeat(c)] - logits[rows, target]
         (grad,) = torch.autograd.grad(margin.sum(), stacked)
-    dual = grad.flatten(1).abs().sum(1) if norm == "Linf" else grad.flatten(1).norm(dim=1)
+    dual = grad.flatten(1).abs().sum(1) if norm == "linf" else grad.flatten(1).norm(dim=1)
     # a zero gradient puts the boundary infinitely far (never a preferred target), not at NaN
     distance = margin.detach() / dual
     distance = torch.where(dual > 0, distance, torch.full_like(distance, float("inf")))
