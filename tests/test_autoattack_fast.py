@@ -77,10 +77,10 @@ def test_malt_scores_and_targets_match_brute_force(digits, norm):
 
 
 def test_malt_on_a_linear_model_is_the_exact_boundary_distance(digits):
-    model = small_linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
     torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
     x, y = digits.x_test[:8], digits.y_test[:8]
-    w, b = small_linear[1].weight.detach(), small_linear[1].bias.detach()
+    w, b = model[1].weight.detach(), model[1].bias.detach()
     candidates = torch.stack([torch.tensor([t for t in range(10) if t != yi]) for yi in y.tolist()])
     z = x.flatten(1) @ w.T + b
     for i in range(len(y)):
