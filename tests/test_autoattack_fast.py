@@ -236,3 +236,32 @@ def test_empty_batch_is_refused(version):
     atk = AutoAttack(small_mlp(), eps=EPS, version=version, quiet=True)
     with pytest.raises(ValueError, match="images holds no samples"):
         atk.run(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+
+
+def test_evaluation_runs_the_fast_version_by_name():
+    from fastrob import evaluation, metrics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10)).eval()
+    x = torch.rand(24, 1, 4, 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    atk = metrics.make_attack("autoattack-fast", model, 0.1, steps=5, n_queries=50)
+    assert isinstance(atk, AutoAttack) and atk.version == "fast"
+    assert metrics.describe_attack(atk).startswith("AutoAttack(fast, Linf, eps=0.1")
+    settings = evaluation.EvalSettings(
+        eps=[0.1],
+        steps=5,
+        ara_n=0,
+        kl_eps=0,
+        interp_eps=0,
+        sens_eps=0,
+        attack="autoattack-fast",
+        attack_steps=5,
+        attack_queries=50,
+        masking_n=0,
+    )
+    results = evaluation.evaluate({"lin": model}, x, y, settings, quiet=True)
+    assert results["lin"]["robust"].attack.startswith("AutoAttack(fast")
+    assert "AA-fast@0.1" in evaluation.table(results, settings).splitlines()[0]
+    assert "AutoAttack fast (APGD-CE and APGD-T on" in evaluation.legend(settings, results)
