@@ -17,7 +17,8 @@ Per model:
   fast      fastrob.attacks.AutoAttack(version="fast") with the module's FAST_TARGETS/FAST_CANDIDATES,
             timed, and whether its guard fired.
 Rows (bench/results/<device>.csv), op "autoattack_fast_linf0.1": providers fastrob-standard and
-fastrob-fast with metrics seconds and robust_acc, and sweep-k{k}-c{c} with robust_acc.
+fastrob-fast with metrics seconds (wall clock), cpu_seconds (this process's CPU time: on a shared
+machine the steadier of the two) and robust_acc, and sweep-k{k}-c{c} with robust_acc.
 """
 
 from __future__ import annotations
@@ -124,12 +125,14 @@ def main(argv=None):
 
     print(f"fast version: {FAST_TARGETS} MALT targets among {FAST_CANDIDATES} candidates; n={n}, Linf {EPS}")
     for name, model in models.items():
-        times, records = {}, {}
+        times, cpu, records = {}, {}, {}
         for version in ("standard", "fast"):
             atk = AutoAttack(model, eps=EPS, version=version, seed=0, steps=steps, n_queries=queries, quiet=True)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             _, records[version] = atk.run(x, y)
             times[version] = time.perf_counter() - start
+            cpu[version] = time.process_time() - start_cpu
+            add(name, f"fastrob-{version}", "cpu_seconds", cpu[version])
             acc = records[version].robust.float().mean().item()
             add(name, f"fastrob-{version}", "seconds", times[version])
             add(name, f"fastrob-{version}", "robust_acc", acc)
@@ -143,7 +146,8 @@ def main(argv=None):
             f"{name:18s} clean {std.clean_accuracy:.3f}  standard {std.robust.float().mean():.3f} "
             f"({times['standard']:6.1f} s; after APGD-CE {std.robust_accuracy['apgd-ce']:.3f}, APGD-T "
             f"{std.robust_accuracy['apgd-t']:.3f})  fast {fast.robust.float().mean():.3f} ({times['fast']:6.1f} s, "
-            f"ratio {times['fast'] / times['standard']:.2f}; guard {'fired: ' + ','.join(fired) if fired else 'ok'})",
+            f"ratio {times['fast'] / times['standard']:.2f}, CPU {cpu['fast']:.1f}/{cpu['standard']:.1f} s = "
+            f"{cpu['fast'] / cpu['standard']:.2f}; guard {'fired: ' + ','.join(fired) if fired else 'ok'})",
             flush=True,
         )
         print("    sweep (k targets, c candidates): " + "  ".join(f"k{k}c{c} {a:.3f}" for (k, c), a in sweep.items()))
