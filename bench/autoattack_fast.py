@@ -1,7 +1,7 @@
 """AutoAttack's "fast" version against the standard one: robust accuracy and time per model, and the
 measurement behind its targeting (how many MALT targets, among how many candidate classes).
 
-    python -m bench.autoattack_fast [--quick] [--n N] [--epochs E]
+    python -m bench.autoattack_fast [--quick] [--n N] [--epochs E] [--original]
 
 Models: the demo's four MLPs (``fastrob demo``'s training configs: plain, input-gradient penalty,
 Jacobian penalty, TRADES), the PGD-trained CNN of bench/autoattack.py, and two planted-masking
@@ -16,6 +16,9 @@ Per model:
             among the c most confident classes (c = k is the confidence ranking of standard APGD-T).
   fast      fastrob.attacks.AutoAttack(version="fast") with the module's FAST_TARGETS/FAST_CANDIDATES,
             timed, and whether its guard fired.
+With --original, only the original AutoAttack (standard version, the ``pyautoattack`` package, which
+packages Croce & Hein's code) runs, on the same models and images (the training is seeded): provider
+original-standard.
 Rows (bench/results/<device>.csv), op "autoattack_fast_linf0.1": providers fastrob-standard and
 fastrob-fast with metrics seconds (wall clock), cpu_seconds (this process's CPU time: on a shared
 machine the steadier of the two) and robust_acc, and sweep-k{k}-c{c} with robust_acc.
@@ -104,11 +107,30 @@ def targeting_sweep(model, x, y, ce_robust, steps):
     return result
 
 
+def original_autoattack(model, x, y):
+    """(seconds, CPU seconds, robust accuracy) of the original AutoAttack's standard version, seed 0."""
+    import logging
+
+    from pyautoattack import AutoAttack as OriginalAutoAttack
+
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    atk = OriginalAutoAttack(model, eps=EPS, norm="Linf", seed=0, version="standard", device="cpu")
+    atk.verbose = False
+    start, start_cpu = time.perf_counter(), time.process_time()
+    adv, _ = atk.run_standard_evaluation(x, y, batch_size=len(y))
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    assert float((adv - x).abs().amax()) <= EPS + 1e-5 and 0 <= float(adv.min()) and float(adv.max()) <= 1
+    with torch.no_grad():
+        acc = (model(adv).argmax(1) == y).float().mean().item()
+    return seconds, cpu_seconds, acc
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="32 samples, 3 epochs, 10 iterations, 200 queries")
     parser.add_argument("--n", type=int, default=150, help="test images per model (default 150)")
     parser.add_argument("--epochs", type=int, default=30, help="training epochs of the demo's MLPs (default 30)")
+    parser.add_argument("--original", action="store_true", help="run only the original AutoAttack (pyautoattack)")
     args = parser.parse_args(argv)
     device = torch.device("cpu")
     torch.set_num_threads(1)  # a shared machine: one thread was the faster for these small models
@@ -123,6 +145,14 @@ def main(argv=None):
         shape = (f"digits-{model_name}",) + tuple(x.shape)
         rows.append(row("autoattack_fast_linf0.1", provider, shape, x.dtype, metric, stats, device))
 
+    if args.original:
+        for name, model in models.items():
+            seconds, cpu_seconds, acc = original_autoattack(model, x, y)
+            for metric, value in (("seconds", seconds), ("cpu_seconds", cpu_seconds), ("robust_acc", acc)):
+                add(name, "original-standard", metric, value)
+            print(f"{name:18s} original AutoAttack standard {acc:.3f} ({seconds:6.1f} s, CPU {cpu_seconds:.1f} s)")
+        save_results(rows, device, quick=args.quick)
+        return
     print(f"fast version: {FAST_TARGETS} MALT targets among {FAST_CANDIDATES} candidates; n={n}, Linf {EPS}")
     for name, model in models.items():
         times, cpu, records = {}, {}, {}
