@@ -38,6 +38,8 @@ COMPARISONS = [
     # the 10-iteration version against torchattacks.AutoAttack (whose parts run 10 iterations)
     ("autoattack_*", ("fastrob-standard",), "torchattacks-matched", None),
     ("autoattack_*", ("fastrob-aa10",), "torchattacks-aa", None),
+    # bench/autoattack_fast.py: the fast version against the standard one on the same model and images
+    ("autoattack_fast_*", ("fastrob-fast",), "fastrob-standard", None),
 ]
 # Not compared: jsigr (no reference implementation of the same objective), the Jacobian
 # batchings written in bench/regularizers.py only (is_grads_batched, input_space_fd), train_step.

@@ -11,6 +11,9 @@ import torch
 
 from fastrob import attacks, distributed, metrics, plots
 
+# the table's and legend's short name of each headline attack
+SHORT_NAMES = {"autoattack": "AA", "autoattack-fast": "AA-fast", "apgd": "APGD", "pgd": "PGD"}
+
 
 @dataclass
 class EvalSettings:
@@ -18,8 +21,9 @@ class EvalSettings:
     ara_n: samples for ARA (0: skip); kl_eps, kl_steps: the KL bound (kl_eps 0: skip); interp_eps:
     the radius of the PGD (``steps`` steps) under which the interpretation discrepancy is measured,
     sens_eps: the same for neuron sensitivity (0: skip); attack, attack_eps: the attack ("autoattack",
-    "apgd", "pgd") of the headline robust accuracy at attack_eps (0: skip), with attack_steps iterations
-    (APGD, AutoAttack; PGD uses ``steps``) and attack_queries Square queries (AutoAttack);
+    "autoattack-fast", "apgd", "pgd") of the headline robust accuracy at attack_eps (0: skip), with
+    attack_steps iterations (APGD, AutoAttack; PGD uses ``steps``) and attack_queries Square queries
+    (AutoAttack);
     curve_attack: the attack of the accuracy curve (PGD unless asked); masking_n: samples of the
     gradient-masking report at attack_eps (0: skip), masking_queries: its Square queries."""
 
@@ -141,7 +145,7 @@ def table(results: Mapping[str, Mapping[str, object]], settings: EvalSettings) -
     eps = [e for e in sorted(settings.eps) if e > 0]
     head = f"{'model':<{width}}{'clean':>7}" + "".join(f"{f'{settings.norm} {e:g}':>11}" for e in eps)
     # the optional columns after the accuracies: (metric key, header, the cell of its result)
-    short = {"autoattack": "AA", "apgd": "APGD", "pgd": "PGD"}.get(settings.attack, settings.attack)
+    short = SHORT_NAMES.get(settings.attack, settings.attack)
     columns = [
         ("robust", f"{short}@{settings.attack_eps:g}", lambda r: f"{r.accuracy:.1%}"),
         ("masking", "masking", lambda r: r.verdict),
@@ -175,6 +179,11 @@ def _attack_words(name: str, s: EvalSettings, steps: int, queries: int) -> str:
     if name == "apgd":
         return f"APGD-CE-{s.norm}, {steps} iterations{restarts}"
     standard = (steps, queries) == (100, 5000)
+    if name == "autoattack-fast":
+        return (
+            f"AutoAttack fast (APGD-CE and APGD-T on {attacks.autoattack.FAST_TARGETS} MALT targets with {steps} "
+            f"iterations; FAB-T and Square ({queries} queries) only where a cheap masking check is suspicious)"
+        )
     return (
         f"AutoAttack {'standard' if standard else 'in the standard order with cheaper settings'} "
         f"(APGD-CE, APGD-T, FAB-T with {steps} iterations, Square with {queries} queries)"
@@ -191,7 +200,7 @@ def legend(settings: EvalSettings, results: Mapping[str, Mapping[str, object]] |
         else f"robust accuracy over eps: {_attack_words('autoattack', settings, 100, 5000)}"
     ]
     if settings.attack_eps > 0:
-        short = {"autoattack": "AA", "apgd": "APGD", "pgd": "PGD"}[settings.attack]
+        short = SHORT_NAMES[settings.attack]
         parts.append(
             f"{short}@{settings.attack_eps:g}: robust accuracy at {settings.norm} eps "
             f"{settings.attack_eps:g} under "

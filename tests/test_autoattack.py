@@ -92,7 +92,7 @@ def test_versions_and_bad_inputs(plain, digits):
     rand = AutoAttack(plain, version="rand").stages()
     assert [n for n, _ in rand] == ["apgd-ce", "apgd-dlr"] and all(a.eot_iter == 20 for _, a in rand)
     with pytest.raises(ValueError, match="version"):
-        AutoAttack(plain, version="fast")
+        AutoAttack(plain, version="fastest")
     with pytest.raises(ValueError, match="norm"):
         AutoAttack(plain, norm="L1")
     x, y = digits.x_test[:4], digits.y_test[:4]

@@ -5,7 +5,8 @@ objective over the input runs; on it PGD (Linf / L2), FGSM and TRADES' inner max
 ``adversarial_explanation`` (Woods et al. 2019).
 
 The evaluation attacks (Croce & Hein 2020; Andriushchenko et al. 2020), with torchattacks' classes'
-arguments: ``APGD`` and ``APGDT`` (``apgd``), ``FAB``, ``Square`` (``square``) and ``AutoAttack``.
+arguments: ``APGD`` and ``APGDT`` (``apgd``), ``FAB``, ``Square`` (``square``) and ``AutoAttack``;
+``MALTAPGDT`` and ``malt_targets`` (``malt``: MALT's targeting, Melamed et al. 2024) for its "fast" version.
 
 Modules, one job each: ``config`` (the validated settings and the default step rule), ``losses``
 (CE, margin, KL, DLR), ``starts`` (random starts and the attacks' generator), ``state`` (model
@@ -66,6 +67,7 @@ __all__ += ["FAB"]
 # AutoAttack's parts (Croce & Hein 2020; Andriushchenko et al. 2020)
 from fastrob.attacks.apgd import APGD, APGDT, apgd  # noqa: E402
 from fastrob.attacks.autoattack import AutoAttack, AutoAttackRecord  # noqa: E402
+from fastrob.attacks.malt import MALTAPGDT, malt_targets  # noqa: E402
 from fastrob.attacks.square import Square, square  # noqa: E402
 
 __all__ += [
@@ -73,9 +75,11 @@ __all__ += [
     "APGDT",
     "AutoAttack",
     "AutoAttackRecord",
+    "MALTAPGDT",
     "Square",
     "apgd",
     "dlr_loss",
+    "malt_targets",
     "square",
     "targeted_dlr_loss",
 ]

@@ -214,6 +214,7 @@ def apgd(
     n_restarts: int = 1,
     loss: str = "ce",
     n_target_classes: int = 9,
+    targets: torch.Tensor | None = None,
     eot_iter: int = 1,
     rho: float = 0.75,
     momentum: float = 0.75,
@@ -234,6 +235,7 @@ def apgd(
         steps: iterations per run; n_restarts: random starts (a sample fooled is not restarted).
         loss: "ce", "dlr" or "dlr-targeted" (APGD-T: one run per target class and restart, the
             targets being the ``n_target_classes`` classes with the highest clean logits after y).
+        targets: for "dlr-targeted", the target classes [B, k] to use instead (k runs per restart).
         eot_iter: forwards averaged per gradient (expectation over transformation).
         rho, momentum: the halving threshold and momentum α.
         seed: seeds the random starts (a private generator; the global RNG is not touched).
@@ -260,6 +262,8 @@ def apgd(
     rho = check_positive("rho", rho)
     if loss not in APGD_LOSSES:
         raise ValueError(f"loss must be one of {APGD_LOSSES}, got {loss!r}")
+    if targets is not None and loss != "dlr-targeted":
+        raise ValueError(f"targets are for loss='dlr-targeted', got loss={loss!r}")
     n_target_classes = check_int("n_target_classes", n_target_classes, 1)
     check_amp(amp)
     forward = amp_forward(model, amp, x.device.type)
@@ -282,13 +286,18 @@ def apgd(
             "done": clean.argmax(1) != y,
             "best_loss": torch.full((batch,), float("-inf"), device=x.device, dtype=compute),
         }
-        targets = [None]
+        given, targets = targets, [None]
         if loss == "dlr-targeted":
             n_classes = clean.shape[1]
             if n_classes < 4:
                 raise ValueError(f"the targeted DLR loss needs at least 4 classes, the model has {n_classes}")
             ranked = clean.scatter(1, y[:, None], float("-inf")).argsort(1, descending=True)
-            targets = [ranked[:, k] for k in range(min(n_target_classes, n_classes - 1))]
+            ranked = (
+                ranked[:, : min(n_target_classes, n_classes - 1)]
+                if given is None
+                else _check_targets(given, y, n_classes)
+            )
+            targets = list(ranked.T)
         runs = [(t, r) for t in targets for r in range(n_restarts)]
         blocks = [runs] if batch_runs else [[run] for run in runs]
         for block in blocks:
@@ -326,6 +335,17 @@ def apgd(
             check_logits(logits, batch, where="the attack's result")
             return out, logits.argmax(1) != y
         return out
+
+
+def _check_targets(targets, y, n_classes):
+    """``targets`` as a long [B, k] tensor on y's device: k >= 1 classes per sample, none equal to y."""
+    shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else None
+    if shape is None or len(shape) != 2 or shape[0] != y.shape[0] or not shape[1] or targets.is_floating_point():
+        raise ValueError(f"targets must be an integer tensor [B={y.shape[0]}, k>=1] of classes, got shape {shape}")
+    targets = targets.to(device=y.device, dtype=torch.long)
+    if bool(((targets < 0) | (targets >= n_classes) | (targets == y[:, None])).any()):
+        raise ValueError(f"targets must be classes in [0, {n_classes}) other than the sample's label")
+    return targets
 
 
 # ----------------------------------------------------------------------------------------------

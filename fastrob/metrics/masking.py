@@ -267,7 +267,7 @@ def masking_report(
     y = torch.cat([p[1] for p in parts])
     check_attack_inputs(model, x, y, clamp_input=None, name="masking_report")
     if large_eps is None:
-        large_eps = 0.5 if norm == "linf" else 0.5 * math.sqrt(x[0].numel())
+        large_eps = default_large_eps(norm, x)
     large_eps = check_float("large_eps", large_eps, min_value=0.0)
     total = len(y)
 
@@ -297,14 +297,8 @@ def masking_report(
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("model returned non-finite logits on the clean data")
         correct = logits.argmax(1) == y
-        rows_are_probabilities = (logits.min(1).values >= -1e-6) & ((logits.sum(1) - 1).abs() <= 1e-4)
-        done("probabilities", rows_are_probabilities.float().mean())
-
-        with attack_context(model), torch.no_grad():
-            probe = x[: min(total, 64)]
-            first, second = model(probe).float(), model(probe).float()
-        scale = 1e-5 * (1 + first.abs().amax(1))
-        done("randomized", ((first - second).abs().amax(1) > scale).float().mean())
+        done("probabilities", _probability_fraction(logits))
+        done("randomized", _randomized_fraction(model, x))
 
         alive = correct.nonzero().squeeze(1)
         done("zero_gradients", _zero_gradient_fraction(model, x[alive], y[alive], batch_size) if len(alive) else None)
@@ -326,19 +320,10 @@ def masking_report(
             )
         done("black_box", int(fooled_sq.sum()) / total if square_runs else None, int(fooled_sq.sum()))
 
-        strong = torch.zeros(len(survivors), dtype=torch.bool, device=device)
-        if len(survivors):
-            for loss in losses:
-                rest = (~strong).nonzero().squeeze(1)
-                if len(rest):
-                    strong[rest] = attack(survivors[rest], eps=eps, loss=loss, steps=steps * strong_factor, restarts=2)
+        strong = fooled_by_any(attack, survivors, losses, eps=eps, steps=steps * strong_factor, restarts=2)
         done("convergence", int(strong.sum()) / total, int(strong.sum()))
 
-        large = torch.zeros(len(alive), dtype=torch.bool, device=device)
-        for loss in losses:
-            rest = (~large).nonzero().squeeze(1)
-            if len(rest):
-                large[rest] = attack(alive[rest], eps=large_eps, loss=loss, steps=steps, restarts=1)
+        large = fooled_by_any(attack, alive, losses, eps=large_eps, steps=steps, restarts=1)
         done("large_eps", float((~large).sum()) / total)
     finally:
         stages.close()
@@ -365,6 +350,37 @@ def _square_available(x) -> bool:
     except ImportError:
         return False
     return x.dim() == 4
+
+
+def _probability_fraction(logits) -> float:
+    """Fraction of the rows of ``logits`` that are probability vectors (non-negative, summing to 1)."""
+    rows_are_probabilities = (logits.min(1).values >= -1e-6) & ((logits.sum(1) - 1).abs() <= 1e-4)
+    return float(rows_are_probabilities.float().mean())
+
+
+def _randomized_fraction(model, x) -> float:
+    """Fraction of (up to 64) samples whose logits differ between two forwards in eval mode."""
+    with attack_context(model), torch.no_grad():
+        probe = x[:64]
+        first, second = model(probe).float(), model(probe).float()
+    scale = 1e-5 * (1 + first.abs().amax(1))
+    return float(((first - second).abs().amax(1) > scale).float().mean())
+
+
+def default_large_eps(norm: str, x) -> float:
+    """The large-eps check's radius: one that reaches a uniform gray image (0.5 Linf, 0.5·√D L2)."""
+    return 0.5 if norm == "linf" else 0.5 * math.sqrt(x[0].numel())
+
+
+def fooled_by_any(attack, idx, losses, **kwargs) -> torch.Tensor:
+    """Whether a gradient attack breaks each sample of ``idx``: ``attack(part, loss=loss, **kwargs)``
+    (a fooled mask over ``part``) with each of ``losses`` in turn, each on what the earlier left."""
+    fooled = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
+    for loss in losses:
+        rest = (~fooled).nonzero().squeeze(1)
+        if len(rest):
+            fooled[rest] = attack(idx[rest], loss=loss, **kwargs)
+    return fooled
 
 
 def _zero_gradient_fraction(model, x, y, batch_size) -> float:

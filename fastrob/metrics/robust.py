@@ -110,7 +110,7 @@ def robust_accuracy(
 
 
 # the attacks the metrics build by name (``make_attack``, ``accuracy_curve(attack=...)``, ``fastrob eval --attack``)
-ATTACKS = ("autoattack", "apgd", "pgd")
+ATTACKS = ("autoattack", "autoattack-fast", "apgd", "pgd")
 
 
 def make_attack(
@@ -132,7 +132,8 @@ def make_attack(
     - "pgd": PGD (``fastrob.PGD`` / ``PGDL2``), ``steps`` steps of 2.5·eps/steps, ``restarts`` random starts;
     - "apgd": APGD-CE (Croce & Hein 2020) with ``steps`` iterations and ``restarts`` restarts;
     - "autoattack": AutoAttack ``version`` with ``steps`` iterations for APGD-CE, APGD-T and FAB-T and
-      ``n_queries`` for Square (the paper's "standard" is steps=100, n_queries=5000).
+      ``n_queries`` for Square (the paper's "standard" is steps=100, n_queries=5000);
+    - "autoattack-fast": AutoAttack's "fast" version with those settings (docs/autoattack-fast.md).
     """
     from fastrob.attacks import APGD, AutoAttack  # here: fastrob.attacks imports fastrob.metrics first
 
@@ -150,12 +151,12 @@ def make_attack(
     upper = "Linf" if norm == "linf" else "L2"
     if name == "apgd":
         return APGD(model, norm=upper, eps=eps, steps=steps, n_restarts=restarts, seed=seed, loss="ce")
-    if name == "autoattack":
+    if name in ("autoattack", "autoattack-fast"):
         return AutoAttack(
             model,
             norm=upper,
             eps=eps,
-            version=version,
+            version="fast" if name == "autoattack-fast" else version,
             n_classes=n_classes,
             seed=seed,
             steps=steps,
@@ -262,7 +263,8 @@ def accuracy_curve(
     """Robust accuracy under PGD (``fastrob.attacks.pgd``, the default) or another attack at each eps.
 
     ``attack``: "pgd" (below), "apgd" (APGD-CE with ``steps`` iterations, ``restarts`` restarts),
-    "autoattack" (AutoAttack standard: 100 iterations, 5000 Square queries) or a factory
+    "autoattack" (AutoAttack standard: 100 iterations, 5000 Square queries), "autoattack-fast" (its
+    "fast" version, the same settings) or a factory
     eps -> attack(x, y) -> x_adv. Each eps then attacks the survivors of the smaller ones, as below;
     ``alpha_factor``, ``random_start`` and ``loss`` are PGD's only.
 
@@ -375,7 +377,7 @@ def _curve_of(
     def attack_at(eps, n_classes):
         if eps not in built:
             if attack is None:
-                steps_of = 100 if name == "autoattack" else steps
+                steps_of = 100 if name.startswith("autoattack") else steps
                 built[eps] = make_attack(
                     name,
                     model,
