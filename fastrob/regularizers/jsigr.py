@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_int
+from fastrob.compiled import eager_for_double_backward
 from fastrob.distributed import unwrap
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
@@ -77,6 +78,7 @@ class JSIGRRegularizer:
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
+        model = eager_for_double_backward(model, "JSIGRRegularizer")
         if x.dim() != 4:
             raise ValueError(f"x must be a batch of images [B, C, H, W], got shape {tuple(x.shape)}")
         # Under DDP both penalties differentiate the wrapped module's output (Fn.forward_pair), and
