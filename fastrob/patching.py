@@ -152,8 +152,10 @@ def probe(module: nn.Module) -> tuple[str | None, str | None]:
         return None, None
     t = _probe_input().requires_grad_(True)
     try:
-        with torch.enable_grad():
-            out = module.forward(t.clone())  # forward, not __call__: no user hook sees the probe
+        # forward, not __call__: no user hook sees the probe; a forked RNG: a Dropout in train mode
+        # probed here does not move the user's random stream
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            out = module.forward(t.clone())
     except Exception:  # noqa: BLE001 - a module that cannot take the probe is no elementwise activation
         return None, None
     if not isinstance(out, torch.Tensor) or out.shape != t.shape:

@@ -339,3 +339,12 @@ def test_patch_model_act_and_batch_norm_options():
     assert dict((n, r) for n, _, r in report.left)["3"] == "batch_norm=False"
     with pytest.raises(ValueError, match="act must be None or one of"):
         patch_model(model, act="tanh")
+
+
+def test_probe_leaves_the_global_random_stream_alone():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.ReLU()).train()
+    torch.manual_seed(0)
+    patch_model(model, backend="torch")
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(after, torch.rand(3), rtol=0, atol=0)
