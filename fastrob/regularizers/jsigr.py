@@ -32,8 +32,10 @@ class JSIGRRegularizer:
     ``Objective.penalty`` is the weighted sum lam_jacobian * R_J + lam_saliency * R_S (two terms,
     so there is no single unweighted penalty): loss = ce + penalty.
 
-    The saliency forwards (one per square, batched in chunks of ``chunk`` samples) run in the
-    model's mode and do not move BatchNorm's running statistics. Inputs must be images [B, C, H, W].
+    The saliency forwards (one per square, batched in chunks of ``chunk`` samples: one pass when
+    squares x batch <= chunk) run in the model's mode and do not move BatchNorm's running
+    statistics. They cost (H/patch)(W/patch) no-grad forwards of the batch, so the step's cost
+    follows ``patch`` (bench/any_model.py measures it against a plain step). Inputs must be images [B, C, H, W].
 
     Args:
         lam_jacobian: weight of the Jacobian term, >= 0 (default 0.01, Hoffman et al.).
