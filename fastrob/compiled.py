@@ -19,6 +19,8 @@ import warnings
 
 import torch
 
+from fastrob.model_output import LogitsOf
+
 _warned: set[str] = set()
 
 
@@ -33,6 +35,10 @@ def is_compiled(model) -> bool:
 def eager_for_double_backward(model, who: str):
     """``model``, or the module inside it when it is compiled (see the module docstring); ``who``
     names the caller in the one-time warning."""
+    if isinstance(model, LogitsOf) and is_compiled(model.model):  # logits_of(torch.compile(net))
+        eager = LogitsOf(eager_for_double_backward(model.model, who), model.key)
+        eager.training = model.training  # its own flag only: .train() would reset the inner modules' modes
+        return eager
     if not is_compiled(model):
         return model
     if who not in _warned:

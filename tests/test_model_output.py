@@ -161,6 +161,19 @@ def test_compiled_model_runs_eagerly_in_double_backward_paths_before_any_compile
     assert not [w for w in caught if "compiled" in str(w.message)]
 
 
+def test_logits_of_a_compiled_model_runs_eagerly_in_double_backward():
+    x, y = data()
+    model = Wrapped("dict")
+    backend = CountingBackend()
+    wrapped = fastrob.logits_of(torch.compile(model, backend=backend), "logits").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = fastrob.InputGradientRegularizer(lam=1.0)(wrapped, x, y).loss
+    want = fastrob.InputGradientRegularizer(lam=1.0)(model.body, x, y).loss
+    assert backend.calls == 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_first_order_paths_keep_the_compiled_model():
     x, y = data()
     plain = net()
