@@ -242,7 +242,8 @@ def patch(model: nn.Module, act: str | None, batch_norm: bool, backend: str) -> 
         report.swapped.append(("", type(model).__name__, type(root).__name__))
         model = root
     visit("", model)
-    if not report.swapped and not _warned_nothing:
+    already = any(reason == "already fused" for _, _, reason in report.left)
+    if not report.swapped and not already and not _warned_nothing:
         _warned_nothing = True
         warnings.warn(f"patch_model swapped nothing: no module runs on the fused ops.\n{report}", stacklevel=3)
     return model, report

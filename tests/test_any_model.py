@@ -329,6 +329,12 @@ def test_patch_model_warns_once_when_nothing_swapped(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         patch_model(model)  # once per process
+    monkeypatch.setattr(patching, "_warned_nothing", False)
+    twice = patch_model(efficientnet(), backend="torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, report = patch_model(twice, return_report=True)  # already fused: nothing to warn about
+    assert not report.swapped and dict((n, r) for n, _, r in report.left)["1"] == "already fused"
 
 
 def test_patch_model_act_and_batch_norm_options():
