@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench import any_model
 from bench.common import peak_rss_rise_mib, row, save_results, time_ms
 from fastrob.models import PreActResNet18
 from fastrob.regularizers import (
@@ -389,6 +390,7 @@ def main(argv=None):
     save_results(rows, device, quick=args.quick)
     resnet = resnet_rows(args.quick)
     save_results(resnet, torch.device("cuda" if torch.cuda.is_available() else "cpu"), quick=args.quick)
+    any_model.main(["--quick"] if args.quick else [])  # J-SIGR and ConvNeXt-like steps ÷ plain
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from fastrob import (
     interpret,
     methods,
     metrics,
+    model_output,
     models,
     nn,
     ops,
@@ -32,6 +33,7 @@ from fastrob.metrics import (
     neuron_sensitivity_metric,
     robust_accuracy,
 )
+from fastrob.model_output import logits_of
 from fastrob.objective import Objective
 from fastrob.ops import batch_norm, bias_act, cross_entropy, pgd_step, sqnorm
 from fastrob.regularizers import (
@@ -57,6 +59,7 @@ __all__ = [
     "interpret",
     "methods",
     "metrics",
+    "model_output",
     "models",
     "nn",
     "ops",
@@ -82,6 +85,7 @@ __all__ = [
     "neuron_sensitivity_metric",
     "robust_accuracy",
     "Objective",
+    "logits_of",
     "batch_norm",
     "bias_act",
     "cross_entropy",

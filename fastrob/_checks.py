@@ -9,6 +9,8 @@ from numbers import Integral, Real
 
 import torch
 
+from fastrob.model_output import describe_output
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
@@ -125,10 +127,17 @@ def check_logits(logits, batch: int, y: torch.Tensor | None = None, where: str |
     A NaN logit has no argmax that means anything (torch's is the NaN's position), so a metric that
     decided on it would count an undefined answer; ``where`` names the inputs in the error, e.g.
     "clean inputs" or "adversarial inputs". The finiteness and label checks are one device
-    synchronisation each: loops check once per batch."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"model must return logits of shape [batch, classes] = ({batch}, C), got {got}")
+    synchronisation each: loops check once per batch. An output that is not a tensor (a tuple, a
+    dict, an output object) is a TypeError that says how to pick the logits (``fastrob.logits_of``)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"model must return a logits tensor of shape [batch, classes] = ({batch}, C), got a "
+            f"{describe_output(logits)}"
+        )
+    if logits.dim() != 2 or logits.shape[0] != batch:
+        raise ValueError(
+            f"model must return logits of shape [batch, classes] = ({batch}, C), got {tuple(logits.shape)}"
+        )
     if logits.device.type != "meta" and logits.numel():
         bad = ~torch.isfinite(logits).all(1)
         n_bad = int(bad.sum())

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastrob import attacks, distributed, metrics, plots
+from fastrob._checks import check_logits
 
 # the table's and legend's short name of each headline attack
 SHORT_NAMES = {"autoattack": "AA", "autoattack-fast": "AA-fast", "apgd": "APGD", "pgd": "PGD"}
@@ -61,7 +62,9 @@ def _headline(model, data, s: EvalSettings, quiet: bool):
     """Robust accuracy at ``s.attack_eps`` under ``s.attack`` (AutoAttack by default)."""
     x = data[0]
     with torch.no_grad():
-        n_classes = int(model(x[:1]).shape[1])
+        first = model(x[:1])
+    check_logits(first, 1)  # a tuple or dict output: the error says how to pick the logits
+    n_classes = int(first.shape[1])
     steps = s.steps if s.attack == "pgd" else s.attack_steps
     attack = metrics.make_attack(
         s.attack,

@@ -176,14 +176,39 @@ def swap_batch_norm(model: nn.Module, *, backend: str = "auto") -> nn.Module:
 
 
 def patch_model(
-    model: nn.Module, act: str | None = None, batch_norm: bool = True, *, backend: str = "auto"
-) -> nn.Module:
-    """Both swaps: ``swap_activations(model, act)`` and, with ``batch_norm=True``,
-    ``swap_batch_norm(model)``, so that double backprop through the model's activations and
-    BatchNorm layers runs through the fused kernels. Returns ``model``."""
+    model: nn.Module,
+    act: str | None = None,
+    batch_norm: bool = True,
+    *,
+    backend: str = "auto",
+    return_report: bool = False,
+    verbose: bool = False,
+):
+    """Puts ``model``'s activations and BatchNorm layers on the fused ops, in place, so that double
+    backprop through them runs through the fused first- and second-derivative kernels.
+
+    Modules are recognised by what they compute (``fastrob.patching``): torch's classes and their
+    subclasses that keep torch's forward, activations that are not torch's classes (found by a
+    probe), BatchNorm + activation modules (timm's ``BatchNormAct2d``). ``act`` replaces every
+    ReLU, Softplus, GELU and SiLU by that activation instead (e.g. "softplus" to give a ReLU network
+    a non-zero second derivative); ``batch_norm=False`` leaves BatchNorm alone.
+
+    Returns ``model`` (the new module when ``model`` itself is swapped), or ``(model, report)``
+    with ``return_report``: a ``fastrob.patching.PatchReport`` of every module swapped and every
+    module left, with the reason; ``verbose`` prints it. When nothing is swapped it warns (once per
+    process) with the report. Functional calls inside ``forward`` and custom autograd Functions are
+    out of its reach.
+    """
+    from fastrob.patching import patch  # patching builds on this module's classes
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(batch_norm, bool):
         raise TypeError(f"batch_norm must be a bool, got {type(batch_norm).__name__}")
-    model = swap_activations(model, act, backend=backend)
-    if batch_norm:
-        model = swap_batch_norm(model, backend=backend)
-    return model
+    if act is not None and act not in ACTIVATIONS:
+        raise ValueError(f"act must be None or one of {tuple(ACTIVATIONS)}, got {act!r}")
+    _backend.check_backend_name(backend)
+    model, report = patch(model, act, batch_norm, backend)
+    if verbose:
+        print(report)
+    return (model, report) if return_report else model

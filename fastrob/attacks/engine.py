@@ -218,7 +218,7 @@ def ascend(
             idx = torch.cat([torch.arange(batch, device=x.device) + r * batch for r in group])
             rows = _Rows(
                 torch.cat([starts[r] for r in group]),
-                x.repeat((len(group),) + (1,) * (x.dim() - 1)),
+                _in_format_of(x.repeat((len(group),) + (1,) * (x.dim() - 1)), x),
                 _repeat(eps, len(group)),
                 _repeat(alpha, len(group)),
                 idx,
@@ -247,6 +247,15 @@ def ascend(
             if not need_final:
                 return AscentResult(rows.x_adv.clone(), None)
     return best.result(fooled_known)
+
+
+def _in_format_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s memory format: ``repeat`` returns a contiguous tensor, and the steps
+    (whose result follows their operands) would then hand the model contiguous iterates of a
+    channels_last input."""
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
 
 
 def _repeat(value, times):

@@ -60,7 +60,9 @@ def pgd_step_reference(
         delta = delta * torch.where(d_norm > eps_b, eps_b / d_norm.clamp_min(torch.finfo(compute).tiny), 1.0)
     else:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    return torch.clamp(xo + delta, lower, upper).to(x_adv.dtype)
+    out = torch.clamp(xo + delta, lower, upper).to(x_adv.dtype)
+    # the result's layout follows the operands': x_adv's, as the fused kernels write it
+    return out if out.stride() == x_adv.stride() else torch.empty_like(x_adv).copy_(out)
 
 
 def pgd_step(

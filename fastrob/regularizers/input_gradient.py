@@ -8,6 +8,7 @@ import torch
 from fastrob import _backend
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_positive
+from fastrob.compiled import eager_for_double_backward
 from fastrob.distributed import unwrap
 from fastrob.objective import Objective
 
@@ -77,6 +78,8 @@ class InputGradientRegularizer:
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
+        if self.mode == "exact":  # fd needs no double backward: a compiled model stays compiled
+            model = eager_for_double_backward(model, "InputGradientRegularizer")
         # the fd forward replays the clean forward's random draws (Fn.replay)
         rng = Fn.rng_state(x.device) if self.mode == "fd" else None
         # Under DDP the input gradient is taken on the wrapped module's output (Fn.forward_pair)

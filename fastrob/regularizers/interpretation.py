@@ -11,6 +11,7 @@ import torch
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_generator, check_int, check_logits
 from fastrob.attacks import AttackConfig, Evaluation, ascend, attack_context, check_random_start, pgd
+from fastrob.compiled import eager_for_double_backward
 from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
 from fastrob.metrics.map_discrepancy import KINDS as DISCREPANCIES
@@ -157,6 +158,7 @@ class InterpretationRegularizer:
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
+        model = eager_for_double_backward(model, "InterpretationRegularizer")
         check_generator(self.generator, x.device)
         eps, alpha = self.current_eps()
         self.step += 1

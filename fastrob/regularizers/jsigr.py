@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_int
+from fastrob.compiled import eager_for_double_backward
 from fastrob.distributed import unwrap
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
@@ -31,8 +32,10 @@ class JSIGRRegularizer:
     ``Objective.penalty`` is the weighted sum lam_jacobian * R_J + lam_saliency * R_S (two terms,
     so there is no single unweighted penalty): loss = ce + penalty.
 
-    The saliency forwards (one per square, batched in chunks of ``chunk`` samples) run in the
-    model's mode and do not move BatchNorm's running statistics. Inputs must be images [B, C, H, W].
+    The saliency forwards (one per square, batched in chunks of ``chunk`` samples: one pass when
+    squares x batch <= chunk) run in the model's mode and do not move BatchNorm's running
+    statistics. They cost (H/patch)(W/patch) no-grad forwards of the batch, so the step's cost
+    follows ``patch`` (bench/any_model.py measures it against a plain step). Inputs must be images [B, C, H, W].
 
     Args:
         lam_jacobian: weight of the Jacobian term, >= 0 (default 0.01, Hoffman et al.).
@@ -77,6 +80,7 @@ class JSIGRRegularizer:
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
+        model = eager_for_double_backward(model, "JSIGRRegularizer")
         if x.dim() != 4:
             raise ValueError(f"x must be a batch of images [B, C, H, W], got shape {tuple(x.shape)}")
         # Under DDP both penalties differentiate the wrapped module's output (Fn.forward_pair), and
