@@ -138,6 +138,7 @@ def _extension_runs_on_device(device: torch.device) -> bool:
 AUTO_KERNELS_ON_CPU = False
 
 _warned_fallback = False
+_warned_no_kernels: set[str] = set()
 _auto_choice: dict[tuple, str] = {}
 
 
@@ -211,8 +212,19 @@ def resolve(
     if backend == "auto":
         if dtype not in dtypes or not (device.type == "cuda" or (AUTO_KERNELS_ON_CPU and device.type == "cpu")):
             return "torch"
-        if any(name in fused for name in fused_backends_for(device)):
+        available = fused_backends_for(device)
+        if any(name in fused for name in available):
             return _auto(op, device, dtype, fused)
+        if available:  # fused backends run here, but none has kernels of this op
+            if op not in _warned_no_kernels:
+                _warned_no_kernels.add(op)
+                warnings.warn(
+                    f"fastrob: {op} has no kernels for the fused backends that run here ({', '.join(available)}; "
+                    f"its kernels: {', '.join(fused)}), so backend='auto' uses the torch reference",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return "torch"
         global _warned_fallback
         if not _warned_fallback:
             _warned_fallback = True

@@ -187,3 +187,8 @@ def patch_model(
     if batch_norm:
         model = swap_batch_norm(model, backend=backend)
     return model
+
+
+# the modules of the modern normalisation layers (LayerNorm, LayerNorm2d, BatchNormAct2d) live in
+# their own file; imported last, as they build on BatchNorm2d above
+from fastrob._norm_modules import BatchNormAct2d, LayerNorm, LayerNorm2d, swap_layer_norm  # noqa: E402, F401
