@@ -142,6 +142,22 @@ _warned_no_kernels: set[str] = set()
 _auto_choice: dict[tuple, str] = {}
 
 
+# The kernel-trust policy: (op, backend, device, dtype) -> None when ``auto`` may use that fused
+# kernel, else the failed check (a fastrob.selfchecks.CheckResult). fastrob.verify registers its
+# ``trusted`` when imported (fastrob/__init__ imports it); until then no kernel is trusted.
+_trust_policy = None
+
+
+def set_trust_policy(policy) -> None:
+    """Makes ``policy(op, backend, device, dtype)`` decide which fused kernels ``auto`` may use, and
+    forgets ``auto``'s earlier choices."""
+    global _trust_policy
+    if not callable(policy):
+        raise TypeError(f"policy must be callable, got {type(policy).__name__}")
+    _trust_policy = policy
+    clear_auto_cache()
+
+
 def fused_backends_for(device: torch.device) -> list[str]:
     """The fused backends that can run on ``device``, in ``auto``'s order of preference."""
     names = []
@@ -154,18 +170,19 @@ def fused_backends_for(device: torch.device) -> list[str]:
 
 def _auto(op: str, device: torch.device, dtype: torch.dtype, fused: tuple = ("cuda", "triton")) -> str:
     """``auto``'s choice for a GPU target: the first fused backend (cuda, then triton) among those
-    the op has (``fused``) that the record covers or that passes its self-check (fastrob.verify),
-    else torch; cached per (op, device, dtype), so that each failing kernel warns once per process."""
+    the op has kernels for (``fused``) that the trust policy accepts (fastrob.verify's: the record
+    covers it or its self-check passes), else torch; cached per (op, device, dtype), so that each
+    failing kernel warns once per process."""
     candidates = tuple(name for name in fused_backends_for(device) if name in fused)
     key = (op, str(device), dtype, candidates)
     if key in _auto_choice:
         return _auto_choice[key]
-    from fastrob import verify
-
+    if _trust_policy is None:
+        return "torch"
     failed = []
     choice = "torch"
     for name in candidates:
-        failure = verify.trusted(op, name, device, dtype)
+        failure = _trust_policy(op, name, device, dtype)
         if failure is None:
             choice = name
             break

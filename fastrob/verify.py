@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from fastrob.selfchecks import OPS, CheckResult, dtype_name, run_check
+from fastrob import _backend
+from fastrob._checks import dtype_name
+from fastrob.ops._registry import fused_op
+from fastrob.selfchecks import OPS, CheckResult, run_check
 
 RECORD_PATH = Path(__file__).with_name("verified.json")
 SCHEMA = 1
-# ops whose callers resolve a backend under another name (the attacks loop over pgd_step)
-OP_ALIASES = {"pgd": "pgd_step"}
 MODES = ("0", "1", "always")
 
 
@@ -69,7 +70,7 @@ def _recorded_keys() -> frozenset:
 
 
 def is_recorded(op: str, backend: str, capability: str) -> bool:
-    return (OP_ALIASES.get(op, op), backend, capability) in _recorded_keys()
+    return (op, backend, capability) in _recorded_keys()
 
 
 _checked: dict[tuple, CheckResult] = {}
@@ -77,7 +78,7 @@ _checked: dict[tuple, CheckResult] = {}
 
 def self_check(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> CheckResult:
     """The op's self-check, run once per (op, backend, device, dtype) per process."""
-    key = (OP_ALIASES.get(op, op), backend, str(device), dtype)
+    key = (op, backend, str(device), dtype)
     if key not in _checked:
         _checked[key] = run_check(key[0], backend, device, dtype)
     return _checked[key]
@@ -88,12 +89,11 @@ def trusted(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
 
     An op without a self-check (one added later under a new name) is trusted as before."""
     mode = verify_mode()
-    name = OP_ALIASES.get(op, op)
-    if mode == "0" or name not in OPS:
+    if mode == "0" or op not in OPS:
         return None
-    if mode != "always" and is_recorded(name, backend, capability_of(device)):
+    if mode != "always" and is_recorded(op, backend, capability_of(device)):
         return None
-    result = self_check(name, backend, device, dtype)
+    result = self_check(op, backend, device, dtype)
     return None if result.passed else result
 
 
@@ -110,9 +110,6 @@ def check_devices(devices=None, backends=None, dtypes=None, ops=None, quiet: boo
     """Every self-check (ops x fused backends that run on each device x dtypes); the checks run
     afresh, whatever the record and the cache hold. Default devices: every CUDA GPU, else the CPU
     when the Triton interpreter is on."""
-    from fastrob import _backend
-    from fastrob.selfchecks import TOLERANCES
-
     if devices is None:
         devices = (
             [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
@@ -123,7 +120,9 @@ def check_devices(devices=None, backends=None, dtypes=None, ops=None, quiet: boo
     for device in map(torch.device, devices):
         for backend in backends or _backend.fused_backends_for(device):
             for op in ops or OPS:
-                for dtype in dtypes or [d for d in _backend.KERNEL_DTYPES if d in TOLERANCES[op]]:
+                if backend not in fused_op(op).backends:  # no kernels of this op to check
+                    continue
+                for dtype in dtypes or [d for d in _backend.KERNEL_DTYPES if d in fused_op(op).tolerances]:
                     results.append(run_check(op, backend, device, dtype))
                     if not quiet:
                         print(format_row(results[-1]), flush=True)
@@ -236,6 +235,8 @@ def check_command(devices=None, ops=None, record: bool = False, record_path=None
         print(f"recorded {len(entries)} entries in {path}")
     return 1 if failed else 0
 
+
+_backend.set_trust_policy(trusted)
 
 __all__ = [
     "CheckResult",

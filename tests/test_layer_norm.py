@@ -13,16 +13,9 @@ from torch import nn
 
 from fastrob.nn import LayerNorm, LayerNorm2d, swap_layer_norm
 from fastrob.ops import layer_norm, layer_norm_reference
+from fastrob.ops.layer_norm import SPEC
 
 needs_triton = pytest.mark.skipif(not triton_runs_here(), reason="triton cannot run here")
-TOL = {
-    torch.float32: dict(atol=1e-4, rtol=1e-4),
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
-    torch.float16: dict(atol=5e-3, rtol=5e-3),
-}
-# float32: like batch norm's, the derivatives of a normalisation sum O(C) terms that cancel; 1e-4
-# separates float32 rounding from a wrong term (O(1)).
 
 
 def make(shape, dtype=torch.float32, device="cpu", seed=0, channels_first=False, channels_last=False, offset=3.0):
@@ -52,14 +45,14 @@ def test_reference_by_hand_and_against_torch():
         lambda x, w, b: layer_norm_reference(x, w, b),
         lambda x, w, b: F.layer_norm(x, (6,), w, b),
         [x, w, b],
-        **TOL[torch.float64],
+        **SPEC.tolerance(torch.float64),
     )
     x, w, b = make((2, 5, 3, 4), torch.float64, channels_first=True)
     assert_derivatives_close(
         lambda x, w, b: layer_norm_reference(x, w, b, channels_first=True),
         timm_layer_norm_2d,
         [x, w, b],
-        **TOL[torch.float64],
+        **SPEC.tolerance(torch.float64),
     )
 
 
@@ -102,7 +95,7 @@ def test_triton_equals_reference(shape, channels_first, channels_last, dtype, af
             return layer_norm_reference(x, None, None, channels_first=channels_first)
 
         inputs = [x]
-    assert_derivatives_close(fused, reference, inputs, **TOL[dtype])
+    assert_derivatives_close(fused, reference, inputs, **SPEC.tolerance(dtype))
     if channels_last:
         assert fused(*inputs).is_contiguous(memory_format=torch.channels_last)
 
@@ -114,13 +107,13 @@ def test_triton_bfloat16_weight_only_and_float32_parameters():
         lambda x, w: layer_norm(x, w, None, backend="triton"),
         lambda x, w: layer_norm_reference(x, w, None),
         [x, w],
-        **TOL[torch.bfloat16],
+        **SPEC.tolerance(torch.bfloat16),
     )
     x, w, b = make((2, 8, 3, 3), torch.float16, triton_device(), channels_first=True)
     w, b = w.float(), b.float()  # parameters in float32 beside half-precision activations (autocast)
     out = layer_norm(x, w, b, channels_first=True, backend="triton")
     assert out.dtype == torch.float16
-    torch.testing.assert_close(out, layer_norm_reference(x, w, b, channels_first=True), **TOL[torch.float16])
+    torch.testing.assert_close(out, layer_norm_reference(x, w, b, channels_first=True), **SPEC.tolerance(torch.float16))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -276,7 +269,7 @@ def test_input_gradient_penalty_parameter_gradients_through_layer_norm(backend):
 )
 def test_gpu_triton_equals_reference(dtype, shape, channels_first, channels_last):
     x, w, b = make(shape, dtype, "cuda", channels_first=channels_first, channels_last=channels_last)
-    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else TOL[dtype]
+    tol = SPEC.tolerance(dtype, large_inputs=True)
     assert_derivatives_close(
         lambda x, w, b: layer_norm(x, w, b, channels_first=channels_first, backend="triton"),
         lambda x, w, b: layer_norm_reference(x, w, b, channels_first=channels_first),

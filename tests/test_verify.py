@@ -93,7 +93,7 @@ def test_self_check_passes_for_the_kernels_and_catches_a_wrong_one(wrong_sqnorm)
 @needs_interpreter
 def test_auto_uses_a_kernel_that_passes(cpu_target):
     assert _backend.resolve("auto", torch.device("cpu"), torch.float32, op="sqnorm") == "triton"
-    assert _backend.resolve("auto", torch.device("cpu"), torch.float32, op="pgd") == "triton"  # pgd_step's check
+    assert _backend.resolve("auto", torch.device("cpu"), torch.float32, op="pgd_step") == "triton"  # pgd_step's check
     assert ("pgd_step", "triton", "cpu", torch.float32) in verify._checked
 
 
@@ -180,3 +180,17 @@ def test_check_command_table_exit_status_and_record(cpu_target, capsys, monkeypa
     monkeypatch.setattr(triton_sqnorm, "sqnorm_forward", lambda g, out: (original(g, out), out.mul_(1.01)))
     assert cli.main(["check", "--op", "sqnorm"]) == 1
     assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_the_trust_policy_is_registered_into_backend_without_an_import_cycle():
+    import ast
+    import inspect
+
+    assert _backend._trust_policy is verify.trusted
+    imported = {
+        alias.name if isinstance(node, ast.Import) else node.module
+        for node in ast.walk(ast.parse(inspect.getsource(_backend)))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert not {name for name in imported if name and name.startswith("fastrob")}, imported

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fastrob import _backend
+
 # dtype numbering shared with csrc/launchers.h (enum DType)
 _CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -60,8 +62,6 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def resolve_backend(backend: str, t: torch.Tensor, *, op: str) -> str:
     """``_backend.resolve`` for an op whose Triton kernels accept float64 as well."""
-    from fastrob import _backend
-
     dtypes = TRITON_DTYPES if backend == "triton" else _backend.KERNEL_DTYPES
     return _backend.resolve(backend, t.device, t.dtype, op=op, dtypes=dtypes)
 
@@ -82,8 +82,6 @@ def cuda_launch(name: str, like: torch.Tensor, *args) -> None:
 
     The launchers take pointers and sizes first and the storage dtype, device index and stream
     last, so every op's Python side forwards them the same way."""
-    from fastrob import _backend
-
     device, stream = cuda_launch_context(like)
     getattr(_backend.extension(), name)(*args, cuda_dtype_code(like.dtype), device, stream)
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_tensor
 from fastrob.ops._common import accumulate_dtype, batch_outermost_dense, define_op, launch, resolve_backend, same_layout
+from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 
 def batch_norm_reference(
@@ -394,3 +395,30 @@ def _build(backend: str):
 _BUILT = {backend: _build(backend) for backend in ("triton", "cuda")}
 _OPS = {backend: ops[0] for backend, ops in _BUILT.items()}
 _EVAL = {backend: ops[1] for backend, ops in _BUILT.items()}
+
+
+def _self_check_cases(device, dtype):
+    w, bias = 1.0 + 0.1 * random_tensor((3,), device, dtype, 6), random_tensor((3,), device, dtype, 7)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = random_tensor((4, 3, 5, 5), device, dtype, 5, scale=2.0).contiguous(memory_format=memory_format)
+        yield SelfCheckCase(
+            lambda b: lambda t, w, c: batch_norm(t, w, c, None, None, True, backend=b),
+            lambda t, w, c: batch_norm_reference(t, w, c, None, None, True),
+            [x, w, bias],
+        )
+
+
+# float32: the first and second derivatives of a normalisation sum O(M) terms that cancel; 1e-4
+# is what separates float32 rounding (1e-6 .. 1e-5 seen) from a wrong term (O(1)).
+SPEC = register(
+    FusedOp(
+        name="batch_norm",
+        tolerances={
+            torch.float32: Tolerance(1e-4, 1e-4),
+            torch.float64: Tolerance(1e-10, 1e-10),
+            torch.float16: Tolerance(5e-3, 5e-3),
+            torch.bfloat16: Tolerance(5e-2, 5e-2),
+        },
+        self_check_cases=_self_check_cases,
+    )
+)

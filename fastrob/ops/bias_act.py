@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_positive, check_tensor, dtype_name
 from fastrob.ops._common import batch_outermost_dense, define_op, launch, resolve_backend, same_layout
+from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 # codes shared with the kernels (fastrob/triton/bias_act.py, kernels/bias_act.cuh)
 ACTIVATIONS = {
@@ -260,3 +261,29 @@ def _build(backend: str):
 
 
 _OPS = {backend: _build(backend) for backend in ("triton", "cuda")}
+
+
+def _self_check_cases(device, dtype):
+    x, bias = random_tensor((2, 3, 5), device, dtype, 3), random_tensor((3,), device, dtype, 4)
+    for act in ("relu", "gelu", "gelu_tanh", "sigmoid", "hardswish"):
+        yield SelfCheckCase(
+            lambda b, act=act: lambda t, c: bias_act(t, c, act, backend=b),
+            lambda t, c, act=act: bias_act_reference(t, c, act),
+            [x, bias],
+        )
+
+
+SPEC = register(
+    FusedOp(
+        name="bias_act",
+        tolerances={
+            torch.float32: Tolerance(1e-5, 1e-5),
+            torch.float64: Tolerance(1e-12, 1e-12),
+            torch.float16: Tolerance(2e-3, 2e-3),
+            torch.bfloat16: Tolerance(2e-2, 2e-2),
+        },
+        self_check_cases=_self_check_cases,
+        # the bias gradient sums 1e5 float32 terms in another order than torch's
+        large_input_tolerances={torch.float32: Tolerance(1e-4, 1e-4)},
+    )
+)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fastrob._checks import check_float, dtype_name
 from fastrob.ops._common import accumulate_dtype, define_op, dense_like, launch, resolve_backend
+from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -194,3 +195,31 @@ def _build(backend: str):
 
 
 _OPS = {backend: _build(backend) for backend in ("triton", "cuda")}
+
+
+def _self_check_cases(device, dtype):
+    z = random_tensor((4, 37), device, dtype, 2, scale=3.0)
+    y = torch.tensor([0, 5, 36, 17], device=device)
+    yield SelfCheckCase(
+        lambda b: lambda t, y: cross_entropy(t, y, "mean", 0.1, backend=b),
+        lambda t, y: cross_entropy_reference(t, y, "mean", 0.1),
+        [z, y],
+    )
+
+
+SPEC = register(
+    FusedOp(
+        name="cross_entropy",
+        tolerances={
+            torch.float32: Tolerance(1e-5, 1e-5),
+            # the kernels take label_smoothing as a float32 scalar (Triton's float arguments), so
+            # smoothed float64 losses agree to about 1e-9 relative rather than to rounding
+            torch.float64: Tolerance(1e-7, 1e-7),
+            torch.float16: Tolerance(2e-3, 2e-3),
+            torch.bfloat16: Tolerance(1e-2, 1e-2),
+        },
+        self_check_cases=_self_check_cases,
+        # float32 rows of thousands of classes and means over thousands of rows, summed in other orders
+        large_input_tolerances={torch.float32: Tolerance(1e-4, 1e-4)},
+    )
+)

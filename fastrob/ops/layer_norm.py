@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_tensor
 from fastrob.ops._common import TRITON_DTYPES, accumulate_dtype, define_op, launch, same_layout
+from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 # the fused backends that have layer norm kernels (fastrob._C has none)
 FUSED_BACKENDS = ("triton",)
@@ -79,7 +80,7 @@ def _resolve(backend: str, x: torch.Tensor) -> str:
             "use backend='triton', 'torch' or 'auto'"
         )
     dtypes = TRITON_DTYPES if backend == "triton" else _backend.KERNEL_DTYPES
-    return _backend.resolve(backend, x.device, x.dtype, op="layer_norm", dtypes=dtypes, fused=FUSED_BACKENDS)
+    return _backend.resolve(backend, x.device, x.dtype, op=SPEC.name, dtypes=dtypes, fused=SPEC.backends)
 
 
 def layer_norm(
@@ -322,3 +323,42 @@ def _build(backend: str):
 
 
 _OPS = {backend: _build(backend) for backend in FUSED_BACKENDS}
+
+
+def _self_check_cases(device, dtype):
+    """Last dimension (37 columns: more than one column block in the interpreter) and channels
+    first, NCHW and channels_last; data away from 0, as after a ReLU."""
+    w, b = 1.0 + 0.1 * random_tensor((37,), device, dtype, 41), random_tensor((37,), device, dtype, 42)
+    x = random_tensor((3, 2, 37), device, dtype, 43, scale=2.0) + 3.0
+    yield SelfCheckCase(
+        lambda backend: lambda x, w, b: layer_norm(x, w, b, backend=backend),
+        lambda x, w, b: layer_norm_reference(x, w, b),
+        [x, w, b],
+    )
+    w, b = 1.0 + 0.1 * random_tensor((5,), device, dtype, 44), random_tensor((5,), device, dtype, 45)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = (random_tensor((2, 5, 3, 3), device, dtype, 46, scale=2.0) + 3.0).contiguous(memory_format=memory_format)
+        yield SelfCheckCase(
+            lambda backend: lambda t, w, b: layer_norm(t, w, b, channels_first=True, backend=backend),
+            lambda t, w, b: layer_norm_reference(t, w, b, channels_first=True),
+            [x, w, b],
+        )
+
+
+SPEC = register(
+    FusedOp(
+        name="layer_norm",
+        # float32: the derivatives of a normalisation sum O(C) terms that cancel; 1e-4 separates
+        # float32 rounding from a wrong term (O(1)), as for batch norm
+        tolerances={
+            torch.float32: Tolerance(1e-4, 1e-4),
+            torch.float64: Tolerance(1e-10, 1e-10),
+            torch.float16: Tolerance(5e-3, 5e-3),
+            torch.bfloat16: Tolerance(5e-2, 5e-2),
+        },
+        self_check_cases=_self_check_cases,
+        # the weight's and bias's gradients sum 1e5 rows in another order than torch's
+        large_input_tolerances={torch.float32: Tolerance(1e-3, 1e-3)},
+        backends=FUSED_BACKENDS,
+    )
+)

@@ -15,6 +15,7 @@ import torch
 
 from fastrob._checks import check_tensor
 from fastrob.ops._common import accumulate_dtype, define_op, dense_like, launch, resolve_backend
+from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 
 def sqnorm_reference(g: torch.Tensor, dim=None) -> torch.Tensor:
@@ -136,3 +137,24 @@ def _build(backend: str):
 
 
 _OPS = {backend: _build(backend) for backend in ("triton", "cuda")}
+
+
+def _self_check_cases(device, dtype):
+    g = random_tensor((3, 37), device, dtype, 1)
+    yield SelfCheckCase(lambda b: lambda t: sqnorm(t, backend=b), sqnorm_reference, [g])
+
+
+SPEC = register(
+    FusedOp(
+        name="sqnorm",
+        tolerances={
+            torch.float32: Tolerance(1e-5, 1e-5),
+            torch.float64: Tolerance(1e-12, 1e-12),
+            torch.float16: Tolerance(2e-3, 2e-3),
+            torch.bfloat16: Tolerance(1e-2, 1e-2),
+        },
+        self_check_cases=_self_check_cases,
+        # float32 sums of 1e5 squares: one rounding per term, in another order than torch's
+        large_input_tolerances={torch.float32: Tolerance(1e-5, 1e-4)},
+    )
+)
