@@ -276,3 +276,9 @@ def test_gpu_triton_equals_reference(dtype, shape, channels_first, channels_last
         [x, w, b],
         **tol,
     )
+
+
+def test_fastrob_check_skips_the_backend_without_kernels():
+    from fastrob import verify
+
+    assert verify.check_devices(devices=["cpu"], backends=["cuda"], ops=["layer_norm"], dtypes=[torch.float32]) == []
