@@ -16,7 +16,7 @@ class BiasAct(nn.Module):
     """y = act(x + bias) along ``dim`` (``fastrob.ops.bias_act``), optionally with a learnable bias.
 
     Args:
-        act: "relu" | "softplus" | "gelu" | "silu" | "half_huber".
+        act: a name of ``fastrob.ops.bias_act.ACTIVATIONS`` ("relu", "gelu", "silu", "hardswish", ...).
         channels: if given, a learnable bias of this many elements (initialised to 0).
         dim: the dimension the bias runs along.
         beta, threshold: softplus's parameters; d: half_huber's width.
