@@ -23,6 +23,7 @@ float64 storage); element-wise results are rounded to the storage dtype once.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -38,8 +39,14 @@ def row_tile(c: int, inner: int) -> tuple[int, int]:
         return (4, 16) if inner == 1 else (8, 16)
     if inner == 1:
         block_c = min(1024, max(16, triton.next_power_of_2(c)))
-        return max(1, 2048 // block_c), block_c
+        return max(1, min(64, 2048 // block_c)), block_c  # 64 rows at most: 128 x 16 spilled in float64
     return 64, 16
+
+
+def row_warps(block_r: int, block_c: int, wide: bool = False) -> int:
+    """Warps of a row or column program: 8 tile elements a thread for each of its accumulators (the
+    double backward keeps seven), 4 when they are float64 (``wide``: 8 a thread spilled on sm_80/90)."""
+    return max(4, min(16, block_r * block_c // (128 if wide else 256)))
 
 
 def column_tile(inner: int) -> tuple[int, int]:
@@ -299,9 +306,10 @@ def _ln_column_kernel(
 # ---- launchers: (tensors..., rows, C, inner, scalars) as fastrob.ops.layer_norm calls them ----
 
 
-def _row_grid(rows, c, inner):
+def _row_grid(rows, c, inner, dtype):
     block_r, block_c = row_tile(c, inner)
-    return (triton.cdiv(rows, block_r),), dict(BLOCK_R=block_r, BLOCK_C=block_c)
+    warps = row_warps(block_r, block_c, dtype == torch.float64)
+    return (triton.cdiv(rows, block_r),), dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
 
 
 def column_chunk(rows: int, splits: int, inner: int) -> tuple[int, int]:
@@ -330,11 +338,12 @@ def _columns(mode, x, gy, v, mean, invstd, rowstat, part, rows, c, inner, splits
         CT=compute_type(x.dtype),
         BLOCK_R=block_r,
         BLOCK_C=block_c,
+        num_warps=row_warps(block_r, block_c, x.dtype == torch.float64),
     )
 
 
 def layer_norm_forward(x, w, b, y, mean, invstd, rows, c, inner, eps) -> None:
-    grid, tile = _row_grid(rows, c, inner)
+    grid, tile = _row_grid(rows, c, inner, x.dtype)
     _ln_forward_kernel[grid](
         x,
         w if w is not None else mean,
@@ -355,7 +364,7 @@ def layer_norm_forward(x, w, b, y, mean, invstd, rows, c, inner, eps) -> None:
 
 def layer_norm_backward(gy, x, w, mean, invstd, gx, part, rows, c, inner, splits) -> None:
     """gx, and the column partial sums (gw, gb) in part [splits, 2, C]."""
-    grid, tile = _row_grid(rows, c, inner)
+    grid, tile = _row_grid(rows, c, inner, x.dtype)
     _ln_backward_kernel[grid](
         gy,
         x,
@@ -377,7 +386,7 @@ def layer_norm_double_backward(
     gy, x, w, mean, invstd, v, ggw, ggb, d_gy, d_x, rowstat, part, rows, c, inner, splits
 ) -> None:
     """d_gy, d_x, and the column partial sums of d_w in part [splits, 2, C] (row 0 of each split)."""
-    grid, tile = _row_grid(rows, c, inner)
+    grid, tile = _row_grid(rows, c, inner, x.dtype)
     _ln_double_backward_kernel[grid](
         gy,
         x,
