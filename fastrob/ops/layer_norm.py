@@ -74,7 +74,6 @@ def _resolve(backend: str, x: torch.Tensor) -> str:
     from fastrob import _backend
 
     if backend == "cuda":
-        _backend.check_backend_name(backend)
         raise RuntimeError(
             "layer_norm: backend='cuda' is not available for this op (fastrob._C has no layer norm kernels); "
             "use backend='triton', 'torch' or 'auto'"
