@@ -72,7 +72,7 @@ CASES = [
 @pytest.mark.parametrize("shape, channels_first, channels_last", CASES, ids=str)
 @pytest.mark.parametrize(
     "dtype, affine",
-    [(torch.float32, True), (torch.float64, True), pytest.param(torch.float32, False, marks=pytest.mark.slow)],
+    [(torch.float32, True), (torch.float64, True), (torch.float32, False)],
     ids=str,
 )
 def test_triton_equals_reference(shape, channels_first, channels_last, dtype, affine):
