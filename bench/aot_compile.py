@@ -84,8 +84,12 @@ def _layer_norm_specs(dtype: str, s: str, a: str, quick: bool) -> list[Spec]:
     if quick:
         del row_tiles["c16"]
     for tile, (block_r, block_c) in row_tiles.items():
-        for kernel in (ln._ln_forward_kernel, ln._ln_backward_kernel, ln._ln_double_backward_kernel):
-            flags = dict(HAS_W=True, HAS_B=True) if kernel is ln._ln_forward_kernel else dict(HAS_W=True)
+        for kernel in (
+            ln._layer_norm_forward_kernel,
+            ln._layer_norm_backward_kernel,
+            ln._layer_norm_double_backward_kernel,
+        ):
+            flags = dict(HAS_W=True, HAS_B=True) if kernel is ln._layer_norm_forward_kernel else dict(HAS_W=True)
             for has_w in (True,) if quick else (True, False):
                 flags = {k: has_w for k in flags}
                 out.append(
@@ -101,9 +105,9 @@ def _layer_norm_specs(dtype: str, s: str, a: str, quick: bool) -> list[Spec]:
         for mode in (0, 1):
             out.append(
                 _spec(
-                    f"ln_column[{dtype},{layout},mode={mode}]",
-                    ln._ln_column_kernel,
-                    {**_ptr_types(ln._ln_column_kernel, s, a, acc), **ints},
+                    f"layer_norm_column[{dtype},{layout},mode={mode}]",
+                    ln._layer_norm_column_kernel,
+                    {**_ptr_types(ln._layer_norm_column_kernel, s, a, acc), **ints},
                     dict(MODE=mode, CT=_ct(dtype), BLOCK_R=block_r, BLOCK_C=block_c),
                     ln.row_warps(block_r, block_c, dtype == "float64"),
                 )
@@ -151,20 +155,25 @@ def specs(quick: bool = False) -> list[Spec]:
                 if not has_gs:
                     out.append(
                         _spec(
-                            f"ce_forward[{dtype},{block}]",
-                            ce._ce_forward_kernel,
-                            {**_ptr_types(ce._ce_forward_kernel, s, a, ("loss", "lse"), {"y_ptr": "*i64"}), **ints},
+                            f"cross_entropy_forward[{dtype},{block}]",
+                            ce._cross_entropy_forward_kernel,
+                            {
+                                **_ptr_types(
+                                    ce._cross_entropy_forward_kernel, s, a, ("loss", "lse"), {"y_ptr": "*i64"}
+                                ),
+                                **ints,
+                            },
                             c,
                             warps(block),
                         )
                     )
                 out.append(
                     _spec(
-                        f"ce_double_backward[{dtype},{block},gs={int(has_gs)}]",
-                        ce._ce_double_backward_kernel,
+                        f"cross_entropy_double_backward[{dtype},{block},gs={int(has_gs)}]",
+                        ce._cross_entropy_double_backward_kernel,
                         {
                             **_ptr_types(
-                                ce._ce_double_backward_kernel,
+                                ce._cross_entropy_double_backward_kernel,
                                 s,
                                 a,
                                 ("lse", "gl", "gs", "d_gl", "d_gs"),
@@ -189,9 +198,14 @@ def specs(quick: bool = False) -> list[Spec]:
             for has_gs in (False, True):
                 out.append(
                     _spec(
-                        f"ce_backward[{dtype},{block},gs={int(has_gs)}]",
-                        ce._ce_backward_kernel,
-                        {**_ptr_types(ce._ce_backward_kernel, s, a, ("lse", "gl", "gs"), {"y_ptr": "*i64"}), **ints},
+                        f"cross_entropy_backward[{dtype},{block},gs={int(has_gs)}]",
+                        ce._cross_entropy_backward_kernel,
+                        {
+                            **_ptr_types(
+                                ce._cross_entropy_backward_kernel, s, a, ("lse", "gl", "gs"), {"y_ptr": "*i64"}
+                            ),
+                            **ints,
+                        },
                         dict(c, HAS_GS=has_gs),
                     )
                 )
@@ -232,9 +246,9 @@ def specs(quick: bool = False) -> list[Spec]:
             for mode in (0, 1, 2):
                 out.append(
                     _spec(
-                        f"bn_reduce[{dtype},{layout},mode={mode}]",
-                        bn._bn_reduce_kernel,
-                        {**_ptr_types(bn._bn_reduce_kernel, s, a, bn_acc), **bn_ints},
+                        f"batch_norm_reduce[{dtype},{layout},mode={mode}]",
+                        bn._batch_norm_reduce_kernel,
+                        {**_ptr_types(bn._batch_norm_reduce_kernel, s, a, bn_acc), **bn_ints},
                         dict(MODE=mode, CT=_ct(dtype), BLOCK_M=block_m, BLOCK_C=block_c),
                         bn.reduce_warps(block_m, block_c),
                     )
@@ -243,13 +257,13 @@ def specs(quick: bool = False) -> list[Spec]:
             c = dict(HAS_W=has_w, CT=_ct(dtype), BLOCK=bn.FINAL_BLOCK)
             out.append(
                 _spec(
-                    f"bn_forward_finalize[{dtype},w={int(has_w)}]",
-                    bn._bn_forward_finalize_kernel,
-                    {**_ptr_types(bn._bn_forward_finalize_kernel, s, a, bn_acc), **bn_ints},
+                    f"batch_norm_forward_finalize[{dtype},w={int(has_w)}]",
+                    bn._batch_norm_forward_finalize_kernel,
+                    {**_ptr_types(bn._batch_norm_forward_finalize_kernel, s, a, bn_acc), **bn_ints},
                     dict(c, HAS_B=has_w),
                 )
             )
-            for kernel in (bn._bn_backward_finalize_kernel, bn._bn_double_backward_finalize_kernel):
+            for kernel in (bn._batch_norm_backward_finalize_kernel, bn._batch_norm_double_backward_finalize_kernel):
                 out.append(
                     _spec(
                         f"{kernel.fn.__name__.strip('_')}[{dtype},w={int(has_w)}]",
@@ -261,9 +275,9 @@ def specs(quick: bool = False) -> list[Spec]:
         for has_a, has_b, two in ((False, False, False), (True, False, False), (True, True, True)):
             out.append(
                 _spec(
-                    f"bn_apply[{dtype},a={int(has_a)},b={int(has_b)},two={int(two)}]",
-                    bn._bn_apply_kernel,
-                    {**_ptr_types(bn._bn_apply_kernel, s, a, bn_acc), **bn_ints},
+                    f"batch_norm_apply[{dtype},a={int(has_a)},b={int(has_b)},two={int(two)}]",
+                    bn._batch_norm_apply_kernel,
+                    {**_ptr_types(bn._batch_norm_apply_kernel, s, a, bn_acc), **bn_ints},
                     dict(HAS_A=has_a, HAS_B=has_b, TWO=two, CT=_ct(dtype), BLOCK=bn.BLOCK),
                 )
             )

@@ -94,7 +94,7 @@ def modern_cases(device, quick, fused):
         fns = {"eager": eager}
         fns.update({k: (lambda x, k=k, act=act: bias_act(x, None, act, backend=k)) for k in ("torch", *fused)})
         out.append((f"bias_act_{act}", act_shape, make_x, fns, 2 * 4 * torch.Size(act_shape).numel()))
-    ln_fused = [k for k in fused if k in layer_norm_spec.backends]
+    ln_fused = [k for k in fused if k in layer_norm_spec.fused_backends]
     for name, shape, channels_first in (
         ("layer_norm", (4, 197, 768) if quick else (128, 197, 768), False),
         ("layer_norm2d", (4, 96, 28, 28) if quick else (64, 96, 56, 56), True),

@@ -96,21 +96,22 @@ def define_op(name: str, fn, fake, *, device_types=None):
     return op
 
 
-def launch(backend: str, op: str, kernel: str, tensors, sizes=(), scalars=()) -> None:
-    """Runs ``kernel`` of ``op`` on a fused backend.
+def launch(backend: str, triton_kernel, cuda_kernel: str, tensors, sizes=(), scalars=()) -> None:
+    """Runs one kernel of an op on a fused backend.
 
-    triton: ``fastrob.triton.<op>.<kernel>(*tensors, *scalars)`` (sizes come from the shapes);
-    cuda:   ``fastrob._C.<kernel>(*pointers, *sizes, *scalars, dtype, device, stream)``, the
-            storage dtype being that of ``tensors[0]``. ``None`` tensors become null pointers."""
+    triton: ``triton_kernel()(*tensors, *scalars)``, ``triton_kernel`` returning the function of
+            fastrob/triton/<op>.py (sizes come from the shapes; triton is imported only when a Triton
+            kernel runs);
+    cuda:   ``fastrob._C.<cuda_kernel>(*pointers, *sizes, *scalars, dtype, device, stream)``, the
+            storage dtype being that of ``tensors[0]``. ``None`` tensors become null pointers.
+    Both are named <op>_<pass> (sqnorm_forward, ...), the same on either backend."""
     if backend == "triton":
-        import importlib
-
         from fastrob.triton._common import on_device_of
 
         with on_device_of(tensors[0]):
-            getattr(importlib.import_module(f"fastrob.triton.{op}"), kernel)(*tensors, *scalars)
+            triton_kernel()(*tensors, *scalars)
     elif backend == "cuda":
-        cuda_launch(kernel, tensors[0], *(ptr(t) for t in tensors), *sizes, *scalars)
+        cuda_launch(cuda_kernel, tensors[0], *(ptr(t) for t in tensors), *sizes, *scalars)
     else:
         raise ValueError(f"no fused kernels for backend {backend!r}")
 

@@ -45,8 +45,8 @@ class FusedOp:
     """The facts of one fused op (see the module docstring).
 
     ``differentiable=False`` (an update rule such as pgd_step) compares values only.
-    ``backends`` are the fused backends that have kernels of the op (``auto`` picks only among them,
-    ``fastrob check`` checks only them).
+    ``fused_backends`` names the fused backends that have kernels for the op (a Triton-only op: ("triton",));
+    ``auto`` picks only among them and ``fastrob check`` checks only them.
     ``large_input_tolerances`` are looser bars, per dtype, for inputs of 1e5 and more elements whose
     float32 sums the kernels and the reference add in different orders (the GPU tests' large shapes);
     a dtype not listed there uses ``tolerances``."""
@@ -55,8 +55,8 @@ class FusedOp:
     tolerances: Mapping[torch.dtype, Tolerance]
     self_check_cases: Callable[[torch.device, torch.dtype], Iterable[SelfCheckCase]]
     differentiable: bool = True
+    fused_backends: tuple[str, ...] = ("cuda", "triton")
     large_input_tolerances: Mapping[torch.dtype, Tolerance] = field(default_factory=dict)
-    backends: tuple[str, ...] = ("cuda", "triton")
 
     def tolerance(self, dtype: torch.dtype, *, large_inputs: bool = False) -> dict:
         """The bar for ``dtype`` as ``torch.testing.assert_close`` keyword arguments."""

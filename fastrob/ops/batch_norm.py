@@ -196,6 +196,13 @@ def _dense_vector(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous() if t is not None else None
 
 
+def _triton_kernels():
+    """fastrob/triton/batch_norm.py, imported when a Triton kernel first runs (not by ``import fastrob``)."""
+    from fastrob.triton import batch_norm as kernels
+
+    return kernels
+
+
 def _build(backend: str):
     """training forward, backward, double-backward and eval ops of one fused backend, wired for autograd."""
     device_types = "cuda" if backend == "cuda" else None
@@ -220,8 +227,8 @@ def _build(backend: str):
         splits = splits_for(x)
         launch(
             backend,
-            "batch_norm",
-            "bn_forward",
+            lambda: _triton_kernels().batch_norm_forward,
+            "batch_norm_forward",
             (x, weight, bias, y, mean, invstd, workspace(x, splits)),
             (),
             (*_geometry(x), splits, eps),
@@ -237,8 +244,8 @@ def _build(backend: str):
         splits = splits_for(x)
         launch(
             backend,
-            "batch_norm",
-            "bn_backward",
+            lambda: _triton_kernels().batch_norm_backward,
+            "batch_norm_backward",
             (gy, x, weight, mean, invstd, gx, gw, gb, workspace(x, splits)),
             (),
             (*_geometry(x), splits),
@@ -261,8 +268,8 @@ def _build(backend: str):
         splits = splits_for(x)
         launch(
             backend,
-            "batch_norm",
-            "bn_double_backward",
+            lambda: _triton_kernels().batch_norm_double_backward,
+            "batch_norm_double_backward",
             (
                 gy,
                 x,
@@ -302,8 +309,8 @@ def _build(backend: str):
         n, c, s, channels_last = _geometry(x)
         launch(
             backend,
-            "batch_norm",
-            "bn_eval",
+            lambda: _triton_kernels().batch_norm_eval,
+            "batch_norm_eval",
             (x, running_mean.contiguous(), invstd, coef, y),
             (),
             (n, c, s, channels_last),

@@ -98,6 +98,13 @@ def check_ce_args(logits, target, reduction, label_smoothing) -> None:
             raise ValueError(f"target must hold class indices in [0, {logits.shape[1]}), got values in [{low}, {high}]")
 
 
+def _triton_kernels():
+    """fastrob/triton/cross_entropy.py, imported when a Triton kernel first runs (not by ``import fastrob``)."""
+    from fastrob.triton import cross_entropy as kernels
+
+    return kernels
+
+
 def _build(backend: str):
     """forward, backward and double-backward ops of one fused backend, wired for autograd."""
     device_types = "cuda" if backend == "cuda" else None
@@ -108,7 +115,14 @@ def _build(backend: str):
     def forward(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
         z = logits.contiguous()
         loss, lse = row_values(z), row_values(z)
-        launch(backend, "cross_entropy", "ce_forward", (z, target, loss, lse), z.shape, (smoothing,))
+        launch(
+            backend,
+            lambda: _triton_kernels().cross_entropy_forward,
+            "cross_entropy_forward",
+            (z, target, loss, lse),
+            z.shape,
+            (smoothing,),
+        )
         return loss, lse
 
     def backward(
@@ -124,8 +138,8 @@ def _build(backend: str):
         gs = grad_lse.contiguous() if grad_lse is not None else None
         launch(
             backend,
-            "cross_entropy",
-            "ce_backward",
+            lambda: _triton_kernels().cross_entropy_backward,
+            "cross_entropy_backward",
             (z, target, lse, grad_loss.contiguous(), gs, dz),
             z.shape,
             (smoothing,),
@@ -146,8 +160,8 @@ def _build(backend: str):
         gs = grad_lse.contiguous() if grad_lse is not None else None
         launch(
             backend,
-            "cross_entropy",
-            "ce_double_backward",
+            lambda: _triton_kernels().cross_entropy_double_backward,
+            "cross_entropy_double_backward",
             (z, target, lse, grad_loss.contiguous(), gs, grad_grad.contiguous(), d_z, d_gl, d_gs),
             z.shape,
             (smoothing,),

@@ -79,7 +79,7 @@ def _resolve(backend: str, x: torch.Tensor) -> str:
             "use backend='triton', 'torch' or 'auto'"
         )
     dtypes = TRITON_DTYPES if backend == "triton" else _backend.KERNEL_DTYPES
-    return _backend.resolve(backend, x.device, x.dtype, op=SPEC.name, dtypes=dtypes, fused=SPEC.backends)
+    return _backend.resolve(backend, x.device, x.dtype, op=SPEC.name, dtypes=dtypes, fused=SPEC.fused_backends)
 
 
 def layer_norm(
@@ -171,6 +171,13 @@ def column_splits(x: torch.Tensor, rows: int, c: int, inner: int) -> int:
     return max(1, min(-(-4 * _sm_count(index) // blocks), -(-rows // 512)))
 
 
+def _triton_kernels():
+    """fastrob/triton/layer_norm.py, imported when a Triton kernel first runs (not by ``import fastrob``)."""
+    from fastrob.triton import layer_norm as kernels
+
+    return kernels
+
+
 def _build(backend: str):
     """forward, backward and double-backward ops of one fused backend, wired for autograd."""
 
@@ -186,7 +193,12 @@ def _build(backend: str):
         weight = weight.contiguous() if weight is not None else None
         bias = bias.contiguous() if bias is not None else None
         launch(
-            backend, "layer_norm", "layer_norm_forward", (x, weight, bias, y, mean, invstd), (), (rows, c, inner, eps)
+            backend,
+            lambda: _triton_kernels().layer_norm_forward,
+            "layer_norm_forward",
+            (x, weight, bias, y, mean, invstd),
+            (),
+            (rows, c, inner, eps),
         )
         return y, mean, invstd
 
@@ -207,7 +219,7 @@ def _build(backend: str):
         part = x.new_zeros(splits, 2, c, dtype=accumulate_dtype(x.dtype))
         launch(
             backend,
-            "layer_norm",
+            lambda: _triton_kernels().layer_norm_backward,
             "layer_norm_backward",
             (gy, x, weight, mean, invstd, gx, part),
             (),
@@ -238,7 +250,7 @@ def _build(backend: str):
         part = x.new_zeros(splits, 2, c, dtype=acc)
         launch(
             backend,
-            "layer_norm",
+            lambda: _triton_kernels().layer_norm_double_backward,
             "layer_norm_double_backward",
             (
                 gy,
@@ -358,6 +370,6 @@ SPEC = register(
         self_check_cases=_self_check_cases,
         # the weight's and bias's gradients sum 1e5 rows in another order than torch's
         large_input_tolerances={torch.float32: Tolerance(1e-3, 1e-3)},
-        backends=FUSED_BACKENDS,
+        fused_backends=FUSED_BACKENDS,
     )
 )

@@ -16,7 +16,7 @@ import torch
 
 from fastrob import _backend
 from fastrob._checks import check_float, check_like, check_tensor, per_sample_value
-from fastrob.ops._common import cuda_dtype_code, cuda_launch_context, per_sample_view, same_layout
+from fastrob.ops._common import accumulate_dtype, cuda_dtype_code, cuda_launch_context, per_sample_view, same_layout
 from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 NORMS = ("linf", "l2")
@@ -44,7 +44,7 @@ def pgd_step_reference(
     Half-precision inputs are computed in float32 and rounded once, as the kernels do; float64
     stays float64. ``alpha`` and ``eps`` are floats or [B] tensors.
     """
-    compute = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
+    compute = accumulate_dtype(x_adv.dtype)
     xa, g, xo = x_adv.to(compute), grad.to(compute), x_orig.to(compute)
     alpha_b, eps_b = per_sample_view(alpha, xa), per_sample_view(eps, xa)
     if norm == "linf":
@@ -110,7 +110,7 @@ def pgd_step(
     if lower > upper:
         raise ValueError(f"lower must be <= upper, got lower={lower} > upper={upper}")
     batch = x_adv.shape[0]
-    param_dtype = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
+    param_dtype = accumulate_dtype(x_adv.dtype)
     alpha = per_sample_value("alpha", alpha, batch, x_adv.device, dtype=param_dtype)
     eps = per_sample_value("eps", eps, batch, x_adv.device, dtype=param_dtype)
     name = _backend.resolve(backend, x_adv.device, x_adv.dtype, op="pgd_step")
@@ -186,8 +186,8 @@ def _pgd_step_cuda(
         floats = ext.pgd_step_l2_workspace_floats(batch, per_sample)
         if floats:
             workspace = torch.empty(floats, device=x_adv.device, dtype=torch.float32)
-    launch = ext.pgd_step_linf if norm == "linf" else ext.pgd_step_l2
-    launch(
+    step = ext.pgd_step_linf if norm == "linf" else ext.pgd_step_l2
+    step(
         x_adv.data_ptr(),
         grad.data_ptr(),
         x_orig.data_ptr(),

@@ -82,6 +82,13 @@ def _dims(g: torch.Tensor, dim) -> tuple:
     return norm
 
 
+def _triton_kernels():
+    """fastrob/triton/sqnorm.py, imported when a Triton kernel first runs (not by ``import fastrob``)."""
+    from fastrob.triton import sqnorm as kernels
+
+    return kernels
+
+
 def _build(backend: str):
     """forward, backward and double-backward ops of one fused backend, wired for autograd."""
     device_types = "cuda" if backend == "cuda" else None
@@ -89,13 +96,19 @@ def _build(backend: str):
     def forward(g: torch.Tensor) -> torch.Tensor:
         g = g.contiguous()
         out = g.new_empty(g.shape[0], dtype=accumulate_dtype(g.dtype))
-        launch(backend, "sqnorm", "sqnorm_forward", (g, out), g.shape)
+        launch(backend, lambda: _triton_kernels().sqnorm_forward, "sqnorm_forward", (g, out), g.shape)
         return out
 
     def backward(g: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         g = g.contiguous()
         dg = dense_like(g)
-        launch(backend, "sqnorm", "sqnorm_backward", (g, grad_out.contiguous(), dg), g.shape)
+        launch(
+            backend,
+            lambda: _triton_kernels().sqnorm_backward,
+            "sqnorm_backward",
+            (g, grad_out.contiguous(), dg),
+            g.shape,
+        )
         return dg
 
     def double_backward(
@@ -105,7 +118,7 @@ def _build(backend: str):
         d_g, d_go = dense_like(g), dense_like(grad_out)
         launch(
             backend,
-            "sqnorm",
+            lambda: _triton_kernels().sqnorm_double_backward,
             "sqnorm_double_backward",
             (g, grad_out.contiguous(), grad_grad.contiguous(), d_g, d_go),
             g.shape,

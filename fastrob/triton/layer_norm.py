@@ -74,7 +74,7 @@ def _column(ptr, cols, cmask, HAS: tl.constexpr, fill, CT: tl.constexpr):
 
 
 @triton.jit
-def _ln_forward_kernel(
+def _layer_norm_forward_kernel(
     x_ptr,
     w_ptr,
     b_ptr,
@@ -121,7 +121,7 @@ def _ln_forward_kernel(
 
 
 @triton.jit
-def _ln_backward_kernel(
+def _layer_norm_backward_kernel(
     gy_ptr,
     x_ptr,
     w_ptr,
@@ -166,7 +166,7 @@ def _ln_backward_kernel(
 
 
 @triton.jit
-def _ln_double_backward_kernel(
+def _layer_norm_double_backward_kernel(
     gy_ptr,
     x_ptr,
     w_ptr,
@@ -254,7 +254,7 @@ def _ln_double_backward_kernel(
 
 
 @triton.jit
-def _ln_column_kernel(
+def _layer_norm_column_kernel(
     x_ptr,
     gy_ptr,
     v_ptr,
@@ -322,7 +322,7 @@ def column_chunk(rows: int, splits: int, inner: int) -> tuple[int, int]:
 def _columns(mode, x, gy, v, mean, invstd, rowstat, part, rows, c, inner, splits) -> None:
     block_r, block_c = column_tile(inner)
     chunk, used = column_chunk(rows, splits, inner)
-    _ln_column_kernel[(triton.cdiv(c, block_c), used)](
+    _layer_norm_column_kernel[(triton.cdiv(c, block_c), used)](
         x,
         gy,
         v if v is not None else x,
@@ -344,7 +344,7 @@ def _columns(mode, x, gy, v, mean, invstd, rowstat, part, rows, c, inner, splits
 
 def layer_norm_forward(x, w, b, y, mean, invstd, rows, c, inner, eps) -> None:
     grid, tile = _row_grid(rows, c, inner, x.dtype)
-    _ln_forward_kernel[grid](
+    _layer_norm_forward_kernel[grid](
         x,
         w if w is not None else mean,
         b if b is not None else mean,
@@ -365,7 +365,7 @@ def layer_norm_forward(x, w, b, y, mean, invstd, rows, c, inner, eps) -> None:
 def layer_norm_backward(gy, x, w, mean, invstd, gx, part, rows, c, inner, splits) -> None:
     """gx, and the column partial sums (gw, gb) in part [splits, 2, C]."""
     grid, tile = _row_grid(rows, c, inner, x.dtype)
-    _ln_backward_kernel[grid](
+    _layer_norm_backward_kernel[grid](
         gy,
         x,
         w if w is not None else mean,
@@ -387,7 +387,7 @@ def layer_norm_double_backward(
 ) -> None:
     """d_gy, d_x, and the column partial sums of d_w in part [splits, 2, C] (row 0 of each split)."""
     grid, tile = _row_grid(rows, c, inner, x.dtype)
-    _ln_double_backward_kernel[grid](
+    _layer_norm_double_backward_kernel[grid](
         gy,
         x,
         w if w is not None else mean,
