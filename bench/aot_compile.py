@@ -71,7 +71,52 @@ def _ptr_types(kernel, storage: str, acc: str, acc_args=(), other=None) -> dict:
     return types
 
 
+def _layer_norm_specs(dtype: str, s: str, a: str, quick: bool) -> list[Spec]:
+    """layer_norm's kernels at the tiles its launchers pick: rows of up to 1024 contiguous columns
+    (the widest and the narrowest tile) and channels-first NCHW tiles; per-row and per-column
+    vectors in the accumulate dtype."""
+    from fastrob.triton import layer_norm as ln
+
+    acc = ("w", "b", "mean", "invstd", "rowstat", "part", "ggw", "ggb")
+    ints = dict(rows="i32", C="i32", inner="i32", eps="fp32", chunk="i32")
+    out = []
+    row_tiles = {"c1024": ln.row_tile(1024, 1), "c16": ln.row_tile(16, 1), "nchw": ln.row_tile(96, 3136)}
+    if quick:
+        del row_tiles["c16"]
+    for tile, (block_r, block_c) in row_tiles.items():
+        for kernel in (
+            ln._layer_norm_forward_kernel,
+            ln._layer_norm_backward_kernel,
+            ln._layer_norm_double_backward_kernel,
+        ):
+            flags = dict(HAS_W=True, HAS_B=True) if kernel is ln._layer_norm_forward_kernel else dict(HAS_W=True)
+            for has_w in (True,) if quick else (True, False):
+                flags = {k: has_w for k in flags}
+                out.append(
+                    _spec(
+                        f"{kernel.fn.__name__.strip('_')}[{dtype},{tile},w={int(has_w)}]",
+                        kernel,
+                        {**_ptr_types(kernel, s, a, acc), **ints},
+                        dict(flags, CT=_ct(dtype), BLOCK_R=block_r, BLOCK_C=block_c),
+                        ln.row_warps(block_r, block_c, dtype == "float64"),
+                    )
+                )
+    for layout, (block_r, block_c) in {"rows": ln.column_tile(1), "nchw": ln.column_tile(3136)}.items():
+        for mode in (0, 1):
+            out.append(
+                _spec(
+                    f"layer_norm_column[{dtype},{layout},mode={mode}]",
+                    ln._layer_norm_column_kernel,
+                    {**_ptr_types(ln._layer_norm_column_kernel, s, a, acc), **ints},
+                    dict(MODE=mode, CT=_ct(dtype), BLOCK_R=block_r, BLOCK_C=block_c),
+                    ln.row_warps(block_r, block_c, dtype == "float64"),
+                )
+            )
+    return out
+
+
 def specs(quick: bool = False) -> list[Spec]:
+    from fastrob.ops.bias_act import ACTIVATIONS
     from fastrob.triton import batch_norm as bn
     from fastrob.triton import bias_act as ba
     from fastrob.triton import cross_entropy as ce
@@ -164,10 +209,11 @@ def specs(quick: bool = False) -> list[Spec]:
                         dict(c, HAS_GS=has_gs),
                     )
                 )
+        out += _layer_norm_specs(dtype, s, a, quick)
         # bias_act: every activation with a bias in float32 and bfloat16; without bias / other dtypes: relu, gelu
         ba_ints = dict(n="i32", stride_c="i32", channels="i32", beta="fp32", threshold="fp32", d="fp32")
         for kernel in (ba._bias_act_kernel, ba._bias_act_backward_kernel, ba._bias_act_double_backward_kernel):
-            acts = range(5) if dtype == "float32" or (dtype == "bfloat16" and not quick) else (2,)
+            acts = range(len(ACTIVATIONS)) if dtype == "float32" or (dtype == "bfloat16" and not quick) else (2,)
             for act in acts:
                 for has_bias in (True, False) if act in (0, 2) and not quick else (True,):
                     out.append(

@@ -96,14 +96,16 @@ else
   # the record gets every (op, backend, GPU) whose checks all passed, with that op's passing cuda tests
   tests_arg=()
   [ -s "$OUT/pytest-cuda.xml" ] && tests_arg=(--tests-passed "$OUT/pytest-cuda.xml")
-  # 30 checks (5 ops x cuda, triton x 3 dtypes); most of the time is Triton's JIT compile of the check shapes
+  # 33 checks (5 ops x cuda, triton + layer_norm x triton, x 3 dtypes); most of the time is Triton's JIT
+  # compile of the check shapes
   step check 120 bash -o pipefail -c "'$PY' -m fastrob check --record ${tests_arg[*]} | tee '$OUT/check.txt'"
   cp fastrob/verified.json "$OUT/verified.json" 2>/dev/null
   # benchmarks append to bench/results/<device>.csv; only this run's rows go to OUTDIR
   mkdir -p bench/results
   BENCH_MARK="$(mktemp)"
   step bench-pgd_step 40 "$PY" -m bench.pgd_step
-  step bench-ops 60 "$PY" -m bench.ops
+  # with the rows of the modern activations and layer norm (6 ops x 3 passes x up to 3 providers more)
+  step bench-ops 90 "$PY" -m bench.ops
   step bench-regularizers 70 "$PY" -m bench.regularizers
   if has_module torchattacks; then
     step bench-attacks 60 "$PY" -m bench.attacks

@@ -4,6 +4,10 @@
                                    # 128x64x32x32 and 128x256x8x8
     python -m bench.ops --quick    # small shapes (CPU: the torch providers only)
 
+Also: the activations of modern models (gelu_tanh, silu, sigmoid, hardswish) at 128x64x32x32, and
+layer norm over the last dimension at 128x197x768 (ViT-B) and over the channels at 64x96x56x56
+(ConvNeXt's first stage), each against its eager composite.
+
 For each op three passes are timed: forward; forward + backward (first derivative); and
 forward + backward with create_graph + the backward of a squared-norm of that gradient (the
 double backward, as an input-gradient penalty runs it). Providers: ``eager`` (the plain torch
@@ -21,7 +25,8 @@ import torch.nn.functional as F
 
 from bench.common import copy_bandwidth_gbps, parse_device_args, row, save_results, time_ms
 from fastrob import _backend
-from fastrob.ops import batch_norm, bias_act, cross_entropy, sqnorm
+from fastrob.ops import batch_norm, bias_act, cross_entropy, layer_norm, sqnorm
+from fastrob.ops.layer_norm import SPEC as layer_norm_spec
 
 
 def cases(device, quick):
@@ -64,6 +69,56 @@ def cases(device, quick):
         fns = {"eager": lambda x, w, b: F.batch_norm(x, None, None, w, b, True)}
         fns.update({k: (lambda x, w, b, k=k: batch_norm(x, w, b, None, None, True, backend=k)) for k in fused})
         out.append(("batch_norm", shape, make_bn, fns, 2 * 4 * torch.Size(shape).numel()))
+    out += modern_cases(device, quick, fused)
+    return out
+
+
+def modern_cases(device, quick, fused):
+    """The activations of modern models (bias_act without bias, against the torch activation) and
+    layer norm (last dimension against F.layer_norm at a ViT-B shape, channels first against
+    timm's LayerNorm2d composite at a ConvNeXt stage-1 shape). Providers: eager, fastrob's torch
+    backend (what ``auto`` runs on a CPU) and the fused backends with kernels of the op."""
+    act_shape = (8, 16, 16, 16) if quick else (128, 64, 32, 32)
+    eager_acts = {
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "silu": F.silu,
+        "sigmoid": torch.sigmoid,
+        "hardswish": F.hardswish,
+    }
+    out = []
+
+    def make_x(shape=act_shape):
+        return (torch.randn(shape, device=device, requires_grad=True),)
+
+    for act, eager in eager_acts.items():
+        fns = {"eager": eager}
+        fns.update({k: (lambda x, k=k, act=act: bias_act(x, None, act, backend=k)) for k in ("torch", *fused)})
+        out.append((f"bias_act_{act}", act_shape, make_x, fns, 2 * 4 * torch.Size(act_shape).numel()))
+    ln_fused = [k for k in fused if k in layer_norm_spec.fused_backends]
+    for name, shape, channels_first in (
+        ("layer_norm", (4, 197, 768) if quick else (128, 197, 768), False),
+        ("layer_norm2d", (4, 96, 28, 28) if quick else (64, 96, 56, 56), True),
+    ):
+        c = shape[1] if channels_first else shape[-1]
+
+        def make_ln(shape=shape, c=c):
+            return (
+                torch.randn(shape, device=device, requires_grad=True),
+                torch.randn(c, device=device, requires_grad=True),
+                torch.randn(c, device=device, requires_grad=True),
+            )
+
+        if channels_first:
+            fns = {"eager": lambda x, w, b: F.layer_norm(x.permute(0, 2, 3, 1), w.shape, w, b).permute(0, 3, 1, 2)}
+        else:
+            fns = {"eager": lambda x, w, b: F.layer_norm(x, w.shape, w, b)}
+        fns.update(
+            {
+                k: (lambda x, w, b, k=k, cf=channels_first: layer_norm(x, w, b, channels_first=cf, backend=k))
+                for k in ("torch", *ln_fused)
+            }
+        )
+        out.append((name, shape, make_ln, fns, 2 * 4 * torch.Size(shape).numel()))
     return out
 
 

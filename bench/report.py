@@ -27,6 +27,7 @@ COMPARISONS = [
     ("cross_entropy_*", ("triton", "cuda"), "eager", None),
     ("bias_act_*", ("triton", "cuda"), "eager", None),
     ("sqnorm_*", ("triton", "cuda"), "eager", None),
+    ("layer_norm*", ("triton",), "eager", None),
     ("input_gradient_exact", ("input_grad_exact",), "input_grad_reference_eager", None),
     ("input_gradient_fd", ("input_grad_fd",), "input_grad_reference_eager", "input_gradient_exact"),
     ("jacobian_nproj1", ("jacobian1",), "jacobian1_reference_loop", None),

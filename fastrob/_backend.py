@@ -163,6 +163,7 @@ def _extension_runs_on_device(device: torch.device) -> bool:
 AUTO_KERNELS_ON_CPU = False
 
 _warned_fallback = False
+_warned_no_kernels: set[str] = set()
 _auto_choice: dict[tuple, str] = {}
 
 
@@ -192,11 +193,12 @@ def fused_backends_for(device: torch.device) -> list[str]:
     return names
 
 
-def _auto(op: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``auto``'s choice for a GPU target: the first fused backend (cuda, then triton) that the
-    trust policy accepts (fastrob.verify's: the record covers it or its self-check passes), else
-    torch; cached per (op, device, dtype), so that each failing kernel warns once per process."""
-    candidates = tuple(fused_backends_for(device))
+def _auto(op: str, device: torch.device, dtype: torch.dtype, fused: tuple = ("cuda", "triton")) -> str:
+    """``auto``'s choice for a GPU target: the first fused backend (cuda, then triton) among those
+    the op has kernels for (``fused``) that the trust policy accepts (fastrob.verify's: the record
+    covers it or its self-check passes), else torch; cached per (op, device, dtype), so that each
+    failing kernel warns once per process."""
+    candidates = tuple(name for name in fused_backends_for(device) if name in fused)
     key = (op, str(device), dtype, candidates)
     if key in _auto_choice:
         return _auto_choice[key]
@@ -228,8 +230,17 @@ def clear_auto_cache() -> None:
     _auto_choice.clear()
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str, dtypes: tuple = KERNEL_DTYPES) -> str:
-    """The backend that runs ``op`` on tensors of ``device`` and ``dtype``.
+def resolve(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    op: str,
+    dtypes: tuple = KERNEL_DTYPES,
+    fused: tuple = ("cuda", "triton"),
+) -> str:
+    """The backend that runs ``op`` on tensors of ``device`` and ``dtype``; ``fused`` names the
+    fused backends that have kernels for ``op`` (``auto`` never picks another one).
 
     An explicitly requested backend that cannot run raises RuntimeError (unavailable, wrong
     device) or TypeError (dtype its kernels do not support). ``auto`` never raises for those
@@ -243,8 +254,19 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str, 
     if backend == "auto":
         if dtype not in dtypes or not (device.type == "cuda" or (AUTO_KERNELS_ON_CPU and device.type == "cpu")):
             return "torch"
-        if fused_backends_for(device):
-            return _auto(op, device, dtype)
+        available = fused_backends_for(device)
+        if any(name in fused for name in available):
+            return _auto(op, device, dtype, fused)
+        if available:  # fused backends run here, but none has kernels of this op
+            if op not in _warned_no_kernels:
+                _warned_no_kernels.add(op)
+                warnings.warn(
+                    f"fastrob: {op} has no kernels for the fused backends that run here ({', '.join(available)}; "
+                    f"its kernels: {', '.join(fused)}), so backend='auto' uses the torch reference",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return "torch"
         global _warned_fallback
         if not _warned_fallback:
             _warned_fallback = True

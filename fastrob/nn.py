@@ -16,7 +16,7 @@ class BiasAct(nn.Module):
     """y = act(x + bias) along ``dim`` (``fastrob.ops.bias_act``), optionally with a learnable bias.
 
     Args:
-        act: "relu" | "softplus" | "gelu" | "silu" | "half_huber".
+        act: a name of ``fastrob.ops.bias_act.ACTIVATIONS`` ("relu", "gelu", "silu", "hardswish", ...).
         channels: if given, a learnable bias of this many elements (initialised to 0).
         dim: the dimension the bias runs along.
         beta, threshold: softplus's parameters; d: half_huber's width.
@@ -212,3 +212,8 @@ def patch_model(
     if verbose:
         print(report)
     return (model, report) if return_report else model
+
+
+# the modules of the modern normalisation layers (LayerNorm, LayerNorm2d, BatchNormAct2d) live in
+# their own file; imported last, as they build on BatchNorm2d above
+from fastrob._norm_modules import BatchNormAct2d, LayerNorm, LayerNorm2d, swap_layer_norm  # noqa: E402, F401

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastrob.nn import BatchNorm2d, BiasAct
+from fastrob.nn import BatchNorm2d, BiasAct, LayerNorm, LayerNorm2d
+from fastrob.ops.layer_norm import layer_norm_reference
 
 LINEAR = (nn.Linear, nn.Bilinear, nn.Embedding, nn.modules.conv._ConvNd)
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -64,19 +65,51 @@ def _batch_norm(module, backend):
     return BatchNorm2d.from_module(module, backend)
 
 
-class BatchNormAct2d(BatchNorm2d):
+class BatchNormDropAct2d(BatchNorm2d):
     """A fused BatchNorm2d followed by its ``drop`` and ``act`` children: the drop-in for the
     BatchNorm + activation modules of timm (``BatchNormAct2d``, same parameter, buffer and child
-    names, so the state_dict keys are unchanged)."""
+    names, so the state_dict keys are unchanged). The ``act`` child is patched on its own, so both
+    halves run on fused ops (``fastrob.nn.BatchNormAct2d`` is the same for a model built from scratch)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(super().forward(x)))
 
 
 def _batch_norm_act(module, backend):
-    new = BatchNormAct2d.from_module(module, backend)
+    new = BatchNormDropAct2d.from_module(module, backend)
     new.drop, new.act = module.drop, module.act  # the activation is patched on its own as a child
     return new
+
+
+def _layer_norm(module, backend):
+    return LayerNorm.from_module(module, backend)
+
+
+def _layer_norm2d(module, backend):
+    return LayerNorm2d.from_module(module, backend)
+
+
+def _is_layer_norm2d(module) -> bool:
+    """A channels-first layer norm written as an nn.LayerNorm subclass with its own forward (timm's
+    LayerNorm2d, ConvNeXt's): recognised by running it once on a small [2, C, 3, 3] tensor (its
+    forward directly, under no_grad: no hook sees it, no graph is kept) against the reference."""
+    if not isinstance(module, nn.LayerNorm) or len(module.normalized_shape) != 1:
+        return False
+    if type(module).forward is nn.LayerNorm.forward or list(module.children()):
+        return False
+    channels = module.normalized_shape[0]
+    like = module.weight if module.weight is not None else torch.empty(0)
+    if like.is_meta:
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, 3, 3, generator=g).to(device=like.device, dtype=like.dtype if like.numel() else None)
+    try:
+        with torch.no_grad():
+            out = module.forward(x)
+            ref = layer_norm_reference(x, module.weight, module.bias, module.eps, channels_first=True)
+    except Exception:  # noqa: BLE001 - a module that cannot take the probe is no channels-first layer norm
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def _is_batch_norm_act(module) -> bool:
@@ -94,10 +127,10 @@ KINDS: dict[str, Kind] = {
     "relu": Kind(F.relu, (nn.ReLU,), _bias_act("relu")),
     "softplus": Kind(None, (nn.Softplus,), _softplus),  # beta and threshold are read from the module
     "gelu": Kind(F.gelu, (), _bias_act("gelu")),  # nn.GELU's two forms are told apart by the probe
-    "gelu_tanh": Kind(lambda t: F.gelu(t, approximate="tanh")),
+    "gelu_tanh": Kind(lambda t: F.gelu(t, approximate="tanh"), (), _bias_act("gelu_tanh")),
     "silu": Kind(F.silu, (nn.SiLU,), _bias_act("silu")),
-    "sigmoid": Kind(torch.sigmoid, (nn.Sigmoid,)),
-    "hardswish": Kind(F.hardswish, (nn.Hardswish,)),
+    "sigmoid": Kind(torch.sigmoid, (nn.Sigmoid,), _bias_act("sigmoid")),
+    "hardswish": Kind(F.hardswish, (nn.Hardswish,), _bias_act("hardswish")),
     "hardsigmoid": Kind(F.hardsigmoid, (nn.Hardsigmoid,)),
     "tanh": Kind(torch.tanh, (nn.Tanh,)),
     "mish": Kind(F.mish, (nn.Mish,)),
@@ -106,7 +139,8 @@ KINDS: dict[str, Kind] = {
     "leaky_relu": Kind(F.leaky_relu, (nn.LeakyReLU,)),
     "batch_norm": Kind(None, (), _batch_norm),  # exactly nn.BatchNorm2d: subclasses may compute something else
     "batch_norm_act": Kind(None, (), _batch_norm_act),
-    "layer_norm": Kind(None, (nn.LayerNorm,)),
+    "layer_norm": Kind(None, (), _layer_norm),  # exactly nn.LayerNorm over one dimension (classify)
+    "layer_norm2d": Kind(None, (), _layer_norm2d),  # a channels-first subclass, found by _is_layer_norm2d
     "group_norm": Kind(None, (nn.GroupNorm,)),
 }
 BATCH_NORM_KINDS = ("batch_norm", "batch_norm_act")
@@ -171,8 +205,14 @@ def probe(module: nn.Module) -> tuple[str | None, str | None]:
 
 def classify(module: nn.Module) -> tuple[str | None, str | None]:
     """(kind, reason): the table's kind of ``module`` (None when unknown), or why it is left."""
-    if isinstance(module, (BiasAct, BatchNorm2d)):
+    if isinstance(module, (BiasAct, BatchNorm2d, LayerNorm)):
         return None, "already fused"
+    if type(module) is nn.LayerNorm:
+        if len(module.normalized_shape) == 1:
+            return "layer_norm", None
+        return None, "LayerNorm over several trailing dimensions: no fused op (one dimension only)"
+    if _is_layer_norm2d(module):
+        return "layer_norm2d", None
     if _is_batch_norm_act(module):
         return "batch_norm_act", None
     if type(module) is nn.BatchNorm2d:

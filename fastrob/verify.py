@@ -169,7 +169,9 @@ def check_devices(devices=None, backends=None, dtypes=None, ops=None, quiet: boo
     results = []
     for device in map(torch.device, devices):
         for backend in backends or _backend.fused_backends_for(device):
-            for op in ops or [name for name in OPS if backend in fused_op(name).fused_backends]:
+            for op in ops or OPS:
+                if backend not in fused_op(op).fused_backends:  # no kernels of this op to check
+                    continue
                 for dtype in dtypes or [d for d in _backend.KERNEL_DTYPES if d in fused_op(op).tolerances]:
                     results.append(run_check(op, backend, device, dtype))
                     if not quiet:

@@ -10,6 +10,10 @@
 //   2 gelu        u Phi, Phi + u phi, phi (2 - u^2)          (erf form)
 //   3 silu        u s, s (1 + u (1 - s)), s (1 - s) (2 + u (1 - 2 s)); s = sigmoid(u)
 //   4 half_huber  0 | u^2 / (2 d) | u - d / 2;  clamp(u / d, 0, 1);  [0 < u < d] / d
+//   5 gelu_tanh   t = k (u + a u^3), T = tanh(t), S = 1 - T^2, t' = k (1 + 3 a u^2)  (k = sqrt(2 / pi), a = 0.044715):
+//                 u (1 + T) / 2,  (1 + T) / 2 + u S t' / 2,  S (t' + 3 k a u^2 - u T t'^2)
+//   6 sigmoid     s, s (1 - s), s (1 - s) (1 - 2 s)
+//   7 hardswish   0 | u (u + 3) / 6 | u;  0 | (2 u + 3) / 6 on [-3, 3] | 1;  1/3 on (-3, 3) (torch's conventions)
 // Arithmetic in float32, rounded to the storage type once.
 #pragma once
 
@@ -49,9 +53,27 @@ __device__ __forceinline__ ActValues activation(float u, const ActParams& p) {
       const float s = sigmoidf(u);
       return {u * s, s * (1.f + u * (1.f - s)), s * (1.f - s) * (2.f + u * (1.f - 2.f * s))};
     }
-    default: {
+    case 4: {
       const float f = u <= 0.f ? 0.f : (u <= p.d ? u * u / (2.f * p.d) : u - 0.5f * p.d);
       return {f, fminf(fmaxf(u / p.d, 0.f), 1.f), (u > 0.f && u < p.d) ? 1.f / p.d : 0.f};
+    }
+    case 5: {
+      const float k = 0.79788456080286536f, ka = k * 0.044715f, u2 = u * u;
+      // sech^2 = 4 e / (1 + e)^2, e = exp(-2 |t|): no cancellation where tanh^2 is near 1
+      const float t = k * u + ka * u2 * u, e = expf(-2.f * fabsf(t));
+      const float th = copysignf((1.f - e) / (1.f + e), t), sech2 = 4.f * e / ((1.f + e) * (1.f + e));
+      const float dt = k + 3.f * ka * u2;
+      return {0.5f * u * (1.f + th), 0.5f * (1.f + th) + 0.5f * u * sech2 * dt,
+              sech2 * (dt + 3.f * ka * u2 - u * th * dt * dt)};
+    }
+    case 6: {
+      const float s = sigmoidf(u), f1 = s * (1.f - s);
+      return {s, f1, f1 * (1.f - 2.f * s)};
+    }
+    default: {
+      if (u < -3.f) return {0.f, 0.f, 0.f};
+      if (u > 3.f) return {u, 1.f, 0.f};
+      return {u * (u + 3.f) / 6.f, (2.f * u + 3.f) / 6.f, (u > -3.f && u < 3.f) ? 1.f / 3.f : 0.f};
     }
   }
 }

@@ -14,7 +14,7 @@ from torch import nn
 
 import fastrob
 from fastrob.nn import BiasAct, patch_model
-from fastrob.patching import BatchNormAct2d, PatchReport, classify
+from fastrob.patching import BatchNormDropAct2d, PatchReport, classify
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -245,16 +245,23 @@ def listed_modules(model):
 
 
 EXPECTED_SWAPS = {
-    "convnext": {"2.act": "BiasAct", "2.act2": "BiasAct"},
-    "efficientnet": {"1": "BatchNormAct2d", "1.act": "BiasAct", "3": "BatchNorm2d", "4": "BiasAct", "5.act": "BiasAct"},
+    "convnext": {"1": "LayerNorm2d", "2.norm": "LayerNorm2d", "2.act": "BiasAct", "2.act2": "BiasAct"},
+    "efficientnet": {
+        "1": "BatchNormDropAct2d",
+        "1.act": "BiasAct",
+        "3": "BatchNorm2d",
+        "4": "BiasAct",
+        "5.gate": "BiasAct",
+        "5.act": "BiasAct",
+    },
     "custom_function": {"3": "BiasAct"},
-    "dict": {"model.body.2.act": "BiasAct", "model.body.2.act2": "BiasAct"},
+    "dict": {"model.body.1": "LayerNorm2d", "model.body.2.act": "BiasAct", "model.body.2.act2": "BiasAct"},
 }
 EXPECTED_LEFT = {  # name -> a fragment of the reason
-    "convnext": {"1": "no fused op for LayerNorm2d", "2.norm": "no fused op for LayerNorm2d", "0": "linear"},
-    "efficientnet": {"5.gate": "no fused op for sigmoid", "5": "its own forward"},
+    "convnext": {"0": "linear"},
+    "efficientnet": {"5": "its own forward"},
     "custom_function": {"1": "custom autograd Function"},
-    "dict": {"model": "its own forward", "model.body.1": "no fused op for LayerNorm2d"},
+    "dict": {"model": "its own forward"},
 }
 
 
@@ -286,7 +293,7 @@ def test_patch_model_reports_every_module_and_keeps_the_output(name):
 def test_patch_model_state_dict_keys_unchanged():
     original = build("efficientnet")
     model = patch_model(copy.deepcopy(original), backend="torch")
-    assert isinstance(model[1], BatchNormAct2d) and isinstance(model[1].act, BiasAct)
+    assert isinstance(model[1], BatchNormDropAct2d) and isinstance(model[1].act, BiasAct)
     assert list(model.state_dict()) == list(original.state_dict())
 
 
@@ -323,8 +330,8 @@ def test_patch_model_warns_once_when_nothing_swapped(monkeypatch):
     from fastrob import patching
 
     monkeypatch.setattr(patching, "_warned_nothing", False)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), LayerNorm2d(4))
-    with pytest.warns(UserWarning, match="patch_model swapped nothing(.|\n)*no fused op for LayerNorm2d"):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Tanh())
+    with pytest.warns(UserWarning, match="patch_model swapped nothing(.|\n)*no fused op for group_norm"):
         patch_model(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -341,7 +348,7 @@ def test_patch_model_act_and_batch_norm_options():
     model, report = patch_model(efficientnet(), act="softplus", batch_norm=False, return_report=True)
     assert type(model[3]) is nn.BatchNorm2d and type(model[1]) is TimmStyleBatchNormAct2d
     assert model[4].act == "softplus" and model[1].act.act == "softplus"
-    assert isinstance(model[5].gate, nn.Sigmoid)  # act= replaces ReLU/Softplus/GELU/SiLU only
+    assert model[5].gate.act == "sigmoid"  # act= replaces ReLU/Softplus/GELU/SiLU only; the gate is fused as is
     assert dict((n, r) for n, _, r in report.left)["3"] == "batch_norm=False"
     with pytest.raises(ValueError, match="act must be None or one of"):
         patch_model(model, act="tanh")

@@ -77,7 +77,7 @@ def test_softplus_threshold_and_large_inputs():
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-@pytest.mark.parametrize("act", ["softplus", "gelu", "silu", "half_huber"])
+@pytest.mark.parametrize("act", ["softplus", "gelu", "silu", "half_huber", "gelu_tanh", "sigmoid", "hardswish"])
 def test_gradcheck_and_gradgradcheck_float64(backend, act):
     x, b = make((2, 3, 2, 2), torch.float64, "cpu" if backend == "torch" else triton_device())
     if act == "half_huber":  # keep clear of the kinks at 0 and d, where finite differences straddle them
@@ -85,11 +85,47 @@ def test_gradcheck_and_gradgradcheck_float64(backend, act):
         x = torch.where(
             ((x + b.view(1, -1, 1, 1)).abs() < 0.05) | ((x + b.view(1, -1, 1, 1) - 0.5).abs() < 0.05), x + 0.13, x
         )
+    if act == "hardswish":  # spread u = x + b over all three pieces, clear of the kinks at -3 and 3
+        u = torch.linspace(-4.6, 4.4, x.numel(), dtype=x.dtype, device=x.device).view(x.shape)
+        x = u - b.view(1, -1, 1, 1)
     x.requires_grad_(True)
     b.requires_grad_(True)
     fn = lambda x, b: bias_act(x, b, act, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, b))
     assert torch.autograd.gradgradcheck(fn, (x, b))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_new_activations_by_hand(backend):
+    """f, f', f'' of gelu_tanh, sigmoid and hardswish against their closed forms (written here, not
+    taken from torch), through the op's first and second derivatives."""
+    device = "cpu" if backend == "torch" else triton_device()
+    u = torch.tensor([-5.0, -2.0, -0.5, 0.0, 0.7, 2.5, 4.0], dtype=torch.float64, device=device)
+    k, a = (2 / torch.pi) ** 0.5, 0.044715
+    th = torch.tanh(k * (u + a * u**3))
+    dt = k * (1 + 3 * a * u**2)
+    s = 1 / (1 + torch.exp(-u))
+    inside = (u > -3) & (u < 3)
+    expected = {
+        "gelu_tanh": (
+            0.5 * u * (1 + th),
+            0.5 * (1 + th) + 0.5 * u * (1 - th**2) * dt,
+            (1 - th**2) * (dt + 6 * k * a * u**2 / 2 - u * th * dt**2),
+        ),
+        "sigmoid": (s, s * (1 - s), s * (1 - s) * (1 - 2 * s)),
+        "hardswish": (
+            torch.where(u < -3, 0 * u, torch.where(u > 3, u, u * (u + 3) / 6)),
+            torch.where(u < -3, 0 * u, torch.where(u > 3, 1 + 0 * u, (2 * u + 3) / 6)),
+            torch.where(inside, 1 / 3 + 0 * u, 0 * u),
+        ),
+    }
+    for act, (f, f1, f2) in expected.items():
+        x = u.clone().requires_grad_(True)
+        y = bias_act(x, act=act, backend=backend)
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad(g.sum(), x)
+        for name, got, want in (("f", y, f), ("f'", g, f1), ("f''", h, f2)):
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12, msg=lambda m: f"{act} {name}: {m}")
 
 
 @needs_triton

@@ -45,7 +45,8 @@ class FusedOp:
     """The facts of one fused op (see the module docstring).
 
     ``differentiable=False`` (an update rule such as pgd_step) compares values only.
-    ``fused_backends`` names the fused backends that have kernels for the op (a Triton-only op: ("triton",)).
+    ``fused_backends`` names the fused backends that have kernels for the op (a Triton-only op: ("triton",));
+    ``auto`` picks only among them and ``fastrob check`` checks only them.
     ``large_input_tolerances`` are looser bars, per dtype, for inputs of 1e5 and more elements whose
     float32 sums the kernels and the reference add in different orders (the GPU tests' large shapes);
     a dtype not listed there uses ``tolerances``."""

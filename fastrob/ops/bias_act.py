@@ -5,9 +5,11 @@ custom ops.
     y = f(x + b),  dx = dy f'(x + b),  and the backward is an op whose backward
     (d_dy = V f', d_x = V dy f'') is one fused kernel; db sums dx over the non-bias dimensions.
 
-f is one of relu, softplus, gelu, silu and half_huber (the half-Huber ReLU of Woods et al. 2019,
-docs/methods.md#adversarial-explanations): every one but relu has a non-zero second derivative, which
-is what lets a gradient penalty's parameter gradient see the activation's curvature.
+f is one of relu, softplus, gelu (erf form), gelu_tanh (tanh approximation), silu (Swish), sigmoid,
+hardswish and half_huber (the half-Huber ReLU of Woods et al. 2019,
+docs/methods.md#adversarial-explanations): every one but relu has a non-zero second derivative (for
+hardswish only on its quadratic piece, -3 < u < 3), which is what lets a gradient penalty's parameter
+gradient see the activation's curvature.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from fastrob.ops._common import accumulate_dtype, batch_outermost_dense, define_
 from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 # codes shared with the kernels (fastrob/triton/bias_act.py, kernels/bias_act.cuh)
-ACTIVATIONS = {"relu": 0, "softplus": 1, "gelu": 2, "silu": 3, "half_huber": 4}
+ACTIVATIONS = {
+    "relu": 0,
+    "softplus": 1,
+    "gelu": 2,
+    "silu": 3,
+    "half_huber": 4,
+    "gelu_tanh": 5,
+    "sigmoid": 6,
+    "hardswish": 7,
+}
 
 
 def half_huber(u: torch.Tensor, d: float = 0.5) -> torch.Tensor:
@@ -39,7 +50,15 @@ def activation_reference(
         return F.gelu(u)
     if act == "silu":
         return F.silu(u)
-    return half_huber(u, d)
+    if act == "gelu_tanh":
+        return F.gelu(u, approximate="tanh")
+    if act == "sigmoid":
+        return torch.sigmoid(u)
+    if act == "hardswish":
+        return F.hardswish(u)
+    if act == "half_huber":
+        return half_huber(u, d)
+    raise ValueError(f"act must be one of {tuple(ACTIVATIONS)}, got {act!r}")
 
 
 def check_act_params(beta, threshold, d) -> tuple[float, float, float]:
@@ -82,7 +101,8 @@ def bias_act(
     Args:
         x: floating-point tensor (NCHW, channels_last or any shape).
         bias: None or a 1-d tensor of x.shape[dim] elements, x's dtype and device.
-        act: "relu" | "softplus" | "gelu" (erf form) | "silu" | "half_huber".
+        act: "relu" | "softplus" | "gelu" (erf form) | "gelu_tanh" (GELU's tanh approximation) |
+            "silu" (Swish) | "sigmoid" | "hardswish" | "half_huber".
         dim: the dimension the bias runs along (channels: 1).
         beta, threshold: softplus's parameters (as torch.nn.Softplus).
         d: the width of half_huber's quadratic piece, > 0 (default 0.5, Woods et al.).
@@ -257,7 +277,7 @@ _OPS = {backend: _build(backend) for backend in ("triton", "cuda")}
 
 def _self_check_cases(device, dtype):
     x, bias = random_tensor((2, 3, 5), device, dtype, 3), random_tensor((3,), device, dtype, 4)
-    for act in ("relu", "gelu"):
+    for act in ("relu", "gelu", "gelu_tanh", "sigmoid", "hardswish"):
         yield SelfCheckCase(
             lambda b, act=act: lambda t, c: bias_act(t, c, act, backend=b),
             lambda t, c, act=act: bias_act_reference(t, c, act),

@@ -10,9 +10,15 @@ Activations (f, f', f''):
   gelu        u Phi(u),  Phi + u phi,  phi (2 - u^2)    (Phi, phi: standard normal cdf and pdf; erf form)
   silu        u s,  s (1 + u (1 - s)),  s (1 - s) (2 + u (1 - 2 s)),  s = sigmoid(u)
   half_huber  0 (u < 0), u^2 / (2 d) (0 <= u <= d), u - d / 2 (u > d);  clamp(u / d, 0, 1);  [0 < u < d] / d
+  gelu_tanh   t = k (u + a u^3), T = tanh(t), S = 1 - T^2, t' = k (1 + 3 a u^2)  (k = sqrt(2 / pi), a = 0.044715):
+              u (1 + T) / 2,  (1 + T) / 2 + u S t' / 2,  S (t' + 3 k a u^2 - u T t'^2)
+  sigmoid     s,  s (1 - s),  s (1 - s) (1 - 2 s)
+  hardswish   0 (u < -3), u (u + 3) / 6 (-3 <= u <= 3), u (u > 3);  0 | (2 u + 3) / 6 | 1;  1/3 on -3 < u < 3, else 0
+              (the boundaries as torch's hardswish_backward and its derivative)
 Tensors are flat arrays in one dense layout (contiguous or channels_last): the channel of memory
 index i is (i // stride_c) % channels, stride_c being the bias dimension's stride.
-``act`` is the activation's code (fastrob.ops.bias_act.ACTIVATIONS: relu 0 ... half_huber 4).
+``act`` is the activation's code (fastrob.ops.bias_act.ACTIVATIONS: relu 0 ... half_huber 4, gelu_tanh 5,
+sigmoid 6, hardswish 7).
 Arithmetic in float32 (float64 for float64 storage), rounded to the storage dtype once.
 """
 
@@ -56,11 +62,37 @@ def _act(u, ACT: tl.constexpr, beta, threshold, d):
         f = u * s
         f1 = s * (1.0 + u * (1.0 - s))
         f2 = s * (1.0 - s) * (2.0 + u * (1.0 - 2.0 * s))
-    else:
+    elif ACT == 4:
         inside = (u > 0) & (u < d)
         f = tl.where(u <= 0, 0.0, tl.where(u <= d, u * u / (2.0 * d), u - 0.5 * d))
         f1 = tl.minimum(tl.maximum(u / d, 0.0), 1.0)
         f2 = tl.where(inside, 1.0 / d, 0.0)
+    elif ACT == 5:
+        # k = sqrt(2 / pi), ka = k * 0.044715, written out: a float assigned to a name would be
+        # a float32 scalar, rounding float64 math
+        u2 = u * u
+        t = 0.7978845608028654 * u + 0.035677408136300125 * u2 * u
+        # tanh and sech^2 from e = exp(-2 |t|) (no tanh in every Triton version's tl.math):
+        # sech^2 = 4 e / (1 + e)^2 keeps its relative accuracy where 1 - tanh^2 would cancel
+        e = tl.exp(-2.0 * tl.abs(t))
+        th = (1.0 - e) / (1.0 + e)
+        th = tl.where(t < 0, -th, th)
+        sech2 = 4.0 * e / ((1.0 + e) * (1.0 + e))
+        dt = 0.7978845608028654 + 0.10703222440890037 * u2
+        ka3u2 = 0.10703222440890037 * u2
+        f = 0.5 * u * (1.0 + th)
+        f1 = 0.5 * (1.0 + th) + 0.5 * u * sech2 * dt
+        f2 = sech2 * (dt + ka3u2 - u * th * dt * dt)
+    elif ACT == 6:
+        s = tl.sigmoid(u)
+        f = s
+        f1 = s * (1.0 - s)
+        f2 = f1 * (1.0 - 2.0 * s)
+    else:
+        # torch's conventions at the kinks: f' = (2 u + 3) / 6 on [-3, 3], f'' = 1/3 on (-3, 3)
+        f = tl.where(u < -3.0, 0.0, tl.where(u <= 3.0, u * (u + 3.0) / 6.0, u))
+        f1 = tl.where(u < -3.0, 0.0, tl.where(u <= 3.0, (2.0 * u + 3.0) / 6.0, 1.0))
+        f2 = tl.where((u > -3.0) & (u < 3.0), zero + 1.0, zero) / 3.0  # 1/3 in u's precision
     return f, f1, f2
 
 
