@@ -66,16 +66,13 @@ def _check(args) -> int:
 
 
 def _device(value: str) -> str:
+    from fastrob._checks import check_device
+
     try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a torch device: {value!r} (try cpu or cuda)") from None
-    if device.type == "meta":
-        raise argparse.ArgumentTypeError("meta holds no values: choose a device that computes (cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("cuda was asked for but no GPU is visible")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{value}: only {torch.cuda.device_count()} GPU(s) are visible")
+        check_device(value, name="--device")
+    except ValueError as err:
+        # argparse names the option itself ("argument --device: ...")
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--device: ")) from None
     return value
 
 

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from fastrob import cli
 
@@ -179,3 +180,151 @@ def test_a_diverged_loss_raises_without_a_requires_grad_warning(monkeypatch, tmp
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match="training loss is nan"):
             fastrob.trainer.train(fastrob.trainer.TrainConfig(epochs=1, batch_size=16), quiet=True, dataset=data)
+
+
+# ----------------------------------------------------------------------------------------------
+# FAB
+
+
+def linear_model(classes=5, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, classes))
+
+
+class NaNAwayFromClean(nn.Module):
+    """A model with finite logits and gradients at the clean points, NaN logits anywhere else."""
+
+    def __init__(self, model, clean):
+        super().__init__()
+        self.model, self.clean = model, clean
+
+    def forward(self, z):
+        out = self.model(z)
+        if z.shape == self.clean.shape:
+            away = (z - self.clean).flatten(1).abs().amax(1) > 0
+        else:
+            away = torch.ones(z.shape[0], dtype=torch.bool)
+        return out.masked_fill(away[:, None], float("nan"))
+
+
+class SqrtInput(nn.Module):
+    """sqrt of the input first: an infinite input gradient where a pixel is 0."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z):
+        return self.model(z.sqrt())
+
+
+@pytest.mark.parametrize("multi_targeted", [False, True])
+def test_fab_refuses_nan_logits_at_its_iterates(multi_targeted):
+    from fastrob.attacks import FAB
+
+    x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    model = NaNAwayFromClean(linear_model(), x)
+    y = model(x).argmax(1)
+    with pytest.raises(ValueError, match=r"non-finite logits .*\(the attack's iterates\)"):
+        FAB(model, eps=0.3, steps=10, n_classes=5, multi_targeted=multi_targeted)(x, y)
+
+
+def test_fab_refuses_infinite_input_gradients():
+    from fastrob.attacks import FAB
+
+    x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    x[:, :, 0, 0] = 0  # sqrt's gradient is infinite there
+    model = SqrtInput(linear_model())
+    y = model(x).argmax(1)
+    with pytest.raises(ValueError, match="FAB: the model's input gradient is not finite"):
+        FAB(model, eps=0.3, steps=10, n_classes=5)(x, y)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        (dict(n_classes=1), ValueError, "n_classes must be >= 2, got 1"),
+        (dict(n_classes="10"), TypeError, "n_classes must be an int, got str"),
+        (dict(n_classes=10.0), TypeError, "n_classes must be an int"),
+    ],
+)
+def test_fab_names_n_classes(kwargs, error, words):
+    from fastrob.attacks import FAB
+
+    with pytest.raises(error, match=words):
+        FAB(linear_model(), **kwargs)
+
+
+@pytest.mark.parametrize("multi_targeted", [False, True])
+def test_fab_refuses_a_one_class_model(multi_targeted):
+    from fastrob.attacks import FAB
+
+    x = torch.rand(4, 1, 4, 4)
+    with pytest.raises(ValueError, match="model must return at least 2 logits per sample for FAB, got 1"):
+        FAB(linear_model(classes=1), multi_targeted=multi_targeted)(x, torch.zeros(4, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------
+# the masking report
+
+
+def test_masking_report_refuses_a_one_class_model():
+    from fastrob.metrics.masking import masking_report
+
+    x = torch.rand(8, 1, 4, 4)
+    with pytest.raises(ValueError, match="model must return at least 2 logits per sample"):
+        masking_report(linear_model(classes=1), (x, torch.zeros(8, dtype=torch.long)), 0.1, n=8, quiet=True)
+
+
+@pytest.mark.parametrize("large_eps", [0, 0.05, 0.1])
+def test_masking_report_refuses_a_large_eps_not_above_eps(large_eps):
+    from fastrob.metrics.masking import masking_report
+
+    x = torch.rand(8, 1, 4, 4)
+    model = linear_model()
+    with pytest.raises(ValueError, match=r"large_eps must be larger than eps = 0\.1"):
+        masking_report(model, (x, model(x).argmax(1)), 0.1, large_eps=large_eps, n=8, quiet=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# set_device
+
+
+def every_attack(model):
+    from fastrob.attacks import APGD, APGDT, FAB, FGSM, PGD, PGDL2, AutoAttack, Square
+
+    return [PGD(model), PGDL2(model), FGSM(model), APGD(model), APGDT(model), FAB(model), Square(model)] + [
+        AutoAttack(model, n_classes=5)
+    ]
+
+
+def test_set_device_cuda_without_a_gpu_is_refused_in_fastrobs_words(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for attack in every_attack(linear_model()):
+        with pytest.raises(ValueError, match="device: cuda was asked for but no GPU is visible"):
+            attack.set_device("cuda")
+        with pytest.raises(ValueError, match="device: meta holds no values"):
+            attack.set_device("meta")
+        with pytest.raises(ValueError, match="not a torch device: 'gpu0'"):
+            attack.set_device("gpu0")
+
+
+def test_set_device_cpu_and_none_still_work():
+    x = torch.rand(4, 1, 4, 4)
+    for attack in every_attack(linear_model()):
+        attack.set_device("cpu")
+        assert attack.device == torch.device("cpu")
+        attack.set_device(None)
+        assert attack.device is None
+    from fastrob.attacks import PGD
+
+    attack = PGD(linear_model(), eps=0.1, steps=2)
+    attack.set_device(torch.device("cpu"))
+    assert attack(x, torch.zeros(4, dtype=torch.long)).shape == x.shape
+
+
+def test_the_command_line_keeps_its_device_errors(capsys):
+    code, _, err = run(capsys, "demo", "--device", "meta")
+    assert code == 2 and "argument --device: meta holds no values" in err
+    code, _, err = run(capsys, "demo", "--device", "tpu9")
+    assert code == 2 and "argument --device: not a torch device: 'tpu9'" in err
