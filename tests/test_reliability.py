@@ -328,3 +328,119 @@ def test_the_command_line_keeps_its_device_errors(capsys):
     assert code == 2 and "argument --device: meta holds no values" in err
     code, _, err = run(capsys, "demo", "--device", "tpu9")
     assert code == 2 and "argument --device: not a torch device: 'tpu9'" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# half precision: the output stays in the ball
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_attacks_stay_inside_eps(dtype):
+    from fastrob.attacks import APGD, FAB, FGSM, PGD, PGDL2, Square
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 5)).to(dtype)
+    x = torch.rand(32, 1, 8, 8).to(dtype)
+    y = model(x).argmax(1)
+    attacks = [
+        ("linf", 0.1, PGD(model, eps=0.1, alpha=0.03, steps=5)),
+        ("linf", 0.1, FGSM(model, eps=0.1)),
+        ("linf", 0.1, APGD(model, eps=0.1, steps=5)),
+        ("linf", 0.1, Square(model, eps=0.1, n_queries=30)),
+        ("linf", 0.1, FAB(model, eps=0.1, steps=5, n_classes=5)),
+        ("l2", 1.0, PGDL2(model, eps=1.0, alpha=0.5, steps=5)),
+        ("l2", 1.0, APGD(model, norm="L2", eps=1.0, steps=5)),
+    ]
+    for norm, eps, attack in attacks:
+        out = attack(x, y)
+        assert out.dtype == dtype
+        delta = (out.float() - x.float()).flatten(1)  # exact: both are representable in float32
+        size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+        assert float(size.max()) <= torch.tensor(eps, dtype=torch.float32).item(), (attack, float(size.max()))
+        assert float(out.min()) >= 0 and float(out.max()) <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fit_into_ball_rounds_towards_the_clean_point(dtype, norm):
+    from fastrob.ops.pgd_step import fit_into_ball
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 3, 5, 5, generator=g).to(dtype)
+    eps = 0.05 if norm == "linf" else 0.4
+    delta = torch.randn(64, 3, 5, 5, generator=g)
+    if norm == "linf":
+        delta = delta.sign() * eps  # on the sphere: rounding to nearest overshoots half the time
+    else:
+        delta = delta * eps / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    x_adv = (x.float() + delta).clamp(0, 1).to(dtype)
+
+    def size(t):
+        delta = (t.float() - x.float()).flatten(1)
+        return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+
+    assert bool((size(x_adv) > eps).any())  # the rounding does overshoot
+    fitted = fit_into_ball(x_adv, x, eps, norm)
+    assert bool((size(fitted) <= eps).all())
+    assert bool((size(fit_into_ball(x_adv, x, torch.full((64,), eps), norm)) <= eps).all())  # eps per sample
+    moved = fitted != x_adv
+    assert ((fitted.float() - x_adv.float()).abs()[moved] > 0).all()  # one unit, towards x
+    assert bool(((fitted.float() - x.float()).abs() <= (x_adv.float() - x.float()).abs()).all())
+    # float32 and float64 are left as they are
+    x32 = x.float()
+    assert fit_into_ball(x32 + 1, x32, eps, norm).equal(x32 + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# a model that detaches its input
+
+
+class DetachesInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.net(x.detach())
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda R: R.InputGradientRegularizer(),
+        lambda R: R.InputGradientRegularizer(mode="fd"),
+        lambda R: R.JacobianRegularizer(),
+        lambda R: R.JSIGRRegularizer(),
+        lambda R: R.LipschitzRegularizer(),
+    ],
+)
+def test_regularizers_say_the_model_does_not_depend_on_x(build):
+    from fastrob import regularizers
+
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8)
+    with pytest.raises(ValueError, match="the model's output does not depend on x"):
+        build(regularizers)(DetachesInput(), x, y)
+
+
+def test_saliency_says_the_model_does_not_depend_on_x():
+    from fastrob import interpret
+
+    with pytest.raises(ValueError, match="the model's output does not depend on x"):
+        interpret.saliency(DetachesInput(), torch.rand(4, 1, 8, 8), torch.arange(4))
+
+
+# ----------------------------------------------------------------------------------------------
+# pgd_step with a non-finite gradient
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_pgd_step_refuses_a_non_finite_gradient_in_both_norms(norm, bad):
+    from fastrob.ops import pgd_step
+
+    x = torch.rand(3, 8)
+    grad = torch.randn(3, 8)
+    grad[1, 2] = bad
+    with pytest.raises(ValueError, match="grad must be finite, got NaN or inf entries in 1 of 3 samples"):
+        pgd_step(x, grad, x, alpha=0.1, eps=0.1, norm=norm)

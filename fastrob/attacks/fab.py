@@ -31,7 +31,7 @@ from fastrob.attacks.config import torchattacks_norm
 from fastrob.attacks.starts import make_generator, sphere_start
 from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
-from fastrob.ops.pgd_step import perturbation_norm
+from fastrob.ops.pgd_step import fit_into_ball, perturbation_norm
 
 _DEFAULT_EPS = {"linf": 0.3, "l2": 1.0}  # torchattacks' defaults when eps=None
 
@@ -326,7 +326,7 @@ class FAB(Attack):
                             f"FAB restart {restart}: robust accuracy {robust.float().mean().item():.2%} "
                             f"at eps = {settings['eps']:.5f}"
                         )
-        return out
+        return fit_into_ball(out, x, settings["eps"], settings["norm"])  # float16/bfloat16 rounding
 
     def _run(self, model, x, y, plan, restart, out, robust, generator, settings):
         """One run over the still-robust samples (with targets ``plan`` [B, T] or untargeted)."""
