@@ -105,6 +105,22 @@ def check_generator(generator, device: torch.device, name: str = "generator") ->
         )
 
 
+def check_device(value, name: str = "device") -> torch.device:
+    """A device that computes here: a torch device name or torch.device, not meta, and for cuda a GPU
+    that is visible. The one check behind the command line's --device and the attacks' set_device."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: not a torch device: {value!r} (try cpu or cuda)") from None
+    if device.type == "meta":
+        raise ValueError(f"{name}: meta holds no values: choose a device that computes (cpu or cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: cuda was asked for but no GPU is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{name}: {value}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
 def check_model(model) -> None:
     if not callable(model):
         raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")

@@ -66,16 +66,13 @@ def _check(args) -> int:
 
 
 def _device(value: str) -> str:
+    from fastrob._checks import check_device
+
     try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a torch device: {value!r} (try cpu or cuda)") from None
-    if device.type == "meta":
-        raise argparse.ArgumentTypeError("meta holds no values: choose a device that computes (cpu or cuda)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("cuda was asked for but no GPU is visible")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{value}: only {torch.cuda.device_count()} GPU(s) are visible")
+        check_device(value, name="--device")
+    except ValueError as err:
+        # argparse names the option itself ("argument --device: ...")
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--device: ")) from None
     return value
 
 
@@ -449,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fastrob.attacks import ALPHA_FACTOR, NORMS
     from fastrob.models import ACTIVATIONS, MODELS
 
-    parser = argparse.ArgumentParser(prog="fastrob", description="Fast robust and interpretable classification.")
+    parser = _Parser(prog="fastrob", description="Fast robust and interpretable classification.")
     parser.add_argument(
         "--debug",
         action="store_true",
@@ -633,6 +630,10 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="self-check every fused kernel on this machine's devices against the torch "
         "reference (value, first and second derivatives); exit status 1 on any mismatch",
+        description="Self-check every fused kernel on this machine's devices against the torch reference "
+        "(value, first and second derivatives) and print a table. Exit status: 0 when every check "
+        "passes, 1 on any mismatch or error, 2 when there is nothing to check here (no CUDA GPU and "
+        "TRITON_INTERPRET=1 not set; the reason goes to stderr).",
     )
     p.add_argument(
         "--device",
@@ -658,11 +659,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (the subcommands' too) with its errors in one line (``fastrob: error:
+    ...``, exit status 2), as every other fastrob error, instead of the usage block first, and no
+    abbreviated options: ``--n`` is not taken for ``--norm``, nor ``--epoch`` for ``--epochs``."""
+
+    def __init__(self, *args, allow_abbrev=False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"fastrob: error: {message} (see: {self.prog} --help)\n")
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"fastrob: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one subcommand (see ``_main``); an interrupt at any point, also while the parser is
+    built, is one line and exit status 130."""
+    import os
+
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        argv = sys.argv[1:] if argv is None else argv
+        if "--debug" in argv or os.environ.get("FASTROB_DEBUG", "") not in ("", "0"):
+            raise
+        print("fastrob: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _main(argv: list[str] | None = None) -> int:
     """Runs one subcommand. A user error (bad data or settings found after parsing: ValueError,
     TypeError) or an I/O failure (OSError: disk full, permission denied) is one line on stderr,
     exit status 2 and 1; any other exception is a bug and keeps its traceback. --debug or
@@ -702,10 +730,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(
             1, f"fastrob: error: {err.strerror or err}{f': {err.filename}' if getattr(err, 'filename', None) else ''}\n"
         )
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        parser.exit(130, "fastrob: interrupted\n")
 
 
 if __name__ == "__main__":

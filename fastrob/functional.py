@@ -67,7 +67,7 @@ def input_gradient_penalty(
     if norm not in INPUT_GRADIENT_NORMS:
         raise ValueError(f"norm must be one of {INPUT_GRADIENT_NORMS}, got {norm!r}")
     _check_differentiable(loss_per_sample, x)
-    (g,) = torch.autograd.grad(loss_per_sample.sum(), x, create_graph=True)
+    g = input_grad(loss_per_sample.sum(), x, create_graph=True)
     if weight is not None:
         g = g * weight
     return gradient_norm_penalty(g, norm, backend=backend)
@@ -162,7 +162,7 @@ def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.T
     """
     total = 0.0
     for p in range(v.shape[0]):
-        (g,) = torch.autograd.grad(logits, x, v[p], create_graph=True, retain_graph=True)
+        g = input_grad(logits, x, v[p], create_graph=True, retain_graph=True)
         if g.dtype in (torch.float16, torch.bfloat16):
             g = g.float()  # squares of half-precision gradients underflow
         total = total + g.pow(2).sum()
@@ -334,6 +334,21 @@ def per_replica_batch_norm(model, replicas: int):
     finally:
         for h in handles:
             h.remove()
+
+
+def input_grad(outputs, x: torch.Tensor, grad_outputs=None, *, create_graph=False, retain_graph=None):
+    """``torch.autograd.grad(outputs, x, grad_outputs)``, with a model whose output does not depend on
+    x (its forward detaches its input) refused in words instead of autograd's "appears to not have
+    been used in the graph"."""
+    (g,) = torch.autograd.grad(
+        outputs, x, grad_outputs, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+    )
+    if g is None:
+        raise ValueError(
+            "the model's output does not depend on x, so it has no input gradient (does the "
+            "model's forward detach its input, or compute it from something other than x?)"
+        )
+    return g
 
 
 def _check_differentiable(out: torch.Tensor, x: torch.Tensor) -> None:

@@ -92,8 +92,7 @@ def _score_grads(logits: torch.Tensor, idx: torch.Tensor, wrt: torch.Tensor, cre
     out = []
     for k in range(idx.shape[1]):
         score = logits.gather(1, idx[:, k : k + 1]).sum()
-        (g,) = torch.autograd.grad(score, wrt, create_graph=create_graph, retain_graph=True)
-        out.append(g)
+        out.append(Fn.input_grad(score, wrt, create_graph=create_graph, retain_graph=True))
     return torch.stack(out, 1)
 
 

@@ -282,7 +282,7 @@ def _train(config, out_dir, ckpt_path, state, *, device, quiet, dataset, desc):
             if not distributed and not bool(torch.isfinite(loss.detach())):
                 # one optimizer step on a NaN loss would make every weight NaN, and the saved checkpoint with it
                 raise ValueError(
-                    f"the training loss is {float(loss)} at epoch {epoch + 1}: training diverged "
+                    f"the training loss is {float(loss.detach())} at epoch {epoch + 1}: training diverged "
                     "(try a lower --lr); the checkpoint of the last finished epoch is kept"
                 )
             if distributed:

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -271,10 +272,17 @@ def check_command(devices=None, ops=None, record: bool = False, record_path=None
     """``fastrob check``: the table of every self-check; 1 on any mismatch or error, 2 when there is
     nothing to check here. ``record`` writes the passing GPU entries (the interpreter's results prove
     nothing about a GPU, so they are written only to an explicit ``record_path``)."""
+    if record and record_path is not None:  # before the checks, which take minutes
+        folder = Path(record_path).resolve().parent
+        if not folder.is_dir():
+            raise ValueError(f"--record-path {record_path}: the folder {folder} does not exist")
     print(HEADER)
     results = check_devices(devices, ops=ops, quiet=False)
     if not results:
-        print("nothing to check: no CUDA GPU, and TRITON_INTERPRET=1 is not set (the Triton interpreter on CPU)")
+        print(
+            "fastrob: nothing to check: no CUDA GPU, and TRITON_INTERPRET=1 is not set (the Triton interpreter on CPU)",
+            file=sys.stderr,
+        )
         return 2
     failed = [r for r in results if not r.passed]
     print(f"{len(results) - len(failed)} of {len(results)} checks passed")

@@ -291,7 +291,7 @@ def test_model_state_restored(digits):
         ("alpha_max", 1.5, ValueError, "alpha_max"),
         ("beta", -0.1, ValueError, "beta"),
         ("eta", 0.0, ValueError, "eta"),
-        ("n_classes", 1, ValueError, "n_target_classes"),
+        ("n_classes", 1, ValueError, "n_classes must be >= 2"),  # the argument passed, not the derived one
         ("batch_targets", "yes", TypeError, "batch_targets"),
     ],
 )

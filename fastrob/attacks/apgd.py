@@ -30,7 +30,7 @@ from fastrob.attacks.losses import per_sample_loss, targeted_dlr_loss
 from fastrob.attacks.starts import make_generator, sphere_start
 from fastrob.attacks.state import amp_forward, attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
-from fastrob.ops.pgd_step import pgd_step_unchecked
+from fastrob.ops.pgd_step import fit_into_ball, pgd_step_unchecked
 
 APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
 
@@ -328,7 +328,7 @@ def apgd(
                 backend=backend,
                 trace=_trace,
             )
-        out = state["out"]
+        out = fit_into_ball(state["out"], x, eps, norm)  # float16/bfloat16 rounding
         if return_fooled:
             with torch.no_grad():
                 logits = model(out)

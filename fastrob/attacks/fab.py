@@ -31,7 +31,7 @@ from fastrob.attacks.config import torchattacks_norm
 from fastrob.attacks.starts import make_generator, sphere_start
 from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
-from fastrob.ops.pgd_step import perturbation_norm
+from fastrob.ops.pgd_step import fit_into_ball, perturbation_norm
 
 _DEFAULT_EPS = {"linf": 0.3, "l2": 1.0}  # torchattacks' defaults when eps=None
 
@@ -123,6 +123,25 @@ def _nearest(diff, grads, y, norm):
     return diff[rows, j], grads[rows, j]
 
 
+def _iterate_logits(model, x1):
+    """The model's logits at FAB's iterates, refused when not finite: a NaN logit has no argmax
+    that says whether the point is adversarial (APGD and Square check theirs alike)."""
+    logits = model(x1)
+    check_logits(logits, x1.shape[0], where="the attack's iterates")
+    return logits
+
+
+def _check_gradients(grads):
+    """FAB's linearisation divides by the gradients' norms and projects along them: a NaN or
+    infinite input gradient (e.g. sqrt at 0) would make every later iterate NaN."""
+    if not bool(torch.isfinite(grads).all()):
+        raise ValueError(
+            "FAB: the model's input gradient is not finite (NaN or inf) at the attack's iterates: the "
+            "model is not differentiable there (e.g. sqrt or log at 0), so FAB cannot linearise it; "
+            "use a gradient-free attack (Square) or a model with finite gradients"
+        )
+
+
 def _fab_rows(model, x0, y, target, x1, *, eps, steps, norm, alpha_max, eta, beta, group, n_groups, check_start):
     """FAB on rows (x0 clean, y label, target or None, x1 start); rows of one ``group`` (sample)
     stop together once one of them is broken within eps. Returns (adv [n_groups, ...], broken [n_groups])."""
@@ -148,7 +167,7 @@ def _fab_rows(model, x0, y, target, x1, *, eps, steps, norm, alpha_max, eta, bet
 
     if check_start:  # a random start may already fool the model
         with torch.no_grad():
-            x1 = settle(model(x1), x1, x0, y, group)
+            x1 = settle(_iterate_logits(model, x1), x1, x0, y, group)
     for _ in range(steps):
         keep = ~broken[group]
         if not bool(keep.any()):
@@ -157,6 +176,7 @@ def _fab_rows(model, x0, y, target, x1, *, eps, steps, norm, alpha_max, eta, bet
             x0, y, x1, group = x0[keep], y[keep], x1[keep], group[keep]
             target = target[keep] if target is not None else None
         diff, grads = _linearize(model, x1, y, target)
+        _check_gradients(grads)
         if target is None:
             diff, grads = _nearest(diff, grads, y, norm)
         with torch.no_grad():
@@ -168,7 +188,7 @@ def _fab_rows(model, x0, y, target, x1, *, eps, steps, norm, alpha_max, eta, bet
             a1, a0 = size.chunk(2)
             alpha = (a1 / (a1 + a0)).clamp(0.0, alpha_max)[:, None]
             x1 = ((1 - alpha) * (flat1 + eta * d1) + alpha * (flat0 + eta * d0)).clamp(0, 1).view_as(x0)
-            x1 = settle(model(x1), x1, x0, y, group)
+            x1 = settle(_iterate_logits(model, x1), x1, x0, y, group)
     return out, broken
 
 
@@ -257,12 +277,15 @@ class FAB(Attack):
             eta=eta,
             beta=beta,
             n_restarts=check_int("n_restarts", self.n_restarts, 1),
+            # n_classes first: n_target_classes is derived from it, and an error must name what was passed
+            n_classes=check_int("n_classes", self.n_classes, 2),
             n_target_classes=check_int("n_target_classes", self.n_target_classes, 1),
         )
 
     def forward(self, images, labels=None):
         settings = self._settings()
         n_restarts, n_target_classes = settings.pop("n_restarts"), settings.pop("n_target_classes")
+        settings.pop("n_classes")
         images, labels = self._on_device(images, labels)
         model = self._model()
         check_attack_inputs(model, images, labels, clamp_input=None, name="FAB", x_name="images")
@@ -271,6 +294,11 @@ class FAB(Attack):
         with attack_context(model, self._training), torch.no_grad():
             logits = model(x)
             check_logits(logits, x.shape[0], labels, where="clean inputs")
+            if logits.shape[1] < 2:
+                raise ValueError(
+                    f"model must return at least 2 logits per sample for FAB, got {logits.shape[1]} (FAB "
+                    "crosses the boundary between the true class and another)"
+                )
             if self.attack_mode == "targeted(label)":
                 # the labels are the targets (torchattacks' convention); y: the model's predictions
                 if labels is None:
@@ -298,7 +326,7 @@ class FAB(Attack):
                             f"FAB restart {restart}: robust accuracy {robust.float().mean().item():.2%} "
                             f"at eps = {settings['eps']:.5f}"
                         )
-        return out
+        return fit_into_ball(out, x, settings["eps"], settings["norm"])  # float16/bfloat16 rounding
 
     def _run(self, model, x, y, plan, restart, out, robust, generator, settings):
         """One run over the still-robust samples (with targets ``plan`` [B, T] or untargeted)."""

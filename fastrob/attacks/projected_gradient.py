@@ -22,6 +22,7 @@ from fastrob.attacks.engine import Evaluation, ascend
 from fastrob.attacks.losses import LossFn, needs_clean_probabilities, per_sample_loss
 from fastrob.attacks.state import amp_forward, attack_context, check_attack_inputs
 from fastrob.distributed import unwrap
+from fastrob.ops.pgd_step import fit_into_ball
 
 
 def fooled_by(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:
@@ -245,6 +246,7 @@ def pgd_cached(
             need_final=False,
         )
         out = result.x_adv.clamp_(0, 1)  # a no-op except for an unstepped "trades" start
+        out = fit_into_ball(out, x, eps, norm)  # float16/bfloat16 rounding
         if return_fooled:
             with torch.no_grad():
                 logits = forward(out)

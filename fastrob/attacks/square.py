@@ -26,6 +26,7 @@ from fastrob.attacks.config import torchattacks_norm
 from fastrob.attacks.starts import make_generator
 from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
+from fastrob.ops.pgd_step import fit_into_ball
 
 SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
@@ -230,6 +231,15 @@ def square(
             )
             out[live] = adv
             done[live] = fooled
+        fitted = fit_into_ball(out, x, eps, norm)  # float16/bfloat16 rounding
+        if fitted is not out:  # a coordinate moved by one unit: decide again on those samples
+            moved = (fitted != out).flatten(1).any(1)
+            with torch.no_grad():
+                logits = model(fitted[moved])
+            check_logits(logits, int(moved.sum()), where="the attack's result")
+            pred = logits.argmax(1)
+            done[moved] = pred == y[moved] if targeted else pred != y[moved]
+            out = fitted
         if return_fooled:
             return out, done
         return out

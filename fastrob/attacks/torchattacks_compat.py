@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from fastrob._checks import check_device
 from fastrob.attacks.projected_gradient import pgd_cached
 from fastrob.attacks.state import attack_context
 from fastrob.distributed import unwrap
@@ -107,7 +108,9 @@ class Attack:
         self._normalization = (mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1))
 
     def set_device(self, device):
-        self.device = device
+        """The device the inputs are moved to (None: where they are). Checked now: a device that
+        cannot compute here (cuda without a GPU, meta) is refused in fastrob's words, not torch's."""
+        self.device = None if device is None else check_device(device)
 
     def _model(self):
         model = unwrap(self.model)  # no DDP communication inside attacks (fastrob.distributed)

@@ -246,7 +246,8 @@ def masking_report(
         steps: iterations of the base gradient attacks; the convergence check runs
             ``strong_factor`` times as many, with 2 restarts.
         n_queries: Square's query budget.
-        large_eps: the radius of the large-eps check (None: 0.5 Linf, 0.5·√D L2).
+        large_eps: the radius of the large-eps check (None: 0.5 Linf, 0.5·√D L2); one given must
+            be larger than eps.
         seed: seeds every attack; batch_size: samples per attack call; quiet: no progress bar.
     """
     eps = check_positive("eps", eps)
@@ -268,7 +269,10 @@ def masking_report(
     check_attack_inputs(model, x, y, clamp_input=None, name="masking_report")
     if large_eps is None:
         large_eps = default_large_eps(norm, x)
-    large_eps = check_float("large_eps", large_eps, min_value=0.0)
+    else:  # at a radius no larger than eps the attacks fail as at eps: a false "suspicious"
+        large_eps = check_float("large_eps", large_eps, min_value=0.0)
+        if large_eps <= eps:
+            raise ValueError(f"large_eps must be larger than eps = {eps:g}, got {large_eps:g}")
     total = len(y)
 
     def chunks(idx):
@@ -296,6 +300,11 @@ def masking_report(
         logits = torch.cat([clean_logits(model, x[i], y[i]) for i in chunks(torch.arange(total, device=device))])
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("model returned non-finite logits on the clean data")
+        if logits.shape[1] < 2:  # one class: nothing to attack, every check would be noise
+            raise ValueError(
+                f"model must return at least 2 logits per sample (a classifier) for the masking report, "
+                f"got {logits.shape[1]}"
+            )
         correct = logits.argmax(1) == y
         done("probabilities", _probability_fraction(logits))
         done("randomized", _randomized_fraction(model, x))

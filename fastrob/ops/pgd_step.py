@@ -28,6 +28,45 @@ def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
 
 
+def fit_into_ball(x_adv: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tensor:
+    """``x_adv`` projected onto the eps-ball around ``x`` in its own precision.
+
+    A float16 or bfloat16 point is computed in float32 (or in its own dtype, where eps itself rounds
+    up: bfloat16's 0.1 is 0.10009765625) and rounded to nearest, which can land outside the ball
+    (0.1001 for eps = 0.1 in float16). Here the sample is projected in float32 (Linf: clipped,
+    L2: rescaled), rounded, and each coordinate still beyond (Linf: the coordinates beyond eps; L2:
+    every nonzero coordinate of a sample beyond eps) moved one unit in the last place towards ``x``:
+    rounded towards ``x`` instead, no farther from it than the float32 projection. Other dtypes are
+    returned as they are. ``eps``: a float or a [B] tensor; ``norm``: "linf" or "l2".
+    """
+    if x_adv.dtype not in (torch.float16, torch.bfloat16) or not x_adv.numel():
+        return x_adv
+    clean = x.float()
+    eps_b = per_sample_view(eps, clean)
+
+    def beyond(point):
+        delta = point.float() - clean
+        if norm == "linf":
+            return delta, delta.abs() > eps_b
+        outside = perturbation_norm(delta, norm).view(-1, *[1] * (delta.dim() - 1)) > eps_b
+        return delta, outside & (delta != 0)
+
+    delta, over = beyond(x_adv)
+    if not bool(over.any()):
+        return x_adv
+    if norm == "linf":
+        if isinstance(eps_b, torch.Tensor):
+            delta = torch.maximum(torch.minimum(delta, eps_b), -eps_b)
+        else:
+            delta = delta.clamp(-eps_b, eps_b)
+    else:
+        size = perturbation_norm(delta, norm).view(-1, *[1] * (delta.dim() - 1))
+        delta = delta * torch.where(size > eps_b, eps_b / size.clamp_min(torch.finfo(delta.dtype).tiny), 1.0)
+    fitted = (clean + delta).to(x_adv.dtype)
+    _, over = beyond(fitted)
+    return torch.where(over, torch.nextafter(fitted, x.to(x_adv.dtype)), fitted)
+
+
 def pgd_step_reference(
     x_adv: torch.Tensor,
     grad: torch.Tensor,
@@ -98,14 +137,22 @@ def pgd_step(
         (computed in float32); float64 runs on the torch backend.
 
     Raises:
-        TypeError / ValueError naming the argument for bad input, RuntimeError when an explicitly
-        requested backend cannot run here.
+        TypeError / ValueError naming the argument for bad input (a NaN or infinite entry in
+        ``grad`` included, in either norm), RuntimeError when an explicitly requested backend
+        cannot run here.
     """
     check_tensor("x_adv", x_adv, min_dim=2)
     check_tensor("grad", grad)
     check_tensor("x_orig", x_orig)
     check_like("grad", grad, "x_adv", x_adv)
     check_like("x_orig", x_orig, "x_adv", x_adv)
+    if grad.numel() and not bool(torch.isfinite(grad).all()):
+        # sign(NaN) and NaN / ||NaN|| have no direction: Linf and L2 would fail differently
+        bad = int((~torch.isfinite(grad.flatten(1))).any(1).sum())
+        raise ValueError(
+            f"grad must be finite, got NaN or inf entries in {bad} of {grad.shape[0]} samples: a step along "
+            "it has no direction"
+        )
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     lower, upper = check_float("lower", lower), check_float("upper", upper)

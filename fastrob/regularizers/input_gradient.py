@@ -95,7 +95,7 @@ class InputGradientRegularizer:
 
     def _fd_penalty(self, model, x, y, ce, rng):
         # The graph of the clean forward is kept: the objective is differentiated through it.
-        (g,) = torch.autograd.grad(ce.sum(), x, retain_graph=True)
+        g = Fn.input_grad(ce.sum(), x, retain_graph=True)
         v = fd_direction(g, self.norm)
         # The extra forward skips DDP's wrapper (one reducer preparation and one buffer broadcast
         # per step, from the clean forward); its graph reaches the same parameters.

@@ -153,7 +153,7 @@ class LipschitzRegularizer:
         logits, inner = Fn.forward_pair(model, x, y)
         ce = Fn.per_sample_cross_entropy(logits, y, self.backend).mean()
         s = lipschitz_outputs(inner, y, self.zeta, self.generator)
-        (g,) = torch.autograd.grad(s.sum(), x, create_graph=True)
+        g = Fn.input_grad(s.sum(), x, create_graph=True)
         penalty = self.gradient_penalty(g)
         psi = self.psi
         if self.adaptive and unwrap(model).training:  # a validation call (eval mode) leaves psi alone
