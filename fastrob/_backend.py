@@ -151,11 +151,11 @@ def fused_backends_for(device: torch.device) -> list[str]:
     return names
 
 
-def _auto(op: str, device: torch.device, dtype: torch.dtype) -> str:
+def _auto(op: str, device: torch.device, dtype: torch.dtype, kernels: tuple = ("cuda", "triton")) -> str:
     """``auto``'s choice for a GPU target: the first fused backend (cuda, then triton) that the record
     covers or that passes its self-check (fastrob.verify), else torch; cached per (op, device, dtype),
     so that each failing kernel warns once per process."""
-    candidates = tuple(fused_backends_for(device))
+    candidates = tuple(name for name in fused_backends_for(device) if name in kernels)
     key = (op, str(device), dtype, candidates)
     if key in _auto_choice:
         return _auto_choice[key]
@@ -187,7 +187,15 @@ def clear_auto_cache() -> None:
     _auto_choice.clear()
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str, dtypes: tuple = KERNEL_DTYPES) -> str:
+def resolve(
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    op: str,
+    dtypes: tuple = KERNEL_DTYPES,
+    kernels: tuple = ("cuda", "triton"),
+) -> str:
     """The backend that runs ``op`` on tensors of ``device`` and ``dtype``.
 
     An explicitly requested backend that cannot run raises RuntimeError (unavailable, wrong
@@ -195,6 +203,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str, 
     reasons: it uses the torch reference on CPU, and on a GPU the CUDA extension, then Triton,
     each only once the record or a self-check vouches for it (fastrob.verify), then torch,
     warning once per process if a GPU tensor falls back to torch for want of a fused backend.
+    ``kernels`` names the fused backends the op has (``auto`` considers only those).
     """
     check_backend_name(backend)
     if backend == "torch":
@@ -202,8 +211,8 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, op: str, 
     if backend == "auto":
         if dtype not in dtypes or not (device.type == "cuda" or (AUTO_KERNELS_ON_CPU and device.type == "cpu")):
             return "torch"
-        if fused_backends_for(device):
-            return _auto(op, device, dtype)
+        if any(name in kernels for name in fused_backends_for(device)):
+            return _auto(op, device, dtype, kernels)
         global _warned_fallback
         if not _warned_fallback:
             _warned_fallback = True

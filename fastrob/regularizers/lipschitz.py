@@ -9,6 +9,7 @@ import torch
 
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_positive
+from fastrob.attention_routing import twice_differentiable_attention
 from fastrob.distributed import all_reduce_sum, is_ddp, is_distributed, unwrap, world_size
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
@@ -148,7 +149,8 @@ class LipschitzRegularizer:
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
         # Under DDP the input gradient is taken on the wrapped module's output (Fn.forward_pair)
-        logits, inner = Fn.forward_pair(model, x, y)
+        with twice_differentiable_attention(self.backend):  # the penalty differentiates a backward
+            logits, inner = Fn.forward_pair(model, x, y)
         ce = Fn.per_sample_cross_entropy(logits, y, self.backend).mean()
         s = lipschitz_outputs(inner, y, self.zeta, self.generator)
         (g,) = torch.autograd.grad(s.sum(), x, create_graph=True)
