@@ -24,23 +24,15 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# every op's launchers (csrc/<op>.cu) and device code (kernels/<op>.cuh), found by name
 SOURCES = [
     "csrc/bindings.cpp",
-    "csrc/pgd_step.cu",
-    "csrc/sqnorm.cu",
-    "csrc/cross_entropy.cu",
-    "csrc/bias_act.cu",
-    "csrc/batch_norm.cu",
+    *sorted(f"csrc/{f}" for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith(".cu")),
 ]
 HEADERS = [
     "csrc/launchers.h",
     "csrc/launch_utils.h",
-    "kernels/common.cuh",
-    "kernels/pgd_step.cuh",
-    "kernels/sqnorm.cuh",
-    "kernels/cross_entropy.cuh",
-    "kernels/bias_act.cuh",
-    "kernels/batch_norm.cuh",
+    *sorted(f"kernels/{f}" for f in os.listdir(os.path.join(ROOT, "kernels")) if f.endswith(".cuh")),
 ]
 BUILD_RECORD = "_C_build.json"  # written next to the extension: what was built, or why not
 

@@ -110,20 +110,25 @@ def specs(quick: bool = False) -> list[Spec]:
                 if not has_gs:
                     out.append(
                         _spec(
-                            f"ce_forward[{dtype},{block}]",
-                            ce._ce_forward_kernel,
-                            {**_ptr_types(ce._ce_forward_kernel, s, a, ("loss", "lse"), {"y_ptr": "*i64"}), **ints},
+                            f"cross_entropy_forward[{dtype},{block}]",
+                            ce._cross_entropy_forward_kernel,
+                            {
+                                **_ptr_types(
+                                    ce._cross_entropy_forward_kernel, s, a, ("loss", "lse"), {"y_ptr": "*i64"}
+                                ),
+                                **ints,
+                            },
                             c,
                             warps(block),
                         )
                     )
                 out.append(
                     _spec(
-                        f"ce_double_backward[{dtype},{block},gs={int(has_gs)}]",
-                        ce._ce_double_backward_kernel,
+                        f"cross_entropy_double_backward[{dtype},{block},gs={int(has_gs)}]",
+                        ce._cross_entropy_double_backward_kernel,
                         {
                             **_ptr_types(
-                                ce._ce_double_backward_kernel,
+                                ce._cross_entropy_double_backward_kernel,
                                 s,
                                 a,
                                 ("lse", "gl", "gs", "d_gl", "d_gs"),
@@ -148,9 +153,14 @@ def specs(quick: bool = False) -> list[Spec]:
             for has_gs in (False, True):
                 out.append(
                     _spec(
-                        f"ce_backward[{dtype},{block},gs={int(has_gs)}]",
-                        ce._ce_backward_kernel,
-                        {**_ptr_types(ce._ce_backward_kernel, s, a, ("lse", "gl", "gs"), {"y_ptr": "*i64"}), **ints},
+                        f"cross_entropy_backward[{dtype},{block},gs={int(has_gs)}]",
+                        ce._cross_entropy_backward_kernel,
+                        {
+                            **_ptr_types(
+                                ce._cross_entropy_backward_kernel, s, a, ("lse", "gl", "gs"), {"y_ptr": "*i64"}
+                            ),
+                            **ints,
+                        },
                         dict(c, HAS_GS=has_gs),
                     )
                 )
@@ -190,9 +200,9 @@ def specs(quick: bool = False) -> list[Spec]:
             for mode in (0, 1, 2):
                 out.append(
                     _spec(
-                        f"bn_reduce[{dtype},{layout},mode={mode}]",
-                        bn._bn_reduce_kernel,
-                        {**_ptr_types(bn._bn_reduce_kernel, s, a, bn_acc), **bn_ints},
+                        f"batch_norm_reduce[{dtype},{layout},mode={mode}]",
+                        bn._batch_norm_reduce_kernel,
+                        {**_ptr_types(bn._batch_norm_reduce_kernel, s, a, bn_acc), **bn_ints},
                         dict(MODE=mode, CT=_ct(dtype), BLOCK_M=block_m, BLOCK_C=block_c),
                         bn.reduce_warps(block_m, block_c),
                     )
@@ -201,13 +211,13 @@ def specs(quick: bool = False) -> list[Spec]:
             c = dict(HAS_W=has_w, CT=_ct(dtype), BLOCK=bn.FINAL_BLOCK)
             out.append(
                 _spec(
-                    f"bn_forward_finalize[{dtype},w={int(has_w)}]",
-                    bn._bn_forward_finalize_kernel,
-                    {**_ptr_types(bn._bn_forward_finalize_kernel, s, a, bn_acc), **bn_ints},
+                    f"batch_norm_forward_finalize[{dtype},w={int(has_w)}]",
+                    bn._batch_norm_forward_finalize_kernel,
+                    {**_ptr_types(bn._batch_norm_forward_finalize_kernel, s, a, bn_acc), **bn_ints},
                     dict(c, HAS_B=has_w),
                 )
             )
-            for kernel in (bn._bn_backward_finalize_kernel, bn._bn_double_backward_finalize_kernel):
+            for kernel in (bn._batch_norm_backward_finalize_kernel, bn._batch_norm_double_backward_finalize_kernel):
                 out.append(
                     _spec(
                         f"{kernel.fn.__name__.strip('_')}[{dtype},w={int(has_w)}]",
@@ -219,9 +229,9 @@ def specs(quick: bool = False) -> list[Spec]:
         for has_a, has_b, two in ((False, False, False), (True, False, False), (True, True, True)):
             out.append(
                 _spec(
-                    f"bn_apply[{dtype},a={int(has_a)},b={int(has_b)},two={int(two)}]",
-                    bn._bn_apply_kernel,
-                    {**_ptr_types(bn._bn_apply_kernel, s, a, bn_acc), **bn_ints},
+                    f"batch_norm_apply[{dtype},a={int(has_a)},b={int(has_b)},two={int(two)}]",
+                    bn._batch_norm_apply_kernel,
+                    {**_ptr_types(bn._batch_norm_apply_kernel, s, a, bn_acc), **bn_ints},
                     dict(HAS_A=has_a, HAS_B=has_b, TWO=two, CT=_ct(dtype), BLOCK=bn.BLOCK),
                 )
             )
@@ -263,6 +273,26 @@ def specs(quick: bool = False) -> list[Spec]:
                 dict(BLOCK=pg.L2_CHUNK),
             )
         )
+    # attention: q (scaled in torch), lse, delta and dq in the accumulate dtype; the mask pointer is q's without a mask
+    from fastrob.triton import attention as at
+
+    at_ints = dict(n_q="i32", n_k="i32", d="i32", heads="i32", sm_b="i32", sm_h="i32", sm_i="i32", sm_j="i32")
+    at_kernels = (at._attention_forward_kernel, at._attention_backward_dkdv_kernel, at._attention_backward_dq_kernel)
+    for dtype in diff_dtypes:
+        s, a = STORAGE[dtype], "fp64" if dtype == "float64" else "fp32"
+        for block_d in (64,) if quick else (32, 64, 128):
+            for has_mask, causal in ((False, False), (True, False), (False, True)):
+                block_m, block_n, _ = at._blocks(block_d)
+                c = dict(HAS_MASK=has_mask, CAUSAL=causal, CT=_ct(dtype), BLOCK_M=block_m, BLOCK_N=block_n)
+                for kernel in at_kernels:
+                    out.append(
+                        _spec(
+                            f"{kernel.fn.__name__.strip('_')}[{dtype},d={block_d},mask={int(has_mask)},causal={int(causal)}]",
+                            kernel,
+                            {**_ptr_types(kernel, s, a, ("q", "lse", "delta", "dq")), **at_ints},
+                            dict(c, BLOCK_D=block_d),
+                        )
+                    )
     return out
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from fastrob._checks import dtype_name
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COLUMNS = ["op", "provider", "shape", "dtype", "metric", "median", "p20", "p80", "device", "torch", "triton", "date"]
 
@@ -115,7 +117,7 @@ def row(op: str, provider: str, shape, dtype, metric: str, stats: dict, device) 
         "op": op,
         "provider": provider,
         "shape": "x".join(map(str, shape)) if not isinstance(shape, str) else shape,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         "metric": metric,
         "median": f"{stats['median']:.6g}",
         "p20": f"{stats['p20']:.6g}",

@@ -19,6 +19,7 @@ from fastrob import (
     nn,
     ops,
     regularizers,
+    verify,  # noqa: F401  (registers backend="auto"'s kernel-trust policy: _backend.set_trust_policy)
 )
 from fastrob.adversarial_training import adversarial_loss
 from fastrob.attacks import FGSM, PGD, PGDL2, adversarial_explanation, isa, pgd

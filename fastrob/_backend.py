@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from fastrob._checks import dtype_name
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -141,6 +143,22 @@ _warned_fallback = False
 _auto_choice: dict[tuple, str] = {}
 
 
+# The kernel-trust policy: (op, backend, device, dtype) -> None when ``auto`` may use that fused
+# kernel, else the failed check (a fastrob.selfchecks.CheckResult). fastrob.verify registers its
+# ``trusted`` when imported (fastrob/__init__ imports it); until then no kernel is trusted.
+_trust_policy = None
+
+
+def set_trust_policy(policy) -> None:
+    """Makes ``policy(op, backend, device, dtype)`` decide which fused kernels ``auto`` may use, and
+    forgets ``auto``'s earlier choices."""
+    global _trust_policy
+    if not callable(policy):
+        raise TypeError(f"policy must be callable, got {type(policy).__name__}")
+    _trust_policy = policy
+    clear_auto_cache()
+
+
 def fused_backends_for(device: torch.device) -> list[str]:
     """The fused backends that can run on ``device``, in ``auto``'s order of preference."""
     names = []
@@ -152,19 +170,20 @@ def fused_backends_for(device: torch.device) -> list[str]:
 
 
 def _auto(op: str, device: torch.device, dtype: torch.dtype, kernels: tuple = ("cuda", "triton")) -> str:
-    """``auto``'s choice for a GPU target: the first fused backend (cuda, then triton) that the record
-    covers or that passes its self-check (fastrob.verify), else torch; cached per (op, device, dtype),
-    so that each failing kernel warns once per process."""
+    """``auto``'s choice for a GPU target: the first fused backend (cuda, then triton) among the op's
+    ``kernels`` that the trust policy accepts (fastrob.verify's: the record covers it or its
+    self-check passes), else torch; cached per (op, device, dtype), so that each failing kernel
+    warns once per process."""
     candidates = tuple(name for name in fused_backends_for(device) if name in kernels)
     key = (op, str(device), dtype, candidates)
     if key in _auto_choice:
         return _auto_choice[key]
-    from fastrob import verify
-
+    if _trust_policy is None:
+        return "torch"
     failed = []
     choice = "torch"
     for name in candidates:
-        failure = verify.trusted(op, name, device, dtype)
+        failure = _trust_policy(op, name, device, dtype)
         if failure is None:
             choice = name
             break
@@ -203,7 +222,7 @@ def resolve(
     reasons: it uses the torch reference on CPU, and on a GPU the CUDA extension, then Triton,
     each only once the record or a self-check vouches for it (fastrob.verify), then torch,
     warning once per process if a GPU tensor falls back to torch for want of a fused backend.
-    ``kernels`` names the fused backends the op has (``auto`` considers only those).
+    ``kernels`` names the fused backends the op has kernels for (``auto`` considers only those).
     """
     check_backend_name(backend)
     if backend == "torch":
@@ -240,9 +259,9 @@ def resolve(
             "(CPU tensors run only under TRITON_INTERPRET=1, set before importing fastrob)"
         )
     if dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        names = ", ".join(map(dtype_name, dtypes))
         raise TypeError(
-            f"{op}: backend={backend!r} supports {names}; got {str(dtype).replace('torch.', '')} "
+            f"{op}: backend={backend!r} supports {names}; got {dtype_name(dtype)} "
             "(backend='torch' runs any floating dtype)"
         )
     return backend

@@ -16,16 +16,18 @@ import functools
 import json
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
 
-from fastrob.selfchecks import OPS, CheckResult, dtype_name, run_check
+from fastrob import _backend
+from fastrob._checks import dtype_name
+from fastrob.ops._registry import fused_op
+from fastrob.selfchecks import OPS, CheckResult, run_check
 
 RECORD_PATH = Path(__file__).with_name("verified.json")
 SCHEMA = 1
-# ops whose callers resolve a backend under another name (the attacks loop over pgd_step)
-OP_ALIASES = {"pgd": "pgd_step"}
 MODES = ("0", "1", "always")
 
 
@@ -50,26 +52,75 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.machine()}, Triton interpreter)"
 
 
+# the fields of an entry (record_entries writes them): strings, and the evidence as a list of strings
+ENTRY_FIELDS = ("op", "backend", "capability", "device", "torch", "triton", "date")
+
+
 def load_record(path: Path | None = None) -> dict:
     """The record: {"schema": 1, "entries": [{op, backend, capability, device, torch, triton, date,
-    passed}, ...]}. A missing or unreadable file is an empty record."""
+    passed}, ...]}. A missing file is an empty record; so is a malformed one (not JSON, another schema,
+    an entry that is not an object or lacks a field), after one warning naming the file and what is
+    wrong: a record is data read from disk, never trusted unless well formed and never fatal."""
     path = Path(path) if path is not None else RECORD_PATH
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = json.loads(path.read_bytes())
+    except FileNotFoundError:
         return {"schema": SCHEMA, "entries": []}
-    if not isinstance(record, dict) or not isinstance(record.get("entries"), list):
-        return {"schema": SCHEMA, "entries": []}
-    return record
+    except OSError as err:
+        return _ignored(path, f"cannot be read ({err.strerror or err})")
+    except (ValueError, RecursionError) as err:  # not JSON (or not UTF-8), or nested too deep to parse
+        return _ignored(path, f"is not JSON ({str(err) or type(err).__name__})")
+    problem = record_problem(record)
+    return _ignored(path, problem) if problem else record
+
+
+def record_problem(record) -> str | None:
+    """What makes a parsed record malformed, or None when it is well formed."""
+    if not isinstance(record, dict):
+        return f"holds {_json_type(record)}, not an object"
+    schema = record.get("schema")
+    if type(schema) is not int or schema != SCHEMA:  # (True == 1 in Python)
+        return f"has schema {_json_type(schema)}, and this fastrob reads schema {SCHEMA}"
+    entries = record.get("entries")
+    if not isinstance(entries, list):
+        return f"has 'entries' {_json_type(entries)}, not a list"
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            return f"entry {i} is {_json_type(entry)}, not an object"
+        for field in ENTRY_FIELDS:
+            if not isinstance(entry.get(field), str) or not entry[field]:
+                return f"entry {i} has {field!r} {_json_type(entry.get(field))}, not a non-empty string"
+        passed = entry.get("passed")
+        if not isinstance(passed, list) or not passed or not all(isinstance(p, str) for p in passed):
+            return f"entry {i} has 'passed' {_json_type(passed)}, not a non-empty list of strings"
+    return None
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null (or missing)"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    shown = f" {value!r}" if isinstance(value, (int, float, str)) else ""
+    return names.get(type(value), type(value).__name__) + (shown if len(shown) <= 40 else shown[:36] + "...")
+
+
+def _ignored(path: Path, problem: str) -> dict:
+    warnings.warn(
+        f"the kernel record {path} {problem}: it is ignored "
+        "(backend='auto' self-checks each fused kernel before using it)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return {"schema": SCHEMA, "entries": []}
 
 
 @functools.cache
 def _recorded_keys() -> frozenset:
-    return frozenset((e.get("op"), e.get("backend"), e.get("capability")) for e in load_record()["entries"])
+    return frozenset((e["op"], e["backend"], e["capability"]) for e in load_record()["entries"])
 
 
 def is_recorded(op: str, backend: str, capability: str) -> bool:
-    return (OP_ALIASES.get(op, op), backend, capability) in _recorded_keys()
+    return (op, backend, capability) in _recorded_keys()
 
 
 _checked: dict[tuple, CheckResult] = {}
@@ -77,7 +128,7 @@ _checked: dict[tuple, CheckResult] = {}
 
 def self_check(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> CheckResult:
     """The op's self-check, run once per (op, backend, device, dtype) per process."""
-    key = (OP_ALIASES.get(op, op), backend, str(device), dtype)
+    key = (op, backend, str(device), dtype)
     if key not in _checked:
         _checked[key] = run_check(key[0], backend, device, dtype)
     return _checked[key]
@@ -88,12 +139,11 @@ def trusted(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
 
     An op without a self-check (one added later under a new name) is trusted as before."""
     mode = verify_mode()
-    name = OP_ALIASES.get(op, op)
-    if mode == "0" or name not in OPS:
+    if mode == "0" or op not in OPS:
         return None
-    if mode != "always" and is_recorded(name, backend, capability_of(device)):
+    if mode != "always" and is_recorded(op, backend, capability_of(device)):
         return None
-    result = self_check(name, backend, device, dtype)
+    result = self_check(op, backend, device, dtype)
     return None if result.passed else result
 
 
@@ -110,9 +160,6 @@ def check_devices(devices=None, backends=None, dtypes=None, ops=None, quiet: boo
     """Every self-check (ops x fused backends that run on each device x dtypes); the checks run
     afresh, whatever the record and the cache hold. Default devices: every CUDA GPU, else the CPU
     when the Triton interpreter is on."""
-    from fastrob import _backend
-    from fastrob.selfchecks import TOLERANCES
-
     if devices is None:
         devices = (
             [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
@@ -122,8 +169,8 @@ def check_devices(devices=None, backends=None, dtypes=None, ops=None, quiet: boo
     results = []
     for device in map(torch.device, devices):
         for backend in backends or _backend.fused_backends_for(device):
-            for op in ops or OPS:
-                for dtype in dtypes or [d for d in _backend.KERNEL_DTYPES if d in TOLERANCES[op]]:
+            for op in ops or [name for name in OPS if backend in fused_op(name).fused_backends]:
+                for dtype in dtypes or [d for d in _backend.KERNEL_DTYPES if d in fused_op(op).tolerances]:
                     results.append(run_check(op, backend, device, dtype))
                     if not quiet:
                         print(format_row(results[-1]), flush=True)
@@ -175,7 +222,7 @@ def write_record(entries: list[dict], path: Path | None = None) -> Path:
     path = Path(path) if path is not None else RECORD_PATH
     record = load_record(path)
     new_keys = {(e["op"], e["backend"], e["capability"]) for e in entries}
-    kept = [e for e in record["entries"] if (e.get("op"), e.get("backend"), e.get("capability")) not in new_keys]
+    kept = [e for e in record["entries"] if (e["op"], e["backend"], e["capability"]) not in new_keys]
     record["schema"] = SCHEMA
     record["entries"] = sorted(kept + entries, key=lambda e: (e["op"], e["backend"], e["capability"]))
     path.write_text(json.dumps(record, indent=1) + "\n")
@@ -200,9 +247,10 @@ def passed_tests_by_op(junit_xml: str | Path) -> dict[str, list[str]]:
 
 def describe_record(path: Path | None = None) -> str:
     """What ``fastrob info`` prints about the record."""
+    path = Path(path) if path is not None else RECORD_PATH
     entries = load_record(path)["entries"]
     lines = [
-        f"verified kernels ({RECORD_PATH.name}, FASTROB_VERIFY={verify_mode()}): "
+        f"verified kernels ({path.name}, FASTROB_VERIFY={verify_mode()}): "
         + (
             f"{len(entries)} entries"
             if entries
@@ -211,8 +259,8 @@ def describe_record(path: Path | None = None) -> str:
     ]
     for e in entries:
         lines.append(
-            f"  {e.get('op'):<14}{e.get('backend'):<7} sm {e.get('capability'):<6}{e.get('device')}, "
-            f"torch {e.get('torch')}, triton {e.get('triton')}, {e.get('date')}"
+            f"  {e['op']:<14}{e['backend']:<7} sm {e['capability']:<6}{e['device']}, "
+            f"torch {e['torch']}, triton {e['triton']}, {e['date']}"
         )
     return "\n".join(lines)
 
@@ -236,6 +284,8 @@ def check_command(devices=None, ops=None, record: bool = False, record_path=None
         print(f"recorded {len(entries)} entries in {path}")
     return 1 if failed else 0
 
+
+_backend.set_trust_policy(trusted)
 
 __all__ = [
     "CheckResult",

@@ -23,7 +23,7 @@ namespace fastrob {
 
 constexpr int kBnSums = 5;  // partial sums per split and channel in the scratch buffer
 
-struct BnGeom {
+struct BatchNormGeometry {
   int64_t c, s, rows;    // channels, spatial size, rows = N S per channel
   int64_t sn, sc, ss;    // strides of n, c, s in the dense layout
   int64_t chunk;         // rows per split
@@ -33,9 +33,9 @@ struct BnGeom {
 // the channels of its block over rows [blockIdx.y * chunk, + chunk).
 // MODE 0: sum(x - K), sum((x - K)^2); 1: sum(gy), sum(gy xhat); 2: those and sum(V), sum(V xhat), sum(V gy).
 template <typename T, int MODE>
-__global__ void bn_reduce_kernel(const T* __restrict__ x, const T* __restrict__ gy, const T* __restrict__ v,
+__global__ void batch_norm_reduce_kernel(const T* __restrict__ x, const T* __restrict__ gy, const T* __restrict__ v,
                                  const float* __restrict__ mean, const float* __restrict__ invstd,
-                                 float* __restrict__ part, BnGeom g) {
+                                 float* __restrict__ part, BatchNormGeometry g) {
   constexpr int K = MODE == 2 ? 5 : 2;
   extern __shared__ float smem[];  // [K][blockDim.y][blockDim.x]
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -87,7 +87,7 @@ __global__ void bn_reduce_kernel(const T* __restrict__ x, const T* __restrict__ 
   }
 }
 
-__device__ __forceinline__ float bn_split_sum(const float* part, int k, int64_t c, int64_t channels, int splits) {
+__device__ __forceinline__ float batch_norm_split_sum(const float* part, int k, int64_t c, int64_t channels, int splits) {
   float s = 0.f;
   for (int i = 0; i < splits; ++i) s += part[(static_cast<int64_t>(i) * kBnSums + k) * channels + c];
   return s;
@@ -95,28 +95,28 @@ __device__ __forceinline__ float bn_split_sum(const float* part, int k, int64_t 
 
 // Finalizes: one thread per channel.
 template <typename T>
-__global__ void bn_forward_finalize_kernel(const T* __restrict__ x, const float* __restrict__ w,
+__global__ void batch_norm_forward_finalize_kernel(const T* __restrict__ x, const float* __restrict__ w,
                                            const float* __restrict__ b, const float* __restrict__ part,
                                            float* __restrict__ coef, float* __restrict__ mean,
-                                           float* __restrict__ invstd, BnGeom g, int splits, float eps) {
+                                           float* __restrict__ invstd, BatchNormGeometry g, int splits, float eps) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.c) return;
   const float m = static_cast<float>(g.rows);
-  const float d_mean = bn_split_sum(part, 0, c, g.c, splits) / m;
-  const float var = fmaxf(bn_split_sum(part, 1, c, g.c, splits) / m - d_mean * d_mean, 0.f);
+  const float d_mean = batch_norm_split_sum(part, 0, c, g.c, splits) / m;
+  const float var = fmaxf(batch_norm_split_sum(part, 1, c, g.c, splits) / m - d_mean * d_mean, 0.f);
   mean[c] = to_float(x[c * g.sc]) + d_mean;
   invstd[c] = rsqrtf(var + eps);
   coef[2 * g.c + c] = w ? w[c] : 1.f;
   coef[3 * g.c + c] = b ? b[c] : 0.f;
 }
 
-__global__ void bn_backward_finalize_kernel(const float* __restrict__ w, const float* __restrict__ invstd,
+__global__ void batch_norm_backward_finalize_kernel(const float* __restrict__ w, const float* __restrict__ invstd,
                                             const float* __restrict__ part, float* __restrict__ coef,
-                                            float* __restrict__ gw, float* __restrict__ gb, BnGeom g, int splits) {
+                                            float* __restrict__ gw, float* __restrict__ gb, BatchNormGeometry g, int splits) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.c) return;
   const float m = static_cast<float>(g.rows);
-  const float s_gy = bn_split_sum(part, 0, c, g.c, splits), s_gyx = bn_split_sum(part, 1, c, g.c, splits);
+  const float s_gy = batch_norm_split_sum(part, 0, c, g.c, splits), s_gyx = batch_norm_split_sum(part, 1, c, g.c, splits);
   const float wr = (w ? w[c] : 1.f) * invstd[c];
   gb[c] = s_gy;
   gw[c] = s_gyx;
@@ -125,17 +125,17 @@ __global__ void bn_backward_finalize_kernel(const float* __restrict__ w, const f
   coef[3 * g.c + c] = -wr * s_gy / m;
 }
 
-__global__ void bn_double_backward_finalize_kernel(const float* __restrict__ w, const float* __restrict__ invstd,
+__global__ void batch_norm_double_backward_finalize_kernel(const float* __restrict__ w, const float* __restrict__ invstd,
                                                    const float* __restrict__ ggw, const float* __restrict__ ggb,
                                                    const float* __restrict__ part, float* __restrict__ coef,
-                                                   float* __restrict__ d_w, BnGeom g, int splits) {
+                                                   float* __restrict__ d_w, BatchNormGeometry g, int splits) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.c) return;
   const int64_t C = g.c;
   const float m = static_cast<float>(g.rows);
-  const float s_gy = bn_split_sum(part, 0, c, C, splits), s_gyx = bn_split_sum(part, 1, c, C, splits);
-  const float s_v = bn_split_sum(part, 2, c, C, splits), s_vx = bn_split_sum(part, 3, c, C, splits);
-  const float s_vgy = bn_split_sum(part, 4, c, C, splits);
+  const float s_gy = batch_norm_split_sum(part, 0, c, C, splits), s_gyx = batch_norm_split_sum(part, 1, c, C, splits);
+  const float s_v = batch_norm_split_sum(part, 2, c, C, splits), s_vx = batch_norm_split_sum(part, 3, c, C, splits);
+  const float s_vgy = batch_norm_split_sum(part, 4, c, C, splits);
   const float a = s_gy / m, b = s_gyx / m, a_bar = s_v / m, cv = s_vx / m, d = s_vgy / m;
   const float r = invstd[c], wr = (w ? w[c] : 1.f) * r, gw1 = ggw[c];
   if (w && d_w) d_w[c] = r * (s_vgy - s_gy * a_bar - s_gyx * cv);
@@ -152,7 +152,7 @@ __global__ void bn_double_backward_finalize_kernel(const float* __restrict__ w, 
 
 // Element-wise over all elements; flat index i has channel (i / stride_c) % C.
 template <typename T>
-__global__ void bn_apply_kernel(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ b,
+__global__ void batch_norm_apply_kernel(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ b,
                                 const float* __restrict__ mean, const float* __restrict__ invstd,
                                 const float* __restrict__ coef, T* __restrict__ out0, T* __restrict__ out1,
                                 int64_t n, int64_t stride_c, int64_t channels) {

@@ -13,20 +13,20 @@
 
 namespace fastrob {
 
-struct CeRow {
+struct CrossEntropyRow {
   const int64_t* target;
   float smoothing;
   int64_t cols;
 };
 
-__device__ __forceinline__ float ce_q(const CeRow& r, int64_t col, int64_t y) {
+__device__ __forceinline__ float cross_entropy_target(const CrossEntropyRow& r, int64_t col, int64_t y) {
   return (col == y ? 1.f - r.smoothing : 0.f) + r.smoothing / static_cast<float>(r.cols);
 }
 
 // One block per row: each thread keeps an online (max, sum of exp) over its columns, then the
 // block combines them: max first, each thread rescales its sum to it, then one block sum.
 template <typename T>
-__global__ void ce_forward_kernel(const T* __restrict__ z, CeRow r, float* __restrict__ loss,
+__global__ void cross_entropy_forward_kernel(const T* __restrict__ z, CrossEntropyRow r, float* __restrict__ loss,
                                   float* __restrict__ lse) {
   __shared__ float scratch[64];
   const int64_t b = blockIdx.x;
@@ -59,7 +59,7 @@ __global__ void ce_forward_kernel(const T* __restrict__ z, CeRow r, float* __res
 
 // Elementwise over all rows * cols elements.
 template <typename T>
-__global__ void ce_backward_kernel(const T* __restrict__ z, CeRow r, const float* __restrict__ lse,
+__global__ void cross_entropy_backward_kernel(const T* __restrict__ z, CrossEntropyRow r, const float* __restrict__ lse,
                                    const float* __restrict__ gl, const float* __restrict__ gs, T* __restrict__ dz,
                                    int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -67,12 +67,12 @@ __global__ void ce_backward_kernel(const T* __restrict__ z, CeRow r, const float
   const int64_t b = i / r.cols, col = i % r.cols;
   const float g = gl[b], scale = gs ? g + gs[b] : g;
   const float p = __expf(to_float(z[i]) - lse[b]);
-  dz[i] = from_float<T>(p * scale - ce_q(r, col, r.target[b]) * g);
+  dz[i] = from_float<T>(p * scale - cross_entropy_target(r, col, r.target[b]) * g);
 }
 
 // One block per row, two passes: p.V and sum V, then d_z (which needs p.V).
 template <typename T>
-__global__ void ce_double_backward_kernel(const T* __restrict__ z, CeRow r, const float* __restrict__ lse,
+__global__ void cross_entropy_double_backward_kernel(const T* __restrict__ z, CrossEntropyRow r, const float* __restrict__ lse,
                                           const float* __restrict__ gl, const float* __restrict__ gs,
                                           const T* __restrict__ v, T* __restrict__ d_z, float* __restrict__ d_gl,
                                           float* __restrict__ d_gs) {

@@ -11,18 +11,20 @@ from pathlib import Path
 
 import pytest
 
+from fastrob.ops._registry import fused_op_names
+
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 aot = importlib.import_module("bench.aot_compile")
 
 # @triton.jit helpers that are inlined into the kernels, never launched themselves
-HELPERS = {"_clamp", "_act", "_load_u", "_split_sum", "_weight"}
+HELPERS = {"_clamp", "_act", "_load_u", "_split_sum", "_weight", "_scores"}
 
 
 def launched_kernels() -> set:
     names = set()
-    for op in ("sqnorm", "cross_entropy", "bias_act", "batch_norm", "pgd_step"):
+    for op in fused_op_names():
         module = importlib.import_module(f"fastrob.triton.{op}")
         # JIT functions, or their interpreter stand-ins under TRITON_INTERPRET=1
         names |= {

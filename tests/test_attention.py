@@ -10,9 +10,9 @@ from op_checks import assert_derivatives_close, triton_device, triton_runs_here
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastrob.ops import attention, attention_reference
+from fastrob.ops.attention import SPEC
 
 needs_triton = pytest.mark.skipif(not triton_runs_here(), reason="triton cannot run here")
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 
 
 def qkv(shape_q, n_k=None, dtype=torch.float64, device="cpu", seed=0, d_v=None):
@@ -48,8 +48,8 @@ def test_reference_is_torch_math_attention(kind):
     kw = kw if kw is not None else dict(attn_mask=masks(9, 11)[kind])
     with sdpa_kernel(SDPBackend.MATH):
         expected = F.scaled_dot_product_attention(q, k, v, **kw)
-    torch.testing.assert_close(attention_reference(q, k, v, **kw), expected, **TOL[torch.float64])
-    torch.testing.assert_close(attention(q, k, v, **kw, backend="torch"), expected, **TOL[torch.float64])
+    torch.testing.assert_close(attention_reference(q, k, v, **kw), expected, **SPEC.tolerance(torch.float64))
+    torch.testing.assert_close(attention(q, k, v, **kw, backend="torch"), expected, **SPEC.tolerance(torch.float64))
 
 
 def test_fully_masked_row_is_zero_with_finite_gradients():
@@ -89,7 +89,7 @@ def test_triton_equals_reference(case):
         lambda q, k, v: attention(q, k, v, **spec, backend="triton"),
         lambda q, k, v: attention_reference(q, k, v, **spec),
         [q, k, v],
-        **TOL[torch.float64],
+        **SPEC.tolerance(torch.float64),
     )
 
 
@@ -102,7 +102,7 @@ def test_triton_float32_and_leading_broadcast():
         lambda q, k, v: attention(q, k, v, backend="triton"),
         lambda q, k, v: attention_reference(q, k, v),
         [q, k, v],
-        **TOL[torch.float32],
+        **SPEC.tolerance(torch.float32),
     )
 
 

@@ -93,3 +93,29 @@ def test_cuda_backend_refuses_cpu_tensors(monkeypatch):
     monkeypatch.setattr(_backend, "status", fake_status({}))
     with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors, got tensors on cpu"):
         _backend.resolve("cuda", torch.device("cpu"), torch.float32, op="x")
+
+
+def test_auto_uses_the_registered_trust_policy(monkeypatch):
+    from fastrob.selfchecks import CheckResult
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_backend, "_extension_runs_on_device", lambda device: True)
+    monkeypatch.setattr(_backend, "status", fake_status({"cuda": True, "triton": True}))
+    asked = []
+
+    def policy(op, backend, device, dtype):
+        asked.append((op, backend))
+        return None if backend == "triton" else CheckResult(op, backend, "cuda", "float32", 1.0, 9.0, False)
+
+    monkeypatch.setattr(_backend, "_trust_policy", _backend._trust_policy)  # restored after the test
+    _backend.set_trust_policy(policy)
+    try:
+        with pytest.warns(RuntimeWarning, match="the cuda kernel of my_op failed its self-check"):
+            assert _backend.resolve("auto", cuda, torch.float32, op="my_op") == "triton"
+        assert asked == [("my_op", "cuda"), ("my_op", "triton")]
+        assert _backend.resolve("auto", cuda, torch.float32, op="my_op") == "triton"  # cached: asked once
+        assert len(asked) == 2
+        with pytest.raises(TypeError, match="policy must be callable"):
+            _backend.set_trust_policy("trust me")
+    finally:
+        _backend.clear_auto_cache()

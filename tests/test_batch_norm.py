@@ -13,16 +13,9 @@ from torch import nn
 
 from fastrob.nn import BatchNorm2d, BiasAct, patch_model, swap_batch_norm
 from fastrob.ops import batch_norm, batch_norm_reference
+from fastrob.ops.batch_norm import SPEC
 
 needs_triton = pytest.mark.skipif(not triton_runs_here(), reason="triton cannot run here")
-TOL = {
-    torch.float32: dict(atol=1e-4, rtol=1e-4),
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-    torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
-    torch.float16: dict(atol=5e-3, rtol=5e-3),
-}
-# float32: the first and second derivatives of a normalisation sum O(M) terms that cancel; 1e-4
-# is what separates float32 rounding (1e-6 .. 1e-5 seen) from a wrong term (O(1)).
 
 
 def make(shape, dtype=torch.float32, device="cpu", seed=0, channels_last=False, offset=3.0):
@@ -70,7 +63,7 @@ def test_reference_by_hand_and_against_torch():
             fn_of(batch_norm_reference, training, True, rm, rv),
             lambda x, w, b: F.batch_norm(x, rm.clone(), rv.clone(), w, b, training),
             [x, w, b],
-            **TOL[torch.float64],
+            **SPEC.tolerance(torch.float64),
         )
 
 
@@ -90,7 +83,7 @@ def test_triton_equals_reference(shape, dtype, training):
                 fn_of(batch_norm, training, affine, rm, rv, backend="triton"),
                 fn_of(batch_norm_reference, training, affine, rm, rv),
                 inputs,
-                **TOL[dtype],
+                **SPEC.tolerance(dtype),
             )
         out = batch_norm(x, w, b, rm, rv, training, backend="triton")
         layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -113,7 +106,7 @@ def test_triton_half_precision(dtype):
 
         for a, e in zip(value_and_grads(batch_norm, backend="triton"), value_and_grads(batch_norm_reference)):
             assert a.dtype == e.dtype
-            torch.testing.assert_close(a.float(), e.float(), **TOL[dtype])
+            torch.testing.assert_close(a.float(), e.float(), **SPEC.tolerance(dtype))
 
 
 @needs_triton
@@ -232,13 +225,13 @@ def test_module_equals_torch_batchnorm(backend, kw):
     ours.to(device)
     for step in range(3):
         x = make((4, 5, 3, 2), seed=step)[0]
-        torch.testing.assert_close(ours(x.to(device)).cpu(), ref(x), **TOL[torch.float32])
+        torch.testing.assert_close(ours(x.to(device)).cpu(), ref(x), **SPEC.tolerance(torch.float32))
     for (name, a), (_, e) in zip(ours.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(a.cpu(), e, msg=lambda m: f"{name}: {m}")  # running stats, num_batches_tracked
     ours.eval()
     ref.eval()
     x = make((2, 5, 3, 3), seed=9)[0]
-    torch.testing.assert_close(ours(x.to(device)).cpu(), ref(x), **TOL[torch.float32])
+    torch.testing.assert_close(ours(x.to(device)).cpu(), ref(x), **SPEC.tolerance(torch.float32))
 
 
 def test_module_state_dict_round_trip_both_ways():
@@ -341,18 +334,20 @@ def test_gpu_backends_equal_reference(backend, dtype, shape, channels_last, trai
             fn_of(batch_norm, training, True, rm, rv, backend=backend),
             fn_of(batch_norm_reference, training, True, rm, rv),
             [x, w, b],
-            **TOL[torch.float32],
+            **SPEC.tolerance(torch.float32),
         )
     else:
         out = batch_norm(x, w, b, rm.clone(), rv.clone(), training, backend=backend)
         torch.testing.assert_close(
-            out.float(), batch_norm_reference(x, w, b, rm.clone(), rv.clone(), training).float(), **TOL[dtype]
+            out.float(),
+            batch_norm_reference(x, w, b, rm.clone(), rv.clone(), training).float(),
+            **SPEC.tolerance(dtype),
         )
     rm_a, rv_a, rm_e, rv_e = rm.clone(), rv.clone(), rm.clone(), rv.clone()
     batch_norm(x, w, b, rm_a, rv_a, training, backend=backend)
     batch_norm_reference(x, w, b, rm_e, rv_e, training)
-    torch.testing.assert_close(rm_a.float(), rm_e.float(), **TOL[dtype])
-    torch.testing.assert_close(rv_a.float(), rv_e.float(), **TOL[dtype])
+    torch.testing.assert_close(rm_a.float(), rm_e.float(), **SPEC.tolerance(dtype))
+    torch.testing.assert_close(rv_a.float(), rv_e.float(), **SPEC.tolerance(dtype))
 
 
 @pytest.mark.cuda
@@ -364,7 +359,7 @@ def test_cuda_second_derivatives_float32_against_the_float64_reference():
         fn_of(batch_norm, True, True, rm, rv, backend="cuda"),
         lambda x, w, b: batch_norm_reference(x.double(), w.double(), b.double(), None, None, True).float(),
         [x, w, b],
-        **TOL[torch.float32],
+        **SPEC.tolerance(torch.float32),
     )
 
 
@@ -379,7 +374,7 @@ def test_non_contiguous_weight_bias_and_one_of_them():
         for training in (True, False):
             got = batch_norm(x, weight, bias, rm.clone(), rv.clone(), training, backend="triton")
             want = F.batch_norm(x, rm.clone(), rv.clone(), weight, bias, training)
-            torch.testing.assert_close(got, want, **TOL[torch.float32])
+            torch.testing.assert_close(got, want, **SPEC.tolerance(torch.float32))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])

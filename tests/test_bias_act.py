@@ -9,16 +9,10 @@ from torch import nn
 
 from fastrob.nn import BiasAct, swap_activations
 from fastrob.ops import bias_act, bias_act_reference
-from fastrob.ops.bias_act import ACTIVATIONS, half_huber
+from fastrob.ops.bias_act import ACTIVATIONS, SPEC, half_huber
 
 needs_triton = pytest.mark.skipif(not triton_runs_here(), reason="triton cannot run here")
 ACTS = list(ACTIVATIONS)
-TOL = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float64: dict(atol=1e-12, rtol=1e-12),
-    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-}
 
 
 def make(shape, dtype=torch.float32, device="cpu", seed=0, bias=True, dim=1):
@@ -45,7 +39,7 @@ def test_triton_equals_reference(act, dtype, bias):
         lambda x, b=None: bias_act(x, b, act, backend="triton", **kw),
         lambda x, b=None: bias_act_reference(x, b, act, **kw),
         inputs,
-        **TOL[dtype],
+        **SPEC.tolerance(dtype),
     )
 
 
@@ -60,7 +54,7 @@ def test_triton_channels_last_and_other_dims(act):
         lambda x, b: bias_act(x, b, act, backend="triton"),
         lambda x, b: bias_act_reference(x, b, act),
         [x, b],
-        **TOL[torch.float32],
+        **SPEC.tolerance(torch.float32),
     )
     for dim in (-1, 0):
         x, b = make((4, 3, 5), device=triton_device(), dim=dim)
@@ -68,7 +62,7 @@ def test_triton_channels_last_and_other_dims(act):
             lambda x, b: bias_act(x, b, act, dim, backend="triton"),
             lambda x, b: bias_act_reference(x, b, act, dim),
             [x, b],
-            **TOL[torch.float32],
+            **SPEC.tolerance(torch.float32),
         )
 
 
@@ -184,7 +178,7 @@ def test_gpu_backends_equal_reference(backend, act, dtype, shape, channels_last)
     x, b = make(shape, dtype, "cuda")
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[dtype]
+    tol = SPEC.tolerance(dtype, large_inputs=True)
     assert_derivatives_close(
         lambda x, b: bias_act(x, b, act, backend=backend), lambda x, b: bias_act_reference(x, b, act), [x, b], **tol
     )

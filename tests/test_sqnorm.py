@@ -8,15 +8,9 @@ import torch
 from op_checks import assert_derivatives_close, triton_device, triton_runs_here
 
 from fastrob.ops import sqnorm, sqnorm_reference
+from fastrob.ops.sqnorm import SPEC
 
 needs_triton = pytest.mark.skipif(not triton_runs_here(), reason="triton cannot run here")
-
-TOL = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float64: dict(atol=1e-12, rtol=1e-12),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=2e-2, rtol=1e-2),
-}
 
 
 def test_reference_by_hand():
@@ -35,14 +29,16 @@ SHAPES = [((3, 5), None), ((4, 3, 7, 5), None), ((2, 5000), None), ((3, 2, 5), (
 def test_triton_equals_reference(shape, dim, dtype):
     g = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device=triton_device(), dtype=dtype)
     assert_derivatives_close(
-        lambda t: sqnorm(t, dim, backend="triton"), lambda t: sqnorm_reference(t, dim), [g], **TOL[dtype]
+        lambda t: sqnorm(t, dim, backend="triton"), lambda t: sqnorm_reference(t, dim), [g], **SPEC.tolerance(dtype)
     )
 
 
 @needs_triton
 def test_triton_channels_last_and_views():
     g = torch.randn(2, 3, 4, 5, device=triton_device()).contiguous(memory_format=torch.channels_last)
-    assert_derivatives_close(lambda t: sqnorm(t, backend="triton"), sqnorm_reference, [g], **TOL[torch.float32])
+    assert_derivatives_close(
+        lambda t: sqnorm(t, backend="triton"), sqnorm_reference, [g], **SPEC.tolerance(torch.float32)
+    )
     view = torch.randn(3, 8, device=triton_device())[:, ::2]
     torch.testing.assert_close(sqnorm(view, backend="triton"), sqnorm_reference(view))
 
@@ -127,7 +123,7 @@ def test_gpu_backends_equal_reference(backend, dtype, shape):
         lambda t: sqnorm(t, backend=backend),
         sqnorm_reference,
         [g],
-        **{**TOL[dtype], "rtol": max(TOL[dtype]["rtol"], 1e-4)},
+        **SPEC.tolerance(dtype, large_inputs=True),
     )
 
 

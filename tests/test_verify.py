@@ -78,8 +78,84 @@ def test_record_entries_need_every_dtype_to_pass_and_replace_older_ones(tmp_path
 
 def test_unreadable_record_is_empty(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
-    assert verify.load_record(tmp_path / "bad.json")["entries"] == []
-    assert verify.load_record(tmp_path / "missing.json")["entries"] == []
+    with pytest.warns(RuntimeWarning, match="bad.json is not JSON"):
+        assert verify.load_record(tmp_path / "bad.json")["entries"] == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing record is normal: no warning
+        assert verify.load_record(tmp_path / "missing.json")["entries"] == []
+
+
+GOOD_ENTRY = {
+    "op": "sqnorm",
+    "backend": "triton",
+    "capability": "interpreter",
+    "device": "CPU",
+    "torch": "2.5",
+    "triton": "3.1",
+    "date": "2026-01-01",
+    "passed": ["fastrob check float32"],
+}
+# (file contents, words of the warning): each malformed record is ignored after one warning
+MALFORMED = [
+    (b"{not json", "is not JSON"),
+    (b"\xff\xfe{}", "is not JSON"),
+    (b"[" * 100000, "is not JSON"),
+    (b"[1]", "holds a list, not an object"),
+    (b'{"entries": []}', "has schema null"),
+    (b'{"schema": 2, "entries": []}', "has schema a number 2, and this fastrob reads schema 1"),
+    (b'{"schema": true, "entries": []}', "has schema a boolean"),
+    (b'{"schema": 1}', "has 'entries' null"),
+    (b'{"schema": 1, "entries": {}}', "has 'entries' an object, not a list"),
+    (b'{"schema": 1, "entries": [1]}', "entry 0 is a number 1, not an object"),
+    (b'{"schema": 1, "entries": [{}]}', "entry 0 has 'op' null"),
+    (
+        json.dumps({"schema": 1, "entries": [GOOD_ENTRY, {**GOOD_ENTRY, "device": None}]}).encode(),
+        "entry 1 has 'device'",
+    ),
+    (json.dumps({"schema": 1, "entries": [{**GOOD_ENTRY, "capability": 9.0}]}).encode(), "'capability' a number 9.0"),
+    (json.dumps({"schema": 1, "entries": [{**GOOD_ENTRY, "passed": []}]}).encode(), "'passed' a list, not a non-empty"),
+]
+
+
+@pytest.mark.parametrize("contents, words", MALFORMED, ids=[words for _, words in MALFORMED])
+def test_a_malformed_record_is_ignored_after_one_warning_naming_the_file(tmp_path, contents, words):
+    path = tmp_path / "r.json"
+    path.write_bytes(contents)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert verify.load_record(path)["entries"] == []
+    assert len(caught) == 1 and str(path) in str(caught[0].message) and words in str(caught[0].message)
+    with pytest.warns(RuntimeWarning, match="it is ignored"):
+        assert "none yet" in verify.describe_record(path)
+    with pytest.warns(RuntimeWarning, match="it is ignored"):  # --record replaces a malformed record
+        verify.write_record([GOOD_ENTRY], path)
+    assert verify.load_record(path)["entries"] == [GOOD_ENTRY]
+
+
+def test_fastrob_info_reports_a_malformed_record_in_one_line(monkeypatch, tmp_path, capsys):
+    path = tmp_path / "verified.json"
+    path.write_text('{"schema": 1, "entries": [{}]}')
+    monkeypatch.setattr(verify, "RECORD_PATH", path)
+    assert cli.main(["info"]) == 0
+    captured = capsys.readouterr()
+    assert "verified kernels (verified.json" in captured.out
+    assert [line for line in captured.err.splitlines() if str(path) in line] == [
+        f"fastrob: warning: the kernel record {path} entry 0 has 'op' null (or missing), not a non-empty string: "
+        "it is ignored (backend='auto' self-checks each fused kernel before using it)"
+    ]
+
+
+@needs_interpreter
+def test_auto_never_trusts_a_malformed_record(cpu_target, wrong_sqnorm):
+    # the entry vouches for the (wrong) kernel but lacks its evidence: auto must self-check, and fall back
+    cpu_target.write_text(json.dumps({"schema": 1, "entries": [{**GOOD_ENTRY, "passed": None}]}))
+    with pytest.warns(RuntimeWarning) as caught:
+        assert _backend.resolve("auto", torch.device("cpu"), torch.float32, op="sqnorm") == "torch"
+    messages = [str(w.message) for w in caught]
+    assert sum("it is ignored" in m for m in messages) == 1 and any("failed its self-check" in m for m in messages)
+    verify.clear_cache()
+    _backend.clear_auto_cache()
+    cpu_target.write_text(json.dumps({"schema": 1, "entries": [GOOD_ENTRY]}))  # well formed: trusted as recorded
+    assert _backend.resolve("auto", torch.device("cpu"), torch.float32, op="sqnorm") == "triton"
 
 
 @needs_interpreter
@@ -93,7 +169,7 @@ def test_self_check_passes_for_the_kernels_and_catches_a_wrong_one(wrong_sqnorm)
 @needs_interpreter
 def test_auto_uses_a_kernel_that_passes(cpu_target):
     assert _backend.resolve("auto", torch.device("cpu"), torch.float32, op="sqnorm") == "triton"
-    assert _backend.resolve("auto", torch.device("cpu"), torch.float32, op="pgd") == "triton"  # pgd_step's check
+    assert _backend.resolve("auto", torch.device("cpu"), torch.float32, op="pgd_step") == "triton"  # pgd_step's check
     assert ("pgd_step", "triton", "cpu", torch.float32) in verify._checked
 
 
@@ -180,3 +256,18 @@ def test_check_command_table_exit_status_and_record(cpu_target, capsys, monkeypa
     monkeypatch.setattr(triton_sqnorm, "sqnorm_forward", lambda g, out: (original(g, out), out.mul_(1.01)))
     assert cli.main(["check", "--op", "sqnorm"]) == 1
     assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_the_trust_policy_is_registered_into_backend_without_an_import_cycle():
+    import ast
+    import inspect
+
+    assert _backend._trust_policy is verify.trusted
+    imported = {
+        alias.name if isinstance(node, ast.Import) else node.module
+        for node in ast.walk(ast.parse(inspect.getsource(_backend)))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    # the argument checks only: no op, no verify, no selfchecks (which import the ops, which resolve here)
+    assert {name for name in imported if name and name.startswith("fastrob")} == {"fastrob._checks"}, imported

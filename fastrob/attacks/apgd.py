@@ -268,7 +268,7 @@ def apgd(
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     eps = per_sample_value("eps", eps, batch, x.device, dtype=compute)
     eps = eps if isinstance(eps, torch.Tensor) else torch.full((batch,), eps, device=x.device, dtype=compute)
-    backend = _backend.resolve(backend, x.device, x.dtype, op="pgd")
+    backend = _backend.resolve(backend, x.device, x.dtype, op="pgd_step")
     generator = make_generator(seed, x.device)  # on x's device: nothing to check
     batch_runs = True if batch_runs is None else bool(batch_runs)
 

@@ -207,7 +207,7 @@ def ascend(
     if robust_only and not early_stop:
         raise ValueError("robust_only=True drops fooled samples, so it needs early_stop=True")
     need_final = need_final or restarts > 1 or early_stop
-    backend = _backend.resolve(backend, x.device, x.dtype, op="pgd")
+    backend = _backend.resolve(backend, x.device, x.dtype, op="pgd_step")
     batch = x.shape[0]
     starts = [draw_start(x, eps, start, norm, generator) for _ in range(restarts)]
     best = _Best(x, restarts)

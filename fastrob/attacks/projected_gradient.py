@@ -205,7 +205,7 @@ def pgd_cached(
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     eps = per_sample_value("eps", eps, batch, x.device, dtype=compute)
     alpha = per_sample_value("alpha", alpha, batch, x.device, dtype=compute)
-    backend = _backend.resolve(backend, x.device, x.dtype, op="pgd")
+    backend = _backend.resolve(backend, x.device, x.dtype, op="pgd_step")
     forward = amp_forward(model, amp, x.device.type)
 
     with attack_context(model, model_training):

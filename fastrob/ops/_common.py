@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fastrob import _backend
+
 # dtype numbering shared with csrc/launchers.h (enum DType)
 _CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -60,8 +62,6 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 def resolve_backend(backend: str, t: torch.Tensor, *, op: str) -> str:
     """``_backend.resolve`` for an op whose Triton kernels accept float64 as well."""
-    from fastrob import _backend
-
     dtypes = TRITON_DTYPES if backend == "triton" else _backend.KERNEL_DTYPES
     return _backend.resolve(backend, t.device, t.dtype, op=op, dtypes=dtypes)
 
@@ -82,8 +82,6 @@ def cuda_launch(name: str, like: torch.Tensor, *args) -> None:
 
     The launchers take pointers and sizes first and the storage dtype, device index and stream
     last, so every op's Python side forwards them the same way."""
-    from fastrob import _backend
-
     device, stream = cuda_launch_context(like)
     getattr(_backend.extension(), name)(*args, cuda_dtype_code(like.dtype), device, stream)
 
@@ -98,21 +96,22 @@ def define_op(name: str, fn, fake, *, device_types=None):
     return op
 
 
-def launch(backend: str, op: str, kernel: str, tensors, sizes=(), scalars=()) -> None:
-    """Runs ``kernel`` of ``op`` on a fused backend.
+def launch(backend: str, triton_kernel, cuda_kernel: str, tensors, sizes=(), scalars=()) -> None:
+    """Runs one kernel of an op on a fused backend.
 
-    triton: ``fastrob.triton.<op>.<kernel>(*tensors, *scalars)`` (sizes come from the shapes);
-    cuda:   ``fastrob._C.<kernel>(*pointers, *sizes, *scalars, dtype, device, stream)``, the
-            storage dtype being that of ``tensors[0]``. ``None`` tensors become null pointers."""
+    triton: ``triton_kernel()(*tensors, *scalars)``, ``triton_kernel`` returning the function of
+            fastrob/triton/<op>.py (sizes come from the shapes; triton is imported only when a Triton
+            kernel runs);
+    cuda:   ``fastrob._C.<cuda_kernel>(*pointers, *sizes, *scalars, dtype, device, stream)``, the
+            storage dtype being that of ``tensors[0]``. ``None`` tensors become null pointers.
+    Both are named <op>_<pass> (sqnorm_forward, ...), the same on either backend."""
     if backend == "triton":
-        import importlib
-
         from fastrob.triton._common import on_device_of
 
         with on_device_of(tensors[0]):
-            getattr(importlib.import_module(f"fastrob.triton.{op}"), kernel)(*tensors, *scalars)
+            triton_kernel()(*tensors, *scalars)
     elif backend == "cuda":
-        cuda_launch(kernel, tensors[0], *(ptr(t) for t in tensors), *sizes, *scalars)
+        cuda_launch(cuda_kernel, tensors[0], *(ptr(t) for t in tensors), *sizes, *scalars)
     else:
         raise ValueError(f"no fused kernels for backend {backend!r}")
 

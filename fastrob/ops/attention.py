@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from fastrob import _backend
 from fastrob._checks import check_float, dtype_name
 from fastrob.ops._common import TRITON_DTYPES, accumulate_dtype, define_op, dense_like, launch
+from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 MAX_HEAD_DIM = 256  # the kernels' widest tile
 
@@ -78,7 +79,7 @@ def attention(
     _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale)
     if backend == "cuda":
         raise ValueError("attention: backend='cuda' has no kernels for this op; use 'triton', 'torch' or 'auto'")
-    name = _backend.resolve(backend, q.device, q.dtype, op="attention", dtypes=TRITON_DTYPES, kernels=("triton",))
+    name = _backend.resolve(backend, q.device, q.dtype, op=SPEC.name, dtypes=TRITON_DTYPES, kernels=SPEC.fused_backends)
     if name == "triton":
         why = _kernels_do_not_cover(q, v, attn_mask, dropout_p)
         if why and backend != "auto":
@@ -185,13 +186,22 @@ def _fused(q, k, v, attn_mask, is_causal, scale):
 # ---- the custom ops ----
 
 
+def _triton_kernels():
+    """fastrob/triton/attention.py, imported when a Triton kernel first runs (not by ``import fastrob``)."""
+    from fastrob.triton import attention as kernels
+
+    return kernels
+
+
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     qs = q.to(accumulate_dtype(q.dtype)) * scale  # scaled in torch: a float64 scale stays exact
     out = dense_like(q)
     lse = q.new_empty(q.shape[:-1], dtype=accumulate_dtype(q.dtype))
-    launch("triton", "attention", "attention_forward", (qs, k, v, mask, causal, out, lse))
+    launch(
+        "triton", lambda: _triton_kernels().attention_forward, "attention_forward", (qs, k, v, mask, causal, out, lse)
+    )
     return out, lse
 
 
@@ -212,7 +222,12 @@ def _backward(
     delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dk, dv = dense_like(k), dense_like(v)
-    launch("triton", "attention", "attention_backward", (qs, k, v, mask, causal, grad_out, lse, delta, dq, dk, dv))
+    launch(
+        "triton",
+        lambda: _triton_kernels().attention_backward,
+        "attention_backward",
+        (qs, k, v, mask, causal, grad_out, lse, delta, dq, dk, dv),
+    )
     return (dq * scale).to(q.dtype), dk, dv
 
 
@@ -311,3 +326,41 @@ def _build():
 
 
 _attention_triton = _build()
+
+
+def _self_check_cases(device, dtype):
+    """Odd lengths (tiles cut at 17 queries and 23 keys), a head dimension padded to a power of two
+    (40), an additive mask broadcast over the batch with a fully masked row, and causal attention."""
+    q, k, v = (
+        random_tensor(shape, device, dtype, seed)
+        for shape, seed in (((2, 2, 17, 40), 21), ((2, 2, 23, 40), 22), ((2, 2, 23, 40), 23))
+    )
+    mask = random_tensor((2, 1, 17, 23), device, dtype, 24)
+    mask[:, :, 5] = float("-inf")
+    yield SelfCheckCase(
+        lambda b: lambda q, k, v: attention(q, k, v, mask, backend=b),
+        lambda q, k, v: attention_reference(q, k, v, mask),
+        [q, k, v],
+    )
+    yield SelfCheckCase(
+        lambda b: lambda q, k: attention(q, k, k, is_causal=True, backend=b),
+        lambda q, k: attention_reference(q, k, k, is_causal=True),
+        [q, q],
+    )
+
+
+SPEC = register(
+    FusedOp(
+        name="attention",
+        # sums of products over the head dimension and the keys, in float32 in both; half precision
+        # rounds the output and each gradient once to the storage dtype
+        tolerances={
+            torch.float32: Tolerance(1e-4, 1e-4),
+            torch.float64: Tolerance(1e-10, 1e-10),
+            torch.float16: Tolerance(5e-3, 5e-3),
+            torch.bfloat16: Tolerance(3e-2, 3e-2),
+        },
+        self_check_cases=_self_check_cases,
+        fused_backends=("triton",),
+    )
+)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_positive, check_tensor, dtype_name
-from fastrob.ops._common import batch_outermost_dense, define_op, launch, resolve_backend, same_layout
+from fastrob.ops._common import accumulate_dtype, batch_outermost_dense, define_op, launch, resolve_backend, same_layout
+from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 # codes shared with the kernels (fastrob/triton/bias_act.py, kernels/bias_act.cuh)
 ACTIVATIONS = {"relu": 0, "softplus": 1, "gelu": 2, "silu": 3, "half_huber": 4}
@@ -58,7 +59,7 @@ def bias_act_reference(
 ) -> torch.Tensor:
     """f(x + bias) with bias broadcast along ``dim``, computed in float32 for half-precision input
     (as the kernels) and returned in x's dtype."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = accumulate_dtype(x.dtype)
     u = x.to(compute)
     if bias is not None:
         u = u + bias.to(compute).view([-1 if i == dim % x.dim() else 1 for i in range(x.dim())])
@@ -121,6 +122,13 @@ def bias_act(
     return _OPS[name](x, bias.contiguous() if bias is not None else None, ACTIVATIONS[act], dim, beta, threshold, d)
 
 
+def _triton_kernels():
+    """fastrob/triton/bias_act.py, imported when a Triton kernel first runs (not by ``import fastrob``)."""
+    from fastrob.triton import bias_act as kernels
+
+    return kernels
+
+
 def _build(backend: str):
     """forward, backward and double-backward ops of one fused backend, wired for autograd."""
     device_types = "cuda" if backend == "cuda" else None
@@ -139,7 +147,12 @@ def _build(backend: str):
         y = torch.empty_like(x)
         n, stride_c, channels = geometry(x, dim)
         launch(
-            backend, "bias_act", "bias_act_forward", (x, bias, y), (n,), (stride_c, channels, act, beta, threshold, d)
+            backend,
+            lambda: _triton_kernels().bias_act_forward,
+            "bias_act_forward",
+            (x, bias, y),
+            (n,),
+            (stride_c, channels, act, beta, threshold, d),
         )
         return y
 
@@ -159,7 +172,7 @@ def _build(backend: str):
         n, stride_c, channels = geometry(x, dim)
         launch(
             backend,
-            "bias_act",
+            lambda: _triton_kernels().bias_act_backward,
             "bias_act_backward",
             (dy, x, bias, dx),
             (n,),
@@ -184,7 +197,7 @@ def _build(backend: str):
         n, stride_c, channels = geometry(x, dim)
         launch(
             backend,
-            "bias_act",
+            lambda: _triton_kernels().bias_act_double_backward,
             "bias_act_double_backward",
             (dy, x, bias, v, d_dy, d_x),
             (n,),
@@ -240,3 +253,29 @@ def _build(backend: str):
 
 
 _OPS = {backend: _build(backend) for backend in ("triton", "cuda")}
+
+
+def _self_check_cases(device, dtype):
+    x, bias = random_tensor((2, 3, 5), device, dtype, 3), random_tensor((3,), device, dtype, 4)
+    for act in ("relu", "gelu"):
+        yield SelfCheckCase(
+            lambda b, act=act: lambda t, c: bias_act(t, c, act, backend=b),
+            lambda t, c, act=act: bias_act_reference(t, c, act),
+            [x, bias],
+        )
+
+
+SPEC = register(
+    FusedOp(
+        name="bias_act",
+        tolerances={
+            torch.float32: Tolerance(1e-5, 1e-5),
+            torch.float64: Tolerance(1e-12, 1e-12),
+            torch.float16: Tolerance(2e-3, 2e-3),
+            torch.bfloat16: Tolerance(2e-2, 2e-2),
+        },
+        self_check_cases=_self_check_cases,
+        # the bias gradient sums 1e5 float32 terms in another order than torch's
+        large_input_tolerances={torch.float32: Tolerance(1e-4, 1e-4)},
+    )
+)

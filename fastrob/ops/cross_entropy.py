@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fastrob._checks import check_float, dtype_name
 from fastrob.ops._common import accumulate_dtype, define_op, dense_like, launch, resolve_backend
+from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -97,6 +98,13 @@ def check_ce_args(logits, target, reduction, label_smoothing) -> None:
             raise ValueError(f"target must hold class indices in [0, {logits.shape[1]}), got values in [{low}, {high}]")
 
 
+def _triton_kernels():
+    """fastrob/triton/cross_entropy.py, imported when a Triton kernel first runs (not by ``import fastrob``)."""
+    from fastrob.triton import cross_entropy as kernels
+
+    return kernels
+
+
 def _build(backend: str):
     """forward, backward and double-backward ops of one fused backend, wired for autograd."""
     device_types = "cuda" if backend == "cuda" else None
@@ -107,7 +115,14 @@ def _build(backend: str):
     def forward(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
         z = logits.contiguous()
         loss, lse = row_values(z), row_values(z)
-        launch(backend, "cross_entropy", "ce_forward", (z, target, loss, lse), z.shape, (smoothing,))
+        launch(
+            backend,
+            lambda: _triton_kernels().cross_entropy_forward,
+            "cross_entropy_forward",
+            (z, target, loss, lse),
+            z.shape,
+            (smoothing,),
+        )
         return loss, lse
 
     def backward(
@@ -123,8 +138,8 @@ def _build(backend: str):
         gs = grad_lse.contiguous() if grad_lse is not None else None
         launch(
             backend,
-            "cross_entropy",
-            "ce_backward",
+            lambda: _triton_kernels().cross_entropy_backward,
+            "cross_entropy_backward",
             (z, target, lse, grad_loss.contiguous(), gs, dz),
             z.shape,
             (smoothing,),
@@ -145,8 +160,8 @@ def _build(backend: str):
         gs = grad_lse.contiguous() if grad_lse is not None else None
         launch(
             backend,
-            "cross_entropy",
-            "ce_double_backward",
+            lambda: _triton_kernels().cross_entropy_double_backward,
+            "cross_entropy_double_backward",
             (z, target, lse, grad_loss.contiguous(), gs, grad_grad.contiguous(), d_z, d_gl, d_gs),
             z.shape,
             (smoothing,),
@@ -194,3 +209,31 @@ def _build(backend: str):
 
 
 _OPS = {backend: _build(backend) for backend in ("triton", "cuda")}
+
+
+def _self_check_cases(device, dtype):
+    z = random_tensor((4, 37), device, dtype, 2, scale=3.0)
+    y = torch.tensor([0, 5, 36, 17], device=device)
+    yield SelfCheckCase(
+        lambda b: lambda t, y: cross_entropy(t, y, "mean", 0.1, backend=b),
+        lambda t, y: cross_entropy_reference(t, y, "mean", 0.1),
+        [z, y],
+    )
+
+
+SPEC = register(
+    FusedOp(
+        name="cross_entropy",
+        tolerances={
+            torch.float32: Tolerance(1e-5, 1e-5),
+            # the kernels take label_smoothing as a float32 scalar (Triton's float arguments), so
+            # smoothed float64 losses agree to about 1e-9 relative rather than to rounding
+            torch.float64: Tolerance(1e-7, 1e-7),
+            torch.float16: Tolerance(2e-3, 2e-3),
+            torch.bfloat16: Tolerance(1e-2, 1e-2),
+        },
+        self_check_cases=_self_check_cases,
+        # float32 rows of thousands of classes and means over thousands of rows, summed in other orders
+        large_input_tolerances={torch.float32: Tolerance(1e-4, 1e-4)},
+    )
+)

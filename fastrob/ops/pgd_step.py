@@ -16,7 +16,8 @@ import torch
 
 from fastrob import _backend
 from fastrob._checks import check_float, check_like, check_tensor, per_sample_value
-from fastrob.ops._common import cuda_dtype_code, cuda_launch_context, per_sample_view, same_layout
+from fastrob.ops._common import accumulate_dtype, cuda_dtype_code, cuda_launch_context, per_sample_view, same_layout
+from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 NORMS = ("linf", "l2")
 
@@ -43,7 +44,7 @@ def pgd_step_reference(
     Half-precision inputs are computed in float32 and rounded once, as the kernels do; float64
     stays float64. ``alpha`` and ``eps`` are floats or [B] tensors.
     """
-    compute = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
+    compute = accumulate_dtype(x_adv.dtype)
     xa, g, xo = x_adv.to(compute), grad.to(compute), x_orig.to(compute)
     alpha_b, eps_b = per_sample_view(alpha, xa), per_sample_view(eps, xa)
     if norm == "linf":
@@ -109,7 +110,7 @@ def pgd_step(
     if lower > upper:
         raise ValueError(f"lower must be <= upper, got lower={lower} > upper={upper}")
     batch = x_adv.shape[0]
-    param_dtype = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
+    param_dtype = accumulate_dtype(x_adv.dtype)
     alpha = per_sample_value("alpha", alpha, batch, x_adv.device, dtype=param_dtype)
     eps = per_sample_value("eps", eps, batch, x_adv.device, dtype=param_dtype)
     name = _backend.resolve(backend, x_adv.device, x_adv.dtype, op="pgd_step")
@@ -215,3 +216,44 @@ def _(x_adv, grad, x_orig, eps_per_sample, alpha_per_sample, eps, alpha, norm, l
 @_pgd_step_cuda.register_fake
 def _(x_adv, grad, x_orig, eps_per_sample, alpha_per_sample, eps, alpha, norm, lower, upper):
     return torch.empty_like(x_adv)
+
+
+def _self_check_cases(device, dtype):
+    """Linf with per-sample eps, L2 in one program per sample (one sample with a tiny gradient, whose
+    step needs its norm's clamp to be a normal float) and L2 in two passes (samples of more than
+    16384 elements, 8192 on Triton)."""
+
+    def case(shape, norm, seed, grad_scale=None):
+        x_orig = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        x_adv = (x_orig + 0.02 * random_tensor(shape, "cpu", torch.float64, seed + 1)).clamp(0, 1)
+        grad = random_tensor(shape, "cpu", torch.float64, seed + 2)
+        if grad_scale is not None:
+            grad = grad * grad_scale.view(-1, *([1] * (len(shape) - 1)))
+        inputs = [t.to(device=device, dtype=dtype) for t in (x_adv, grad, x_orig)]
+        kw = dict(alpha=0.05, eps=torch.linspace(0.01, 0.5, shape[0], device=device), norm=norm)
+        return SelfCheckCase(
+            lambda b: lambda xa, g, xo: pgd_step(xa, g, xo, **kw, backend=b),
+            lambda xa, g, xo: pgd_step_reference(xa, g, xo, **kw),
+            inputs,
+        )
+
+    yield case((3, 2, 4, 4), "linf", 10)
+    yield case((3, 3, 5, 5), "l2", 20, torch.tensor([1.0, 1e-18, 3.0], dtype=torch.float64))
+    yield case((2, 16400), "l2", 30)
+
+
+# Storage rounding: both sides compute in float32 and round once, but the Triton interpreter and CUDA
+# may round half types differently by one unit in the last place (2^-10 for float16, 2^-7 for bfloat16).
+SPEC = register(
+    FusedOp(
+        name="pgd_step",
+        tolerances={
+            torch.float32: Tolerance(1e-6, 1e-5),
+            torch.float64: Tolerance(1e-12, 1e-12),
+            torch.float16: Tolerance(2**-10, 0.0),
+            torch.bfloat16: Tolerance(2**-7, 0.0),
+        },
+        self_check_cases=_self_check_cases,
+        differentiable=False,
+    )
+)

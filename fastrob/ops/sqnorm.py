@@ -15,6 +15,7 @@ import torch
 
 from fastrob._checks import check_tensor
 from fastrob.ops._common import accumulate_dtype, define_op, dense_like, launch, resolve_backend
+from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 
 def sqnorm_reference(g: torch.Tensor, dim=None) -> torch.Tensor:
@@ -81,6 +82,13 @@ def _dims(g: torch.Tensor, dim) -> tuple:
     return norm
 
 
+def _triton_kernels():
+    """fastrob/triton/sqnorm.py, imported when a Triton kernel first runs (not by ``import fastrob``)."""
+    from fastrob.triton import sqnorm as kernels
+
+    return kernels
+
+
 def _build(backend: str):
     """forward, backward and double-backward ops of one fused backend, wired for autograd."""
     device_types = "cuda" if backend == "cuda" else None
@@ -88,13 +96,19 @@ def _build(backend: str):
     def forward(g: torch.Tensor) -> torch.Tensor:
         g = g.contiguous()
         out = g.new_empty(g.shape[0], dtype=accumulate_dtype(g.dtype))
-        launch(backend, "sqnorm", "sqnorm_forward", (g, out), g.shape)
+        launch(backend, lambda: _triton_kernels().sqnorm_forward, "sqnorm_forward", (g, out), g.shape)
         return out
 
     def backward(g: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         g = g.contiguous()
         dg = dense_like(g)
-        launch(backend, "sqnorm", "sqnorm_backward", (g, grad_out.contiguous(), dg), g.shape)
+        launch(
+            backend,
+            lambda: _triton_kernels().sqnorm_backward,
+            "sqnorm_backward",
+            (g, grad_out.contiguous(), dg),
+            g.shape,
+        )
         return dg
 
     def double_backward(
@@ -104,7 +118,7 @@ def _build(backend: str):
         d_g, d_go = dense_like(g), dense_like(grad_out)
         launch(
             backend,
-            "sqnorm",
+            lambda: _triton_kernels().sqnorm_double_backward,
             "sqnorm_double_backward",
             (g, grad_out.contiguous(), grad_grad.contiguous(), d_g, d_go),
             g.shape,
@@ -136,3 +150,24 @@ def _build(backend: str):
 
 
 _OPS = {backend: _build(backend) for backend in ("triton", "cuda")}
+
+
+def _self_check_cases(device, dtype):
+    g = random_tensor((3, 37), device, dtype, 1)
+    yield SelfCheckCase(lambda b: lambda t: sqnorm(t, backend=b), sqnorm_reference, [g])
+
+
+SPEC = register(
+    FusedOp(
+        name="sqnorm",
+        tolerances={
+            torch.float32: Tolerance(1e-5, 1e-5),
+            torch.float64: Tolerance(1e-12, 1e-12),
+            torch.float16: Tolerance(2e-3, 2e-3),
+            torch.bfloat16: Tolerance(1e-2, 1e-2),
+        },
+        self_check_cases=_self_check_cases,
+        # float32 sums of 1e5 squares: one rounding per term, in another order than torch's
+        large_input_tolerances={torch.float32: Tolerance(1e-5, 1e-4)},
+    )
+)

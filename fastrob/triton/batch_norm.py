@@ -59,7 +59,7 @@ def _chunk(rows: int, splits: int, block_m: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _bn_reduce_kernel(
+def _batch_norm_reduce_kernel(
     x_ptr,
     gy_ptr,
     v_ptr,
@@ -141,7 +141,7 @@ def _weight(w_ptr, cols, cmask, HAS_W: tl.constexpr, CT: tl.constexpr, BLOCK: tl
 
 
 @triton.jit
-def _bn_forward_finalize_kernel(
+def _batch_norm_forward_finalize_kernel(
     x_ptr,
     w_ptr,
     b_ptr,
@@ -177,7 +177,7 @@ def _bn_forward_finalize_kernel(
 
 
 @triton.jit
-def _bn_backward_finalize_kernel(
+def _batch_norm_backward_finalize_kernel(
     w_ptr,
     invstd_ptr,
     part_ptr,
@@ -205,7 +205,7 @@ def _bn_backward_finalize_kernel(
 
 
 @triton.jit
-def _bn_double_backward_finalize_kernel(
+def _batch_norm_double_backward_finalize_kernel(
     w_ptr,
     invstd_ptr,
     ggw_ptr,
@@ -249,7 +249,7 @@ def _bn_double_backward_finalize_kernel(
 
 
 @triton.jit
-def _bn_apply_kernel(
+def _batch_norm_apply_kernel(
     x_ptr,
     a_ptr,
     b_ptr,
@@ -303,7 +303,7 @@ def _reduce(mode, x, gy, v, mean, invstd, work, n, c, s, channels_last, splits) 
     """Runs the split reduction; returns the number of splits holding sums."""
     (sn, sc, ss), (block_m, block_c) = geometry(n, c, s, channels_last)
     chunk, used = _chunk(n * s, splits, block_m)
-    _bn_reduce_kernel[(triton.cdiv(c, block_c), used)](
+    _batch_norm_reduce_kernel[(triton.cdiv(c, block_c), used)](
         x,
         gy if gy is not None else x,
         v if v is not None else x,
@@ -329,7 +329,7 @@ def _reduce(mode, x, gy, v, mean, invstd, work, n, c, s, channels_last, splits) 
 def _apply(x, a, b, mean, invstd, coef, out0, out1, c, s, channels_last) -> None:
     numel = x.numel()
     stride_c = 1 if channels_last else s
-    _bn_apply_kernel[(triton.cdiv(numel, BLOCK),)](
+    _batch_norm_apply_kernel[(triton.cdiv(numel, BLOCK),)](
         x,
         a if a is not None else x,
         b if b is not None else x,
@@ -353,12 +353,12 @@ def _coef(work, c, splits):
     return work[splits * 5 * c :]
 
 
-def bn_forward(x, w, b, y, mean, invstd, work, n, c, s, channels_last, splits, eps) -> None:
+def batch_norm_forward(x, w, b, y, mean, invstd, work, n, c, s, channels_last, splits, eps) -> None:
     """y, mean, invstd of training-mode batch norm."""
     used = _reduce(0, x, None, None, None, None, work, n, c, s, channels_last, splits)
     (_, sc, _), _ = geometry(n, c, s, channels_last)
     coef = _coef(work, c, splits)
-    _bn_forward_finalize_kernel[(triton.cdiv(c, FINAL_BLOCK),)](
+    _batch_norm_forward_finalize_kernel[(triton.cdiv(c, FINAL_BLOCK),)](
         x,
         w if w is not None else work,
         b if b is not None else work,
@@ -379,11 +379,11 @@ def bn_forward(x, w, b, y, mean, invstd, work, n, c, s, channels_last, splits, e
     _apply(x, None, None, mean, invstd, coef, y, None, c, s, channels_last)
 
 
-def bn_backward(gy, x, w, mean, invstd, gx, gw, gb, work, n, c, s, channels_last, splits) -> None:
+def batch_norm_backward(gy, x, w, mean, invstd, gx, gw, gb, work, n, c, s, channels_last, splits) -> None:
     """gx, gw, gb of training-mode batch norm."""
     used = _reduce(1, x, gy, None, mean, invstd, work, n, c, s, channels_last, splits)
     coef = _coef(work, c, splits)
-    _bn_backward_finalize_kernel[(triton.cdiv(c, FINAL_BLOCK),)](
+    _batch_norm_backward_finalize_kernel[(triton.cdiv(c, FINAL_BLOCK),)](
         w if w is not None else work,
         invstd,
         work,
@@ -400,13 +400,13 @@ def bn_backward(gy, x, w, mean, invstd, gx, gw, gb, work, n, c, s, channels_last
     _apply(x, gy, None, mean, invstd, coef, gx, None, c, s, channels_last)
 
 
-def bn_double_backward(
+def batch_norm_double_backward(
     gy, x, w, mean, invstd, ggx, ggw, ggb, d_gy, d_x, d_w, work, n, c, s, channels_last, splits
 ) -> None:
     """d_gy, d_x, d_w (d_w only with a weight) of the backward, given V = ggx, gw' = ggw, gb' = ggb."""
     used = _reduce(2, x, gy, ggx, mean, invstd, work, n, c, s, channels_last, splits)
     coef = _coef(work, c, splits)
-    _bn_double_backward_finalize_kernel[(triton.cdiv(c, FINAL_BLOCK),)](
+    _batch_norm_double_backward_finalize_kernel[(triton.cdiv(c, FINAL_BLOCK),)](
         w if w is not None else work,
         invstd,
         ggw,
@@ -424,6 +424,6 @@ def bn_double_backward(
     _apply(x, gy, ggx, mean, invstd, coef, d_x, d_gy, c, s, channels_last)
 
 
-def bn_eval(x, mean, invstd, coef, y, n, c, s, channels_last) -> None:
+def batch_norm_eval(x, mean, invstd, coef, y, n, c, s, channels_last) -> None:
     """y = k_xhat xhat + k_1 with the running statistics' mean and invstd (eval mode)."""
     _apply(x, None, None, mean, invstd, coef, y, None, c, s, channels_last)

@@ -23,7 +23,9 @@ from fastrob.triton._common import compute_type, row_block, warps
 
 
 @triton.jit
-def _ce_forward_kernel(z_ptr, y_ptr, loss_ptr, lse_ptr, n_cols, smoothing, CT: tl.constexpr, BLOCK: tl.constexpr):
+def _cross_entropy_forward_kernel(
+    z_ptr, y_ptr, loss_ptr, lse_ptr, n_cols, smoothing, CT: tl.constexpr, BLOCK: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * n_cols
     # Per-lane online logsumexp, combined across lanes at the end: lane values never mix until then.
@@ -53,7 +55,7 @@ def _ce_forward_kernel(z_ptr, y_ptr, loss_ptr, lse_ptr, n_cols, smoothing, CT: t
 
 
 @triton.jit
-def _ce_backward_kernel(
+def _cross_entropy_backward_kernel(
     z_ptr,
     y_ptr,
     lse_ptr,
@@ -86,7 +88,7 @@ def _ce_backward_kernel(
 
 
 @triton.jit
-def _ce_double_backward_kernel(
+def _cross_entropy_double_backward_kernel(
     z_ptr,
     y_ptr,
     lse_ptr,
@@ -131,23 +133,23 @@ def _ce_double_backward_kernel(
     tl.store(d_gs_ptr + row, p_dot_v)
 
 
-def ce_forward(z, y, loss, lse, smoothing: float) -> None:
+def cross_entropy_forward(z, y, loss, lse, smoothing: float) -> None:
     rows, cols = z.shape
     if rows == 0:
         return
     block = row_block(cols)
-    _ce_forward_kernel[(rows,)](
+    _cross_entropy_forward_kernel[(rows,)](
         z, y, loss, lse, cols, smoothing, CT=compute_type(z.dtype), BLOCK=block, num_warps=warps(block)
     )
 
 
-def ce_backward(z, y, lse, gl, gs, dz, smoothing: float) -> None:
+def cross_entropy_backward(z, y, lse, gl, gs, dz, smoothing: float) -> None:
     rows, cols = z.shape
     if z.numel() == 0:
         return
     block = row_block(cols, 1024)
     col_blocks = triton.cdiv(cols, block)
-    _ce_backward_kernel[(rows * col_blocks,)](
+    _cross_entropy_backward_kernel[(rows * col_blocks,)](
         z,
         y,
         lse,
@@ -163,12 +165,12 @@ def ce_backward(z, y, lse, gl, gs, dz, smoothing: float) -> None:
     )
 
 
-def ce_double_backward(z, y, lse, gl, gs, v, d_z, d_gl, d_gs, smoothing: float) -> None:
+def cross_entropy_double_backward(z, y, lse, gl, gs, v, d_z, d_gl, d_gs, smoothing: float) -> None:
     rows, cols = z.shape
     if rows == 0:
         return
     block = row_block(cols)
-    _ce_double_backward_kernel[(rows,)](
+    _cross_entropy_double_backward_kernel[(rows,)](
         z,
         y,
         lse,
