@@ -180,7 +180,7 @@ def _fused(q, k, v, attn_mask, is_causal, scale):
             attn_mask = additive.masked_fill_(attn_mask.logical_not(), float("-inf"))
         mask = attn_mask.expand(*lead, n_q, n_k).reshape(b, h, n_q, n_k)
     out, _ = _attention_triton(flat(q, n_q), flat(k, n_k), flat(v, n_k), mask, bool(is_causal), scale)
-    return out.view(*lead, n_q, d)
+    return out.view(*lead, n_q, d).to(q.dtype)
 
 
 # ---- the custom ops ----
@@ -197,7 +197,9 @@ def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     qs = q.to(accumulate_dtype(q.dtype)) * scale  # scaled in torch: a float64 scale stays exact
-    out = dense_like(q)
+    # the output in the accumulate dtype: the backward's rowsum(dO * O) from a half-precision O
+    # would carry its rounding into every gradient (measured: 1.2x the bfloat16 tolerance)
+    out = torch.empty(q.shape, dtype=accumulate_dtype(q.dtype), device=q.device)
     lse = q.new_empty(q.shape[:-1], dtype=accumulate_dtype(q.dtype))
     launch(
         "triton", lambda: _triton_kernels().attention_forward, "attention_forward", (qs, k, v, mask, causal, out, lse)
@@ -288,7 +290,7 @@ def _build():
     fwd = define_op(
         "attention_triton",
         _forward,
-        lambda q, k, v, mask, causal, scale: (dense_like(q), lse_like(q)),
+        lambda q, k, v, mask, causal, scale: (q.new_empty(q.shape, dtype=accumulate_dtype(q.dtype)), lse_like(q)),
     )
     bwd = define_op(
         "attention_backward_triton",
@@ -357,8 +359,8 @@ SPEC = register(
         tolerances={
             torch.float32: Tolerance(1e-4, 1e-4),
             torch.float64: Tolerance(1e-10, 1e-10),
-            torch.float16: Tolerance(5e-3, 5e-3),
-            torch.bfloat16: Tolerance(3e-2, 3e-2),
+            torch.float16: Tolerance(2e-3, 2e-3),
+            torch.bfloat16: Tolerance(2e-2, 2e-2),
         },
         self_check_cases=_self_check_cases,
         fused_backends=("triton",),
