@@ -105,6 +105,7 @@ else
   step bench-pgd_step 40 "$PY" -m bench.pgd_step
   step bench-ops 60 "$PY" -m bench.ops
   step bench-regularizers 70 "$PY" -m bench.regularizers
+  step bench-attention 90 "$PY" -m bench.attention
   if has_module torchattacks; then
     step bench-attacks 60 "$PY" -m bench.attacks
   else

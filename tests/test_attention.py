@@ -209,3 +209,35 @@ def call(**overrides):
 def test_bad_input_names_the_argument(overrides, error, words):
     with pytest.raises(error, match=words):
         call(**overrides)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n, d", [(197, 64), (257, 80), (65, 32)], ids=str)
+@pytest.mark.parametrize("kind", ["plain", "causal", "additive"])
+def test_gpu_triton_equals_reference(dtype, n, d, kind):
+    q, k, v = qkv((4, 3, n, d), dtype=dtype, device="cuda")
+    kw = {"plain": {}, "causal": dict(is_causal=True)}.get(kind)
+    if kw is None:
+        kw = dict(attn_mask=masks(n, n, "cuda", dtype)["additive"])
+    assert_derivatives_close(
+        lambda q, k, v: attention(q, k, v, **kw, backend="triton"),
+        lambda q, k, v: attention_reference(q, k, v, **kw),
+        [q, k, v],
+        **SPEC.tolerance(dtype),
+    )
+
+
+@pytest.mark.cuda
+def test_gpu_forward_and_backward_memory_is_linear_in_n():
+    def peak(n):
+        q, k, v = (t.requires_grad_(True) for t in qkv((1, 4, n, 64), dtype=torch.float32, device="cuda"))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.autograd.grad(attention(q, k, v, backend="triton").sum(), (q, k, v))
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    small, large = peak(2048), peak(8192)
+    assert large < 6 * small  # an [N, N] matrix would make it 16x
