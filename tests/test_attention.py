@@ -3,6 +3,8 @@ first and second derivatives against the reference (odd lengths, head dims 32/64
 additive masks, causal, broadcast batch dimensions, fully masked rows), float64
 gradcheck/gradgradcheck, opcheck and errors."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -241,3 +243,25 @@ def test_gpu_forward_and_backward_memory_is_linear_in_n():
 
     small, large = peak(2048), peak(8192)
     assert large < 6 * small  # an [N, N] matrix would make it 16x
+
+
+@pytest.mark.slow  # the self-check runs the kernels through the interpreter (about 10 s)
+@pytest.mark.skipif(torch.cuda.is_available() or not triton_runs_here(), reason="plants kernels on CPU tensors")
+def test_auto_uses_the_kernels_once_their_self_check_passed(monkeypatch, tmp_path):
+    from fastrob import _backend, verify
+
+    monkeypatch.setattr(_backend, "AUTO_KERNELS_ON_CPU", True)  # CPU tensors as a GPU target
+    monkeypatch.setattr(verify, "RECORD_PATH", tmp_path / "verified.json")
+    monkeypatch.delenv("FASTROB_VERIFY", raising=False)
+    verify.clear_cache()
+    _backend.clear_auto_cache()
+    try:
+        q, k, v = qkv((1, 2, 9, 8), dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no failed self-check, no try of a CUDA kernel it does not have
+            out = attention(q, k, v)
+        assert _backend.resolve("auto", q.device, q.dtype, op="attention", kernels=SPEC.fused_backends) == "triton"
+        torch.testing.assert_close(out, attention_reference(q, k, v), **SPEC.tolerance(torch.float32))
+    finally:
+        verify.clear_cache()
+        _backend.clear_auto_cache()

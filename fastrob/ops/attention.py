@@ -79,7 +79,9 @@ def attention(
     _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale)
     if backend == "cuda":
         raise ValueError("attention: backend='cuda' has no kernels for this op; use 'triton', 'torch' or 'auto'")
-    name = _backend.resolve(backend, q.device, q.dtype, op=SPEC.name, dtypes=TRITON_DTYPES, kernels=SPEC.fused_backends)
+    # float64 runs on the kernels when asked for (tests, gradcheck); auto keeps it on the reference
+    dtypes = TRITON_DTYPES if backend == "triton" else _backend.KERNEL_DTYPES
+    name = _backend.resolve(backend, q.device, q.dtype, op=SPEC.name, dtypes=dtypes, kernels=SPEC.fused_backends)
     if name == "triton":
         why = _kernels_do_not_cover(q, v, attn_mask, dropout_p)
         if why and backend != "auto":
