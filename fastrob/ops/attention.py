@@ -38,10 +38,13 @@ def attention_reference(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_caus
         s = s.masked_fill(_causal_mask(s.shape[-2], s.shape[-1], s.device).logical_not(), float("-inf"))
     if attn_mask is not None:
         s = s.masked_fill(attn_mask.logical_not(), float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-    # A row with every key masked would be softmax(-inf, ..., -inf) = nan: it attends to nothing
-    # instead (output 0). The row is replaced before the softmax, so no nan enters any derivative.
-    dead = (s == float("-inf")).all(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
+    if attn_mask is None:  # every row attends to a key (with is_causal, key 0 at least)
+        p = torch.softmax(s, -1)
+    else:
+        # A row with every key masked would be softmax(-inf, ..., -inf) = nan: it attends to nothing
+        # instead (output 0). The row is replaced before the softmax, so no nan enters any derivative.
+        dead = (s == float("-inf")).all(-1, keepdim=True)
+        p = torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
     if dropout_p > 0:
         p = F.dropout(p, dropout_p)
     return (p @ v.to(acc)).to(q.dtype)
