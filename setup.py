@@ -4,36 +4,44 @@ fastrob._C is a torch-free pybind11 module (see docs/design.md): it is compiled 
 alone, links the CUDA runtime statically, and so builds on a machine with nvcc and no GPU.
 This file must never import torch: pip's isolated build environment would fetch a CUDA torch.
 
+Without nvcc (or with FASTROB_CUDA=0) nothing is compiled and the wheel is pure Python
+(py3-none-any). With nvcc the build is attempted, and a failed compile fails the install: a user
+who has nvcc expects the cuda backend, and a warning hidden by pip would leave it silently missing.
+
 Environment:
-  FASTROB_CUDA=0          skip the extension
-  FASTROB_CUDA=1          a missing nvcc or a failed compile is an error (default: a warning)
-  FASTROB_CUDA_ARCH="80;90"  compute capabilities to compile for (default 80 and 90)
+  FASTROB_CUDA=0          skip the extension (a pure-Python install)
+  FASTROB_CUDA=1          a missing nvcc is an error too (default: a missing nvcc skips the extension)
+  TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"  compute capabilities to compile for, as torch extensions read it
+                          (default "8.0;9.0+PTX"); "+PTX" adds PTX for that capability, for newer GPUs
+  FASTROB_CUDA_ARCH="80;90"  the same, fastrob's older spelling (wins over TORCH_CUDA_ARCH_LIST when both are set)
   NVCC=/path/to/nvcc      the compiler (default: $CUDA_HOME/bin/nvcc, /usr/local/cuda/bin/nvcc, then PATH)
+  MAX_JOBS=N              parallel nvcc jobs (ninja's -j; default: ninja's own choice)
 """
 
+import glob
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import sysconfig
 import time
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# every op's launchers (csrc/<op>.cu) and device code (kernels/<op>.cuh), found by name
-SOURCES = [
-    "csrc/bindings.cpp",
-    *sorted(f"csrc/{f}" for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith(".cu")),
-]
-HEADERS = [
-    "csrc/launchers.h",
-    "csrc/launch_utils.h",
-    *sorted(f"kernels/{f}" for f in os.listdir(os.path.join(ROOT, "kernels")) if f.endswith(".cuh")),
-]
+# Every source and header of the extension, so that a new op's .cu/.cuh needs no edit here.
+# Relative paths: setuptools refuses absolute source paths in an sdist's metadata.
+SOURCES = ["csrc/bindings.cpp"] + sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cu"))
+)
+HEADERS = sorted(
+    os.path.relpath(p, ROOT)
+    for pattern in ("csrc/*.h", "kernels/*.cuh")
+    for p in glob.glob(os.path.join(ROOT, pattern))
+)
 BUILD_RECORD = "_C_build.json"  # written next to the extension: what was built, or why not
 
 
@@ -46,13 +54,55 @@ def _find_nvcc():
     return shutil.which("nvcc")
 
 
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
 def _archs():
-    spec = os.environ.get("FASTROB_CUDA_ARCH", "80;90")
-    archs = [a.replace(".", "") for a in re.split(r"[;,\s]+", spec.strip()) if a]
-    bad = [a for a in archs if not a.isdigit()]
-    if bad or not archs:
-        raise SystemExit(f"FASTROB_CUDA_ARCH must list compute capabilities like '80;90', got {spec!r}")
+    """[(capability, with_ptx)] from FASTROB_CUDA_ARCH, else TORCH_CUDA_ARCH_LIST, else the default.
+
+    FASTROB_CUDA_ARCH without any "+PTX" keeps its old meaning: PTX for the last capability."""
+    for name in ("FASTROB_CUDA_ARCH", "TORCH_CUDA_ARCH_LIST"):
+        spec = os.environ.get(name, "").strip()
+        if spec:
+            break
+    else:
+        name, spec = "default", DEFAULT_ARCHS
+    archs = []
+    for item in re.split(r"[;,\s]+", spec):
+        if not item:
+            continue
+        cap, ptx = (item[: -len("+PTX")], True) if item.upper().endswith("+PTX") else (item, False)
+        cap = cap.replace(".", "")
+        if not cap.isdigit():
+            raise SystemExit(f"{name} must list compute capabilities like '8.0;9.0+PTX', got {spec!r}")
+        archs.append((cap, ptx))
+    if not archs:
+        raise SystemExit(f"{name} must list compute capabilities like '8.0;9.0+PTX', got {spec!r}")
+    if name == "FASTROB_CUDA_ARCH" and not any(ptx for _, ptx in archs):
+        archs[-1] = (archs[-1][0], True)
     return archs
+
+
+def _gencode(archs):
+    """nvcc's -gencode flags: SASS for each capability, plus PTX where asked."""
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a, _ in archs]
+    flags += [f"-gencode=arch=compute_{a},code=compute_{a}" for a, ptx in archs if ptx]
+    return flags
+
+
+def _skip_reason():
+    """Why the extension is not even attempted (None: it is)."""
+    if os.environ.get("FASTROB_CUDA", "") == "0":
+        return "skipped: FASTROB_CUDA=0 at install time"
+    if _find_nvcc() is None and os.environ.get("FASTROB_CUDA", "") != "1":
+        return f"nvcc was not found at install time ({_skip_reason_text()}); reinstall once it is there"
+    return None
+
+
+def _write_record(record, package_dir):
+    os.makedirs(package_dir, exist_ok=True)
+    with open(os.path.join(package_dir, BUILD_RECORD), "w") as f:
+        json.dump(record, f, indent=1)
 
 
 def _ninja():
@@ -65,72 +115,59 @@ def _ninja():
 
 
 class BuildExt(build_ext):
-    """Compiles fastrob._C with nvcc through ninja (parallel, incremental) instead of the C compiler."""
+    """Compiles fastrob._C with nvcc through ninja (parallel, incremental) instead of the C compiler.
+
+    Only declared when the build is attempted (see ``_skip_reason``); a failure is then an error
+    that says how to skip the extension."""
 
     def build_extension(self, ext):
         out_path = os.path.abspath(self.get_ext_fullpath(ext.name))  # ninja runs in its own directory
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
-        record_path = self._record_path = os.path.join(os.path.dirname(out_path), BUILD_RECORD)
-        mode = os.environ.get("FASTROB_CUDA", "")
-        if mode not in ("", "0", "1"):
-            raise SystemExit(f"FASTROB_CUDA must be 0, 1 or unset, got {mode!r}")
         nvcc = _find_nvcc()
-        record = {"built": False, "reason": "", "nvcc": None, "archs": []}
-        if mode == "0":
-            record["reason"] = "skipped: FASTROB_CUDA=0 at install time"
-        elif nvcc is None:
-            where = (
-                f"NVCC={os.environ['NVCC']} is not a file" if os.environ.get("NVCC") else "set NVCC, CUDA_HOME or PATH"
-            )
-            record["reason"] = f"nvcc was not found at install time ({where}); reinstall once it is there"
-            if mode == "1":
-                raise SystemExit(f"FASTROB_CUDA=1 but nvcc was not found ({where})")
-        else:
-            record["nvcc"] = _nvcc_version(nvcc)
-            record["archs"] = _archs()
-            try:
-                seconds = self._compile(nvcc, record["archs"], out_path)
-                record.update(built=True, reason=f"compiled in {seconds:.0f} s")
-                print(
-                    f"fastrob: built fastrob._C with {record['nvcc']} for sm_{', sm_'.join(record['archs'])}"
-                    f" in {seconds:.0f} s"
-                )
-            except (subprocess.CalledProcessError, OSError) as err:
-                if mode == "1":
-                    raise SystemExit(f"FASTROB_CUDA=1 and the nvcc build of fastrob._C failed ({err})") from err
-                record["reason"] = f"the nvcc build failed ({err}); rerun with FASTROB_CUDA=1 to see why"
-                print(f"fastrob: WARNING: {record['reason']}; installing without the CUDA backend", file=sys.stderr)
-        if not record["built"]:
-            print(f"fastrob: fastrob._C not built: {record['reason']}")
-        with open(record_path, "w") as f:
+        if nvcc is None:  # only reached with FASTROB_CUDA=1
+            raise SystemExit(f"fastrob: FASTROB_CUDA=1 but nvcc was not found ({_skip_reason_text()})")
+        archs = _archs()
+        record = {
+            "built": False,
+            "reason": "",
+            "nvcc": _nvcc_version(nvcc),
+            "archs": [a for a, _ in archs],
+            "ptx": [a for a, ptx in archs if ptx],
+        }
+        try:
+            seconds = self._compile(nvcc, archs, out_path)
+        except ImportError as err:
+            raise SystemExit(
+                f"fastrob: building fastrob._C needs {err.name} (pip install {err.name}), "
+                "or set FASTROB_CUDA=0 to install without the CUDA backend"
+            ) from err
+        except (subprocess.CalledProcessError, OSError) as err:
+            raise SystemExit(
+                f"fastrob: the nvcc build of fastrob._C failed ({err}) with {' '.join(_gencode(archs))}. "
+                "Set TORCH_CUDA_ARCH_LIST to the capabilities your nvcc supports (e.g. '8.0;9.0+PTX'), "
+                "or FASTROB_CUDA=0 to install without the CUDA backend"
+            ) from err
+        record.update(built=True, reason=f"compiled in {seconds:.0f} s")
+        print(
+            f"fastrob: built fastrob._C with {record['nvcc']} for sm_{', sm_'.join(record['archs'])} in {seconds:.0f} s"
+        )
+        self._record_path = os.path.join(os.path.dirname(out_path), BUILD_RECORD)
+        with open(self._record_path, "w") as f:
             json.dump(record, f, indent=1)
 
     def copy_extensions_to_source(self):
         # Editable installs build into a temporary directory and copy the extension back into the
-        # source tree; the build record must follow it, and a stale extension from an earlier
-        # build must not outlive a build that was skipped or failed.
-        with open(self._record_path) as f:
-            built = json.load(f)["built"]
-        if built:
-            super().copy_extensions_to_source()
+        # source tree; the build record must follow it.
+        super().copy_extensions_to_source()
         package_dir = self.get_finalized_command("build_py").get_package_dir("fastrob")
         shutil.copyfile(self._record_path, os.path.join(package_dir, BUILD_RECORD))
-        if not built:
-            for name in os.listdir(package_dir):
-                if name.startswith("_C.") and name.endswith((".so", ".pyd")):
-                    os.remove(os.path.join(package_dir, name))
-
-    def get_outputs(self):
-        # The extension may legitimately be absent (no nvcc); report only what exists.
-        return [p for p in super().get_outputs() if os.path.exists(p)]
 
     def _compile(self, nvcc, archs, out_path):
-        import pybind11
-
         build_dir = os.path.join(ROOT, "build", "fastrob_C")
         os.makedirs(build_dir, exist_ok=True)
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
+        import pybind11  # a build dependency (pyproject.toml); missing only with --no-build-isolation
+
+        gencode = _gencode(archs)
         includes = [sysconfig.get_paths()["include"], pybind11.get_include(), ROOT]
         cflags = [
             "-O3",
@@ -168,12 +205,33 @@ class BuildExt(build_ext):
         start = time.time()
         ninja = _ninja()
         if ninja:
-            subprocess.run([ninja, "-C", build_dir], check=True)
+            jobs = os.environ.get("MAX_JOBS", "").strip()
+            subprocess.run([ninja, "-C", build_dir, *(["-j", jobs] if jobs.isdigit() else [])], check=True)
         else:  # sequential fallback: same commands, no incremental rebuilds
             for src, obj in zip(SOURCES, objects):
                 subprocess.run([nvcc, *cflags, "-c", os.path.join(ROOT, src), "-o", obj], check=True)
             subprocess.run([nvcc, "-shared", "-cudart", "static", *objects, "-o", out_path], check=True)
         return time.time() - start
+
+
+class BuildPy(build_py):
+    """Writes the build record (why fastrob._C is absent) when the extension is not attempted, and
+    removes a stale extension of an earlier build from the source tree of an editable install."""
+
+    def run(self):
+        super().run()
+        reason = _skip_reason()
+        if reason is None:
+            return
+        print(f"fastrob: fastrob._C not built: {reason}")
+        record = {"built": False, "reason": reason, "nvcc": None, "archs": [], "ptx": []}
+        _write_record(record, os.path.join(self.build_lib, "fastrob"))
+        if getattr(self, "editable_mode", False):
+            package_dir = self.get_package_dir("fastrob")
+            _write_record(record, package_dir)
+            for name in os.listdir(package_dir):
+                if name.startswith("_C.") and name.endswith((".so", ".pyd")):
+                    os.remove(os.path.join(package_dir, name))
 
 
 def _nvcc_version(nvcc):
@@ -185,7 +243,15 @@ def _nvcc_version(nvcc):
     return f"nvcc {match.group(1)}" if match else "nvcc (version unknown)"
 
 
+def _skip_reason_text():
+    return f"NVCC={os.environ['NVCC']} is not a file" if os.environ.get("NVCC") else "set NVCC, CUDA_HOME or PATH"
+
+
+if os.environ.get("FASTROB_CUDA", "") not in ("", "0", "1"):
+    raise SystemExit(f"fastrob: FASTROB_CUDA must be 0, 1 or unset, got {os.environ['FASTROB_CUDA']!r}")
+
 setup(
-    ext_modules=[Extension("fastrob._C", sources=SOURCES, depends=HEADERS)],
-    cmdclass={"build_ext": BuildExt},
+    # No extension declared when it is not attempted: the wheel is then pure Python (py3-none-any).
+    ext_modules=[] if _skip_reason() else [Extension("fastrob._C", sources=SOURCES, depends=HEADERS)],
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )

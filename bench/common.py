@@ -145,7 +145,7 @@ def append_rows(rows: list[dict], device) -> Path:
 
 def save_results(rows: list[dict], device, *, quick: bool) -> None:
     """Appends a full run's rows to the device's CSV; a ``--quick`` run is a smoke test of the
-    benchmark itself, and its small-shape numbers stay out of the results (and the README table)."""
+    benchmark itself, and its small-shape numbers stay out of the results (and the table of docs/benchmarks.md)."""
     if quick:
         print("--quick: results not written")
         return

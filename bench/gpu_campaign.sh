@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one-call GPU campaign: everything a lent GPU machine should run for the project, in one command
+# The one-call GPU campaign: everything to run on a machine with a GPU, in one command
 # that ends in under 8 minutes on an H100/H200, leaving at most 8 flat files in OUTDIR:
 #
 #   bench/gpu_campaign.sh OUTDIR [--dry-run]        (or: make gpu OUT=OUTDIR)
@@ -109,7 +109,7 @@ else
   if has_module torchattacks; then
     step bench-attacks 60 "$PY" -m bench.attacks
   else
-    skip bench-attacks "torchattacks is not installed (carry its wheel: README, GPU campaign)"
+    skip bench-attacks "torchattacks is not installed (pip install --no-deps torchattacks to include it)"
   fi
   if ! has_module "fastrob.attacks" || ! "$PY" -c "from fastrob.attacks import AutoAttack" >/dev/null 2>&1; then
     skip autoattack "fastrob.attacks.AutoAttack is absent in this checkout"

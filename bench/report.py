@@ -1,7 +1,7 @@
-"""The README's performance table and bench/results/speedup.png, generated from bench/results/*.csv.
+"""The performance table of docs/benchmarks.md and bench/results/speedup.png, generated from bench/results/*.csv.
 
-    python -m bench.report            # rewrite the table between the README's bench-table markers, and the plot
-    python -m bench.report --check    # exit 1 if the README's table is not what the CSVs give
+    python -m bench.report            # rewrite the table between the page's bench-table markers, and the plot
+    python -m bench.report --check    # exit 1 if the page's table is not what the CSVs give
 
 Which provider is fastrob's and which is the reference is decided by COMPARISONS below, and
 nowhere else. When a CSV holds the same measurement more than once (a re-run), the last row
@@ -154,11 +154,11 @@ def table(data: dict) -> str:
     return "\n".join(lines).rstrip("\n")
 
 
-def replace_table(readme_text: str, body: str) -> str:
-    start, end = readme_text.find(START), readme_text.find(END)
+def replace_table(page_text: str, body: str) -> str:
+    start, end = page_text.find(START), page_text.find(END)
     if start < 0 or end < start:
-        raise ValueError(f"the README has no {START} ... {END} markers")
-    return readme_text[: start + len(START)] + "\n" + body + "\n" + readme_text[end:]
+        raise ValueError(f"the page has no {START} ... {END} markers")
+    return page_text[: start + len(START)] + "\n" + body + "\n" + page_text[end:]
 
 
 def plot(data: dict, path: Path) -> None:
@@ -200,28 +200,30 @@ def plot(data: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "results", help="folder of the CSVs")
-    parser.add_argument("--readme", type=Path, default=BENCH_DIR.parent / "README.md")
+    parser.add_argument(
+        "--page", type=Path, default=BENCH_DIR.parent / "docs" / "benchmarks.md", help="the page holding the table"
+    )
     parser.add_argument("--plot", type=Path, default=None, help="default: <results>/speedup.png")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README's table is stale; write nothing")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the table is stale; write nothing")
     args = parser.parse_args(argv)
     data = load(args.results)
-    text = args.readme.read_text()
+    text = args.page.read_text()
     try:
         new = replace_table(text, table(data))
     except ValueError as err:
-        print(f"bench.report: {args.readme}: {err}", file=sys.stderr)
+        print(f"bench.report: {args.page}: {err}", file=sys.stderr)
         return 2
     if args.check:
         if new != text:
-            print(f"bench.report: the table in {args.readme} is stale: run python -m bench.report", file=sys.stderr)
+            print(f"bench.report: the table in {args.page} is stale: run python -m bench.report", file=sys.stderr)
             return 1
-        print(f"{args.readme}: table up to date")
+        print(f"{args.page}: table up to date")
         return 0
     if new != text:
-        args.readme.write_text(new)
+        args.page.write_text(new)
     plot_path = args.plot or args.results / "speedup.png"
     plot(data, plot_path)
-    print(f"wrote the table in {args.readme} and {plot_path}")
+    print(f"wrote the table in {args.page} and {plot_path}")
     return 0
 
 

@@ -11,7 +11,8 @@ constexpr int kThreads = 256;
 
 // Channels per reduction block: 32 adjacent channels (coalesced) for channels_last, 1 for NCHW,
 // as fastrob.ops.batch_norm._CHANNEL_BLOCK assumes when it picks the number of splits.
-BatchNormGeometry batch_norm_geometry(int64_t n, int64_t c, int64_t s, bool channels_last, int splits, dim3* block, dim3* grid) {
+BatchNormGeometry batch_norm_geometry(int64_t n, int64_t c, int64_t s, bool channels_last, int splits, dim3* block,
+                                      dim3* grid) {
   BatchNormGeometry g{c, s, n * s, channels_last ? s * c : c * s, channels_last ? 1 : s, channels_last ? c : 1, 0};
   const int width = channels_last ? 32 : 1;
   *block = dim3(width, kThreads / width);
@@ -41,9 +42,9 @@ void apply(const T* x, const T* a, const T* b, const float* mean, const float* i
 
 }  // namespace
 
-void batch_norm_forward(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, uintptr_t mean, uintptr_t invstd, uintptr_t work,
-                int64_t n, int64_t c, int64_t s, bool channels_last, int splits, double eps, int dtype, int device,
-                uintptr_t stream) {
+void batch_norm_forward(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, uintptr_t mean, uintptr_t invstd,
+                        uintptr_t work, int64_t n, int64_t c, int64_t s, bool channels_last, int splits, double eps,
+                        int dtype, int device, uintptr_t stream) {
   if (n * c * s == 0) return;
   with_storage_type(dtype, device, "fastrob._C.batch_norm_forward", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -63,8 +64,8 @@ void batch_norm_forward(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, uint
 }
 
 void batch_norm_backward(uintptr_t gy, uintptr_t x, uintptr_t w, uintptr_t mean, uintptr_t invstd, uintptr_t gx,
-                 uintptr_t gw, uintptr_t gb, uintptr_t work, int64_t n, int64_t c, int64_t s, bool channels_last,
-                 int splits, int dtype, int device, uintptr_t stream) {
+                         uintptr_t gw, uintptr_t gb, uintptr_t work, int64_t n, int64_t c, int64_t s,
+                         bool channels_last, int splits, int dtype, int device, uintptr_t stream) {
   if (n * c * s == 0) return;
   with_storage_type(dtype, device, "fastrob._C.batch_norm_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -85,9 +86,9 @@ void batch_norm_backward(uintptr_t gy, uintptr_t x, uintptr_t w, uintptr_t mean,
 }
 
 void batch_norm_double_backward(uintptr_t gy, uintptr_t x, uintptr_t w, uintptr_t mean, uintptr_t invstd, uintptr_t ggx,
-                        uintptr_t ggw, uintptr_t ggb, uintptr_t d_gy, uintptr_t d_x, uintptr_t d_w, uintptr_t work,
-                        int64_t n, int64_t c, int64_t s, bool channels_last, int splits, int dtype, int device,
-                        uintptr_t stream) {
+                                uintptr_t ggw, uintptr_t ggb, uintptr_t d_gy, uintptr_t d_x, uintptr_t d_w,
+                                uintptr_t work, int64_t n, int64_t c, int64_t s, bool channels_last, int splits,
+                                int dtype, int device, uintptr_t stream) {
   if (n * c * s == 0) return;
   with_storage_type(dtype, device, "fastrob._C.batch_norm_double_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -109,7 +110,7 @@ void batch_norm_double_backward(uintptr_t gy, uintptr_t x, uintptr_t w, uintptr_
 }
 
 void batch_norm_eval(uintptr_t x, uintptr_t mean, uintptr_t invstd, uintptr_t coef, uintptr_t y, int64_t n, int64_t c,
-             int64_t s, bool channels_last, int dtype, int device, uintptr_t stream) {
+                     int64_t s, bool channels_last, int dtype, int device, uintptr_t stream) {
   if (n * c * s == 0) return;
   with_storage_type(dtype, device, "fastrob._C.batch_norm_eval", [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -1,4 +1,4 @@
-// pybind11 module fastrob._C: torch-free bindings of the CUDA launchers (see DESIGN.md, Build).
+// pybind11 module fastrob._C: torch-free bindings of the CUDA launchers (docs/kernels.md, "Building the CUDA extension").
 #include <pybind11/pybind11.h>
 
 #include <cuda_runtime.h>
@@ -75,15 +75,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("sqnorm_double_backward", &fastrob::sqnorm_double_backward, py::arg("g"), py::arg("go"), py::arg("v"),
         py::arg("d_g"), py::arg("d_go"), py::arg("rows"), py::arg("cols"), py::arg("dtype"), py::arg("device"),
         py::arg("stream"));
-  m.def("cross_entropy_forward", &fastrob::cross_entropy_forward, py::arg("z"), py::arg("target"), py::arg("loss"), py::arg("lse"),
+  m.def("cross_entropy_forward", &fastrob::cross_entropy_forward, py::arg("z"), py::arg("target"), py::arg("loss"),
+        py::arg("lse"), py::arg("rows"), py::arg("cols"), py::arg("smoothing"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"));
+  m.def("cross_entropy_backward", &fastrob::cross_entropy_backward, py::arg("z"), py::arg("target"), py::arg("lse"),
+        py::arg("gl"), py::arg("gs"), py::arg("dz"), py::arg("rows"), py::arg("cols"), py::arg("smoothing"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("cross_entropy_double_backward", &fastrob::cross_entropy_double_backward, py::arg("z"), py::arg("target"),
+        py::arg("lse"), py::arg("gl"), py::arg("gs"), py::arg("v"), py::arg("d_z"), py::arg("d_gl"), py::arg("d_gs"),
         py::arg("rows"), py::arg("cols"), py::arg("smoothing"), py::arg("dtype"), py::arg("device"),
         py::arg("stream"));
-  m.def("cross_entropy_backward", &fastrob::cross_entropy_backward, py::arg("z"), py::arg("target"), py::arg("lse"), py::arg("gl"),
-        py::arg("gs"), py::arg("dz"), py::arg("rows"), py::arg("cols"), py::arg("smoothing"), py::arg("dtype"),
-        py::arg("device"), py::arg("stream"));
-  m.def("cross_entropy_double_backward", &fastrob::cross_entropy_double_backward, py::arg("z"), py::arg("target"), py::arg("lse"),
-        py::arg("gl"), py::arg("gs"), py::arg("v"), py::arg("d_z"), py::arg("d_gl"), py::arg("d_gs"), py::arg("rows"),
-        py::arg("cols"), py::arg("smoothing"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
   m.def("bias_act_forward", &fastrob::bias_act_forward, py::arg("x"), py::arg("bias"), py::arg("y"),
         py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("act"), py::arg("beta"),
         py::arg("threshold"), py::arg("d"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
@@ -93,18 +94,19 @@ PYBIND11_MODULE(_C, m) {
   m.def("bias_act_double_backward", &fastrob::bias_act_double_backward, py::arg("dy"), py::arg("x"), py::arg("bias"),
         py::arg("v"), py::arg("d_dy"), py::arg("d_x"), py::arg("n"), py::arg("stride_c"), py::arg("channels"), py::arg("act"), py::arg("beta"),
         py::arg("threshold"), py::arg("d"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
-  m.def("batch_norm_forward", &fastrob::batch_norm_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("mean"),
-        py::arg("invstd"), py::arg("work"), py::arg("n"), py::arg("c"), py::arg("s"), py::arg("channels_last"),
-        py::arg("splits"), py::arg("eps"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
-  m.def("batch_norm_backward", &fastrob::batch_norm_backward, py::arg("gy"), py::arg("x"), py::arg("w"), py::arg("mean"),
-        py::arg("invstd"), py::arg("gx"), py::arg("gw"), py::arg("gb"), py::arg("work"), py::arg("n"), py::arg("c"),
-        py::arg("s"), py::arg("channels_last"), py::arg("splits"), py::arg("dtype"), py::arg("device"),
+  m.def("batch_norm_forward", &fastrob::batch_norm_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"),
+        py::arg("mean"), py::arg("invstd"), py::arg("work"), py::arg("n"), py::arg("c"), py::arg("s"),
+        py::arg("channels_last"), py::arg("splits"), py::arg("eps"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"));
+  m.def("batch_norm_backward", &fastrob::batch_norm_backward, py::arg("gy"), py::arg("x"), py::arg("w"),
+        py::arg("mean"), py::arg("invstd"), py::arg("gx"), py::arg("gw"), py::arg("gb"), py::arg("work"), py::arg("n"),
+        py::arg("c"), py::arg("s"), py::arg("channels_last"), py::arg("splits"), py::arg("dtype"), py::arg("device"),
         py::arg("stream"));
   m.def("batch_norm_double_backward", &fastrob::batch_norm_double_backward, py::arg("gy"), py::arg("x"), py::arg("w"),
         py::arg("mean"), py::arg("invstd"), py::arg("ggx"), py::arg("ggw"), py::arg("ggb"), py::arg("d_gy"),
         py::arg("d_x"), py::arg("d_w"), py::arg("work"), py::arg("n"), py::arg("c"), py::arg("s"),
         py::arg("channels_last"), py::arg("splits"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
-  m.def("batch_norm_eval", &fastrob::batch_norm_eval, py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("coef"), py::arg("y"),
-        py::arg("n"), py::arg("c"), py::arg("s"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"),
-        py::arg("stream"));
+  m.def("batch_norm_eval", &fastrob::batch_norm_eval, py::arg("x"), py::arg("mean"), py::arg("invstd"), py::arg("coef"),
+        py::arg("y"), py::arg("n"), py::arg("c"), py::arg("s"), py::arg("channels_last"), py::arg("dtype"),
+        py::arg("device"), py::arg("stream"));
 }

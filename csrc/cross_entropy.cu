@@ -18,7 +18,7 @@ CrossEntropyRow cross_entropy_row(uintptr_t target, double smoothing, int64_t co
 }  // namespace
 
 void cross_entropy_forward(uintptr_t z, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t rows, int64_t cols,
-                double smoothing, int dtype, int device, uintptr_t stream) {
+                           double smoothing, int dtype, int device, uintptr_t stream) {
   if (rows == 0) return;
   with_storage_type(dtype, device, "fastrob._C.cross_entropy_forward", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -29,7 +29,7 @@ void cross_entropy_forward(uintptr_t z, uintptr_t target, uintptr_t loss, uintpt
 }
 
 void cross_entropy_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t gl, uintptr_t gs, uintptr_t dz,
-                 int64_t rows, int64_t cols, double smoothing, int dtype, int device, uintptr_t stream) {
+                            int64_t rows, int64_t cols, double smoothing, int dtype, int device, uintptr_t stream) {
   const int64_t n = rows * cols;
   if (n == 0) return;
   with_storage_type(dtype, device, "fastrob._C.cross_entropy_backward", [&](auto tag) {
@@ -40,9 +40,9 @@ void cross_entropy_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintpt
   });
 }
 
-void cross_entropy_double_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t gl, uintptr_t gs, uintptr_t v,
-                        uintptr_t d_z, uintptr_t d_gl, uintptr_t d_gs, int64_t rows, int64_t cols, double smoothing,
-                        int dtype, int device, uintptr_t stream) {
+void cross_entropy_double_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t gl, uintptr_t gs,
+                                   uintptr_t v, uintptr_t d_z, uintptr_t d_gl, uintptr_t d_gs, int64_t rows,
+                                   int64_t cols, double smoothing, int dtype, int device, uintptr_t stream) {
   if (rows == 0) return;
   with_storage_type(dtype, device, "fastrob._C.cross_entropy_double_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;

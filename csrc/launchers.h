@@ -38,12 +38,12 @@ void sqnorm_backward(uintptr_t g, uintptr_t go, uintptr_t dg, int64_t rows, int6
 void sqnorm_double_backward(uintptr_t g, uintptr_t go, uintptr_t v, uintptr_t d_g, uintptr_t d_go, int64_t rows,
                             int64_t cols, int dtype, int device, uintptr_t stream);
 void cross_entropy_forward(uintptr_t z, uintptr_t target, uintptr_t loss, uintptr_t lse, int64_t rows, int64_t cols,
-                double smoothing, int dtype, int device, uintptr_t stream);
+                           double smoothing, int dtype, int device, uintptr_t stream);
 void cross_entropy_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t gl, uintptr_t gs, uintptr_t dz,
-                 int64_t rows, int64_t cols, double smoothing, int dtype, int device, uintptr_t stream);
-void cross_entropy_double_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t gl, uintptr_t gs, uintptr_t v,
-                        uintptr_t d_z, uintptr_t d_gl, uintptr_t d_gs, int64_t rows, int64_t cols, double smoothing,
-                        int dtype, int device, uintptr_t stream);
+                            int64_t rows, int64_t cols, double smoothing, int dtype, int device, uintptr_t stream);
+void cross_entropy_double_backward(uintptr_t z, uintptr_t target, uintptr_t lse, uintptr_t gl, uintptr_t gs,
+                                   uintptr_t v, uintptr_t d_z, uintptr_t d_gl, uintptr_t d_gs, int64_t rows,
+                                   int64_t cols, double smoothing, int dtype, int device, uintptr_t stream);
 // act: the activation code of fastrob.ops.bias_act.ACTIVATIONS; bias may be 0 (no bias).
 void bias_act_forward(uintptr_t x, uintptr_t bias, uintptr_t y, int64_t n, int64_t stride_c, int64_t channels,
                       int act, double beta, double threshold, double d, int dtype, int device, uintptr_t stream);
@@ -56,18 +56,18 @@ void bias_act_double_backward(uintptr_t dy, uintptr_t x, uintptr_t bias, uintptr
 // Batch norm (fastrob/ops/batch_norm.py) over x [n, c, s] stored densely (NCHW or channels_last):
 // per-channel vectors and `work` ((splits * 5 + 8) * c floats of scratch) are float32; w, b, d_w
 // may be 0 (absent).
-void batch_norm_forward(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, uintptr_t mean, uintptr_t invstd, uintptr_t work,
-                int64_t n, int64_t c, int64_t s, bool channels_last, int splits, double eps, int dtype, int device,
-                uintptr_t stream);
+void batch_norm_forward(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, uintptr_t mean, uintptr_t invstd,
+                        uintptr_t work, int64_t n, int64_t c, int64_t s, bool channels_last, int splits, double eps,
+                        int dtype, int device, uintptr_t stream);
 void batch_norm_backward(uintptr_t gy, uintptr_t x, uintptr_t w, uintptr_t mean, uintptr_t invstd, uintptr_t gx,
-                 uintptr_t gw, uintptr_t gb, uintptr_t work, int64_t n, int64_t c, int64_t s, bool channels_last,
-                 int splits, int dtype, int device, uintptr_t stream);
+                         uintptr_t gw, uintptr_t gb, uintptr_t work, int64_t n, int64_t c, int64_t s,
+                         bool channels_last, int splits, int dtype, int device, uintptr_t stream);
 void batch_norm_double_backward(uintptr_t gy, uintptr_t x, uintptr_t w, uintptr_t mean, uintptr_t invstd, uintptr_t ggx,
-                        uintptr_t ggw, uintptr_t ggb, uintptr_t d_gy, uintptr_t d_x, uintptr_t d_w, uintptr_t work,
-                        int64_t n, int64_t c, int64_t s, bool channels_last, int splits, int dtype, int device,
-                        uintptr_t stream);
+                                uintptr_t ggw, uintptr_t ggb, uintptr_t d_gy, uintptr_t d_x, uintptr_t d_w,
+                                uintptr_t work, int64_t n, int64_t c, int64_t s, bool channels_last, int splits,
+                                int dtype, int device, uintptr_t stream);
 void batch_norm_eval(uintptr_t x, uintptr_t mean, uintptr_t invstd, uintptr_t coef, uintptr_t y, int64_t n, int64_t c,
-             int64_t s, bool channels_last, int dtype, int device, uintptr_t stream);
+                     int64_t s, bool channels_last, int dtype, int device, uintptr_t stream);
 
 // Raises std::runtime_error naming `what` if `status` is an error.
 void check_cuda(int status, const char* what);

@@ -43,17 +43,6 @@ from fastrob.regularizers import (
     SNSRegularizer,
 )
 
-
-def __getattr__(name):
-    # fastrob.training, renamed fastrob.adversarial_training: imported (with its deprecation
-    # warning) only when someone asks for it
-    if name == "training":
-        import importlib
-
-        return importlib.import_module("fastrob.training")
-    raise AttributeError(f"module 'fastrob' has no attribute {name!r}")
-
-
 try:
     __version__ = version("fastrob")
 except PackageNotFoundError:  # running from a source tree that was never installed

@@ -105,20 +105,43 @@ def status(name: str) -> BackendStatus:
             return BackendStatus("cuda", False, reason)
         count, why = module.device_count()
         if count <= 0 or not cuda_device_available():
-            why = why or "no CUDA device"
+            why = _driver_problem(module.driver_version(), module.cuda_runtime_version) or why or "no CUDA device"
             return BackendStatus("cuda", False, f"fastrob._C is built but cannot run here: {why}")
         return BackendStatus("cuda", True, f"fastrob._C (CUDA runtime {_version(module.cuda_runtime_version)})")
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
 
 
+def _driver_problem(driver: int, runtime: int) -> str:
+    """Why the CUDA runtime fastrob._C links cannot start, told from the driver's CUDA version
+    (0: no driver), or "" when the driver is new enough (the problem is elsewhere, e.g. no GPU)."""
+    if driver == 0:
+        return "no NVIDIA driver is installed (or none is visible to this process)"
+    if driver < runtime:
+        return (
+            f"the NVIDIA driver supports CUDA up to {_version(driver)}, but fastrob._C was built with the CUDA "
+            f"{_version(runtime)} runtime: install a newer driver (CUDA 13.0 needs R580 or newer), or reinstall "
+            "fastrob with an nvcc no newer than the driver's CUDA version"
+        )
+    return ""
+
+
+def _capability(arch: str) -> tuple[int, int]:
+    return int(arch[:-1]), int(arch[-1])
+
+
 def extension_runs_on(capability: tuple[int, int]) -> bool:
     """Whether fastrob._C has code for a GPU of this compute capability: machine code for an
-    architecture of the same major version and no higher minor, or PTX (compiled for the last
-    listed architecture) that the driver can compile for a newer GPU."""
-    archs = [(int(a[:-1]), int(a[-1])) for a in extension_build_record().get("archs", [])]
+    architecture of the same major version and no higher minor, or PTX that the driver can compile
+    for a newer GPU (for the architectures in the record's "ptx"; a record without that key is from
+    a build that always added PTX for its last architecture)."""
+    record = extension_build_record()
+    archs = [_capability(a) for a in record.get("archs", [])]
     if not archs:
         return False
-    return any(major == capability[0] and minor <= capability[1] for major, minor in archs) or capability >= archs[-1]
+    ptx = [_capability(a) for a in record["ptx"]] if "ptx" in record else archs[-1:]
+    return any(major == capability[0] and minor <= capability[1] for major, minor in archs) or any(
+        capability >= p for p in ptx
+    )
 
 
 def _version(code: int) -> str:

@@ -621,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="run the benchmarks against the reference implementations (from a source "
-        "checkout), then regenerate the README's table and bench/results/speedup.png",
+        "checkout), then regenerate the table of docs/benchmarks.md and bench/results/speedup.png",
     )
     p.add_argument("--quick", action="store_true", help="small shapes, fewer repetitions")
     p.add_argument(
@@ -670,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import warnings
 
+    from fastrob._optional import MissingDependency
+
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("FASTROB_DEBUG", "") not in ("", "0")
@@ -685,6 +687,10 @@ def main(argv: list[str] | None = None) -> int:
             if not debug:  # a warning (e.g. what --resume ignored) is one line too
                 warnings.showwarning = _one_line_warning
             return args.func(args)
+    except MissingDependency as err:
+        if debug:
+            raise
+        parser.exit(1, f"fastrob: error: {err}\n")
     except (ValueError, TypeError) as err:
         if debug:
             raise

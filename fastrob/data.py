@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from fastrob._optional import require
+
 SIZES = (8, 16, 32)
 IMAGE_SUFFIXES = (".png",)
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive's first bytes (an empty one: the second)
@@ -37,9 +39,7 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0, size: int = 8) -> Sp
     which gives CNNs and PreAct-ResNet-18 room for their strides."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    data = sklearn_digits()
+    data = require("sklearn.datasets", "the digits data", "scikit-learn").load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixel values are 0..16
     y = torch.tensor(data.target, dtype=torch.int64)
     split = split_data(x, y, test_fraction=test_fraction, seed=seed)
@@ -59,7 +59,7 @@ def split_data(x: torch.Tensor, y: torch.Tensor, test_fraction: float = 0.25, se
     """A stratified train/test split (stratified only when every class has 2 or more samples)."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    from sklearn.model_selection import train_test_split
+    train_test_split = require("sklearn.model_selection", "the train/test split", "scikit-learn").train_test_split
 
     counts = torch.bincount(y)
     stratify = y.numpy() if bool((counts[counts > 0] >= 2).all()) else None
@@ -167,7 +167,7 @@ def load_folder(path: str, test_fraction: float = 0.25, seed: int = 0) -> tuple[
     """An ImageFolder-like directory: one subfolder per class (sorted names give labels 0, 1, ...)
     of PNG images, all of one size. Grayscale when every image is, else RGB (alpha dropped).
     Returns the split and the class names."""
-    from PIL import Image
+    Image = require("PIL.Image", "reading image folders", "pillow")  # noqa: N806 (the module's own name)
 
     if not os.path.isdir(path):
         raise ValueError(f"{path}: not a directory")

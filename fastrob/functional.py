@@ -14,7 +14,6 @@ through the batch statistics, which is what an eager double-backprop user comput
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +117,7 @@ def jacobian_penalty(
     On a given graph the P vector-Jacobian products run one after another: batching them with
     ``is_grads_batched`` (vmap over the backward) measured 1.5x slower on CPU, and on torch 2.13
     the batched VJP fails on GroupNorm. ``JacobianRegularizer(batching="replicate")``, which owns
-    the forward pass, batches them by stacking the input instead (README, Regularizers).
+    the forward pass, batches them by stacking the input instead (docs/regularizers.md).
 
     Args:
         logits: [B, C] computed from ``x``.
@@ -265,18 +264,6 @@ def per_sample_cross_entropy(logits: torch.Tensor, y: torch.Tensor, backend: str
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return F.cross_entropy(logits, y, reduction="none")
-
-
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-    """Deprecated name of ``per_sample_cross_entropy`` (easily confused with the public op
-    ``fastrob.ops.cross_entropy``, which reduces and checks its inputs)."""
-    warnings.warn(
-        "fastrob.functional.cross_entropy is deprecated: use fastrob.functional.per_sample_cross_entropy "
-        "(or the checked op fastrob.ops.cross_entropy)",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return per_sample_cross_entropy(logits, y, backend)
 
 
 @contextlib.contextmanager

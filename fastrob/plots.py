@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")  # files only: no display is needed or wanted
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from fastrob import interpret
+from fastrob._atomic import atomic_path
+from fastrob._optional import require
+from fastrob.attacks.losses import margin_loss
+from fastrob.attacks.state import attack_context
 
-from fastrob import interpret  # noqa: E402
-from fastrob._atomic import atomic_path  # noqa: E402
-from fastrob.attacks.losses import margin_loss  # noqa: E402
-from fastrob.attacks.state import attack_context  # noqa: E402
+require("matplotlib", "fastrob's plots").use("Agg")  # files only: no display is needed or wanted
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 def _save(fig, path: str) -> str:
@@ -164,7 +164,7 @@ def surfaces(
     boundary margin = 0 drawn black) and the loss surface (CE, log colour scale) over the plane of
     ``surface``. The sample itself sits at (0, 0)."""
     import numpy as np
-    from matplotlib.colors import LogNorm, TwoSlopeNorm
+    from matplotlib.colors import LogNorm, TwoSlopeNorm  # matplotlib is loaded above
 
     data = {name: surface(m, x, y, span, resolution, seed) for name, m in models.items()}
     n, k = len(y), len(models)

@@ -38,9 +38,6 @@ from fastrob.objective import Objective
 # are kept for the code that imports them from here
 METHODS = method_registry.NAMES
 INTERPRETATION_KINDS = tuple(m.name for m in method_registry.REGISTRY.values() if m.warmup)  # Boopathy et al. 2020
-# the regularizers' default lam, used when --lam is not given; lipschitz has none: without --lam
-# its psi adapts (Woods et al. 2019), with --lam psi is fixed to it
-DEFAULT_LAM = {m.name: m.default_lam for m in method_registry.REGISTRY.values() if m.default_lam is not None}
 CHECKPOINT, METRICS, CURVE = "checkpoint.pt", "metrics.json", "training.png"
 
 

@@ -34,8 +34,8 @@ struct BatchNormGeometry {
 // MODE 0: sum(x - K), sum((x - K)^2); 1: sum(gy), sum(gy xhat); 2: those and sum(V), sum(V xhat), sum(V gy).
 template <typename T, int MODE>
 __global__ void batch_norm_reduce_kernel(const T* __restrict__ x, const T* __restrict__ gy, const T* __restrict__ v,
-                                 const float* __restrict__ mean, const float* __restrict__ invstd,
-                                 float* __restrict__ part, BatchNormGeometry g) {
+                                         const float* __restrict__ mean, const float* __restrict__ invstd,
+                                         float* __restrict__ part, BatchNormGeometry g) {
   constexpr int K = MODE == 2 ? 5 : 2;
   extern __shared__ float smem[];  // [K][blockDim.y][blockDim.x]
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -87,7 +87,8 @@ __global__ void batch_norm_reduce_kernel(const T* __restrict__ x, const T* __res
   }
 }
 
-__device__ __forceinline__ float batch_norm_split_sum(const float* part, int k, int64_t c, int64_t channels, int splits) {
+__device__ __forceinline__ float batch_norm_split_sum(const float* part, int k, int64_t c, int64_t channels,
+                                                      int splits) {
   float s = 0.f;
   for (int i = 0; i < splits; ++i) s += part[(static_cast<int64_t>(i) * kBnSums + k) * channels + c];
   return s;
@@ -96,9 +97,10 @@ __device__ __forceinline__ float batch_norm_split_sum(const float* part, int k, 
 // Finalizes: one thread per channel.
 template <typename T>
 __global__ void batch_norm_forward_finalize_kernel(const T* __restrict__ x, const float* __restrict__ w,
-                                           const float* __restrict__ b, const float* __restrict__ part,
-                                           float* __restrict__ coef, float* __restrict__ mean,
-                                           float* __restrict__ invstd, BatchNormGeometry g, int splits, float eps) {
+                                                   const float* __restrict__ b, const float* __restrict__ part,
+                                                   float* __restrict__ coef, float* __restrict__ mean,
+                                                   float* __restrict__ invstd, BatchNormGeometry g, int splits,
+                                                   float eps) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.c) return;
   const float m = static_cast<float>(g.rows);
@@ -111,12 +113,14 @@ __global__ void batch_norm_forward_finalize_kernel(const T* __restrict__ x, cons
 }
 
 __global__ void batch_norm_backward_finalize_kernel(const float* __restrict__ w, const float* __restrict__ invstd,
-                                            const float* __restrict__ part, float* __restrict__ coef,
-                                            float* __restrict__ gw, float* __restrict__ gb, BatchNormGeometry g, int splits) {
+                                                    const float* __restrict__ part, float* __restrict__ coef,
+                                                    float* __restrict__ gw, float* __restrict__ gb, BatchNormGeometry g,
+                                                    int splits) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.c) return;
   const float m = static_cast<float>(g.rows);
-  const float s_gy = batch_norm_split_sum(part, 0, c, g.c, splits), s_gyx = batch_norm_split_sum(part, 1, c, g.c, splits);
+  const float s_gy = batch_norm_split_sum(part, 0, c, g.c, splits);
+  const float s_gyx = batch_norm_split_sum(part, 1, c, g.c, splits);
   const float wr = (w ? w[c] : 1.f) * invstd[c];
   gb[c] = s_gy;
   gw[c] = s_gyx;
@@ -125,10 +129,11 @@ __global__ void batch_norm_backward_finalize_kernel(const float* __restrict__ w,
   coef[3 * g.c + c] = -wr * s_gy / m;
 }
 
-__global__ void batch_norm_double_backward_finalize_kernel(const float* __restrict__ w, const float* __restrict__ invstd,
-                                                   const float* __restrict__ ggw, const float* __restrict__ ggb,
-                                                   const float* __restrict__ part, float* __restrict__ coef,
-                                                   float* __restrict__ d_w, BatchNormGeometry g, int splits) {
+__global__ void batch_norm_double_backward_finalize_kernel(const float* __restrict__ w,
+                                                           const float* __restrict__ invstd,
+                                                           const float* __restrict__ ggw, const float* __restrict__ ggb,
+                                                           const float* __restrict__ part, float* __restrict__ coef,
+                                                           float* __restrict__ d_w, BatchNormGeometry g, int splits) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= g.c) return;
   const int64_t C = g.c;
@@ -153,9 +158,9 @@ __global__ void batch_norm_double_backward_finalize_kernel(const float* __restri
 // Element-wise over all elements; flat index i has channel (i / stride_c) % C.
 template <typename T>
 __global__ void batch_norm_apply_kernel(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ b,
-                                const float* __restrict__ mean, const float* __restrict__ invstd,
-                                const float* __restrict__ coef, T* __restrict__ out0, T* __restrict__ out1,
-                                int64_t n, int64_t stride_c, int64_t channels) {
+                                        const float* __restrict__ mean, const float* __restrict__ invstd,
+                                        const float* __restrict__ coef, T* __restrict__ out0, T* __restrict__ out1,
+                                        int64_t n, int64_t stride_c, int64_t channels) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const int64_t c = (i / stride_c) % channels, C = channels;

@@ -27,7 +27,7 @@ __device__ __forceinline__ float cross_entropy_target(const CrossEntropyRow& r, 
 // block combines them: max first, each thread rescales its sum to it, then one block sum.
 template <typename T>
 __global__ void cross_entropy_forward_kernel(const T* __restrict__ z, CrossEntropyRow r, float* __restrict__ loss,
-                                  float* __restrict__ lse) {
+                                             float* __restrict__ lse) {
   __shared__ float scratch[64];
   const int64_t b = blockIdx.x;
   const T* row = z + b * r.cols;
@@ -60,8 +60,8 @@ __global__ void cross_entropy_forward_kernel(const T* __restrict__ z, CrossEntro
 // Elementwise over all rows * cols elements.
 template <typename T>
 __global__ void cross_entropy_backward_kernel(const T* __restrict__ z, CrossEntropyRow r, const float* __restrict__ lse,
-                                   const float* __restrict__ gl, const float* __restrict__ gs, T* __restrict__ dz,
-                                   int64_t n) {
+                                              const float* __restrict__ gl, const float* __restrict__ gs,
+                                              T* __restrict__ dz, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const int64_t b = i / r.cols, col = i % r.cols;
@@ -72,10 +72,11 @@ __global__ void cross_entropy_backward_kernel(const T* __restrict__ z, CrossEntr
 
 // One block per row, two passes: p.V and sum V, then d_z (which needs p.V).
 template <typename T>
-__global__ void cross_entropy_double_backward_kernel(const T* __restrict__ z, CrossEntropyRow r, const float* __restrict__ lse,
-                                          const float* __restrict__ gl, const float* __restrict__ gs,
-                                          const T* __restrict__ v, T* __restrict__ d_z, float* __restrict__ d_gl,
-                                          float* __restrict__ d_gs) {
+__global__ void cross_entropy_double_backward_kernel(const T* __restrict__ z, CrossEntropyRow r,
+                                                     const float* __restrict__ lse, const float* __restrict__ gl,
+                                                     const float* __restrict__ gs, const T* __restrict__ v,
+                                                     T* __restrict__ d_z, float* __restrict__ d_gl,
+                                                     float* __restrict__ d_gs) {
   __shared__ float scratch[64];
   const int64_t b = blockIdx.x, base = b * r.cols;
   const float l = lse[b], scale = gs ? gl[b] + gs[b] : gl[b];

@@ -119,3 +119,40 @@ def test_auto_uses_the_registered_trust_policy(monkeypatch):
             _backend.set_trust_policy("trust me")
     finally:
         _backend.clear_auto_cache()
+
+
+def test_ptx_only_where_the_build_record_says(monkeypatch):
+    # TORCH_CUDA_ARCH_LIST="8.0;9.0" (no +PTX): nothing runs on a newer major than 9
+    record = {"built": True, "archs": ["80", "90"], "ptx": []}
+    monkeypatch.setattr(_backend, "extension_build_record", lambda: record)
+    assert _backend.extension_runs_on((9, 0)) and not _backend.extension_runs_on((12, 0))
+    record["ptx"] = ["80"]  # "8.0+PTX;9.0": PTX from sm_80 also serves newer GPUs
+    assert _backend.extension_runs_on((12, 0))
+
+
+@pytest.mark.parametrize(
+    "driver, says",
+    [
+        (0, "no NVIDIA driver is installed"),
+        (12080, "the NVIDIA driver supports CUDA up to 12.8, but fastrob._C was built with the CUDA 13.0 runtime"),
+    ],
+)
+def test_cuda_status_tells_no_driver_from_an_old_driver(monkeypatch, driver, says):
+    class Extension:
+        cuda_runtime_version = 13000
+
+        @staticmethod
+        def device_count():
+            return -1, "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"
+
+        @staticmethod
+        def driver_version():
+            return driver
+
+    monkeypatch.setattr(_backend, "_load_extension", lambda: (Extension, ""))
+    _backend.status.cache_clear()
+    try:
+        reason = _backend.status("cuda").reason
+    finally:
+        _backend.status.cache_clear()
+    assert says in reason

@@ -1,4 +1,4 @@
-"""Bad input and faults (issue 15): no number that looks valid when it is not, no model state
+"""Bad input and faults: no number that looks valid when it is not, no model state
 changed behind the user's back, no run lost, and from the CLI one line instead of a traceback."""
 
 import os

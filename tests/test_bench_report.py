@@ -1,4 +1,4 @@
-"""bench/report.py (the README's generated performance table) and the `fastrob bench` command."""
+"""bench/report.py (the generated performance table of docs/benchmarks.md) and the `fastrob bench` command."""
 
 import csv
 import sys
@@ -63,58 +63,58 @@ def setup(tmp_path):
             _row("input_gradient_fd", "input_grad_fd", "peak_rss_rise_mib", 30.0),
         ],
     )
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Benchmarks\n\ntext\n\n{report.START}\nold table 1.23x\n{report.END}\n\n## Next\n")
-    return results, readme
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"# Benchmarks\n\n## Results\n\ntext\n\n{report.START}\nold table 1.23x\n{report.END}\n\n## Next\n")
+    return results, page
 
 
-def _lines(readme, op):
-    return [line for line in readme.read_text().splitlines() if line.startswith(f"| {op} |")]
+def _lines(page, op):
+    return [line for line in page.read_text().splitlines() if line.startswith(f"| {op} |")]
 
 
 def test_ratio_direction_and_bandwidth_column(setup):
-    results, readme = setup
-    assert report.main(["--results", str(results), "--readme", str(readme)]) == 0
-    (step,) = _lines(readme, "pgd_step_linf")
+    results, page = setup
+    assert report.main(["--results", str(results), "--page", str(page)]) == 0
+    (step,) = _lines(page, "pgd_step_linf")
     cells = [c.strip() for c in step.strip("|").split("|")]
     assert cells[3:5] == ["triton", "eager"]
     assert cells[7:10] == ["4.00x", "80", "80%"]
-    (pgd,) = _lines(readme, "pgd10")
+    (pgd,) = _lines(page, "pgd10")
     assert "| 3.00x |" in pgd  # a rate: fastrob / reference, not reference / fastrob
-    (fd,) = _lines(readme, "input_gradient_fd")
+    (fd,) = _lines(page, "input_gradient_fd")
     assert "| 0.50x |" in fd and "30 / 40" in fd  # a time: reference / fastrob; memory from the reference's op
-    assert "old table" not in readme.read_text()
-    assert readme.read_text().endswith(f"{report.END}\n\n## Next\n")
+    assert "old table" not in page.read_text()
+    assert page.read_text().endswith(f"{report.END}\n\n## Next\n")
     assert (results / "speedup.png").stat().st_size > 1000
 
 
 def test_replacement_is_idempotent_and_check_detects_stale(setup, capsys):
-    results, readme = setup
-    args = ["--results", str(results), "--readme", str(readme)]
+    results, page = setup
+    args = ["--results", str(results), "--page", str(page)]
     assert report.main(args + ["--check"]) == 1  # the placeholder is stale
     report.main(args)
-    once = readme.read_text()
+    once = page.read_text()
     report.main(args)
-    assert readme.read_text() == once
+    assert page.read_text() == once
     assert once.count(report.START) == 1 and once.count(report.END) == 1
     assert report.main(args + ["--check"]) == 0
     # a new measurement makes the table stale again, and --check writes nothing
     with (results / "test-gpu.csv").open("a", newline="") as f:
         csv.DictWriter(f, fieldnames=COLUMNS).writerow(_row("pgd10", "fastrob", "images_per_s", 500.0))
     assert report.main(args + ["--check"]) == 1
-    assert readme.read_text() == once
+    assert page.read_text() == once
     report.main(args)
-    (pgd,) = _lines(readme, "pgd10")
+    (pgd,) = _lines(page, "pgd10")
     assert "| 5.00x |" in pgd  # the last row of a measurement wins
 
 
 def test_missing_markers_is_an_error(setup):
-    results, readme = setup
-    readme.write_text("# no markers\n")
-    assert report.main(["--results", str(results), "--readme", str(readme), "--check"]) == 2
+    results, page = setup
+    page.write_text("# no markers\n")
+    assert report.main(["--results", str(results), "--page", str(page), "--check"]) == 2
 
 
-def test_committed_readme_table_is_current():
+def test_committed_table_is_current():
     assert report.main(["--check"]) == 0
 
 

@@ -115,7 +115,7 @@ def test_demo_trains_four_models_and_compares_them(tmp_path):
 
 @pytest.mark.slow
 def test_full_demo_shows_what_the_docs_say(tmp_path):
-    """The real demo (the README's `fastrob demo` section): every robust method beats the plain
+    """The real demo (docs/cli.md, `fastrob demo`): every robust method beats the plain
     model at eps 0.1 and in ARA, and TRADES is the most robust at the largest eps."""
     result = fastrob("demo", "--quiet", "--out", str(tmp_path / "demo"), timeout=600)
     assert result.returncode == 0, result.stderr

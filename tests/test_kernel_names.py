@@ -81,3 +81,15 @@ def test_activation_codes_equal_the_kernels_tables():
     assert sorted(map(int, re.findall(r"case (\d+):", switch))) == codes[:-1]
     triton = read("fastrob/triton/bias_act.py")
     assert sorted(map(int, re.findall(r"ACT == (\d+)", triton))) == codes[:-1]
+
+
+def test_the_built_extension_has_every_launcher_the_ops_call():
+    from fastrob import _backend
+
+    module, reason = _backend._load_extension()
+    if module is None:
+        pytest.skip(reason)
+    names = {
+        cuda for op in fused_op_names() if "cuda" in fused_op(op).fused_backends for _, cuda in launched_kernels(op)
+    }
+    assert names and not {name for name in names if not hasattr(module, name)}

@@ -130,7 +130,7 @@ def test_eval_mode_calls_leave_psi_alone_and_an_empty_batch_is_refused():
     assert reg.R == 0.0  # a validation loss
     reg(model.train(), x, y)
     assert reg.R > 0.0
-    with pytest.raises(ValueError, match="x holds no samples"):  # its mean loss would be NaN (issue 15)
+    with pytest.raises(ValueError, match="x holds no samples"):  # its mean loss would be NaN
         reg(model, x[:0], y[:0])
 
 

@@ -9,7 +9,10 @@ import torch
 from fastrob import methods
 from fastrob.cli import build_parser
 from fastrob.models import build_model
-from fastrob.trainer import DEFAULT_LAM, INTERPRETATION_KINDS, METHODS, TrainConfig, build_objective, describe
+from fastrob.trainer import INTERPRETATION_KINDS, METHODS, TrainConfig, build_objective, describe
+
+# each method's default lam, as the registry holds it (None: the method has no lam, or lipschitz's adaptive psi)
+DEFAULT_LAM = {m.name: m.default_lam for m in methods.REGISTRY.values() if m.default_lam is not None}
 
 # What describe printed before the registry (the if-chains of fastrob.trainer at commit 00c49cb,
 # run once): the default config, and one with every parameter describe reads changed.

@@ -247,7 +247,7 @@ def test_bf16_autocast(reg):
     if not isinstance(reg, JacobianRegularizer) or reg.exact:  # deterministic: compare with float32
         ref = reg(reference, x, y)
         # fd divides a difference of bf16 losses by h = 0.01, which amplifies bf16's rounding
-        # (README, Regularizers): only the order of magnitude is expected there.
+        # (docs/regularizers.md): only the order of magnitude is expected there.
         rtol = 0.5 if getattr(reg, "mode", "") == "fd" else 0.15
         torch.testing.assert_close(out.penalty, ref.penalty, rtol=rtol, atol=1e-3)
 

@@ -12,9 +12,6 @@ Modules, one job each: ``config`` (the validated settings and the default step r
 modes, bf16 autocast and input checks), ``engine`` (the loop), ``graph`` (its CUDA-graph capture);
 docs/design.md has the whole table."""
 
-import sys
-import types
-
 from fastrob.attacks.config import (
     ALPHA_FACTOR,
     NORMS,
@@ -56,36 +53,6 @@ __all__ = [
     "trades_perturb",
 ]
 
-
-def _legacy_pgd_module() -> types.ModuleType:
-    """``fastrob.attacks.pgd`` as a module (deprecated): what ``from fastrob.attacks.pgd import ...``
-    found before the split. Registered in sys.modules only, so that the attribute
-    ``fastrob.attacks.pgd`` stays the function."""
-    module = types.ModuleType(
-        __name__ + ".pgd",
-        "Deprecated alias of the attacks before the split: import "
-        "from fastrob.attacks (pgd, PGD, PGDL2, FGSM, Attack, attack_context, kl_loss, "
-        "margin_loss, trades_perturb) instead.",
-    )
-    for name in (
-        "Attack",
-        "FGSM",
-        "PGD",
-        "PGDL2",
-        "attack_context",
-        "kl_loss",
-        "margin_loss",
-        "pgd",
-        "trades_perturb",
-        "LOSSES",
-        "STARTS",
-    ):
-        setattr(module, name, globals()[name])
-    module.NORMS = NORMS
-    return module
-
-
-sys.modules.setdefault(__name__ + ".pgd", _legacy_pgd_module())
 
 # after the engine: these import fastrob.metrics, whose modules run the attacks above
 from fastrob.attacks.explanation import adversarial_explanation  # noqa: E402

@@ -85,7 +85,7 @@ def isa(
     minimises
         L(x') = max(max_{j≠t} z_j(x') - z_t(x'), -kappa) + gamma·D(x, x')
     over the ball ||δ|| <= eps (``norm``) ∩ [0, 1], with D the interpretation discrepancy
-    (``fastrob.metrics.interpretation.discrepancy`` of the true label y, ``kind``) and t the target.
+    (``fastrob.metrics.discrepancy`` of the true label y, ``kind``) and t the target.
 
     1. eps: bisection on [0, eps_max] for the smallest radius at which the plain targeted attack
        (gamma = 0) succeeds (argmax = t): first a try at eps_max (samples failing there are

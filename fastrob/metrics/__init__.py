@@ -59,7 +59,7 @@ __all__ = [
     "top_k_sensitive",
 ]
 
-# the gradient-masking report (issue 14)
+# the gradient-masking report: can a robust accuracy measured by gradient attacks be believed
 from fastrob.metrics.masking import MaskingCheck, MaskingReport, masking_report  # noqa: E402
 
 __all__ += ["MaskingCheck", "MaskingReport", "masking_report"]

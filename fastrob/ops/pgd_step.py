@@ -186,8 +186,8 @@ def _pgd_step_cuda(
         floats = ext.pgd_step_l2_workspace_floats(batch, per_sample)
         if floats:
             workspace = torch.empty(floats, device=x_adv.device, dtype=torch.float32)
-    launch = ext.pgd_step_linf if norm == "linf" else ext.pgd_step_l2
-    launch(
+    step = ext.pgd_step_linf if norm == "linf" else ext.pgd_step_l2
+    step(
         x_adv.data_ptr(),
         grad.data_ptr(),
         x_orig.data_ptr(),

@@ -1,5 +1,5 @@
 """Regularizers: called on (model, x, y), each returns the whole training objective
-(``fastrob.objective.Objective``: loss, ce, penalty, logits). See README, Regularizers."""
+(``fastrob.objective.Objective``: loss, ce, penalty, logits). See docs/regularizers.md."""
 
 from fastrob.regularizers.input_gradient import InputGradientRegularizer
 from fastrob.regularizers.interpretation import InterpretationRegularizer

@@ -52,7 +52,7 @@ class InputGradientRegularizer:
     BatchNorm's running statistics: they move once, from the clean forward. With ReLU networks
     (ReLU'' = 0 almost everywhere) the input gradient is constant on each activation region, so the
     exact penalty's parameter gradient never sees how moving a kink would change it; use smooth
-    activations (softplus, GELU) for the penalty to smooth the function (README, Regularizers).
+    activations (softplus, GELU) for the penalty to smooth the function (docs/regularizers.md).
 
     Args:
         lam: the weight of the penalty, >= 0 (default 0.1, Finlay & Oberman).

@@ -24,7 +24,7 @@ KINDS = ("int", "int_adv", "int2", "int2_adv")
 
 class InterpretationRegularizer:
     """Boopathy et al.'s interpretability-aware objectives, with D the l1 interpretation
-    discrepancy (``fastrob.metrics.interpretation.discrepancy``, 2-class by default) and
+    discrepancy (``fastrob.metrics.discrepancy``, 2-class by default) and
     x* the inner attack's result in the ball B(x, eps) ∩ [0, 1]:
 
         kind        inner attack maximises        loss

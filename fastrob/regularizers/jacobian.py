@@ -39,7 +39,7 @@ class JacobianRegularizer:
           compute exactly the B-batch function; the CE then comes from a separate clean forward
           of B, the only one that moves the running statistics. Without interacting samples the
           CE reuses the first copy's logits and there is one forward in all.
-      "auto": "graph". Measured on CPU (README, Regularizers), "replicate" was 3x slower than
+      "auto": "graph". Measured on CPU (docs/regularizers.md), "replicate" was 3x slower than
           the loop at 128x3x32x32 and a vmapped VJP (``is_grads_batched``) 1.45x slower; the
           choice is to be measured again on a GPU, where fewer, larger kernels should pay.
     Extra forward passes never move BatchNorm's running statistics: they move once per call, as
