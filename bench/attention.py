@@ -1,7 +1,7 @@
 """Twice-differentiable attention against torch's math attention, and a ViT's exact input-gradient
 step against its plain step.
 
-    python -m bench.attention [--quick] [--device cpu|cuda]
+    python -m bench.attention [--quick] [--device cpu|cuda] [--rows all|op|model]
 
 Op rows (``attention_{forward,backward,double_backward}``), float32, [B, H, N, 64] with
 N in {65, 197, 257} (B x H = 8 x 3 on CPU, 32 x 12 on a GPU): the forward; the gradients of q, k, v;
@@ -24,6 +24,7 @@ bench/results/<device>.csv.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import parse_device_args, peak_memory, row, save_results, time_ms
+from bench.common import peak_memory, row, save_results, time_ms
 from bench.regularizers import set_mmap_threshold
 from fastrob.models import ViT
 from fastrob.ops import attention
@@ -145,11 +146,18 @@ def model_rows(device, quick) -> list:
 
 
 def main(argv=None) -> None:
-    args, device = parse_device_args(__doc__, argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="N = 65 and one small ViT batch only")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", choices=("all", "op", "model"), default="all", help="which rows to measure")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
     if device.type == "cpu":
         set_mmap_threshold(64 * 1024)  # resident memory follows the live tensors (bench.regularizers)
     print(f"device {device}, {torch.get_num_threads()} threads")
-    rows = op_rows(device, args.quick) + model_rows(device, args.quick)
+    rows = (op_rows(device, args.quick) if args.rows in ("all", "op") else []) + (
+        model_rows(device, args.quick) if args.rows in ("all", "model") else []
+    )
     save_results(rows, device, quick=args.quick)
 
 
