@@ -319,6 +319,26 @@ def specs(quick: bool = False) -> list[Spec]:
                 dict(BLOCK=pg.L2_CHUNK),
             )
         )
+    # attention: q (scaled in torch), lse, delta and dq in the accumulate dtype; the mask pointer is q's without a mask
+    from fastrob.triton import attention as at
+
+    at_ints = dict(n_q="i32", n_k="i32", d="i32", heads="i32", sm_b="i32", sm_h="i32", sm_i="i32", sm_j="i32")
+    at_kernels = (at._attention_forward_kernel, at._attention_backward_dkdv_kernel, at._attention_backward_dq_kernel)
+    for dtype in diff_dtypes:
+        s, a = STORAGE[dtype], "fp64" if dtype == "float64" else "fp32"
+        for block_d in (64,) if quick else (32, 64, 128):
+            for has_mask, causal in ((False, False), (True, False), (False, True)):
+                block_m, block_n, _ = at._blocks(block_d)
+                c = dict(HAS_MASK=has_mask, CAUSAL=causal, CT=_ct(dtype), BLOCK_M=block_m, BLOCK_N=block_n)
+                for kernel in at_kernels:
+                    out.append(
+                        _spec(
+                            f"{kernel.fn.__name__.strip('_')}[{dtype},d={block_d},mask={int(has_mask)},causal={int(causal)}]",
+                            kernel,
+                            {**_ptr_types(kernel, s, a, ("q", "lse", "delta", "dq")), **at_ints},
+                            dict(c, BLOCK_D=block_d),
+                        )
+                    )
     return out
 
 

@@ -107,6 +107,7 @@ else
   # with the rows of the modern activations and layer norm (6 ops x 3 passes x up to 3 providers more)
   step bench-ops 90 "$PY" -m bench.ops
   step bench-regularizers 70 "$PY" -m bench.regularizers
+  step bench-attention 90 "$PY" -m bench.attention
   if has_module torchattacks; then
     step bench-attacks 60 "$PY" -m bench.attacks
   else

@@ -27,6 +27,7 @@ from fastrob._checks import (
     check_model_input,
     check_tensor,
 )
+from fastrob.attention_routing import check_twice_differentiable
 from fastrob.ops._common import resolve_backend
 from fastrob.ops.cross_entropy import cross_entropy_unchecked
 from fastrob.ops.sqnorm import sqnorm
@@ -67,6 +68,7 @@ def input_gradient_penalty(
     if norm not in INPUT_GRADIENT_NORMS:
         raise ValueError(f"norm must be one of {INPUT_GRADIENT_NORMS}, got {norm!r}")
     _check_differentiable(loss_per_sample, x)
+    check_twice_differentiable(loss_per_sample, "loss_per_sample")
     g = input_grad(loss_per_sample.sum(), x, create_graph=True)
     if weight is not None:
         g = g * weight
@@ -160,6 +162,7 @@ def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.T
     per sample and projection (random: Hoffman's unbiased estimate; one-hot: the exact value).
     One VJP per projection (see ``jacobian_penalty`` for why not a vmapped one).
     """
+    check_twice_differentiable(logits, "the logits")
     total = 0.0
     for p in range(v.shape[0]):
         g = input_grad(logits, x, v[p], create_graph=True, retain_graph=True)

@@ -155,3 +155,61 @@ def build_model(name: str, in_shape: Sequence[int], num_classes: int, activation
     if min(in_shape[1:]) < 8:
         raise ValueError(f"resnet18 needs inputs of at least 8x8, got {in_shape[1]}x{in_shape[2]} (use --size 32)")
     return PreActResNet18(num_classes, in_shape[0], activation_name=activation_name)
+
+
+class _ViTBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) with GELU."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def attend(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def forward(self, x):
+        b, n, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(self.attend(q, k, v).transpose(1, 2).reshape(b, n, dim))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer in the layout of timm's: patch embedding (a strided conv), class
+    token, learned position embedding, pre-norm blocks whose attention is
+    ``F.scaled_dot_product_attention``, final LayerNorm, linear head on the class token.
+    ``ViT(224, 16, dim=192, depth=12, heads=3)`` has ViT-Tiny's shape (197 tokens)."""
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        patch: int = 4,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 2,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        check_int("patch", patch, 1)
+        if image_size % patch or dim % heads:
+            raise ValueError(
+                f"image_size must be a multiple of patch and dim of heads, got {image_size}, {patch}, {dim}, {heads}"
+            )
+        tokens = (image_size // patch) ** 2 + 1
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, tokens, dim))
+        self.blocks = nn.Sequential(*(_ViTBlock(dim, heads, mlp_ratio) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])

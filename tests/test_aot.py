@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 aot = importlib.import_module("bench.aot_compile")
 
 # @triton.jit helpers that are inlined into the kernels, never launched themselves
-HELPERS = {"_clamp", "_act", "_load_u", "_split_sum", "_weight", "_offsets", "_column"}
+HELPERS = {"_clamp", "_act", "_load_u", "_split_sum", "_weight", "_offsets", "_column", "_scores"}
 
 
 def launched_kernels() -> set:

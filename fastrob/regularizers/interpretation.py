@@ -11,6 +11,7 @@ import torch
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_generator, check_int, check_logits
 from fastrob.attacks import AttackConfig, Evaluation, ascend, attack_context, check_random_start, pgd
+from fastrob.attention_routing import twice_differentiable_attention
 from fastrob.compiled import eager_for_double_backward
 from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
@@ -188,7 +189,8 @@ class InterpretationRegularizer:
                 generator=self.generator,
             )
         classes = self._classes(y)
-        with attack_context(model):
+        # the attack's objective holds maps, whose gradient maps are differentiated (attention_routing)
+        with attack_context(model), twice_differentiable_attention(self.backend):
             maps_clean, _ = self._map_fn(model, x, classes, create_graph=False)
             objective = _InterpretationObjective(self, maps_clean.detach(), y, classes)
             result = ascend(
@@ -222,7 +224,7 @@ class InterpretationRegularizer:
         module = unwrap(model)
         ddp = module is not model
         adv = self.kind.endswith("_adv")
-        with Fn.preserved_buffers(module):
+        with Fn.preserved_buffers(module), twice_differentiable_attention(self.backend):
             maps_clean, logits_clean = self._map_fn(module, x, classes, create_graph=True)
             check_logits(logits_clean, x.shape[0], y)
             maps_adv, logits_adv = self._map_fn(module, x_adv.detach(), classes, create_graph=True)
