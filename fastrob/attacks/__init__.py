@@ -9,12 +9,16 @@ arguments: ``APGD`` and ``APGDT`` (``apgd``), ``FAB``, ``Square`` (``square``) a
 
 Modules, one job each: ``config`` (the validated settings and the default step rule), ``losses``
 (CE, margin, KL, DLR), ``starts`` (random starts and the attacks' generator), ``state`` (model
-modes, bf16 autocast and input checks), ``engine`` (the loop), ``graph`` (its CUDA-graph capture);
-docs/design.md has the whole table."""
+modes, bf16 autocast and input checks), ``engine`` (the loop), ``graph`` (its CUDA-graph capture),
+``ball`` (the eps-ball and box an output must respect), ``factory`` (the attacks built by name and
+their descriptions); docs/design.md has the whole table."""
 
 import sys
 import types
 
+from fastrob.attacks.apgd import APGD, APGDT, apgd
+from fastrob.attacks.autoattack import AutoAttack, AutoAttackRecord
+from fastrob.attacks.ball import attack_ball, check_attack_output, inside_ball
 from fastrob.attacks.config import (
     ALPHA_FACTOR,
     NORMS,
@@ -25,17 +29,28 @@ from fastrob.attacks.config import (
     default_alpha,
 )
 from fastrob.attacks.engine import AscentResult, Evaluation, ascend
+from fastrob.attacks.explanation import adversarial_explanation
+from fastrob.attacks.fab import FAB
+from fastrob.attacks.factory import ATTACKS, describe_attack, make_attack
+from fastrob.attacks.isa import ISAResult, isa
 from fastrob.attacks.losses import LOSSES, dlr_loss, kl_loss, margin_loss, targeted_dlr_loss
 from fastrob.attacks.projected_gradient import pgd, trades_perturb
+from fastrob.attacks.square import Square, square
 from fastrob.attacks.state import attack_context
 from fastrob.attacks.torchattacks_compat import FGSM, PGD, PGDL2, Attack
 
 __all__ = [
     "ALPHA_FACTOR",
+    "APGD",
+    "APGDT",
+    "ATTACKS",
     "AscentResult",
     "Attack",
     "AttackConfig",
+    "AutoAttack",
+    "AutoAttackRecord",
     "Evaluation",
+    "FAB",
     "FGSM",
     "ISAResult",
     "LOSSES",
@@ -43,16 +58,26 @@ __all__ = [
     "PGD",
     "PGDL2",
     "STARTS",
+    "Square",
     "adversarial_explanation",
+    "apgd",
     "ascend",
+    "attack_ball",
     "attack_context",
+    "check_attack_output",
     "check_norm",
     "check_random_start",
     "default_alpha",
+    "describe_attack",
+    "dlr_loss",
+    "inside_ball",
     "isa",
     "kl_loss",
+    "make_attack",
     "margin_loss",
     "pgd",
+    "square",
+    "targeted_dlr_loss",
     "trades_perturb",
 ]
 
@@ -86,29 +111,3 @@ def _legacy_pgd_module() -> types.ModuleType:
 
 
 sys.modules.setdefault(__name__ + ".pgd", _legacy_pgd_module())
-
-# after the engine: these import fastrob.metrics, whose modules run the attacks above
-from fastrob.attacks.explanation import adversarial_explanation  # noqa: E402
-
-# FAB (Croce & Hein 2020)
-from fastrob.attacks.fab import FAB  # noqa: E402
-from fastrob.attacks.isa import ISAResult, isa  # noqa: E402
-
-__all__ += ["FAB"]
-
-# AutoAttack's parts (Croce & Hein 2020; Andriushchenko et al. 2020)
-from fastrob.attacks.apgd import APGD, APGDT, apgd  # noqa: E402
-from fastrob.attacks.autoattack import AutoAttack, AutoAttackRecord  # noqa: E402
-from fastrob.attacks.square import Square, square  # noqa: E402
-
-__all__ += [
-    "APGD",
-    "APGDT",
-    "AutoAttack",
-    "AutoAttackRecord",
-    "Square",
-    "apgd",
-    "dlr_loss",
-    "square",
-    "targeted_dlr_loss",
-]

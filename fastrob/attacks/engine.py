@@ -26,6 +26,7 @@ import torch
 from fastrob import _backend
 from fastrob._checks import check_logits
 from fastrob.attacks.graph import GraphUnavailable, run_captured
+from fastrob.attacks.rows import Rows, first_rows
 from fastrob.attacks.starts import draw_start
 from fastrob.attacks.state import attack_context
 from fastrob.ops.pgd_step import pgd_step_unchecked
@@ -87,22 +88,6 @@ def evaluate(objective: Objective, model, x_adv: torch.Tensor, rows: torch.Tenso
     return detached, grad
 
 
-class _Rows:
-    """The iterates still being attacked: row i is sample idx[i] % B of restart idx[i] // B."""
-
-    FIELDS = ("x_adv", "x0", "eps", "alpha", "idx", "samples")
-
-    def __init__(self, x_adv, x0, eps, alpha, idx, batch=None):
-        self.x_adv, self.x0, self.eps, self.alpha, self.idx = x_adv, x0, eps, alpha, idx
-        self.samples = idx % batch if batch is not None else None  # the rows' sample indices
-
-    def keep(self, mask):
-        for name in self.FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value[mask])
-
-
 class _Best:
     """Per sample the successful iterate of lowest score so far (``found``), then, for samples
     never successful, the final iterate of highest value over the restarts."""
@@ -120,7 +105,7 @@ class _Best:
     def found(self):
         return self.score < float("inf")
 
-    def record(self, rows: _Rows, ev: Evaluation):
+    def record(self, rows: Rows, ev: Evaluation):
         """Keep, per sample, the iterate that fools with the lowest score (ties: the lowest row),
         without a host synchronisation."""
         samples = rows.samples
@@ -129,20 +114,13 @@ class _Best:
         masked = torch.where(better, score, torch.full_like(score, float("inf")))
         lowest = self.score.clone().scatter_reduce_(0, samples, masked, reduce="amin", include_self=True)
         sentinel = rows.idx.numel()
-        winner = better & (masked == lowest[samples])
-        first = torch.full((self.batch,), sentinel, device=samples.device, dtype=torch.long)
-        first.scatter_reduce_(
-            0,
-            samples,
-            torch.where(winner, torch.arange(sentinel, device=samples.device), torch.full_like(samples, sentinel)),
-            reduce="amin",
-        )
+        first = first_rows(better & (masked == lowest[samples]), samples, self.batch)
         update = first < sentinel
         picked = rows.x_adv[first.clamp(max=max(sentinel - 1, 0))] if sentinel else self.out
         self.out = torch.where(update.view(-1, *([1] * (self.out.dim() - 1))), picked.to(self.out.dtype), self.out)
         self.score = torch.where(update, lowest, self.score)
 
-    def record_final(self, rows: _Rows, ev: Evaluation):
+    def record_final(self, rows: Rows, ev: Evaluation):
         """Over restarts: a final iterate that fools beats one that does not, then the higher value
         (ties: the earlier restart)."""
         samples = rows.samples
@@ -216,13 +194,14 @@ def ascend(
         groups = [list(range(restarts))] if restart_mode == "batch" or restarts == 1 else [[r] for r in range(restarts)]
         for g, group in enumerate(groups):
             idx = torch.cat([torch.arange(batch, device=x.device) + r * batch for r in group])
-            rows = _Rows(
-                torch.cat([starts[r] for r in group]),
-                x.repeat((len(group),) + (1,) * (x.dim() - 1)),
-                _repeat(eps, len(group)),
-                _repeat(alpha, len(group)),
-                idx,
-                batch,
+            # row i is sample idx[i] % B of restart idx[i] // B
+            rows = Rows(
+                x_adv=torch.cat([starts[r] for r in group]),
+                x0=x.repeat((len(group),) + (1,) * (x.dim() - 1)),
+                eps=_repeat(eps, len(group)),
+                alpha=_repeat(alpha, len(group)),
+                idx=idx,
+                samples=idx % batch,
             )
             if g > 0 and robust_only:  # samples already successful need no further restart
                 rows.keep(~best.found[rows.samples])
@@ -278,7 +257,7 @@ def _run(
     steps_left = steps
     if cuda_graph and steps > 0 and not early_stop:
         try:
-            rows.x_adv = run_captured(model, objective, rows, rows.samples, steps, step, graph_cache)
+            rows.x_adv = run_captured(model, objective, rows, rows.samples, steps, step, evaluate, graph_cache)
             steps_left = 0
         except GraphUnavailable:
             pass

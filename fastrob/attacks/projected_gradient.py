@@ -22,6 +22,7 @@ from fastrob.attacks.engine import Evaluation, ascend
 from fastrob.attacks.losses import LossFn, needs_clean_probabilities, per_sample_loss
 from fastrob.attacks.state import amp_forward, attack_context, check_attack_inputs
 from fastrob.distributed import unwrap
+from fastrob.ops._common import accumulate_dtype
 
 
 def fooled_by(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:
@@ -202,7 +203,7 @@ def pgd_cached(
         raise ValueError("robust_only=True drops fooled samples, so it needs early_stop=True (or None)")
     batch = x.shape[0]
     x = torch.clamp(x, 0, 1).detach() if clamp_input else x.detach()
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = accumulate_dtype(x.dtype)
     eps = per_sample_value("eps", eps, batch, x.device, dtype=compute)
     alpha = per_sample_value("alpha", alpha, batch, x.device, dtype=compute)
     backend = _backend.resolve(backend, x.device, x.dtype, op="pgd")

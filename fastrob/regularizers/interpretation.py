@@ -13,8 +13,8 @@ from fastrob._checks import check_float, check_generator, check_int, check_logit
 from fastrob.attacks import AttackConfig, Evaluation, ascend, attack_context, check_random_start, pgd
 from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
-from fastrob.metrics.map_discrepancy import KINDS as DISCREPANCIES
-from fastrob.metrics.map_discrepancy import discrepancy
+from fastrob.interpret_discrepancy import KINDS as DISCREPANCIES
+from fastrob.interpret_discrepancy import discrepancy
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
 
@@ -23,7 +23,7 @@ KINDS = ("int", "int_adv", "int2", "int2_adv")
 
 class InterpretationRegularizer:
     """Boopathy et al.'s interpretability-aware objectives, with D the l1 interpretation
-    discrepancy (``fastrob.metrics.interpretation.discrepancy``, 2-class by default) and
+    discrepancy (``fastrob.interpret_discrepancy.discrepancy``, 2-class by default) and
     x* the inner attack's result in the ball B(x, eps) ∩ [0, 1]:
 
         kind        inner attack maximises        loss
