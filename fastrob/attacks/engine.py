@@ -19,6 +19,7 @@ as a success; with early stop the engine keeps per sample the successful iterate
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -55,6 +56,21 @@ class AscentResult(NamedTuple):
 
     x_adv: torch.Tensor
     found: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What the step loop of one group of rows needs besides the rows (``ascend``'s arguments,
+    with the backend resolved once for x's device and dtype)."""
+
+    steps: int
+    norm: str
+    backend: str
+    early_stop: bool = False
+    robust_only: bool = False
+    need_final: bool = True
+    cuda_graph: bool = False
+    graph_cache: dict | None = None
 
 
 def restart_mode_for(device: torch.device) -> str:
@@ -184,8 +200,16 @@ def ascend(
         restart_mode = restart_mode_for(x.device)
     if robust_only and not early_stop:
         raise ValueError("robust_only=True drops fooled samples, so it needs early_stop=True")
-    need_final = need_final or restarts > 1 or early_stop
-    backend = _backend.resolve(backend, x.device, x.dtype, op="pgd")
+    settings = StepSettings(
+        steps=steps,
+        norm=norm,
+        backend=_backend.resolve(backend, x.device, x.dtype, op="pgd"),
+        early_stop=early_stop,
+        robust_only=robust_only,
+        need_final=need_final or restarts > 1 or early_stop,
+        cuda_graph=cuda_graph,
+        graph_cache=graph_cache,
+    )
     batch = x.shape[0]
     starts = [draw_start(x, eps, start, norm, generator) for _ in range(restarts)]
     best = _Best(x, restarts)
@@ -207,23 +231,9 @@ def ascend(
                 rows.keep(~best.found[rows.samples])
                 if not rows.idx.numel():
                     break
-            known = _run(
-                model,
-                objective,
-                rows,
-                best,
-                steps,
-                norm,
-                early_stop,
-                robust_only,
-                backend,
-                need_final,
-                cuda_graph,
-                graph_cache,
-                first=g == 0,
-            )
+            known = _run(model, objective, rows, best, settings, first=g == 0)
             fooled_known = fooled_known or known
-            if not need_final:
+            if not settings.need_final:
                 return AscentResult(rows.x_adv.clone(), None)
     return best.result(fooled_known)
 
@@ -232,32 +242,20 @@ def _repeat(value, times):
     return value.repeat(times) if isinstance(value, torch.Tensor) else value
 
 
-def _run(
-    model,
-    objective,
-    rows,
-    best,
-    steps,
-    norm,
-    early_stop,
-    robust_only,
-    backend,
-    need_final,
-    cuda_graph,
-    graph_cache,
-    first,
-):
-    """Steps ``rows`` ``steps`` times, recording successes (early stop) and the final iterates."""
+def _run(model, objective, rows: Rows, best: _Best, settings: StepSettings, first: bool) -> bool:
+    """Steps ``rows`` ``settings.steps`` times, recording successes (early stop) and the final
+    iterates; returns whether the objective reported successes."""
+    norm, backend, early_stop, robust_only = settings.norm, settings.backend, settings.early_stop, settings.robust_only
 
     def step(r, grad):
         return pgd_step_unchecked(
             r.x_adv, grad, r.x0, alpha=r.alpha, eps=r.eps, norm=norm, lower=0.0, upper=1.0, backend=backend
         )
 
-    steps_left = steps
-    if cuda_graph and steps > 0 and not early_stop:
+    steps = steps_left = settings.steps
+    if settings.cuda_graph and steps > 0 and not early_stop:
         try:
-            rows.x_adv = run_captured(model, objective, rows, rows.samples, steps, step, evaluate, graph_cache)
+            rows.x_adv = run_captured(model, objective, rows, rows.samples, steps, step, evaluate, settings.graph_cache)
             steps_left = 0
         except GraphUnavailable:
             pass
@@ -266,7 +264,7 @@ def _run(
     bad_grad = torch.zeros((), dtype=torch.bool, device=rows.x_adv.device)
     for k in range(steps_left + 1):
         last = k == steps_left
-        if last and not need_final:
+        if last and not settings.need_final:
             break
         where = "the attack's start" if k == 0 and first else "the attack's last iterates" if last else None
         ev, grad = evaluate(objective, model, rows.x_adv, rows.samples, need_grad=not last, where=where)

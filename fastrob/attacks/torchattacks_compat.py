@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from fastrob.attacks.ball import attack_ball
-from fastrob.attacks.projected_gradient import pgd_cached
+from fastrob.attacks.projected_gradient import pgd
 from fastrob.attacks.state import attack_context
 from fastrob.distributed import unwrap
 
@@ -170,8 +170,14 @@ class Attack:
 
     def _attack(self, model, images, labels, options):
         """The attack proper on images and labels already on the device (targets when targeted)."""
-        return pgd_cached(
-            self._graph_cache, model, images, labels, targeted=self.targeted, model_training=self._training, **options
+        return pgd(
+            model,
+            images,
+            labels,
+            targeted=self.targeted,
+            model_training=self._training,
+            graph_cache=self._graph_cache,
+            **options,
         )
 
     def describe(self) -> str:
