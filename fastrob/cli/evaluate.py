@@ -7,13 +7,12 @@ import os
 
 import torch
 
-from fastrob import evaluation
+from fastrob import evaluation, trainer
 from fastrob._atomic import write_json
 from fastrob.attacks import ATTACKS, NORMS
 from fastrob.cli.args import _checkpoint_args, _common, _eps_list, _float, _positive_int
 from fastrob.data import load_dataset, subset
 from fastrob.evaluation import CURVE_RADII, METRIC_RADIUS, EvalSettings
-from fastrob.trainer import describe, load_checkpoint
 
 
 def _radii(per_norm: dict) -> str:
@@ -114,8 +113,8 @@ def _load_models(args):
     (or of --data)."""
     models, configs = {}, []
     for path in args.checkpoint:
-        model, config = load_checkpoint(path, args.device)
-        name = describe(config)
+        model, config = trainer.load_checkpoint(path, args.device)
+        name = trainer.describe(config)
         if name in models:
             name = f"{name} ({path})"
         models[name] = model

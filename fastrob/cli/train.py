@@ -6,11 +6,11 @@ import json
 import os
 
 from fastrob import distributed as dist_utils
-from fastrob import methods
+from fastrob import methods, trainer
 from fastrob.attacks import ALPHA_FACTOR, NORMS
 from fastrob.cli.args import _common, _float, _positive_int, _size, _warmup
 from fastrob.models import ACTIVATIONS, MODELS
-from fastrob.trainer import CHECKPOINT, CURVE, METRICS, TrainConfig, train
+from fastrob.trainer import CHECKPOINT, CURVE, METRICS, TrainConfig
 
 
 def add_parser(sub) -> None:
@@ -112,7 +112,7 @@ def _train(args) -> int:
     device, started = dist_utils.init_from_env(args.device)
     main = dist_utils.is_main_process()
     try:
-        _, history, dataset = train(config, args.out, device=device, resume=args.resume, quiet=args.quiet)
+        _, history, dataset = trainer.train(config, args.out, device=device, resume=args.resume, quiet=args.quiet)
     finally:
         if started:
             dist_utils.destroy()
