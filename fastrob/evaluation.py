@@ -15,6 +15,12 @@ from fastrob._checks import check_logits
 # the table's and legend's short name of each headline attack
 SHORT_NAMES = {"autoattack": "AA", "autoattack-fast": "AA-fast", "apgd": "APGD", "pgd": "PGD"}
 
+# each norm's radii unless given: those of the accuracy curve, and the one radius of the KL bound,
+# the interpretation discrepancy, the neuron sensitivity, the headline attack and the masking report
+CURVE_RADII = {"linf": (0.05, 0.1, 0.2, 0.3), "l2": (0.5, 1.0, 2.0)}
+METRIC_RADIUS = {"linf": 0.1, "l2": 0.5}
+METRIC_RADIUS_FIELDS = ("kl_eps", "interp_eps", "sens_eps", "attack_eps")
+
 
 @dataclass
 class EvalSettings:
@@ -29,23 +35,35 @@ class EvalSettings:
     gradient-masking report at attack_eps (0: skip), masking_queries: its Square queries."""
 
     norm: str = "linf"
-    eps: list = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3])
+    eps: list = field(default_factory=lambda: list(CURVE_RADII["linf"]))
     steps: int = 20
     restarts: int = 1
     ara_n: int = 1000
     ara_kind: str = "attack"
-    kl_eps: float = 0.1
+    kl_eps: float = METRIC_RADIUS["linf"]
     kl_steps: int = 10
-    interp_eps: float = 0.1
-    sens_eps: float = 0.1
+    interp_eps: float = METRIC_RADIUS["linf"]
+    sens_eps: float = METRIC_RADIUS["linf"]
     attack: str = "autoattack"
-    attack_eps: float = 0.1
+    attack_eps: float = METRIC_RADIUS["linf"]
     attack_steps: int = 100
     attack_queries: int = 5000
     curve_attack: str = "pgd"
     masking_n: int = 500
     masking_queries: int = 1000
     seed: int = 0
+
+    @classmethod
+    def for_norm(cls, norm: str, **values) -> EvalSettings:
+        """Settings in ``norm`` whose radii not given (absent or None) are the norm's own
+        (``CURVE_RADII``, ``METRIC_RADIUS``)."""
+        if norm not in CURVE_RADII:
+            raise ValueError(f"norm must be one of {tuple(CURVE_RADII)}, got {norm!r}")
+        defaults = {"eps": list(CURVE_RADII[norm]), **dict.fromkeys(METRIC_RADIUS_FIELDS, METRIC_RADIUS[norm])}
+        for name, default in defaults.items():
+            if values.get(name) is None:
+                values[name] = default
+        return cls(norm=norm, **values)
 
 
 def _pgd(model, eps: float, s: EvalSettings):

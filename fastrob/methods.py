@@ -9,6 +9,7 @@ Formulas, defaults and papers: docs/methods.md.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from fastrob import regularizers
 from fastrob.attacks.config import default_alpha
 from fastrob.objective import Objective
 
@@ -114,7 +116,7 @@ def _adversarial(config, model, lam, steps_per_epoch):
 
 
 def _interpretation(config, model, lam, steps_per_epoch):
-    from fastrob import distributed, interpret, regularizers
+    from fastrob import distributed, interpret
 
     # CAM for the cnn (its GAP head), input-gradient saliency for the others
     warmup = None if config.warmup is None else tuple(round(w * steps_per_epoch) for w in config.warmup)
@@ -131,39 +133,35 @@ def _interpretation(config, model, lam, steps_per_epoch):
 
 
 def _sns(config, model, lam, steps_per_epoch):
-    from fastrob import regularizers
-
     return regularizers.SNSRegularizer(
         eps=config.eps, alpha=attack_alpha(config), steps=config.attack_steps, norm=config.norm, lam=lam
     )
 
 
 def _input_gradient(config, model, lam, steps_per_epoch):
-    from fastrob import regularizers
-
     return regularizers.InputGradientRegularizer(lam=lam)
 
 
 def _jacobian(config, model, lam, steps_per_epoch):
-    from fastrob import regularizers
-
     return regularizers.JacobianRegularizer(lam=lam)
 
 
 def _jsigr(config, model, lam, steps_per_epoch):
-    from fastrob import regularizers
-
     return regularizers.JSIGRRegularizer(lam_jacobian=lam, lam_saliency=config.lam_saliency, patch=config.patch)
 
 
 def _lipschitz(config, model, lam, steps_per_epoch):
-    from fastrob import regularizers
-
     return regularizers.LipschitzRegularizer(psi=lam)
 
 
+def _default_of(cls, parameter: str):
+    """The default of ``cls``'s constructor argument ``parameter``: each regularizer owns its default weight."""
+    return inspect.signature(cls).parameters[parameter].default
+
+
 def _interpretation_method(name: str, display: str, help: str) -> Method:
-    return Method(name, display, help, _interpretation, _lam_attack_details, default_lam=0.01, attack=True, warmup=True)
+    lam = _default_of(regularizers.InterpretationRegularizer, "lam")
+    return Method(name, display, help, _interpretation, _lam_attack_details, default_lam=lam, attack=True, warmup=True)
 
 
 _ENTRIES = (
@@ -198,7 +196,7 @@ _ENTRIES = (
         "CE + lam * |grad_x CE|^2 (Drucker & LeCun 1992; Ross & Doshi-Velez 2018)",
         _input_gradient,
         _lam_details,
-        default_lam=0.1,
+        default_lam=_default_of(regularizers.InputGradientRegularizer, "lam"),
     ),
     Method(
         "jacobian",
@@ -206,7 +204,7 @@ _ENTRIES = (
         "CE + lam * |d logits / dx|_F^2, random projections (Hoffman et al. 2019)",
         _jacobian,
         _lam_details,
-        default_lam=0.01,
+        default_lam=_default_of(regularizers.JacobianRegularizer, "lam"),
     ),
     Method(
         "jsigr",
@@ -215,7 +213,7 @@ _ENTRIES = (
         "(--lam-saliency, --patch; Liu et al. 2024)",
         _jsigr,
         _jsigr_details,
-        default_lam=0.01,
+        default_lam=_default_of(regularizers.JSIGRRegularizer, "lam_jacobian"),
     ),
     _interpretation_method(
         "int", "Int", "CE + lam * D(x, x*), x* maximizing the interpretation discrepancy D (Boopathy et al. 2020)"
@@ -236,7 +234,7 @@ _ENTRIES = (
         "PGD-AT + lam * the change of the most sensitive neurons (Zhang, Liu et al. 2019)",
         _sns,
         _lam_attack_details,
-        default_lam=1.0,
+        default_lam=_default_of(regularizers.SNSRegularizer, "lam"),
         attack=True,
     ),
 )

@@ -8,6 +8,7 @@ their own way.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -19,8 +20,24 @@ from fastrob._optional import require
 from fastrob.attacks.losses import margin_loss
 from fastrob.attacks.state import attack_context
 
-require("matplotlib", "fastrob's plots").use("Agg")  # files only: no display is needed or wanted
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+@functools.cache
+def _pyplot():
+    """matplotlib.pyplot with the Agg backend (files only: no display is needed or wanted), imported
+    on first use, so that ``import fastrob.plots`` (and the commands that import it) work without
+    matplotlib until a picture is drawn; a missing matplotlib is then a ``MissingDependency``."""
+    require("matplotlib", "fastrob's plots").use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
+class _LazyPyplot:
+    def __getattr__(self, name):
+        return getattr(_pyplot(), name)
+
+
+plt = _LazyPyplot()
 
 
 def _save(fig, path: str) -> str:
@@ -164,7 +181,9 @@ def surfaces(
     boundary margin = 0 drawn black) and the loss surface (CE, log colour scale) over the plane of
     ``surface``. The sample itself sits at (0, 0)."""
     import numpy as np
-    from matplotlib.colors import LogNorm, TwoSlopeNorm  # matplotlib is loaded above
+
+    _pyplot()  # matplotlib present, or a MissingDependency naming it
+    from matplotlib.colors import LogNorm, TwoSlopeNorm
 
     data = {name: surface(m, x, y, span, resolution, seed) for name, m in models.items()}
     n, k = len(y), len(models)

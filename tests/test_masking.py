@@ -2,7 +2,6 @@
 digits models pass, the result's JSON / table, the fallback without APGD / Square, bad inputs."""
 
 import json
-import sys
 
 import pytest
 import torch
@@ -132,15 +131,6 @@ def test_result_dict_table_and_robust_mask(plain, digits):
     assert not report.robust[wrong].any()
     with pytest.raises(KeyError, match="no check named"):
         report["nope"]
-
-
-def test_fallback_to_pgd_without_apgd_and_square(plain, digits, monkeypatch):
-    monkeypatch.setitem(sys.modules, "fastrob.attacks.apgd", None)  # importing it now raises ImportError
-    monkeypatch.setitem(sys.modules, "fastrob.attacks.square", None)
-    report = masking_report(Planted(plain, "saturated"), (digits.x_test, digits.y_test), 0.1, **FAST)
-    assert "PGD" in report.attacks
-    assert report["black_box"].verdict == "n/a" and report["black_box"].value is None
-    assert report["zero_gradients"].verdict == "suspicious" and report["ce_vs_dlr"].verdict == "suspicious"
 
 
 def test_loader_input_and_model_state(digits):

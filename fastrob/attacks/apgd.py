@@ -27,9 +27,11 @@ from fastrob import _backend
 from fastrob._checks import check_int, check_logits, check_positive, per_sample_value
 from fastrob.attacks.config import check_amp, torchattacks_norm
 from fastrob.attacks.losses import per_sample_loss, targeted_dlr_loss
+from fastrob.attacks.rows import Rows, first_rows
 from fastrob.attacks.starts import make_generator, sphere_start
 from fastrob.attacks.state import amp_forward, attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
+from fastrob.ops._common import accumulate_dtype
 from fastrob.ops.pgd_step import fit_into_ball, pgd_step_unchecked
 
 APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
@@ -75,41 +77,6 @@ def _row_loss(loss, logits, y, target):
     return per_sample_loss(loss, logits, y, None, targeted=False)
 
 
-class _Rows:
-    """The rows still attacked; every tensor is indexed by row."""
-
-    names = (
-        "x",
-        "x_prev",
-        "grad",
-        "x0",
-        "y",
-        "target",
-        "sample",
-        "eps",
-        "eta",
-        "x_best",
-        "grad_best",
-        "loss_best",
-        "loss_last",
-        "increases",
-        "best_last",
-        "halved_last",
-    )
-
-    def __init__(self, **values):
-        for name in self.names:
-            setattr(self, name, values.get(name))
-
-    def keep(self, rows):
-        if bool(rows.all()):
-            return
-        for name in self.names:
-            value = getattr(self, name)
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value[rows])
-
-
 def _evaluate(forward, r, loss, eot_iter):
     """Mean loss, mean gradient and mean logits over ``eot_iter`` forwards (EOT for randomized models)."""
     total_grad, total_loss, total_logits = None, None, None
@@ -132,13 +99,10 @@ def _record_fooled(state, r, fooled):
     hit = fooled & ~done[r.sample]
     if not bool(hit.any()):
         return
-    rows = hit.nonzero().squeeze(1)
-    samples = r.sample[rows]
-    first = torch.full_like(done, r.sample.numel(), dtype=rows.dtype)
-    first.scatter_reduce_(0, samples, rows, reduce="amin")
-    winners = rows[first[samples] == rows]
-    out[r.sample[winners]] = r.x[winners].to(out.dtype)
-    done[samples] = True
+    first = first_rows(hit, r.sample, done.numel())
+    won = first < r.sample.numel()
+    out[won] = r.x[first[won]].to(out.dtype)
+    done[won] = True
 
 
 def _record_best(state, r):
@@ -169,7 +133,9 @@ def _run_rows(forward, r, state, *, loss, norm, steps, eot_iter, rho, momentum, 
     r.x_prev = r.x.clone()
     zero = 0.0
     for i in range(steps):
-        r.keep(~state["done"][r.sample])
+        live = ~state["done"][r.sample]
+        if not bool(live.all()):
+            r.keep(live)
         if r.sample.numel() == 0:
             break
         if trace is not None:
@@ -269,7 +235,7 @@ def apgd(
     forward = amp_forward(model, amp, x.device.type)
     batch = x.shape[0]
     x = x.detach()
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = accumulate_dtype(x.dtype)
     eps = per_sample_value("eps", eps, batch, x.device, dtype=compute)
     eps = eps if isinstance(eps, torch.Tensor) else torch.full((batch,), eps, device=x.device, dtype=compute)
     backend = _backend.resolve(backend, x.device, x.dtype, op="pgd_step")
@@ -306,7 +272,7 @@ def apgd(
                 break
             sample = live.repeat(len(block))
             x0 = x[sample]
-            r = _Rows(
+            r = Rows(
                 x0=x0,
                 y=y[sample],
                 sample=sample,
@@ -387,6 +353,10 @@ class APGD(Attack):
 
     def _attack(self, model, images, labels, options):
         return apgd(model, images, labels, model_training=self._training, **options)
+
+    def describe(self) -> str:
+        restarts = f", {self.n_restarts} restarts" if self.n_restarts > 1 else ""
+        return f"APGD-{self.loss.upper()}-{self.steps}({self.norm}, eps={self.eps:g}{restarts})"
 
 
 class APGDT(APGD):

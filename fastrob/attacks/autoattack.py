@@ -23,19 +23,18 @@ import torch
 from fastrob._checks import check_float, check_logits
 from fastrob._progress import progress
 from fastrob.attacks.apgd import APGD, APGDT
+from fastrob.attacks.ball import inside_ball
 from fastrob.attacks.config import check_amp, torchattacks_norm
 from fastrob.attacks.fab import FAB
 from fastrob.attacks.malt import MALTAPGDT
 from fastrob.attacks.square import Square
 from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
-from fastrob.ops.pgd_step import perturbation_norm
 
 VERSIONS = ("standard", "plus", "rand", "fast")
 # The fast version's targeting: APGD-T on the FAST_TARGETS nearest classes by MALT's linear distance
 # among the FAST_CANDIDATES most confident ones (chosen by bench/autoattack_fast.py on digits models)
 FAST_TARGETS, FAST_CANDIDATES = 3, 9
-_TOLERANCE = 1e-5  # float32 rounding of x + delta
 
 
 @dataclass
@@ -65,13 +64,6 @@ class AutoAttackRecord:
 
 # the fewest classes each built-in stage needs (DLR: 3; targeted DLR: 4)
 MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4, "apgd-t-malt": 4}
-
-
-def _inside(adv, x, eps, norm):
-    """Rows of ``adv`` inside the eps-ball around x (norm "linf" / "l2") and the box [0, 1]."""
-    size = perturbation_norm(adv - x, norm)
-    in_box = (adv.flatten(1).amin(1) >= -_TOLERANCE) & (adv.flatten(1).amax(1) <= 1 + _TOLERANCE)
-    return (size <= eps + _TOLERANCE) & in_box & torch.isfinite(adv.flatten(1)).all(1)
 
 
 class AutoAttack(Attack):
@@ -229,6 +221,13 @@ class AutoAttack(Attack):
         self.last_record = record
         return run.out, record
 
+    def describe(self) -> str:
+        """e.g. "AutoAttack(standard, Linf, eps=0.1)"; the budget when it is not the versions' own."""
+        default_budget = (self.steps, self.n_queries) == (100, 5000)
+        extra = "" if default_budget else f", steps={self.steps}, n_queries={self.n_queries}"
+        custom = "custom" if self.attacks is not None else self.version
+        return f"AutoAttack({custom}, {self.norm}, eps={self.eps:g}{extra})"
+
     def __repr__(self):
         return (
             f"AutoAttack(norm={self.norm}, eps={self.eps}, version={self.version}, n_classes={self.n_classes}, "
@@ -283,7 +282,7 @@ class _StageRunner:
                     f"shape {tuple(x[live].shape)}"
                 )
             adv = adv.detach().to(x.dtype)
-            broken = (self._predict(adv) != y[live]) & _inside(adv, x[live], self.eps, self.norm)
+            broken = (self._predict(adv) != y[live]) & inside_ball(adv, x[live], self.eps, self.norm)
             hit = live[broken]
             self.out[hit] = adv[broken]
             robust[hit] = False

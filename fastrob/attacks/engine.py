@@ -19,6 +19,7 @@ as a success; with early stop the engine keeps per sample the successful iterate
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -26,6 +27,7 @@ import torch
 from fastrob import _backend
 from fastrob._checks import check_logits
 from fastrob.attacks.graph import GraphUnavailable, run_captured
+from fastrob.attacks.rows import Rows, first_rows
 from fastrob.attacks.starts import draw_start
 from fastrob.attacks.state import attack_context
 from fastrob.ops.pgd_step import pgd_step_unchecked
@@ -54,6 +56,21 @@ class AscentResult(NamedTuple):
 
     x_adv: torch.Tensor
     found: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What the step loop of one group of rows needs besides the rows (``ascend``'s arguments,
+    with the backend resolved once for x's device and dtype)."""
+
+    steps: int
+    norm: str
+    backend: str
+    early_stop: bool = False
+    robust_only: bool = False
+    need_final: bool = True
+    cuda_graph: bool = False
+    graph_cache: dict | None = None
 
 
 def restart_mode_for(device: torch.device) -> str:
@@ -87,22 +104,6 @@ def evaluate(objective: Objective, model, x_adv: torch.Tensor, rows: torch.Tenso
     return detached, grad
 
 
-class _Rows:
-    """The iterates still being attacked: row i is sample idx[i] % B of restart idx[i] // B."""
-
-    FIELDS = ("x_adv", "x0", "eps", "alpha", "idx", "samples")
-
-    def __init__(self, x_adv, x0, eps, alpha, idx, batch=None):
-        self.x_adv, self.x0, self.eps, self.alpha, self.idx = x_adv, x0, eps, alpha, idx
-        self.samples = idx % batch if batch is not None else None  # the rows' sample indices
-
-    def keep(self, mask):
-        for name in self.FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value[mask])
-
-
 class _Best:
     """Per sample the successful iterate of lowest score so far (``found``), then, for samples
     never successful, the final iterate of highest value over the restarts."""
@@ -120,7 +121,7 @@ class _Best:
     def found(self):
         return self.score < float("inf")
 
-    def record(self, rows: _Rows, ev: Evaluation):
+    def record(self, rows: Rows, ev: Evaluation):
         """Keep, per sample, the iterate that fools with the lowest score (ties: the lowest row),
         without a host synchronisation."""
         samples = rows.samples
@@ -129,20 +130,13 @@ class _Best:
         masked = torch.where(better, score, torch.full_like(score, float("inf")))
         lowest = self.score.clone().scatter_reduce_(0, samples, masked, reduce="amin", include_self=True)
         sentinel = rows.idx.numel()
-        winner = better & (masked == lowest[samples])
-        first = torch.full((self.batch,), sentinel, device=samples.device, dtype=torch.long)
-        first.scatter_reduce_(
-            0,
-            samples,
-            torch.where(winner, torch.arange(sentinel, device=samples.device), torch.full_like(samples, sentinel)),
-            reduce="amin",
-        )
+        first = first_rows(better & (masked == lowest[samples]), samples, self.batch)
         update = first < sentinel
         picked = rows.x_adv[first.clamp(max=max(sentinel - 1, 0))] if sentinel else self.out
         self.out = torch.where(update.view(-1, *([1] * (self.out.dim() - 1))), picked.to(self.out.dtype), self.out)
         self.score = torch.where(update, lowest, self.score)
 
-    def record_final(self, rows: _Rows, ev: Evaluation):
+    def record_final(self, rows: Rows, ev: Evaluation):
         """Over restarts: a final iterate that fools beats one that does not, then the higher value
         (ties: the earlier restart)."""
         samples = rows.samples
@@ -206,8 +200,16 @@ def ascend(
         restart_mode = restart_mode_for(x.device)
     if robust_only and not early_stop:
         raise ValueError("robust_only=True drops fooled samples, so it needs early_stop=True")
-    need_final = need_final or restarts > 1 or early_stop
-    backend = _backend.resolve(backend, x.device, x.dtype, op="pgd_step")
+    settings = StepSettings(
+        steps=steps,
+        norm=norm,
+        backend=_backend.resolve(backend, x.device, x.dtype, op="pgd_step"),
+        early_stop=early_stop,
+        robust_only=robust_only,
+        need_final=need_final or restarts > 1 or early_stop,
+        cuda_graph=cuda_graph,
+        graph_cache=graph_cache,
+    )
     batch = x.shape[0]
     starts = [draw_start(x, eps, start, norm, generator) for _ in range(restarts)]
     best = _Best(x, restarts)
@@ -216,35 +218,22 @@ def ascend(
         groups = [list(range(restarts))] if restart_mode == "batch" or restarts == 1 else [[r] for r in range(restarts)]
         for g, group in enumerate(groups):
             idx = torch.cat([torch.arange(batch, device=x.device) + r * batch for r in group])
-            rows = _Rows(
-                torch.cat([starts[r] for r in group]),
-                _in_format_of(x.repeat((len(group),) + (1,) * (x.dim() - 1)), x),
-                _repeat(eps, len(group)),
-                _repeat(alpha, len(group)),
-                idx,
-                batch,
+            # row i is sample idx[i] % B of restart idx[i] // B
+            rows = Rows(
+                x_adv=torch.cat([starts[r] for r in group]),
+                x0=_in_format_of(x.repeat((len(group),) + (1,) * (x.dim() - 1)), x),
+                eps=_repeat(eps, len(group)),
+                alpha=_repeat(alpha, len(group)),
+                idx=idx,
+                samples=idx % batch,
             )
             if g > 0 and robust_only:  # samples already successful need no further restart
                 rows.keep(~best.found[rows.samples])
                 if not rows.idx.numel():
                     break
-            known = _run(
-                model,
-                objective,
-                rows,
-                best,
-                steps,
-                norm,
-                early_stop,
-                robust_only,
-                backend,
-                need_final,
-                cuda_graph,
-                graph_cache,
-                first=g == 0,
-            )
+            known = _run(model, objective, rows, best, settings, first=g == 0)
             fooled_known = fooled_known or known
-            if not need_final:
+            if not settings.need_final:
                 return AscentResult(rows.x_adv.clone(), None)
     return best.result(fooled_known)
 
@@ -262,32 +251,20 @@ def _repeat(value, times):
     return value.repeat(times) if isinstance(value, torch.Tensor) else value
 
 
-def _run(
-    model,
-    objective,
-    rows,
-    best,
-    steps,
-    norm,
-    early_stop,
-    robust_only,
-    backend,
-    need_final,
-    cuda_graph,
-    graph_cache,
-    first,
-):
-    """Steps ``rows`` ``steps`` times, recording successes (early stop) and the final iterates."""
+def _run(model, objective, rows: Rows, best: _Best, settings: StepSettings, first: bool) -> bool:
+    """Steps ``rows`` ``settings.steps`` times, recording successes (early stop) and the final
+    iterates; returns whether the objective reported successes."""
+    norm, backend, early_stop, robust_only = settings.norm, settings.backend, settings.early_stop, settings.robust_only
 
     def step(r, grad):
         return pgd_step_unchecked(
             r.x_adv, grad, r.x0, alpha=r.alpha, eps=r.eps, norm=norm, lower=0.0, upper=1.0, backend=backend
         )
 
-    steps_left = steps
-    if cuda_graph and steps > 0 and not early_stop:
+    steps = steps_left = settings.steps
+    if settings.cuda_graph and steps > 0 and not early_stop:
         try:
-            rows.x_adv = run_captured(model, objective, rows, rows.samples, steps, step, graph_cache)
+            rows.x_adv = run_captured(model, objective, rows, rows.samples, steps, step, evaluate, settings.graph_cache)
             steps_left = 0
         except GraphUnavailable:
             pass
@@ -296,7 +273,7 @@ def _run(
     bad_grad = torch.zeros((), dtype=torch.bool, device=rows.x_adv.device)
     for k in range(steps_left + 1):
         last = k == steps_left
-        if last and not need_final:
+        if last and not settings.need_final:
             break
         where = "the attack's start" if k == 0 and first else "the attack's last iterates" if last else None
         ev, grad = evaluate(objective, model, rows.x_adv, rows.samples, need_grad=not last, where=where)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fastrob._checks import check_int, check_logits, check_positive
 from fastrob._progress import progress
+from fastrob.attacks.numerics import RMS_EPS
 from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.distributed import unwrap
 
@@ -96,7 +97,7 @@ def adversarial_explanation(
             (grad,) = torch.autograd.grad(ce.sum(), inp)
             inside = (rmse(delta) < rho).view(view)
             v = torch.where(inside, -grad.to(x.dtype), -delta)
-            v = v / (rmse(v).view(view) + 1e-8)
+            v = v / (rmse(v).view(view) + RMS_EPS)
             delta = (x + delta + a * v).clamp_(0, 1) - x
     if project:
         r = rmse(delta)

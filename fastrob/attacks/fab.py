@@ -28,6 +28,8 @@ import torch
 
 from fastrob._checks import check_float, check_int, check_logits
 from fastrob.attacks.config import torchattacks_norm
+from fastrob.attacks.numerics import DIVISION_EPS, FAB_MIN_DISTANCE
+from fastrob.attacks.rows import first_rows
 from fastrob.attacks.starts import make_generator, sphere_start
 from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
@@ -117,7 +119,7 @@ def _linearize(model, x1, y, target):
 def _nearest(diff, grads, y, norm):
     """Untargeted: the class j ≠ y whose linearised boundary is closest, and its (f_j - f_y, ∇)."""
     rows = torch.arange(diff.shape[0], device=diff.device)
-    distance = diff.abs() / (_dual_norm(grads, norm) + 1e-12)
+    distance = diff.abs() / (_dual_norm(grads, norm) + DIVISION_EPS)
     distance[rows, y] = float("inf")
     j = distance.argmin(1)
     return diff[rows, j], grads[rows, j]
@@ -154,14 +156,11 @@ def _fab_rows(model, x0, y, target, x1, *, eps, steps, norm, alpha_max, eta, bet
         adv = logits.argmax(1) != y
         inside = adv & (perturbation_norm(x1 - x0, norm) <= eps)
         if bool(inside.any()):
-            first = inside & ~broken[group]
             # one winner per group: the first row of the group that is broken now
-            winner = torch.full((n_groups,), len(group), device=group.device, dtype=torch.long)
-            idx = first.nonzero().squeeze(1)
-            winner.scatter_reduce_(0, group[idx], idx, reduce="amin")
-            won = idx[winner[group[idx]] == idx]
-            out[group[won]] = x1[won]
-            broken[group[won]] = True
+            first = first_rows(inside & ~broken[group], group, n_groups)
+            won = first < len(group)
+            out[won] = x1[first[won]]
+            broken[won] = True
         back = adv & ~inside
         return torch.where(back.view(-1, *[1] * len(shape)), x0 + beta * (x1 - x0), x1)
 
@@ -184,7 +183,7 @@ def _fab_rows(model, x0, y, target, x1, *, eps, steps, norm, alpha_max, eta, bet
             b = -diff + (grads * flat1).sum(1)
             d = project_hyperplane_box(torch.cat((flat1, flat0)), torch.cat((grads, grads)), torch.cat((b, b)), norm)
             d1, d0 = d.chunk(2)
-            size = perturbation_norm(d, norm).clamp_min(1e-8)
+            size = perturbation_norm(d, norm).clamp_min(FAB_MIN_DISTANCE)
             a1, a0 = size.chunk(2)
             alpha = (a1 / (a1 + a0)).clamp(0.0, alpha_max)[:, None]
             x1 = ((1 - alpha) * (flat1 + eta * d1) + alpha * (flat0 + eta * d0)).clamp(0, 1).view_as(x0)

@@ -9,6 +9,8 @@ import warnings
 
 import torch
 
+from fastrob.attacks.rows import Rows
+
 _warned_graph = False
 
 
@@ -26,15 +28,14 @@ def _unavailable(reason):
     return GraphUnavailable(reason)
 
 
-def run_captured(model, objective, rows, samples, steps, step, cache):
+def run_captured(model, objective, rows, samples, steps, step, evaluate, cache):
     """Runs the ``steps`` steps of ``rows`` (the engine's rows) as one captured CUDA graph and
     returns the final iterate (``samples``: the rows' sample indices); raises GraphUnavailable
-    (warning once per process) when it cannot.
+    (warning once per process) when it cannot. ``step(rows, grad)`` and ``evaluate(objective,
+    model, x, samples, need_grad, where)`` are the engine's.
 
     The graph reads its inputs from static buffers, so a graph cached in ``cache`` (a dict owned
     by the caller, e.g. an attack object) is replayed after copying the new inputs in."""
-    from fastrob.attacks.engine import evaluate  # the engine imports this module
-
     if rows.x_adv.device.type != "cuda":
         raise _unavailable("inputs are not on a CUDA device")
     if not (hasattr(objective, "graph_key") and hasattr(objective, "static_tensors")):
@@ -53,9 +54,11 @@ def run_captured(model, objective, rows, samples, steps, step, cache):
     entry = cache.get(key) if cache is not None else None
     try:
         if entry is None:
-            static = type(rows)(
-                *(v.clone() if isinstance(v, torch.Tensor) else v for v in (getattr(rows, n) for n in tensors)),
-                idx=rows.idx,
+            static = Rows(
+                **{
+                    n: v.clone() if isinstance(v, torch.Tensor) else v
+                    for n, v in ((n, getattr(rows, n)) for n in tensors)
+                }
             )
 
             def loop(check):
@@ -64,7 +67,7 @@ def run_captured(model, objective, rows, samples, steps, step, cache):
                     _, grad = evaluate(
                         objective, model, x_cur, samples, True, where="at the start of the attack" if check else None
                     )
-                    cur = type(rows)(x_cur, static.x0, static.eps, static.alpha, None)
+                    cur = Rows(x_adv=x_cur, x0=static.x0, eps=static.eps, alpha=static.alpha)
                     x_cur = step(cur, grad)
                 return x_cur
 

@@ -17,13 +17,14 @@ from fastrob._checks import (
     check_logits,
 )
 from fastrob._progress import progress
-from fastrob.attacks.config import START_KINDS, check_norm, check_random_start, default_alpha
+from fastrob.attacks.config import ALPHA_FACTOR, START_KINDS, check_norm, check_random_start, default_alpha
 from fastrob.attacks.engine import Evaluation, ascend
 from fastrob.attacks.losses import margin_loss
 from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
-from fastrob.metrics.map_discrepancy import KINDS, discrepancy
+from fastrob.interpret_discrepancy import KINDS, discrepancy
+from fastrob.ops._common import accumulate_dtype
 
 
 @dataclass
@@ -73,7 +74,7 @@ def isa(
     gamma_max: float = 1.0,
     steps: int = 20,
     search_steps: int = 6,
-    alpha_factor: float = 2.5,
+    alpha_factor: float = ALPHA_FACTOR,
     map: str | Callable = "cam",
     map_kwargs: dict | None = None,
     kind: str = "2class",
@@ -85,7 +86,7 @@ def isa(
     minimises
         L(x') = max(max_{j≠t} z_j(x') - z_t(x'), -kappa) + gamma·D(x, x')
     over the ball ||δ|| <= eps (``norm``) ∩ [0, 1], with D the interpretation discrepancy
-    (``fastrob.metrics.discrepancy`` of the true label y, ``kind``) and t the target.
+    (``fastrob.interpret_discrepancy.discrepancy`` of the true label y, ``kind``) and t the target.
 
     1. eps: bisection on [0, eps_max] for the smallest radius at which the plain targeted attack
        (gamma = 0) succeeds (argmax = t): first a try at eps_max (samples failing there are
@@ -134,7 +135,7 @@ def isa(
     fn = map_function(map, **(map_kwargs or {}))
     x = x.detach()
     batch = x.shape[0]
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = accumulate_dtype(x.dtype)
 
     with attack_context(model):
         with torch.no_grad():

@@ -3,11 +3,12 @@
 ``LOSSES`` maps a loss name to its function (what PGD's ``loss`` accepts); a new loss is one
 function here and one entry in ``LOSSES``. The difference-of-logits-ratio losses of Croce & Hein
 (2020), with the logits sorted in decreasing order z_π1 >= z_π2 >= ...:
-  DLR(z, y)      = -(z_y - max_{i≠y} z_i) / (z_π1 - z_π3 + 1e-12)
-  DLR_T(z, y, t) = -(z_y - z_t)          / (z_π1 - (z_π3 + z_π4)/2 + 1e-12)
-are invariant to shifting and (positive) scaling of the logits, so an attack ascending them is not
-fooled by a model that rescales its logits to flatten the cross-entropy. DLR_T takes a target per
-sample besides the label, so it is a function of its own (APGD-T's), not an entry of ``LOSSES``."""
+  DLR(z, y)      = -(z_y - max_{i≠y} z_i) / (z_π1 - z_π3 + ε)
+  DLR_T(z, y, t) = -(z_y - z_t)          / (z_π1 - (z_π3 + z_π4)/2 + ε)
+(ε = ``numerics.DIVISION_EPS`` = 1e-12) are invariant to shifting and (positive) scaling of the
+logits, so an attack ascending them is not fooled by a model that rescales its logits to flatten
+the cross-entropy. DLR_T takes a target per sample besides the label, so it is a function of its
+own (APGD-T's), not an entry of ``LOSSES``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from fastrob.attacks.numerics import DIVISION_EPS
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -47,7 +50,7 @@ def dlr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if logits.shape[1] < 3:
         raise ValueError(f"the DLR loss needs at least 3 classes, got logits of shape {tuple(logits.shape)}")
     top = logits.topk(3, dim=1).values
-    return margin_loss(logits, labels) / (top[:, 0] - top[:, 2] + 1e-12)
+    return margin_loss(logits, labels) / (top[:, 0] - top[:, 2] + DIVISION_EPS)
 
 
 def targeted_dlr_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -58,7 +61,7 @@ def targeted_dlr_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch
     top = logits.topk(4, dim=1).values
     true = logits.gather(1, labels[:, None]).squeeze(1)
     target = logits.gather(1, targets[:, None]).squeeze(1)
-    return -(true - target) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+    return -(true - target) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + DIVISION_EPS)
 
 
 # name -> (function, what it compares the logits with: "labels" or "clean probabilities")

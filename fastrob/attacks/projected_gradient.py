@@ -15,13 +15,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fastrob import _backend
 from fastrob._checks import check_generator, check_int, check_logits, per_sample_value
 from fastrob.attacks.config import check_amp, check_loss, check_norm, check_random_start
 from fastrob.attacks.engine import Evaluation, ascend
 from fastrob.attacks.losses import LossFn, needs_clean_probabilities, per_sample_loss
 from fastrob.attacks.state import amp_forward, attack_context, check_attack_inputs
 from fastrob.distributed import unwrap
+from fastrob.ops._common import accumulate_dtype
 from fastrob.ops.pgd_step import fit_into_ball
 
 
@@ -91,6 +91,7 @@ def pgd(
     generator: torch.Generator | None = None,
     return_fooled: bool = False,
     restart_mode: str = "auto",
+    graph_cache: dict | None = None,
 ):
     """Projected gradient descent on the input (see the module docstring and ``fastrob.attacks.engine``).
 
@@ -127,63 +128,12 @@ def pgd(
         return_fooled: also return a [B] bool tensor: whether the returned input fools the model.
         restart_mode: "auto" (the faster on the device, ``engine.restart_mode_for``), "batch" (one
             batch of R·B) or "loop" (one restart after the other).
+        graph_cache: a dict the caller owns (e.g. an attack object) that keeps the captured CUDA
+            graphs of ``cuda_graph``, so that later calls of the same shapes replay them.
 
     Returns:
         x_adv (x's shape and dtype, no grad), or (x_adv, fooled) with ``return_fooled``.
     """
-    return pgd_cached(
-        None,
-        model,
-        x,
-        y,
-        eps=eps,
-        alpha=alpha,
-        steps=steps,
-        norm=norm,
-        random_start=random_start,
-        restarts=restarts,
-        loss=loss,
-        targeted=targeted,
-        robust_only=robust_only,
-        early_stop=early_stop,
-        backend=backend,
-        amp=amp,
-        cuda_graph=cuda_graph,
-        clamp_input=clamp_input,
-        model_training=model_training,
-        generator=generator,
-        return_fooled=return_fooled,
-        restart_mode=restart_mode,
-    )
-
-
-def pgd_cached(
-    graph_cache: dict | None,
-    model,
-    x,
-    y=None,
-    *,
-    eps=8 / 255,
-    alpha=2 / 255,
-    steps=10,
-    norm="linf",
-    random_start=True,
-    restarts=1,
-    loss="ce",
-    targeted=False,
-    robust_only=False,
-    early_stop=None,
-    backend="auto",
-    amp=None,
-    cuda_graph=False,
-    clamp_input=False,
-    model_training=False,
-    generator=None,
-    return_fooled=False,
-    restart_mode="auto",
-):
-    """``pgd`` keeping captured CUDA graphs in ``graph_cache`` (a dict the caller owns, e.g. an
-    attack object, so that later calls of the same shapes replay them)."""
     check_attack_inputs(model, x, y, clamp_input, name="pgd")
     check_generator(generator, x.device)
     # Under DDP the attack runs the wrapped module: a DDP forward would prepare the reducer and
@@ -203,10 +153,9 @@ def pgd_cached(
         raise ValueError("robust_only=True drops fooled samples, so it needs early_stop=True (or None)")
     batch = x.shape[0]
     x = torch.clamp(x, 0, 1).detach() if clamp_input else x.detach()
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = accumulate_dtype(x.dtype)
     eps = per_sample_value("eps", eps, batch, x.device, dtype=compute)
     alpha = per_sample_value("alpha", alpha, batch, x.device, dtype=compute)
-    backend = _backend.resolve(backend, x.device, x.dtype, op="pgd_step")
     forward = amp_forward(model, amp, x.device.type)
 
     with attack_context(model, model_training):

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_int, check_logits
 from fastrob.attacks.config import torchattacks_norm
+from fastrob.attacks.losses import margin_loss
+from fastrob.attacks.numerics import DIVISION_EPS
 from fastrob.attacks.starts import make_generator
 from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
@@ -40,9 +42,8 @@ def p_selection(p_init: float, iteration: int, n_queries: int, rescale: bool = T
 def _margin_and_loss(logits, y, loss, targeted):
     """(margin, loss) per sample, both minimised; margin <= 0 means success."""
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    margin = other - true if targeted else true - other
+    # margin_loss is max_{j≠y} z_j - z_y; negated (exactly) it is the untargeted margin
+    margin = margin_loss(logits, y) if targeted else -margin_loss(logits, y)
     if loss == "margin":
         return margin, margin
     ce = F.cross_entropy(logits, y, reduction="none")
@@ -116,7 +117,7 @@ def _l2_init(x, eps, generator):
             delta[:, :, vh : vh + s, vw : vw + s] += block * _signs((b, c, 1, 1), generator, x.device, x.dtype)
             vw += s
         vh += s
-    return torch.clamp(x + delta / (_norm(delta) + 1e-12) * eps, 0, 1)
+    return torch.clamp(x + delta / (_norm(delta) + DIVISION_EPS) * eps, 0, 1)
 
 
 def _l2_proposal(x, x_best, eps, p, generator):
@@ -133,13 +134,13 @@ def _l2_proposal(x, x_best, eps, p, generator):
     window_norm = (delta * m1).flatten(2).norm(dim=2).view(b, c, 1, 1)  # per channel
     norms_image = _norm(delta)
     norms_windows = _norm(delta * (mask1 | mask2).to(x.dtype))
-    new = block + delta / (1e-12 + window_norm)
+    new = block + delta / (DIVISION_EPS + window_norm)
     new_norm = (new * m1).flatten(2).norm(dim=2).view(b, c, 1, 1)
     budget = (torch.clamp(eps**2 - norms_image**2, min=0) / c + norms_windows**2).sqrt()
-    new = new / (1e-12 + new_norm) * budget
+    new = new / (DIVISION_EPS + new_norm) * budget
     delta = torch.where(mask2, 0.0, delta)
     delta = torch.where(mask1, new, delta)
-    return torch.clamp(x + delta / (_norm(delta) + 1e-12) * eps, 0, 1)
+    return torch.clamp(x + delta / (_norm(delta) + DIVISION_EPS) * eps, 0, 1)
 
 
 def _logits(forward, x):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from fastrob._checks import check_int
+from fastrob.attacks.numerics import DIVISION_EPS
 from fastrob.ops._common import per_sample_view
 from fastrob.ops.pgd_step import perturbation_norm
 
@@ -29,7 +30,7 @@ def sphere_start(x: torch.Tensor, radius, norm: str, generator=None) -> torch.Te
         t = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * 2 - 1
     else:
         t = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-    size = perturbation_norm(t, norm).clamp_min(1e-12)
+    size = perturbation_norm(t, norm).clamp_min(DIVISION_EPS)
     return torch.clamp(x + t * per_sample_view(radius / size, x), 0, 1)
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from fastrob._checks import check_device
-from fastrob.attacks.projected_gradient import pgd_cached
+from fastrob.attacks.ball import attack_ball
+from fastrob.attacks.projected_gradient import pgd
 from fastrob.attacks.state import attack_context
 from fastrob.distributed import unwrap
 
@@ -172,9 +173,21 @@ class Attack:
 
     def _attack(self, model, images, labels, options):
         """The attack proper on images and labels already on the device (targets when targeted)."""
-        return pgd_cached(
-            self._graph_cache, model, images, labels, targeted=self.targeted, model_training=self._training, **options
+        return pgd(
+            model,
+            images,
+            labels,
+            targeted=self.targeted,
+            model_training=self._training,
+            graph_cache=self._graph_cache,
+            **options,
         )
+
+    def describe(self) -> str:
+        """A short name with the settings, as results report it (``fastrob.attacks.describe_attack``):
+        here the class and its ball, e.g. "FGSM(linf, eps=0.1)"."""
+        ball = attack_ball(self)
+        return f"{type(self).__name__}({ball[0]}, eps={ball[1]:g})" if ball is not None else type(self).__name__
 
     def __repr__(self):
         shown = ", ".join(f"{k}={v}" for k, v in self.settings().items())
@@ -226,6 +239,10 @@ class PGD(Attack):
         self.restarts, self.loss, self.robust_only, self.early_stop = restarts, loss, robust_only, early_stop
         self.backend, self.amp, self.cuda_graph, self.clamp_input = backend, amp, cuda_graph, clamp_input
         self.generator = generator
+
+    def describe(self) -> str:
+        restarts = f", {self.restarts} restarts" if self.restarts > 1 else ""
+        return f"PGD-{self.steps}({self.norm}, eps={self.eps:g}, alpha={self.alpha:g}{restarts})"
 
 
 class PGDL2(PGD):

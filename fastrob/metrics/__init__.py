@@ -12,6 +12,7 @@ rank the global result (``fastrob.metrics._common.shard``, docs/distributed.md).
 - ``kl_robustness(model, data, eps, norm, steps)``: the prediction-divergence bound (Yu et al. 2019).
 - ``interpretation_discrepancy(model, data, attack)``: how much the interpretation maps move
   under an attack (Boopathy et al. 2020); ``discrepancy`` is the per-sample D1/D2.
+- ``masking_report(model, data, eps)``: the gradient-masking checks (Athalye et al. 2018; Carlini et al. 2019).
 - ``neuron_sensitivity_metric(model, data)`` / ``neuron_sensitivity(model, x, x_adv)``: per-channel
   sensitivity sigma(l, c) (Zhang, Liu et al. 2019); ``top_k_sensitive`` picks the most sensitive channels.
 
@@ -21,6 +22,7 @@ rank the global result (``fastrob.metrics._common.shard``, docs/distributed.md).
 from fastrob.metrics.ara import ARAResult, ara, ara_from_radii
 from fastrob.metrics.kl import KLRobustness, kl_robustness
 from fastrob.metrics.map_discrepancy import InterpretationDiscrepancy, discrepancy, interpretation_discrepancy
+from fastrob.metrics.masking import MaskingCheck, MaskingReport, masking_report
 from fastrob.metrics.robust import (
     ATTACKS,
     AccuracyCurve,
@@ -42,6 +44,8 @@ __all__ = [
     "AccuracyCurve",
     "InterpretationDiscrepancy",
     "KLRobustness",
+    "MaskingCheck",
+    "MaskingReport",
     "NeuronSensitivity",
     "RobustAccuracy",
     "ATTACKS",
@@ -53,13 +57,9 @@ __all__ = [
     "discrepancy",
     "interpretation_discrepancy",
     "kl_robustness",
+    "masking_report",
     "neuron_sensitivity",
     "neuron_sensitivity_metric",
     "robust_accuracy",
     "top_k_sensitive",
 ]
-
-# the gradient-masking report: can a robust accuracy measured by gradient attacks be believed
-from fastrob.metrics.masking import MaskingCheck, MaskingReport, masking_report  # noqa: E402
-
-__all__ += ["MaskingCheck", "MaskingReport", "masking_report"]

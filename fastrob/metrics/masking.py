@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_int, check_positive
 from fastrob._progress import progress
-from fastrob.attacks import attack_context, check_norm, default_alpha, margin_loss, pgd
+from fastrob.attacks import apgd, attack_context, check_norm, square
 from fastrob.attacks.state import check_attack_inputs
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device
@@ -161,57 +161,22 @@ class MaskingReport:
 
 
 # ----------------------------------------------------------------------------------------------
-# the attacks the checks use: H14a's APGD / Square where present, PGD otherwise
+# the attacks the checks use: APGD (CE and DLR) and Square
+
+# the attacks the report names as its own
+ATTACK_NAMES = "APGD-CE/DLR, Square"
 
 
 def _gradient_attack(model, x, y, *, eps, norm, loss, steps, restarts, seed):
-    """Whether APGD (or PGD) with ``loss`` ("ce" | "dlr") breaks each sample of (x, y)."""
-    try:
-        from fastrob.attacks.apgd import apgd
-    except ImportError:
-        apgd = None
-    if apgd is not None:
-        _, fooled = apgd(
-            model, x, y, eps=eps, norm=norm, steps=steps, n_restarts=restarts, loss=loss, seed=seed, return_fooled=True
-        )
-        return fooled
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    _, fooled = pgd(
-        model,
-        x,
-        y,
-        eps=eps,
-        alpha=default_alpha(eps, steps),
-        steps=steps,
-        norm=norm,
-        restarts=restarts,
-        loss="ce" if loss == "ce" else margin_loss,
-        robust_only=True,
-        return_fooled=True,
-        generator=generator,
+    """Whether APGD with ``loss`` ("ce" | "dlr") breaks each sample of (x, y)."""
+    _, fooled = apgd(
+        model, x, y, eps=eps, norm=norm, steps=steps, n_restarts=restarts, loss=loss, seed=seed, return_fooled=True
     )
     return fooled
 
 
-def _attack_names():
-    try:
-        import fastrob.attacks.apgd  # noqa: F401
-
-        gradient = "APGD-CE/DLR"
-    except ImportError:
-        gradient = "PGD-CE/margin"
-    try:
-        import fastrob.attacks.square  # noqa: F401
-
-        return gradient + ", Square"
-    except ImportError:
-        return gradient
-
-
 def _square(model, x, y, *, eps, norm, n_queries, seed):
     """Whether Square breaks each sample (NCHW x; see ``_square_available``)."""
-    from fastrob.attacks.square import square
-
     _, fooled = square(model, x, y, eps=eps, norm=norm, n_queries=n_queries, seed=seed, return_fooled=True)
     return fooled
 
@@ -347,17 +312,13 @@ def masking_report(
         total,
         float(correct.float().mean()),
         float(robust.float().mean()),
-        _attack_names(),
+        ATTACK_NAMES,
         robust.cpu(),
     )
 
 
 def _square_available(x) -> bool:
-    """Square is there (it arrives with fastrob.attacks.square) and x is NCHW, as it needs."""
-    try:
-        import fastrob.attacks.square  # noqa: F401
-    except ImportError:
-        return False
+    """x is NCHW, as Square needs."""
     return x.dim() == 4
 
 

@@ -1,6 +1,6 @@
-"""Robust accuracy under one attack, and the accuracy-vs-eps curve with compaction; ``make_attack``
-builds the attacks these metrics run by name ("pgd", "apgd", "autoattack") and ``describe_attack``
-names the attack a result came from."""
+"""Robust accuracy under one attack, and the accuracy-vs-eps curve with compaction. The attacks
+these metrics run by name ("pgd", "apgd", "autoattack") come from ``fastrob.attacks.make_attack``,
+the names of the attacks a result came from from ``fastrob.attacks.describe_attack``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,30 @@ from dataclasses import dataclass, field
 import torch
 
 from fastrob._checks import check_float, check_int
-from fastrob.attacks import ALPHA_FACTOR, NORMS, PGD, PGDL2, check_norm, default_alpha, pgd
+from fastrob.attacks import (
+    ALPHA_FACTOR,
+    ATTACKS,
+    attack_ball,
+    check_attack_output,
+    check_norm,
+    default_alpha,
+    describe_attack,
+    make_attack,
+    pgd,
+)
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device, shard
-from fastrob.ops.pgd_step import perturbation_norm
+
+# re-exported: the metrics' names of the attack factory
+__all__ = [
+    "ATTACKS",
+    "AccuracyCurve",
+    "RobustAccuracy",
+    "accuracy_curve",
+    "describe_attack",
+    "make_attack",
+    "robust_accuracy",
+]
 
 
 @dataclass
@@ -107,138 +127,6 @@ def robust_accuracy(
     return RobustAccuracy(
         float(robust.float().sum()) / total, n_clean / total, len(robust), robust, describe_attack(attack)
     )
-
-
-# the attacks the metrics build by name (``make_attack``, ``accuracy_curve(attack=...)``, ``fastrob eval --attack``)
-ATTACKS = ("autoattack", "autoattack-fast", "apgd", "pgd")
-
-
-def make_attack(
-    name: str,
-    model,
-    eps: float,
-    norm: str = "linf",
-    *,
-    steps: int = 20,
-    restarts: int = 1,
-    n_queries: int = 5000,
-    version: str = "standard",
-    n_classes: int = 10,
-    seed: int = 0,
-    quiet: bool = True,
-):
-    """The attack object ``name`` at radius ``eps``:
-
-    - "pgd": PGD (``fastrob.PGD`` / ``PGDL2``), ``steps`` steps of 2.5·eps/steps, ``restarts`` random starts;
-    - "apgd": APGD-CE (Croce & Hein 2020) with ``steps`` iterations and ``restarts`` restarts;
-    - "autoattack": AutoAttack ``version`` with ``steps`` iterations for APGD-CE, APGD-T and FAB-T and
-      ``n_queries`` for Square (the paper's "standard" is steps=100, n_queries=5000);
-    - "autoattack-fast": AutoAttack's "fast" version with those settings (docs/autoattack-fast.md).
-    """
-    from fastrob.attacks import APGD, AutoAttack  # here: fastrob.attacks imports fastrob.metrics first
-
-    check_norm(norm)
-    if name == "pgd":
-        cls = PGD if norm == "linf" else PGDL2
-        return cls(
-            model,
-            eps=eps,
-            alpha=default_alpha(eps, steps),
-            steps=steps,
-            restarts=restarts,
-            generator=torch.Generator(device=model_device(model, None)).manual_seed(seed),
-        )
-    upper = "Linf" if norm == "linf" else "L2"
-    if name == "apgd":
-        return APGD(model, norm=upper, eps=eps, steps=steps, n_restarts=restarts, seed=seed, loss="ce")
-    if name in ("autoattack", "autoattack-fast"):
-        return AutoAttack(
-            model,
-            norm=upper,
-            eps=eps,
-            version="fast" if name == "autoattack-fast" else version,
-            n_classes=n_classes,
-            seed=seed,
-            steps=steps,
-            n_queries=n_queries,
-            quiet=quiet,
-        )
-    raise ValueError(f"attack must be one of {ATTACKS}, got {name!r}")
-
-
-def describe_attack(attack) -> str:
-    """A short name of ``attack`` with its settings, e.g. "AutoAttack(standard, Linf, eps=0.1)" or
-    "PGD-20(linf, eps=0.1, alpha=0.0125)"; a plain function gives its name."""
-    from fastrob.attacks import APGD, AutoAttack
-
-    kind = type(attack).__name__
-    if isinstance(attack, AutoAttack):
-        extra = (
-            ""
-            if (attack.steps, attack.n_queries) == (100, 5000)
-            else f", steps={attack.steps}, n_queries={attack.n_queries}"
-        )
-        custom = "custom" if attack.attacks is not None else attack.version
-        return f"AutoAttack({custom}, {attack.norm}, eps={attack.eps:g}{extra})"
-    if isinstance(attack, APGD):
-        restarts = f", {attack.n_restarts} restarts" if attack.n_restarts > 1 else ""
-        return f"APGD-{attack.loss.upper()}-{attack.steps}({attack.norm}, eps={attack.eps:g}{restarts})"
-    if isinstance(attack, PGD):
-        restarts = f", {attack.restarts} restarts" if attack.restarts > 1 else ""
-        return f"PGD-{attack.steps}({attack.norm}, eps={attack.eps:g}, alpha={attack.alpha:g}{restarts})"
-    ball = attack_ball(attack)
-    if ball is not None:
-        return f"{kind}({ball[0]}, eps={ball[1]:g})"
-    return getattr(attack, "__name__", kind)
-
-
-# the least slack of the ball and box checks of an attack's output (float32 rounding of x + delta)
-_BALL_SLACK = 1e-5
-
-
-def attack_ball(attack) -> tuple[str, float] | None:
-    """(norm, eps) of an attack that exposes them (fastrob's and torchattacks' attack objects have
-    ``eps``; the norm is ``norm`` or, for torchattacks, the class name: PGDL2 is l2, PGD and FGSM
-    linf), or None when its ball is unknown (a plain function)."""
-    eps = getattr(attack, "eps", None)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        return None
-    norm = getattr(attack, "norm", None)
-    if isinstance(norm, str):
-        norm = norm.lower()
-    elif type(attack).__name__ in ("PGD", "FGSM", "FFGSM", "RFGSM", "BIM", "MIFGSM", "TPGD"):
-        norm = "linf"
-    elif type(attack).__name__ in ("PGDL2",):
-        norm = "l2"
-    return (norm, float(eps)) if norm in NORMS else None
-
-
-def check_attack_output(x_adv, x: torch.Tensor, ball: tuple[str, float] | None) -> None:
-    """An attack's output must be a tensor of x's shape, finite, in [0, 1] and, when the attack's
-    ball is known (``attack_ball``), within eps of x: otherwise the accuracy on it means nothing."""
-    if not isinstance(x_adv, torch.Tensor):
-        raise TypeError(f"attack(x, y) must return a tensor of adversarial images, got {type(x_adv).__name__}")
-    if x_adv.shape != x.shape:
-        raise ValueError(
-            f"attack(x, y) must return images of the shape of x {tuple(x.shape)}, got {tuple(x_adv.shape)}"
-        )
-    n_bad = int((~torch.isfinite(x_adv)).flatten(1).any(1).sum())
-    if n_bad:
-        raise ValueError(f"attack(x, y) returned non-finite (NaN or inf) images for {n_bad} of {len(x)} samples")
-    # slack for rounding: x + delta stored in x_adv's dtype (half precision rounds at ~5e-4)
-    slack = _BALL_SLACK + 4 * torch.finfo(x_adv.dtype).eps if x_adv.is_floating_point() else _BALL_SLACK
-    low, high = float(x_adv.min()), float(x_adv.max())
-    if low < -slack or high > 1 + slack:
-        raise ValueError(f"attack(x, y) returned images outside [0, 1] (values in [{low:.4g}, {high:.4g}])")
-    if ball is not None:
-        norm, eps = ball
-        delta = (x_adv.detach().float() - x.detach().float()).flatten(1)
-        size = perturbation_norm(delta, norm)
-        worst = float(size.max())
-        if worst > eps * (1 + 1e-4) + slack * (delta.shape[1] ** 0.5 if norm == "l2" else 1):
-            raise ValueError(
-                f"attack(x, y) returned images outside its {norm} ball of eps={eps:g} (largest distance {worst:.4g})"
-            )
 
 
 def accuracy_curve(

@@ -15,8 +15,8 @@ from fastrob.attention_routing import twice_differentiable_attention
 from fastrob.compiled import eager_for_double_backward
 from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
-from fastrob.metrics.map_discrepancy import KINDS as DISCREPANCIES
-from fastrob.metrics.map_discrepancy import discrepancy
+from fastrob.interpret_discrepancy import KINDS as DISCREPANCIES
+from fastrob.interpret_discrepancy import discrepancy
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
 
@@ -25,7 +25,7 @@ KINDS = ("int", "int_adv", "int2", "int2_adv")
 
 class InterpretationRegularizer:
     """Boopathy et al.'s interpretability-aware objectives, with D the l1 interpretation
-    discrepancy (``fastrob.metrics.discrepancy``, 2-class by default) and
+    discrepancy (``fastrob.interpret_discrepancy.discrepancy``, 2-class by default) and
     x* the inner attack's result in the ball B(x, eps) ∩ [0, 1]:
 
         kind        inner attack maximises        loss
