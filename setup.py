@@ -151,9 +151,8 @@ class BuildExt(build_ext):
         print(
             f"fastrob: built fastrob._C with {record['nvcc']} for sm_{', sm_'.join(record['archs'])} in {seconds:.0f} s"
         )
+        _write_record(record, os.path.dirname(out_path))
         self._record_path = os.path.join(os.path.dirname(out_path), BUILD_RECORD)
-        with open(self._record_path, "w") as f:
-            json.dump(record, f, indent=1)
 
     def copy_extensions_to_source(self):
         # Editable installs build into a temporary directory and copy the extension back into the

@@ -6,7 +6,7 @@ CPU, a small conv net with BatchNorm and softplus, CIFAR-shaped batches (128x3x3
 32x3x16x16), float32. Each provider is a whole training step (zero_grad, objective, backward,
 SGD step). References: eager double backprop for the input gradient; Hoffman et al.'s
 jacobian_regularizer loop (one autograd.grad per projection) for the Jacobian, plus the two
-batchings the issue considered (is_grads_batched, and an input-space finite-difference
+other batchings one could write (is_grads_batched, and an input-space finite-difference
 estimator). The paper methods (3-step PGD at eps 8/255): Int2 with 1-class saliency maps against
 the eager version a user writes, Lipschitz (fixed psi) against Woods et al.'s eager double
 backprop, SNS against eager PGD adversarial training. Providers are timed round-robin (median

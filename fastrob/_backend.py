@@ -247,7 +247,6 @@ def resolve(
     reasons: it uses the torch reference on CPU, and on a GPU the CUDA extension, then Triton,
     each only once the record or a self-check vouches for it (fastrob.verify), then torch,
     warning once per process if a GPU tensor falls back to torch for want of a fused backend.
-    ``kernels`` names the fused backends the op has kernels for (``auto`` considers only those).
     """
     check_backend_name(backend)
     if backend == "torch":

@@ -68,7 +68,6 @@ def input_gradient_penalty(
     if norm not in INPUT_GRADIENT_NORMS:
         raise ValueError(f"norm must be one of {INPUT_GRADIENT_NORMS}, got {norm!r}")
     _check_differentiable(loss_per_sample, x)
-    check_twice_differentiable(loss_per_sample, "loss_per_sample")
     g = input_grad(loss_per_sample.sum(), x, create_graph=True)
     if weight is not None:
         g = g * weight
@@ -162,7 +161,6 @@ def projected_jacobian_penalty(logits: torch.Tensor, x: torch.Tensor, v: torch.T
     per sample and projection (random: Hoffman's unbiased estimate; one-hot: the exact value).
     One VJP per projection (see ``jacobian_penalty`` for why not a vmapped one).
     """
-    check_twice_differentiable(logits, "the logits")
     total = 0.0
     for p in range(v.shape[0]):
         g = input_grad(logits, x, v[p], create_graph=True, retain_graph=True)
@@ -342,7 +340,11 @@ def per_replica_batch_norm(model, replicas: int):
 def input_grad(outputs, x: torch.Tensor, grad_outputs=None, *, create_graph=False, retain_graph=None):
     """``torch.autograd.grad(outputs, x, grad_outputs)``, with a model whose output does not depend on
     x (its forward detaches its input) refused in words instead of autograd's "appears to not have
-    been used in the graph"."""
+    been used in the graph"; with ``create_graph`` (a gradient that will itself be differentiated),
+    a graph through torch's fused attention is refused here, naming the fix, rather than at the
+    user's later ``loss.backward()``."""
+    if create_graph:
+        check_twice_differentiable(outputs, "the outputs")
     (g,) = torch.autograd.grad(
         outputs, x, grad_outputs, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
     )

@@ -46,9 +46,11 @@ def _tensor_names(output) -> list[str]:
 
 
 def _get(output, name: str, strict: bool = True):
-    if isinstance(output, Mapping) and name in output:
-        return output[name]
-    if hasattr(output, name):
+    # a mapping's entries only: its attributes are methods (a "values" key must not find dict.values)
+    if isinstance(output, Mapping):
+        if name in output:
+            return output[name]
+    elif hasattr(output, name):
         return getattr(output, name)
     if strict:
         raise KeyError(name)

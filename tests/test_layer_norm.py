@@ -282,3 +282,12 @@ def test_fastrob_check_skips_the_backend_without_kernels():
     from fastrob import verify
 
     assert verify.check_devices(devices=["cpu"], backends=["cuda"], ops=["layer_norm"], dtypes=[torch.float32]) == []
+
+
+def test_a_weight_of_another_dtype_is_refused_by_name():
+    x = torch.rand(2, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="weight must have x's dtype float64, got float32"):
+        layer_norm(x, torch.ones(4), None, 1e-5, backend="torch")
+    # half-precision input takes float32 parameters (as the kernels accumulate in float32)
+    out = layer_norm(x.to(torch.bfloat16), torch.ones(4), None, 1e-5, backend="torch")
+    assert out.dtype == torch.bfloat16

@@ -245,3 +245,11 @@ def test_pgd_step_reference_keeps_x_adv_layout_with_mixed_operands():
     g = torch.randn_like(x)
     out = pgd_step_reference(xa, g, x, alpha=0.1, eps=0.2)
     assert out.stride() == xa.stride()
+
+
+def test_a_mapping_is_searched_by_key_only():
+    # dict.values is a method, not the entry "values": a missing key must be the clear error
+    from fastrob.model_output import select
+
+    with pytest.raises(KeyError, match="no key or attribute 'values'"):
+        select({"a": torch.zeros(2, 3)}, "values")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_tensor
 from fastrob.ops._common import accumulate_dtype, batch_outermost_dense, define_op, launch, resolve_backend, same_layout
-from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
+from fastrob.ops._registry import NORMALISATION_TOLERANCES, FusedOp, SelfCheckCase, random_tensor, register
 
 
 def batch_norm_reference(
@@ -415,17 +415,10 @@ def _self_check_cases(device, dtype):
         )
 
 
-# float32: the first and second derivatives of a normalisation sum O(M) terms that cancel; 1e-4
-# is what separates float32 rounding (1e-6 .. 1e-5 seen) from a wrong term (O(1)).
 SPEC = register(
     FusedOp(
         name="batch_norm",
-        tolerances={
-            torch.float32: Tolerance(1e-4, 1e-4),
-            torch.float64: Tolerance(1e-10, 1e-10),
-            torch.float16: Tolerance(5e-3, 5e-3),
-            torch.bfloat16: Tolerance(5e-2, 5e-2),
-        },
+        tolerances=NORMALISATION_TOLERANCES,
         self_check_cases=_self_check_cases,
     )
 )

@@ -28,9 +28,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fastrob._checks import check_float, check_tensor
+from fastrob._checks import check_float, check_tensor, dtype_name
 from fastrob.ops._common import TRITON_DTYPES, accumulate_dtype, define_op, launch, same_layout
-from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
+from fastrob.ops._registry import NORMALISATION_TOLERANCES, FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 # the fused backends that have layer norm kernels (fastrob._C has none)
 FUSED_BACKENDS = ("triton",)
@@ -68,6 +68,10 @@ def _check_vector(name: str, t, x: torch.Tensor, c: int) -> None:
         raise ValueError(f"{name} must have shape [normalised size] = ({c},), got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    if t.dtype != x.dtype and not (half and t.dtype == torch.float32):
+        also = " or float32" if half else ""
+        raise TypeError(f"{name} must have x's dtype {dtype_name(x.dtype)}{also}, got {dtype_name(t.dtype)}")
 
 
 def _resolve(backend: str, x: torch.Tensor) -> str:
@@ -359,14 +363,7 @@ def _self_check_cases(device, dtype):
 SPEC = register(
     FusedOp(
         name="layer_norm",
-        # float32: the derivatives of a normalisation sum O(C) terms that cancel; 1e-4 separates
-        # float32 rounding from a wrong term (O(1)), as for batch norm
-        tolerances={
-            torch.float32: Tolerance(1e-4, 1e-4),
-            torch.float64: Tolerance(1e-10, 1e-10),
-            torch.float16: Tolerance(5e-3, 5e-3),
-            torch.bfloat16: Tolerance(5e-2, 5e-2),
-        },
+        tolerances=NORMALISATION_TOLERANCES,
         self_check_cases=_self_check_cases,
         # the weight's and bias's gradients sum 1e5 rows in another order than torch's
         large_input_tolerances={torch.float32: Tolerance(1e-3, 1e-3)},
