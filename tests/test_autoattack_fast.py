@@ -265,3 +265,54 @@ def test_evaluation_runs_the_fast_version_by_name():
     assert results["lin"]["robust"].attack.startswith("AutoAttack(fast")
     assert "AA-fast@0.1" in evaluation.table(results, settings).splitlines()[0]
     assert "AutoAttack fast (APGD-CE and APGD-T on" in evaluation.legend(settings, results)
+
+
+# ----------------------------------------------------------------------------------------------
+# the attack's model mode reaches the MALT targeting and the guard
+
+
+class ModeRecorder(nn.Module):
+    """small_mlp with a dropout layer, recording the ``training`` flag of each forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Dropout(0.5), nn.Linear(32, 10))
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append(self.training)
+        return self.net(x)
+
+
+def test_malt_targets_run_in_the_attacks_mode(digits):
+    x, y = digits.x_test[:8], digits.y_test[:8]
+    model = ModeRecorder().eval()
+    atk = MALTAPGDT(model, eps=EPS, steps=2, seed=0)
+    atk.set_model_training_mode(model_training=True)
+    atk(x, y)
+    assert model.modes and all(model.modes) and not model.training
+    model.modes.clear()
+    malt_targets(model, x, y, 3, 9)
+    assert model.modes and not any(model.modes)
+
+
+def test_the_guard_runs_in_the_attacks_mode(digits):
+    """Attacked with its dropout on, the model is randomized: the guard sees it and runs FAB-T and Square."""
+    x, y = digits.x_test[:16], digits.y_test[:16]
+    model = ModeRecorder().eval()
+    atk = AutoAttack(model, eps=EPS, version="fast", seed=0, steps=3, n_queries=20, quiet=True)
+    assert atk.run(x, y)[1].guard["randomized"]["verdict"] == "ok"
+    atk.set_model_training_mode(model_training=True, dropout_training=True)
+    _, record = atk.run(x, y)
+    assert record.guard["randomized"]["value"] > 0.5 and record.guard_fired
+    assert record.stages[-2:] == ["fab-t", "square"] and not model.training
+
+
+def test_cheap_checks_refuse_a_one_class_model(digits):
+    from fastrob.attacks.masking_checks import cheap_checks
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
+    x = digits.x_test[:4]
+    with pytest.raises(ValueError, match="model must return at least 2 logits per sample.*got 1"):
+        cheap_checks(model, x, torch.zeros(4, dtype=torch.long))

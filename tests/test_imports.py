@@ -104,3 +104,21 @@ def test_every_module_imports_first_in_a_fresh_interpreter(tmp_path):
         if run.returncode:
             failed.append(f"{name}:\n{run.stderr[-2000:]}")
     assert not failed, "\n".join(failed)
+
+
+def test_the_attacks_do_not_import_the_metrics():
+    """fastrob.metrics builds on fastrob.attacks, never the other way round, deferred imports included."""
+    import ast
+
+    offenders = []
+    for path in sorted((PACKAGE_DIR / "attacks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + (
+                    [f"{node.module}.{a.name}" for a in node.names] if node.module == "fastrob" else []
+                )
+            offenders += [
+                f"{path.name}: {n}" for n in names if n == "fastrob.metrics" or n.startswith("fastrob.metrics.")
+            ]
+    assert not offenders, offenders

@@ -11,7 +11,8 @@ arguments: ``APGD`` and ``APGDT`` (``apgd``), ``FAB``, ``Square`` (``square``) a
 Modules, one job each: ``config`` (the validated settings and the default step rule), ``losses``
 (CE, margin, KL, DLR), ``starts`` (random starts and the attacks' generator), ``state`` (model
 modes, bf16 autocast and input checks), ``engine`` (the loop), ``graph`` (its CUDA-graph capture),
-``ball`` (the eps-ball and box an output must respect), ``factory`` (the attacks built by name and
+``ball`` (the eps-ball and box an output must respect), ``masking_checks`` (the gradient-masking checks'
+definitions and the cheap ones, AutoAttack's "fast" guard), ``factory`` (the attacks built by name and
 their descriptions); docs/design.md has the whole table."""
 
 from fastrob.attacks.apgd import APGD, APGDT, apgd

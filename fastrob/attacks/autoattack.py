@@ -27,6 +27,7 @@ from fastrob.attacks.ball import inside_ball
 from fastrob.attacks.config import check_amp, torchattacks_norm
 from fastrob.attacks.fab import FAB
 from fastrob.attacks.malt import MALTAPGDT
+from fastrob.attacks.masking_checks import cheap_checks
 from fastrob.attacks.square import Square
 from fastrob.attacks.state import attack_context, check_attack_inputs
 from fastrob.attacks.torchattacks_compat import Attack
@@ -202,9 +203,8 @@ class AutoAttack(Attack):
             run(name, attack)
             bar.set_postfix(robust=f"{record.robust_accuracy[name]:.2%}")
         if guarded:
-            from fastrob.metrics.masking_guard import cheap_checks  # here: fastrob.metrics imports fastrob.attacks
-
-            checks = cheap_checks(model, x, y, norm.lower(), seed=0 if self.seed is None else int(self.seed))
+            seed = 0 if self.seed is None else int(self.seed)
+            checks = cheap_checks(model, x, y, norm.lower(), seed=seed, model_training=self._training)
             record.guard = {c.name: c.as_dict() for c in checks}
             record.guard_fired = any(c.verdict == "suspicious" for c in checks)
             if self.verbose:

@@ -19,6 +19,8 @@ stacked ``n_candidates`` times.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from fastrob._checks import check_int, check_logits
@@ -32,7 +34,8 @@ def malt_scores(model, x: torch.Tensor, y: torch.Tensor, candidates: torch.Tenso
     norm = torchattacks_norm(norm)
     batch, c = candidates.shape
     # one stacked pass: row j*B + i is sample i with candidate j, so a single backward of the summed
-    # margins gives each row its own input gradient (rows do not interact in eval mode)
+    # margins gives each row its own input gradient (rows do not interact in eval mode; in train mode
+    # BatchNorm's batch statistics couple them, as they couple the samples of any train-mode attack)
     stacked = x.detach().repeat(c, *([1] * (x.dim() - 1))).requires_grad_(True)
     with torch.enable_grad():
         logits = model(stacked)
@@ -48,13 +51,16 @@ def malt_scores(model, x: torch.Tensor, y: torch.Tensor, candidates: torch.Tenso
     return distance.reshape(c, batch).T
 
 
-def malt_targets(model, x, y, n_targets: int, n_candidates: int, norm: str = "Linf") -> torch.Tensor:
+def malt_targets(
+    model, x, y, n_targets: int, n_candidates: int, norm: str = "Linf", *, model_training: bool | Callable = False
+) -> torch.Tensor:
     """The ``n_targets`` MALT targets [B, k] of each sample (module docstring), nearest first;
-    k = min(n_targets, n_candidates, classes - 1)."""
+    k = min(n_targets, n_candidates, classes - 1). ``model_training``: the model's mode during the
+    forwards and the backward (False: eval; see ``attack_context``), the attack's own."""
     check_attack_inputs(model, x, y, clamp_input=None, name="malt_targets")
     n_targets = check_int("n_targets", n_targets, 1)
     n_candidates = check_int("n_candidates", n_candidates, 1)
-    with attack_context(model), torch.no_grad():
+    with attack_context(model, model_training), torch.no_grad():
         clean = model(x)
     check_logits(clean, x.shape[0], y, where="clean inputs")
     y = y.to(device=x.device, dtype=torch.long)
@@ -62,7 +68,7 @@ def malt_targets(model, x, y, n_targets: int, n_candidates: int, norm: str = "Li
     if c < 1:
         raise ValueError(f"MALT targeting needs at least 2 classes, the model has {clean.shape[1]}")
     candidates = clean.scatter(1, y[:, None], float("-inf")).topk(c, dim=1).indices
-    with attack_context(model):
+    with attack_context(model, model_training):
         scores = malt_scores(model, x, y, candidates, norm)
     order = scores.argsort(dim=1, stable=True)[:, : min(n_targets, c)]
     return candidates.gather(1, order)
@@ -83,5 +89,5 @@ class MALTAPGDT(APGDT):
         norm = options["norm"]
         with attack_context(model, self._training), torch.no_grad():
             y = model(images).argmax(1) if labels is None else labels
-        targets = malt_targets(model, images, y, n_targets, n_candidates, norm)
+        targets = malt_targets(model, images, y, n_targets, n_candidates, norm, model_training=self._training)
         return apgd(model, images, y, targets=targets, model_training=self._training, **options)

@@ -43,67 +43,33 @@ fractions are of the n samples read. The honest-model ranges quoted above were m
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_int, check_positive
 from fastrob._progress import progress
-from fastrob.attacks import apgd, attack_context, check_norm, square
+from fastrob.attacks import check_norm, square
+from fastrob.attacks.masking_checks import (
+    DESCRIPTIONS,
+    MIN_COUNT,
+    THRESHOLDS,
+    MaskingCheck,
+    check_classifier_logits,
+    default_large_eps,
+    fooled_by_any,
+    forward_checks,
+    gradient_attack_fooled,
+    gradient_losses,
+    large_eps_fraction,
+)
 from fastrob.attacks.state import check_attack_inputs
 from fastrob.distributed import unwrap
 from fastrob.metrics._common import batches, clean_logits, model_device
 
-# Checks that count samples need MIN_COUNT of them as well as the threshold: on a small n one or two
-# near-boundary points that a random search happens to break are noise, not masking.
-MIN_COUNT = 3
-THRESHOLDS = {
-    "black_box": 0.02,
-    "large_eps": 0.05,
-    "convergence": 0.05,
-    "zero_gradients": 0.05,
-    "randomized": 0.0,
-    "probabilities": 0.5,
-    "ce_vs_dlr": 0.10,
-}
-DESCRIPTIONS = {
-    "black_box": "fraction broken by Square but by no gradient attack",
-    "large_eps": "robust accuracy at a radius that reaches a gray image",
-    "convergence": "robust accuracy drop under a stronger gradient attack",
-    "zero_gradients": "fraction of clean points with zero / non-finite CE input gradient",
-    "randomized": "fraction of samples whose two forwards differ",
-    "probabilities": "fraction of output rows that are probability vectors",
-    "ce_vs_dlr": "|robust accuracy CE - DLR|",
-}
-
-
-@dataclass
-class MaskingCheck:
-    """One check: its ``value``, the ``threshold`` above which it is suspicious (None: not run)."""
-
-    name: str
-    value: float | None
-    threshold: float
-    description: str
-    count: int | None = None  # the samples behind ``value``, for the checks that count attacked samples
-
-    @property
-    def verdict(self) -> str:
-        if self.value is None:
-            return "n/a"
-        enough = self.count is None or self.count >= MIN_COUNT
-        return "suspicious" if self.value > self.threshold and enough else "ok"
-
-    def as_dict(self) -> dict:
-        return {
-            "value": self.value,
-            "threshold": self.threshold,
-            "verdict": self.verdict,
-            "count": self.count,
-            "description": self.description,
-        }
+# the checks' definitions and thresholds live in fastrob.attacks.masking_checks, where AutoAttack's
+# "fast" version runs the cheap ones; the report re-exports them
+__all__ = ["DESCRIPTIONS", "MIN_COUNT", "THRESHOLDS", "MaskingCheck", "MaskingReport", "masking_report"]
 
 
 @dataclass
@@ -165,14 +131,6 @@ class MaskingReport:
 
 # the attacks the report names as its own
 ATTACK_NAMES = "APGD-CE/DLR, Square"
-
-
-def _gradient_attack(model, x, y, *, eps, norm, loss, steps, restarts, seed):
-    """Whether APGD with ``loss`` ("ce" | "dlr") breaks each sample of (x, y)."""
-    _, fooled = apgd(
-        model, x, y, eps=eps, norm=norm, steps=steps, n_restarts=restarts, loss=loss, seed=seed, return_fooled=True
-    )
-    return fooled
 
 
 def _square(model, x, y, *, eps, norm, n_queries, seed):
@@ -248,7 +206,7 @@ def masking_report(
         fooled = torch.zeros(len(idx), dtype=torch.bool, device=device)
         for k, part in enumerate(chunks(idx)):
             sl = slice(k * batch_size, k * batch_size + len(part))
-            fooled[sl] = _gradient_attack(model, x[part], y[part], norm=norm, seed=seed, **kwargs)
+            fooled[sl] = gradient_attack_fooled(model, x[part], y[part], norm=norm, seed=seed, **kwargs)
         return fooled
 
     stages = progress(total=7, desc="masking report", unit="checks", disable=quiet)
@@ -263,21 +221,13 @@ def masking_report(
 
     try:
         logits = torch.cat([clean_logits(model, x[i], y[i]) for i in chunks(torch.arange(total, device=device))])
-        if not bool(torch.isfinite(logits).all()):
-            raise ValueError("model returned non-finite logits on the clean data")
-        if logits.shape[1] < 2:  # one class: nothing to attack, every check would be noise
-            raise ValueError(
-                f"model must return at least 2 logits per sample (a classifier) for the masking report, "
-                f"got {logits.shape[1]}"
-            )
+        check_classifier_logits(logits)
         correct = logits.argmax(1) == y
-        done("probabilities", _probability_fraction(logits))
-        done("randomized", _randomized_fraction(model, x))
-
         alive = correct.nonzero().squeeze(1)
-        done("zero_gradients", _zero_gradient_fraction(model, x[alive], y[alive], batch_size) if len(alive) else None)
+        for name, value in forward_checks(model, x, y, logits, alive, batch_size).items():
+            done(name, value)
 
-        losses = ("ce", "dlr") if logits.shape[1] >= 3 else ("ce",)  # DLR needs 3 classes
+        losses = gradient_losses(logits.shape[1])
         fooled = [attack(alive, eps=eps, loss=loss, steps=steps, restarts=1) for loss in losses]
         gap = abs(int(fooled[0].sum()) - int(fooled[-1].sum()))
         done("ce_vs_dlr", gap / total if len(losses) == 2 else None, gap)
@@ -297,8 +247,7 @@ def masking_report(
         strong = fooled_by_any(attack, survivors, losses, eps=eps, steps=steps * strong_factor, restarts=2)
         done("convergence", int(strong.sum()) / total, int(strong.sum()))
 
-        large = fooled_by_any(attack, alive, losses, eps=large_eps, steps=steps, restarts=1)
-        done("large_eps", float((~large).sum()) / total)
+        done("large_eps", large_eps_fraction(attack, alive, losses, eps=large_eps, steps=steps, total=total))
     finally:
         stages.close()
 
@@ -320,47 +269,3 @@ def masking_report(
 def _square_available(x) -> bool:
     """x is NCHW, as Square needs."""
     return x.dim() == 4
-
-
-def _probability_fraction(logits) -> float:
-    """Fraction of the rows of ``logits`` that are probability vectors (non-negative, summing to 1)."""
-    rows_are_probabilities = (logits.min(1).values >= -1e-6) & ((logits.sum(1) - 1).abs() <= 1e-4)
-    return float(rows_are_probabilities.float().mean())
-
-
-def _randomized_fraction(model, x) -> float:
-    """Fraction of (up to 64) samples whose logits differ between two forwards in eval mode."""
-    with attack_context(model), torch.no_grad():
-        probe = x[:64]
-        first, second = model(probe).float(), model(probe).float()
-    scale = 1e-5 * (1 + first.abs().amax(1))
-    return float(((first - second).abs().amax(1) > scale).float().mean())
-
-
-def default_large_eps(norm: str, x) -> float:
-    """The large-eps check's radius: one that reaches a uniform gray image (0.5 Linf, 0.5·√D L2)."""
-    return 0.5 if norm == "linf" else 0.5 * math.sqrt(x[0].numel())
-
-
-def fooled_by_any(attack, idx, losses, **kwargs) -> torch.Tensor:
-    """Whether a gradient attack breaks each sample of ``idx``: ``attack(part, loss=loss, **kwargs)``
-    (a fooled mask over ``part``) with each of ``losses`` in turn, each on what the earlier left."""
-    fooled = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
-    for loss in losses:
-        rest = (~fooled).nonzero().squeeze(1)
-        if len(rest):
-            fooled[rest] = attack(idx[rest], loss=loss, **kwargs)
-    return fooled
-
-
-def _zero_gradient_fraction(model, x, y, batch_size) -> float:
-    """Fraction of samples whose input gradient of CE(model(x), y) is all zero or has a non-finite entry."""
-    bad = 0
-    with attack_context(model):
-        for i in range(0, len(y), batch_size):
-            inp = x[i : i + batch_size].detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = F.cross_entropy(model(inp).float(), y[i : i + batch_size], reduction="sum")
-                grad = torch.autograd.grad(loss, inp)[0].flatten(1)
-            bad += int(((grad == 0).all(1) | ~torch.isfinite(grad).all(1)).sum())
-    return bad / len(y)
