@@ -31,10 +31,9 @@ __all__ = [
 ]
 
 
-def _check_model_and_backend(model, backend: str) -> None:
+def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _backend.check_backend_name(backend)
 
 
 def swap_activations(model: nn.Module, act: str | None = None, *, backend: str = "auto") -> nn.Module:
@@ -46,9 +45,10 @@ def swap_activations(model: nn.Module, act: str | None = None, *, backend: str =
     for gradient penalties). Activations called functionally inside ``forward`` are not modules
     and stay as they are. Returns ``model``, or the new module when ``model`` itself is an
     activation."""
-    _check_model_and_backend(model, backend)
+    _check_model(model)
     if act is not None and act not in ACTIVATIONS:
         raise ValueError(f"act must be None or one of {tuple(ACTIVATIONS)}, got {act!r}")
+    _backend.check_backend_name(backend)
     return patch(model, act, False, backend, kinds=activation_kinds())[0]
 
 
@@ -58,7 +58,8 @@ def swap_batch_norm(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     ``fastrob.nn.BatchNorm2d`` with the same settings, parameters and buffers (the same tensors:
     optimizers and state_dict keys are unaffected) and hooks. Returns ``model``, or the new module
     when ``model`` itself is an ``nn.BatchNorm2d``."""
-    _check_model_and_backend(model, backend)
+    _check_model(model)
+    _backend.check_backend_name(backend)
     return patch(model, None, True, backend, kinds=("batch_norm",))[0]
 
 
@@ -66,7 +67,8 @@ def swap_layer_norm(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """Replaces, in place, every ``torch.nn.LayerNorm`` (exactly that class: a subclass may compute
     something else) of one normalised dimension by a ``fastrob.nn.LayerNorm`` sharing its
     parameters and hooks. Returns ``model``, or the new module when ``model`` is such a LayerNorm."""
-    _check_model_and_backend(model, backend)
+    _check_model(model)
+    _backend.check_backend_name(backend)
     return patch(model, None, False, backend, kinds=("layer_norm",))[0]
 
 
@@ -94,11 +96,12 @@ def patch_model(
     process) with the report. Functional calls inside ``forward`` and custom autograd Functions are
     out of its reach.
     """
-    _check_model_and_backend(model, backend)
+    _check_model(model)
     if not isinstance(batch_norm, bool):
         raise TypeError(f"batch_norm must be a bool, got {type(batch_norm).__name__}")
     if act is not None and act not in ACTIVATIONS:
         raise ValueError(f"act must be None or one of {tuple(ACTIVATIONS)}, got {act!r}")
+    _backend.check_backend_name(backend)
     model, report = patch(model, act, batch_norm, backend)
     if verbose:
         print(report)
