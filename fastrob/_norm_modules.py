@@ -1,7 +1,15 @@
 """The modules of fastrob.nn for modern normalisation layers: ``LayerNorm`` (last dimension),
 ``LayerNorm2d`` (the channels of [B, C, H, W], as timm's LayerNorm2d and ConvNeXt), both computed
-by ``fastrob.ops.layer_norm``; ``BatchNormAct2d``, a batch norm followed by an activation, each
-on its fused op; and ``swap_layer_norm``. Imported into (and documented as) fastrob.nn."""
+by ``fastrob.ops.layer_norm``; and the two batch norm + activation modules:
+
+- ``BatchNormAct2d``, for a model built from scratch: the activation is a name of
+  ``fastrob.ops.bias_act`` (fused batch norm, then the fused activation);
+- ``BatchNormDropAct2d``, what ``patch_model`` puts in place of timm's ``BatchNormAct2d``: the
+  activation (and dropout) are child modules, as in timm, so the state_dict keys are unchanged and
+  the ``act`` child is patched on its own.
+
+They stay two classes because their state differs: an activation child may hold parameters (a
+PReLU) that a name cannot. Imported into (and documented as) fastrob.nn."""
 
 from __future__ import annotations
 
@@ -10,20 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastrob import _backend
-from fastrob.nn import BatchNorm2d
+from fastrob._fused_modules import BatchNorm2d, share_state
 from fastrob.ops.bias_act import ACTIVATIONS, bias_act, check_act_params
 from fastrob.ops.layer_norm import layer_norm
-
-
-def _share_state(new: nn.Module, module: nn.Module) -> None:
-    """Gives ``new`` exactly ``module``'s parameter and buffer tensors (an optimizer holding them
-    keeps working, state_dict keys are unchanged), its hooks and its training mode."""
-    new._parameters = type(module._parameters)(module._parameters)
-    new._buffers = type(module._buffers)(module._buffers)
-    for name, value in vars(module).items():
-        if "hooks" in name and isinstance(value, dict):
-            setattr(new, name, type(value)(value))
-    new.train(module.training)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -57,7 +54,7 @@ class LayerNorm(nn.LayerNorm):
             backend=backend,
             device=torch.device("meta"),
         )
-        _share_state(new, module)
+        share_state(new, module)
         return new
 
 
@@ -87,7 +84,7 @@ class LayerNorm2d(LayerNorm):
         if len(shape) != 1:
             raise ValueError(f"module must normalise over one (the channel) dimension, got normalized_shape {shape}")
         new = cls(shape[0], module.eps, module.elementwise_affine, backend=backend, device=torch.device("meta"))
-        _share_state(new, module)
+        share_state(new, module)
         return new
 
 
@@ -150,25 +147,24 @@ class BatchNormAct2d(BatchNorm2d):
             device=torch.device("meta"),
             **act_params,
         )
-        _share_state(new, module)
+        share_state(new, module)
         return new
 
 
-def swap_layer_norm(model: nn.Module, *, backend: str = "auto") -> nn.Module:
-    """Replaces, in place, every ``torch.nn.LayerNorm`` (exactly that class: a subclass may compute
-    something else) of one normalised dimension by a ``fastrob.nn.LayerNorm`` sharing its
-    parameters and hooks. Returns ``model``, or the new module when ``model`` is such a LayerNorm."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _backend.check_backend_name(backend)
+class BatchNormDropAct2d(BatchNorm2d):
+    """A fused BatchNorm2d followed by its ``drop`` and ``act`` child modules: the drop-in for the
+    BatchNorm + activation modules of timm (``BatchNormAct2d``, same parameter, buffer and child
+    names, so the state_dict keys are unchanged). ``patch_model`` patches the ``act`` child on its
+    own, so both halves run on fused ops (``BatchNormAct2d`` is the same for a model built from
+    scratch). Made by ``from_module``, never directly."""
 
-    def swappable(m):
-        return type(m) is nn.LayerNorm and len(m.normalized_shape) == 1
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
 
-    if swappable(model):
-        return LayerNorm.from_module(model, backend)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if swappable(child):
-                setattr(parent, name, LayerNorm.from_module(child, backend))
-    return model
+    @classmethod
+    def from_module(cls, module: nn.BatchNorm2d, backend: str = "auto") -> BatchNormDropAct2d:
+        """The fused module of a BN + ``drop`` + ``act`` ``module``, sharing its parameters, buffers,
+        hooks and its ``drop`` and ``act`` children (the same module objects)."""
+        new = super().from_module(module, backend)
+        new.drop, new.act = module.drop, module.act
+        return new

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastrob.nn import BatchNorm2d, BiasAct, LayerNorm, LayerNorm2d
+from fastrob._fused_modules import BatchNorm2d, BiasAct
+from fastrob._norm_modules import BatchNormDropAct2d, LayerNorm, LayerNorm2d
 from fastrob.ops.layer_norm import layer_norm_reference
 
 LINEAR = (nn.Linear, nn.Bilinear, nn.Embedding, nn.modules.conv._ConvNd)
@@ -65,20 +66,8 @@ def _batch_norm(module, backend):
     return BatchNorm2d.from_module(module, backend)
 
 
-class BatchNormDropAct2d(BatchNorm2d):
-    """A fused BatchNorm2d followed by its ``drop`` and ``act`` children: the drop-in for the
-    BatchNorm + activation modules of timm (``BatchNormAct2d``, same parameter, buffer and child
-    names, so the state_dict keys are unchanged). The ``act`` child is patched on its own, so both
-    halves run on fused ops (``fastrob.nn.BatchNormAct2d`` is the same for a model built from scratch)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
-
-
 def _batch_norm_act(module, backend):
-    new = BatchNormDropAct2d.from_module(module, backend)
-    new.drop, new.act = module.drop, module.act  # the activation is patched on its own as a child
-    return new
+    return BatchNormDropAct2d.from_module(module, backend)  # its act child is patched on its own
 
 
 def _layer_norm(module, backend):
@@ -144,7 +133,8 @@ KINDS: dict[str, Kind] = {
     "group_norm": Kind(None, (nn.GroupNorm,)),
 }
 BATCH_NORM_KINDS = ("batch_norm", "batch_norm_act")
-# the activations ``act=`` replaces (patch_model(model, act="softplus")): the ones swap_activations knew
+NORM_KINDS = (*BATCH_NORM_KINDS, "layer_norm", "layer_norm2d", "group_norm")
+# the activations ``act=`` replaces (patch_model(model, act="softplus"))
 REPLACEABLE_BY_ACT = ("relu", "softplus", "gelu", "silu")
 
 
@@ -172,6 +162,12 @@ class PatchReport:
             lines.append(f"  left {len(names)} ({reason}): {shown}")
         lines.append(f"  note: {OUT_OF_REACH}")
         return "\n".join(lines)
+
+
+def activation_kinds() -> tuple[str, ...]:
+    """The table's activations with a fused op (what ``swap_activations`` swaps), read when called,
+    so that a kind added to ``KINDS`` counts."""
+    return tuple(kind for kind, entry in KINDS.items() if kind not in NORM_KINDS and entry.swap is not None)
 
 
 def _probe_input(dtype=torch.float64) -> torch.Tensor:
@@ -246,14 +242,20 @@ def classify(module: nn.Module) -> tuple[str | None, str | None]:
 _warned_nothing = False
 
 
-def patch(model: nn.Module, act: str | None, batch_norm: bool, backend: str) -> tuple[nn.Module, PatchReport]:
-    """The swaps of ``fastrob.nn.patch_model``, and their report."""
+def patch(
+    model: nn.Module, act: str | None, batch_norm: bool, backend: str, kinds: tuple[str, ...] | None = None
+) -> tuple[nn.Module, PatchReport]:
+    """The swaps of ``fastrob.nn.patch_model``, and their report. ``kinds``: swap only modules of
+    these kinds of ``KINDS`` (``swap_activations``, ``swap_batch_norm``, ``swap_layer_norm``);
+    None: every kind, and a warning when nothing is swapped."""
     global _warned_nothing
     report = PatchReport()
 
     def replacement(name: str, module: nn.Module, listed: bool = True):
         kind, reason = classify(module)
         entry = KINDS.get(kind) if kind is not None else None
+        if entry is not None and kinds is not None and kind not in kinds:
+            entry, reason = None, f"{kind}: not among the kinds asked for"
         if entry is not None and (kind not in BATCH_NORM_KINDS or batch_norm):
             if act is not None and kind in REPLACEABLE_BY_ACT:
                 return BiasAct(act, backend=backend)
@@ -283,7 +285,7 @@ def patch(model: nn.Module, act: str | None, batch_norm: bool, backend: str) -> 
         model = root
     visit("", model)
     already = any(reason == "already fused" for _, _, reason in report.left)
-    if not report.swapped and not already and not _warned_nothing:
+    if kinds is None and not report.swapped and not already and not _warned_nothing:
         _warned_nothing = True
         warnings.warn(f"patch_model swapped nothing: no module runs on the fused ops.\n{report}", stacklevel=3)
     return model, report

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastrob
-from fastrob.nn import BiasAct, patch_model
+from fastrob.nn import BatchNorm2d, BiasAct, LayerNorm, patch_model, swap_activations, swap_batch_norm, swap_layer_norm
 from fastrob.patching import BatchNormDropAct2d, PatchReport, classify
 
 
@@ -361,3 +361,31 @@ def test_probe_leaves_the_global_random_stream_alone():
     after = torch.rand(3)
     torch.manual_seed(0)
     torch.testing.assert_close(after, torch.rand(3), rtol=0, atol=0)
+
+
+def test_swap_helpers_swap_only_their_kinds_and_never_warn():
+    """swap_batch_norm / swap_layer_norm / swap_activations are patch_model limited to their kinds:
+    each swaps its own and leaves the others, without patch_model's nothing-swapped warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        nn.BatchNorm2d(4),
+        FunctionalGELU(),
+        LayerNorm2d(4),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.LayerNorm(4 * 5 * 5),
+    ).eval()
+    x = torch.randn(2, 3, 5, 5)
+    expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        swap_batch_norm(model, backend="torch")
+        assert type(model[1]) is BatchNorm2d and type(model[2]) is FunctionalGELU and type(model[6]) is nn.LayerNorm
+        swap_layer_norm(model, backend="torch")
+        assert type(model[6]) is LayerNorm and type(model[3]) is LayerNorm2d  # the channels-first subclass stays
+        assert type(model[4]) is nn.Sigmoid
+        swap_activations(model, backend="torch")
+        assert [model[2].act, model[4].act] == ["gelu", "sigmoid"]
+        assert swap_activations(nn.Sequential(nn.Linear(2, 2))) is not None  # nothing to swap: no warning
+    torch.testing.assert_close(model(x), expected)
