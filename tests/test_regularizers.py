@@ -178,6 +178,17 @@ def test_jsigr_saliency_term_equals_brute_force(spec, perturbation):
     check_objective(reg(model, x, y), model, x, y, 1.0, 0.7 * brute_input_gradient_penalty(model, x, y, weight=1 - s))
 
 
+def test_jsigr_saliency_in_train_mode_does_not_depend_on_chunk():
+    # train-mode BatchNorm: each square's forward normalises its B perturbed images with their own
+    # statistics, whether the squares run one per forward (chunk = B) or all in one (chunk large)
+    model = make_model("cnn", True, True)
+    x, y = make_batch()
+    one_square_per_forward = JSIGRRegularizer(patch=2, chunk=x.shape[0]).saliency(model, x, y)
+    all_squares_in_one = JSIGRRegularizer(patch=2, chunk=4096).saliency(model, x, y)
+    torch.testing.assert_close(all_squares_in_one, one_square_per_forward)
+    assert model.training and 0 < one_square_per_forward.mean() < 1
+
+
 def test_jsigr_jacobian_term_is_the_jacobian_penalty():
     model = make_model("cnn", True, True)
     x, y = make_batch()

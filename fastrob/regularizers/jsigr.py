@@ -35,8 +35,10 @@ class JSIGRRegularizer:
 
     The saliency forwards (one per square, batched in chunks of ``chunk`` samples: one pass when
     squares x batch <= chunk) run in the model's mode and do not move BatchNorm's running
-    statistics. They cost (H/patch)(W/patch) no-grad forwards of the batch, so the step's cost
-    follows ``patch`` (bench/any_model.py measures it against a plain step). Inputs must be images [B, C, H, W].
+    statistics; in train mode each square's B perturbed images are normalised with their own batch
+    statistics, as in a forward of that square alone, so S does not depend on ``chunk``. They cost
+    (H/patch)(W/patch) no-grad forwards of the batch, so the step's cost follows ``patch``
+    (bench/any_model.py measures it against a plain step). Inputs must be images [B, C, H, W].
 
     Args:
         lam_jacobian: weight of the Jacobian term, >= 0 (default 0.01, Hoffman et al.).
@@ -124,7 +126,10 @@ class JSIGRRegularizer:
             for k0 in range(0, gh * gw, per_chunk):
                 m = masks[k0 : k0 + per_chunk, None]  # [k, 1, 1, H, W]
                 xp = (x * (1 - m) + replacement * m).flatten(0, 1)  # [k*B, C, H, W]
-                p_pert = model(xp).to(dtype).softmax(1).gather(1, y.repeat(m.shape[0])[:, None])[:, 0]
+                # each square's B perturbed images keep their own batch statistics (train-mode
+                # BatchNorm), so S does not depend on how many squares share a forward (``chunk``)
+                with Fn.per_replica_batch_norm(model, m.shape[0]):
+                    p_pert = model(xp).to(dtype).softmax(1).gather(1, y.repeat(m.shape[0])[:, None])[:, 0]
                 drops.append((p_clean - p_pert.view(m.shape[0], b)).clamp_min(0))
         drops = torch.cat(drops).T  # [B, K]
         top = drops.max(1, keepdim=True).values
