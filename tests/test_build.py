@@ -14,27 +14,35 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# setup.py's switches: the caller's own (CI sets FASTROB_CUDA=1) must not leak into the case under test
+SWITCHES = ("FASTROB_CUDA", "NVCC", "FASTROB_CUDA_ARCH", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS")
+# the build record of an install that skipped the extension on purpose
+SKIPPED_RECORD = {
+    "built": False,
+    "reason": "skipped: FASTROB_CUDA=0 at install time",
+    "nvcc": None,
+    "archs": [],
+    "ptx": [],
+}
+
+
+def run_setup(*args, cwd=ROOT, timeout=300, **env):
+    full_env = {**{k: v for k, v in os.environ.items() if k not in SWITCHES}, **env}
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
 def build_ext(tmp_path, **env):
-    # The caller's own switches (CI sets FASTROB_CUDA=1) must not leak into the case under test.
-    switches = ("FASTROB_CUDA", "NVCC", "FASTROB_CUDA_ARCH", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS")
-    inherited = {k: v for k, v in os.environ.items() if k not in switches}
-    full_env = {**inherited, **env}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "setup.py",
-            "-q",
-            "build",  # build_py writes the record when the extension is skipped, build_ext when it is built
-            "--build-lib",
-            str(tmp_path),
-            "--build-temp",
-            str(tmp_path / "temp"),
-        ],
-        cwd=ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
+    result = run_setup(
+        sys.executable,
+        "setup.py",
+        "-q",
+        "build",  # build_py writes the record when the extension is skipped, build_ext when it is built
+        "--build-lib",
+        str(tmp_path),
+        "--build-temp",
+        str(tmp_path / "temp"),
         timeout=120,
+        **env,
     )
     record = tmp_path / "fastrob" / "_C_build.json"
     return result, json.loads(record.read_text()) if record.exists() else None
@@ -43,13 +51,7 @@ def build_ext(tmp_path, **env):
 def test_fastrob_cuda_0_skips_and_records_why(tmp_path):
     result, record = build_ext(tmp_path, FASTROB_CUDA="0")
     assert result.returncode == 0, result.stderr
-    assert record == {
-        "built": False,
-        "reason": "skipped: FASTROB_CUDA=0 at install time",
-        "nvcc": None,
-        "archs": [],
-        "ptx": [],
-    }
+    assert record == SKIPPED_RECORD
     assert not list((tmp_path / "fastrob").glob("_C*.so"))
 
 
@@ -117,12 +119,6 @@ def test_a_missing_build_dependency_is_one_clear_message(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def run_setup(*args, cwd=ROOT, **env):
-    switches = ("FASTROB_CUDA", "NVCC", "FASTROB_CUDA_ARCH", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS")
-    full_env = {**{k: v for k, v in os.environ.items() if k not in switches}, **env}
-    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def sdist(tmp_path_factory):
     out = tmp_path_factory.mktemp("sdist")
@@ -179,13 +175,7 @@ def test_without_the_extension_the_wheel_is_pure_python(tmp_path, sdist):
         names = set(zf.namelist())
         record = json.loads(zf.read("fastrob/_C_build.json"))
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    assert record == {
-        "built": False,
-        "reason": "skipped: FASTROB_CUDA=0 at install time",
-        "nvcc": None,
-        "archs": [],
-        "ptx": [],
-    }
+    assert record == SKIPPED_RECORD
     assert "fastrob/py.typed" in names and not [n for n in names if n.endswith(".so")]
     assert "License-Expression: BSD-3-Clause" in metadata
     # the optional dependencies are extras, not requirements of `import fastrob`
