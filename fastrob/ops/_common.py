@@ -60,10 +60,23 @@ def cuda_dtype_code(dtype: torch.dtype) -> int:
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def resolve_backend(backend: str, t: torch.Tensor, *, op: str) -> str:
-    """``_backend.resolve`` for an op whose Triton kernels accept float64 as well."""
+class NoKernelsForBackend(RuntimeError, ValueError):
+    """An explicit backend the op has no kernels for: unavailable, as any backend that cannot run
+    (RuntimeError), and a bad value of the ``backend`` argument (ValueError)."""
+
+
+def resolve_backend(backend: str, t: torch.Tensor, *, op: str, fused: tuple = ("cuda", "triton")) -> str:
+    """``_backend.resolve`` for an op whose Triton kernels accept float64 as well; ``fused`` names the
+    fused backends the op has kernels for (its ``SPEC.fused_backends``): ``auto`` considers only
+    those, and an explicit other one is refused."""
+    if backend in ("cuda", "triton") and backend not in fused:
+        others = ", ".join(repr(b) for b in (*fused, "torch", "auto"))
+        raise NoKernelsForBackend(
+            f"{op}: backend={backend!r} is not available for this op (it has {', '.join(fused)} kernels only); "
+            f"use backend={others}"
+        )
     dtypes = TRITON_DTYPES if backend == "triton" else _backend.KERNEL_DTYPES
-    return _backend.resolve(backend, t.device, t.dtype, op=op, dtypes=dtypes)
+    return _backend.resolve(backend, t.device, t.dtype, op=op, dtypes=dtypes, fused=fused)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -20,9 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastrob import _backend
 from fastrob._checks import check_float, dtype_name
-from fastrob.ops._common import TRITON_DTYPES, accumulate_dtype, define_op, dense_like, launch
+from fastrob.ops._common import accumulate_dtype, define_op, dense_like, launch, resolve_backend
 from fastrob.ops._registry import FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 MAX_HEAD_DIM = 256  # the kernels' widest tile
@@ -80,11 +79,8 @@ def attention(
         [..., N_q, d_v] in q's dtype.
     """
     _check_args(q, k, v, attn_mask, dropout_p, is_causal, scale)
-    if backend == "cuda":
-        raise ValueError("attention: backend='cuda' has no kernels for this op; use 'triton', 'torch' or 'auto'")
     # float64 runs on the kernels when asked for (tests, gradcheck); auto keeps it on the reference
-    dtypes = TRITON_DTYPES if backend == "triton" else _backend.KERNEL_DTYPES
-    name = _backend.resolve(backend, q.device, q.dtype, op=SPEC.name, dtypes=dtypes, fused=SPEC.fused_backends)
+    name = resolve_backend(backend, q, op=SPEC.name, fused=SPEC.fused_backends)
     if name == "triton":
         why = _kernels_do_not_cover(q, v, attn_mask, dropout_p)
         if why and backend != "auto":

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrob._checks import check_float, check_tensor, dtype_name
-from fastrob.ops._common import TRITON_DTYPES, accumulate_dtype, define_op, launch, same_layout
+from fastrob.ops._common import accumulate_dtype, define_op, launch, resolve_backend, same_layout
 from fastrob.ops._registry import NORMALISATION_TOLERANCES, FusedOp, SelfCheckCase, Tolerance, random_tensor, register
 
 # the fused backends that have layer norm kernels (fastrob._C has none)
@@ -74,18 +74,6 @@ def _check_vector(name: str, t, x: torch.Tensor, c: int) -> None:
         raise TypeError(f"{name} must have x's dtype {dtype_name(x.dtype)}{also}, got {dtype_name(t.dtype)}")
 
 
-def _resolve(backend: str, x: torch.Tensor) -> str:
-    from fastrob import _backend
-
-    if backend == "cuda":
-        raise RuntimeError(
-            "layer_norm: backend='cuda' is not available for this op (fastrob._C has no layer norm kernels); "
-            "use backend='triton', 'torch' or 'auto'"
-        )
-    dtypes = TRITON_DTYPES if backend == "triton" else _backend.KERNEL_DTYPES
-    return _backend.resolve(backend, x.device, x.dtype, op=SPEC.name, dtypes=dtypes, fused=SPEC.fused_backends)
-
-
 def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -118,7 +106,7 @@ def layer_norm(
     _check_vector("weight", weight, x, c)
     _check_vector("bias", bias, x, c)
     eps = check_float("eps", eps, min_value=0.0)
-    name = _resolve(backend, x)
+    name = resolve_backend(backend, x, op=SPEC.name, fused=SPEC.fused_backends)
     if name == "torch" or x.numel() == 0:
         if channels_first:
             # torch's layer norm over the last dimension of the channels-last view (timm's LayerNorm2d)
