@@ -27,10 +27,10 @@ from fastrob._checks import (
     check_model_input,
     check_tensor,
 )
-from fastrob.attention_routing import check_twice_differentiable
 from fastrob.ops._common import resolve_backend
 from fastrob.ops.cross_entropy import cross_entropy_unchecked
 from fastrob.ops.sqnorm import sqnorm
+from fastrob.routing import check_twice_differentiable
 
 INPUT_GRADIENT_NORMS = ("l2", "l1")
 

@@ -25,6 +25,7 @@ from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
 from fastrob.interpret_discrepancy import KINDS, discrepancy
 from fastrob.ops._common import accumulate_dtype
+from fastrob.routing import twice_differentiable
 
 
 @dataclass
@@ -137,7 +138,9 @@ def isa(
     batch = x.shape[0]
     compute = accumulate_dtype(x.dtype)
 
-    with attack_context(model):
+    # the objective differentiates gradient maps: attention and grouped convolutions run on ops whose
+    # backward is differentiable (fastrob.routing)
+    with attack_context(model), twice_differentiable():
         with torch.no_grad():
             logits = model(x)
         check_logits(logits, batch, y)

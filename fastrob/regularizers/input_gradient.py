@@ -10,10 +10,10 @@ import torch
 from fastrob import _backend
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_positive
-from fastrob.attention_routing import twice_differentiable_attention
 from fastrob.compiled import eager_for_double_backward
 from fastrob.distributed import unwrap
 from fastrob.objective import Objective
+from fastrob.routing import twice_differentiable
 
 MODES = ("exact", "fd")
 
@@ -86,8 +86,8 @@ class InputGradientRegularizer:
         # the fd forward replays the clean forward's random draws (Fn.replay)
         rng = Fn.rng_state(x.device) if self.mode == "fd" else None
         # Under DDP the input gradient is taken on the wrapped module's output (Fn.forward_pair)
-        # exact: the penalty differentiates the backward of the model's attention (attention_routing)
-        with twice_differentiable_attention(self.backend) if self.mode == "exact" else contextlib.nullcontext():
+        # exact: the penalty differentiates the backward of the model (attention, grouped convs: fastrob.routing)
+        with twice_differentiable(self.backend) if self.mode == "exact" else contextlib.nullcontext():
             logits, inner = Fn.forward_pair(model, x, y)
         ce = Fn.per_sample_cross_entropy(logits, y, self.backend)
         ce_inner = ce if inner is logits else Fn.per_sample_cross_entropy(inner, y, self.backend)

@@ -11,7 +11,6 @@ import torch
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_generator, check_int, check_logits
 from fastrob.attacks import AttackConfig, Evaluation, ascend, attack_context, check_random_start, pgd
-from fastrob.attention_routing import twice_differentiable_attention
 from fastrob.compiled import eager_for_double_backward
 from fastrob.distributed import unwrap
 from fastrob.interpret import map_function
@@ -19,6 +18,7 @@ from fastrob.interpret_discrepancy import KINDS as DISCREPANCIES
 from fastrob.interpret_discrepancy import discrepancy
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
+from fastrob.routing import twice_differentiable
 
 KINDS = ("int", "int_adv", "int2", "int2_adv")
 
@@ -189,8 +189,8 @@ class InterpretationRegularizer:
                 generator=self.generator,
             )
         classes = self._classes(y)
-        # the attack's objective holds maps, whose gradient maps are differentiated (attention_routing)
-        with attack_context(model), twice_differentiable_attention(self.backend):
+        # the attack's objective holds maps, whose gradient maps are differentiated (fastrob.routing)
+        with attack_context(model), twice_differentiable(self.backend):
             maps_clean, _ = self._map_fn(model, x, classes, create_graph=False)
             objective = _InterpretationObjective(self, maps_clean.detach(), y, classes)
             result = ascend(
@@ -224,7 +224,7 @@ class InterpretationRegularizer:
         module = unwrap(model)
         ddp = module is not model
         adv = self.kind.endswith("_adv")
-        with Fn.preserved_buffers(module), twice_differentiable_attention(self.backend):
+        with Fn.preserved_buffers(module), twice_differentiable(self.backend):
             maps_clean, logits_clean = self._map_fn(module, x, classes, create_graph=True)
             check_logits(logits_clean, x.shape[0], y)
             maps_adv, logits_adv = self._map_fn(module, x_adv.detach(), classes, create_graph=True)

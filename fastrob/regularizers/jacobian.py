@@ -8,11 +8,11 @@ import torch
 
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_int
-from fastrob.attention_routing import twice_differentiable_attention
 from fastrob.compiled import eager_for_double_backward
 from fastrob.distributed import is_ddp, unwrap
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
+from fastrob.routing import twice_differentiable
 
 BATCHING = ("auto", "replicate", "graph")
 
@@ -81,7 +81,7 @@ class JacobianRegularizer:
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
         x, y = Fn.check_inputs(model, x, y)
         model = eager_for_double_backward(model, "JacobianRegularizer")
-        with twice_differentiable_attention(self.backend):  # the penalty differentiates a backward
+        with twice_differentiable(self.backend):  # the penalty differentiates a backward
             logits, penalty = jacobian_objective_parts(
                 model, x, y, n_proj=self.n_proj, exact=self.exact, batching=self.batching, generator=self.generator
             )

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_int
-from fastrob.attention_routing import twice_differentiable_attention
 from fastrob.compiled import eager_for_double_backward
 from fastrob.distributed import unwrap
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
+from fastrob.routing import twice_differentiable
 
 PERTURBATIONS = ("mean", "blur")
 
@@ -88,7 +88,7 @@ class JSIGRRegularizer:
             raise ValueError(f"x must be a batch of images [B, C, H, W], got shape {tuple(x.shape)}")
         # Under DDP both penalties differentiate the wrapped module's output (Fn.forward_pair), and
         # the saliency forwards run on the unwrapped module (no communication)
-        with twice_differentiable_attention(self.backend):  # both penalties differentiate a backward
+        with twice_differentiable(self.backend):  # both penalties differentiate a backward
             logits, inner = Fn.forward_pair(model, x, y)
         ce = Fn.per_sample_cross_entropy(logits, y, self.backend)
         ce_inner = ce if inner is logits else Fn.per_sample_cross_entropy(inner, y, self.backend)

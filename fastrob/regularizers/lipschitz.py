@@ -9,11 +9,11 @@ import torch
 
 from fastrob import functional as Fn
 from fastrob._checks import check_float, check_positive
-from fastrob.attention_routing import twice_differentiable_attention
 from fastrob.compiled import eager_for_double_backward
 from fastrob.distributed import all_reduce_sum, is_ddp, is_distributed, unwrap, world_size
 from fastrob.objective import Objective
 from fastrob.regularizers.input_gradient import check_backend
+from fastrob.routing import twice_differentiable
 
 
 def lipschitz_outputs(
@@ -151,7 +151,7 @@ class LipschitzRegularizer:
         x, y = Fn.check_inputs(model, x, y)
         model = eager_for_double_backward(model, "LipschitzRegularizer")
         # Under DDP the input gradient is taken on the wrapped module's output (Fn.forward_pair)
-        with twice_differentiable_attention(self.backend):  # the penalty differentiates a backward
+        with twice_differentiable(self.backend):  # the penalty differentiates a backward
             logits, inner = Fn.forward_pair(model, x, y)
         ce = Fn.per_sample_cross_entropy(logits, y, self.backend).mean()
         s = lipschitz_outputs(inner, y, self.zeta, self.generator)

@@ -4,6 +4,7 @@ routing it fails (torch's CPU flash attention has no double backward), and the g
 for a backward outside any fastrob context."""
 
 import contextlib
+import sys
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastrob.functional as Fn
 from fastrob import regularizers as R
-from fastrob.attention_routing import twice_differentiable_attention
 from fastrob.models import ViT, _ViTBlock
+from fastrob.routing import twice_differentiable
 
 ROUTED_MODULES = ("input_gradient", "jacobian", "jsigr", "lipschitz", "interpretation")
 # whole models in float64: the routed and the math attention differ by rounding, summed over the layers
@@ -40,7 +41,7 @@ def batch(dtype=torch.float64):
 def no_routing(monkeypatch):
     """The regularizers as they were before routing: the model's own attention."""
     for name in ROUTED_MODULES:
-        monkeypatch.setattr(f"fastrob.regularizers.{name}.twice_differentiable_attention", _no_route)
+        monkeypatch.setattr(f"fastrob.regularizers.{name}.twice_differentiable", _no_route)
 
 
 def _no_route(backend="auto"):
@@ -120,7 +121,7 @@ def test_regularizer_equals_its_run_on_torch_math_attention(name, monkeypatch):
     loss = regularizers()[name]()(model, x, y).loss
     got = [loss, *grads(model, loss)]
     for module in ROUTED_MODULES:
-        monkeypatch.setattr(f"fastrob.regularizers.{module}.twice_differentiable_attention", _no_route)
+        monkeypatch.setattr(f"fastrob.regularizers.{module}.twice_differentiable", _no_route)
     with sdpa_kernel(SDPBackend.MATH):
         expected_loss = regularizers()[name]()(model, x, y).loss
     for a, b in zip(got, [expected_loss, *grads(model, expected_loss)]):
@@ -148,7 +149,7 @@ def test_hand_written_double_backprop_fails_without_math_attention():
 def test_user_context_graph_is_valid_outside_it():
     model, (x, y) = vit(), batch()
     xl = x.clone().requires_grad_(True)
-    with twice_differentiable_attention():
+    with twice_differentiable():
         logits = model(xl)
         torch._C._nn.scaled_dot_product_attention  # noqa: B018  (same function, also routed)
     ce = F.cross_entropy(logits, y, reduction="none")
@@ -164,16 +165,16 @@ def test_functional_penalty_names_the_fix_for_unrouted_logits():
     model, (x, y) = vit(), batch()
     x.requires_grad_(True)
     logits = model(x)
-    with pytest.raises(RuntimeError, match="twice_differentiable_attention"):
+    with pytest.raises(RuntimeError, match="twice_differentiable"):
         Fn.input_gradient_penalty(F.cross_entropy(logits, y, reduction="none"), x)
-    with pytest.raises(RuntimeError, match="twice_differentiable_attention"):
+    with pytest.raises(RuntimeError, match="twice_differentiable"):
         Fn.jacobian_penalty(logits, x)
 
 
 def test_routing_covers_direct_c_calls_gqa_and_nesting():
     q = torch.randn(2, 4, 6, 8, dtype=torch.float64, requires_grad=True)
     kv = torch.randn(2, 2, 6, 8, dtype=torch.float64)
-    with twice_differentiable_attention(), twice_differentiable_attention("torch"):
+    with twice_differentiable(), twice_differentiable("torch"):
         out = torch._C._nn.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
     with sdpa_kernel(SDPBackend.MATH):
         expected = F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
@@ -210,3 +211,22 @@ def test_sns_needs_no_routing_first_order_only():
     model, (x, y) = vit(), batch()
     loss = R.SNSRegularizer(steps=1, generator=torch.Generator().manual_seed(0))(model, x, y).loss
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads(model, loss))
+
+
+def test_isa_differentiates_gradient_maps_of_a_vit(monkeypatch):
+    """The interpretation sneaking attack's objective holds gradient maps: on a ViT it runs routed and
+    equals its run on torch's math attention (unrouted), and fails unrouted on the fused attention."""
+    from fastrob.attacks import isa
+
+    model, (x, y) = vit(), batch()
+    # a radius where the plain attack succeeds, so that the gamma search (the maps' term) runs
+    settings = dict(eps_max=3.0, norm="l2", steps=3, search_steps=1, map="saliency")
+    routed = isa(model, x, y, generator=torch.Generator().manual_seed(0), **settings)
+    assert routed.success.any()
+    # fastrob.attacks.isa is the function; its module is reached through sys.modules
+    monkeypatch.setattr(sys.modules["fastrob.attacks.isa"], "twice_differentiable", _no_route)
+    with sdpa_kernel(SDPBackend.MATH):
+        math = isa(model, x, y, generator=torch.Generator().manual_seed(0), **settings)
+    torch.testing.assert_close(routed.x_adv, math.x_adv, **MODEL_TOL)
+    with pytest.raises(RuntimeError, match="fused attention"):
+        isa(model, x, y, generator=torch.Generator().manual_seed(0), **settings)
