@@ -108,6 +108,8 @@ else
   step bench-ops 90 "$PY" -m bench.ops
   step bench-regularizers 70 "$PY" -m bench.regularizers
   step bench-attention 90 "$PY" -m bench.attention
+  # regularized steps of a ConvNeXt-like model (grouped convolutions routed) and J-SIGR
+  step bench-any_model 60 "$PY" -m bench.any_model
   if has_module torchattacks; then
     step bench-attacks 60 "$PY" -m bench.attacks
   else

@@ -55,6 +55,20 @@ def test_values_and_derivatives_equal_torch(name):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=f"{name}: term {i}")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("name", CASES)
+def test_gpu_values_and_derivatives_equal_torch(name, dtype):
+    n, x, w, b, settings = case(name, dtype=dtype)
+    x, w, b = (t.detach().cuda().requires_grad_() for t in (x, w, b))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # full float32 products on both sides
+        want = third_order(lambda x, w, b: CONVS[n](x, w, b, **settings), x, w, b)
+        got = third_order(lambda x, w, b: grouped_conv(x, w, b, **settings), x, w, b)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-3)
+    for i, (a, e) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, e, **tol, msg=f"{name}: term {i}")
+
+
 @pytest.mark.parametrize("name", ["depthwise_2d_stride2_dilated", "grouped_1d_valid"])
 def test_gradcheck_and_gradgradcheck(name):
     _, x, w, b, settings = case(name, size=5)  # finite differences cost one forward per element
