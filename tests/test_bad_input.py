@@ -3,6 +3,7 @@ changed behind the user's back, no run lost, and from the CLI one line instead o
 
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -618,6 +619,8 @@ def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
 
 
 def test_a_nan_training_loss_stops_the_run(monkeypatch, digits, tmp_path):
+    """With a clear error and no other warning (such as backward's requires_grad warning), and
+    no checkpoint or lock left behind."""
     import fastrob.trainer
     from fastrob.data import Dataset, Split
     from fastrob.objective import Objective
@@ -632,11 +635,13 @@ def test_a_nan_training_loss_stops_the_run(monkeypatch, digits, tmp_path):
 
     monkeypatch.setattr(fastrob.trainer, "build_objective", nan_objective)
     small = Split(digits.x_train[:32], digits.y_train[:32], digits.x_test[:16], digits.y_test[:16])
-    with pytest.raises(ValueError, match="training loss is nan at epoch 1: training diverged"):
-        fastrob.trainer.train(
-            fastrob.trainer.TrainConfig(epochs=1, batch_size=16),
-            str(tmp_path),
-            quiet=True,
-            dataset=Dataset("digits", small, 10, (1, 8, 8)),
-        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="training loss is nan at epoch 1: training diverged"):
+            fastrob.trainer.train(
+                fastrob.trainer.TrainConfig(epochs=1, batch_size=16),
+                str(tmp_path),
+                quiet=True,
+                dataset=Dataset("digits", small, 10, (1, 8, 8)),
+            )
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / ".fastrob.lock").exists()
