@@ -141,7 +141,15 @@ def grouped_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, grou
     explicit = _explicit_padding(padding, weight, stride, dilation, n)
     if explicit is None:
         return None
-    return _Conv.apply(input, weight, bias, stride, explicit, dilation, int(groups))
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _Conv.apply(input, weight, bias, stride, explicit, dilation, int(groups))
+    # autocast runs convolutions in its lower precision: cast here, where the casts are ordinary
+    # differentiable ops, so that the maps' backward calls see one dtype (they run without autocast)
+    dtype = torch.get_autocast_dtype(device_type)
+    input, weight, bias = (None if t is None else t.to(dtype) for t in (input, weight, bias))
+    with torch.autocast(device_type, enabled=False):
+        return _Conv.apply(input, weight, bias, stride, explicit, dilation, int(groups))
 
 
 __all__ = ["grouped_conv"]

@@ -166,3 +166,20 @@ def test_routed_graph_backward_after_the_block():
     loss.backward()
     for p, e in zip(model.parameters(), want):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
+def test_under_autocast_the_convolution_runs_in_its_lower_precision():
+    """As torch's convolution does under autocast; the double backward then sees one dtype."""
+    _, x, w, b, settings = case("depthwise_2d_same_7x7", dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.conv2d(x, w, b, **settings)
+        got = grouped_conv(x, w, b, **settings)
+        (g,) = torch.autograd.grad(got.float().square().sum(), x, create_graph=True)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    (gw,) = torch.autograd.grad(g.square().sum(), w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (g_ref,) = torch.autograd.grad(want.float().square().sum(), x, create_graph=True)
+    (gw_ref,) = torch.autograd.grad(g_ref.square().sum(), w)
+    assert g.dtype == x.dtype and gw.dtype == w.dtype
+    torch.testing.assert_close(gw, gw_ref, rtol=5e-2, atol=5e-2 * gw_ref.abs().max().item())
