@@ -9,7 +9,10 @@ Rows (op ``any_model``, metrics ms and ratio_vs_plain):
   the ratio follows the patch size.
 - ``convnext_atto_input_grad_exact``: the exact input-gradient step of a ConvNeXt-atto-like model
   (stem 4x4/4, depthwise 7x7 blocks with channels-first LayerNorm and GELU, dims 40-80-160-320,
-  depths 2-2-2-2 instead of atto's 2-2-6-2 to keep the CPU run short) ÷ a plain step.
+  depths 2-2-2-2 instead of atto's 2-2-6-2 to keep the CPU run short) ÷ a plain step. Its
+  depthwise convolutions run on fastrob.grouped_conv inside the regularizer (fastrob.routing), and
+  ``convnext_atto_input_grad_eager`` is the same penalty written by hand (torch's grouped
+  convolution, whose double backward loops over the groups).
 CPU: batch 16x3x32x32 (--quick: 4x3x32x32); on a GPU 128. Providers run round-robin (median over
 rounds). Rows are appended to bench/results/<device>.csv.
 """
@@ -64,6 +67,17 @@ def plain(model, x, y):
     return F.cross_entropy(model(x), y)
 
 
+LAM = 0.1  # the input-gradient penalty's weight, both providers
+
+
+def input_grad_eager(model, x, y):
+    """The exact input-gradient penalty as a user writes it (torch's own grouped convolution)."""
+    x = x.clone().requires_grad_(True)
+    ce = F.cross_entropy(model(x), y, reduction="none")
+    (g,) = torch.autograd.grad(ce.sum(), x, create_graph=True)
+    return ce.mean() + LAM * g.square().sum((1, 2, 3)).mean()
+
+
 def objective_of(reg):
     return lambda model, x, y: reg(model, x, y).loss
 
@@ -84,9 +98,10 @@ PROVIDERS = {
     "convnext_atto_plain": (convnext_atto_like, plain, None),
     "convnext_atto_input_grad_exact": (
         convnext_atto_like,
-        objective_of(InputGradientRegularizer(0.1)),
+        objective_of(InputGradientRegularizer(LAM)),
         "convnext_atto_plain",
     ),
+    "convnext_atto_input_grad_eager": (convnext_atto_like, input_grad_eager, "convnext_atto_plain"),
 }
 
 
