@@ -71,13 +71,13 @@ class _InputGrad(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gy, x, w, *settings = inputs
-        ctx.save_for_backward(gy, x, w)
+        gy, _, w, *settings = inputs
+        ctx.save_for_backward(gy, w)  # not x: its backward needs no shape of it
         ctx.settings = settings
 
     @staticmethod
     def backward(ctx, ggx):
-        gy, x, w = ctx.saved_tensors
+        gy, w = ctx.saved_tensors
         need_gy, _, need_w = ctx.needs_input_grad[:3]
         d_gy = _Conv.apply(ggx, w, None, *ctx.settings) if need_gy else None
         d_w = _WeightGrad.apply(gy, ggx, w, *ctx.settings) if need_w else None
@@ -95,13 +95,13 @@ class _WeightGrad(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        gy, x, w, *settings = inputs
-        ctx.save_for_backward(gy, x, w)
+        gy, x, _, *settings = inputs
+        ctx.save_for_backward(gy, x)  # not w: its backward needs no shape of it
         ctx.settings = settings
 
     @staticmethod
     def backward(ctx, ggw):
-        gy, x, w = ctx.saved_tensors
+        gy, x = ctx.saved_tensors
         need_gy, need_x, _ = ctx.needs_input_grad[:3]
         d_gy = _Conv.apply(x, ggw, None, *ctx.settings) if need_gy else None
         d_x = _InputGrad.apply(gy, x, ggw, *ctx.settings) if need_x else None
