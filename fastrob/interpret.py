@@ -13,7 +13,9 @@ e.g. the labels y) or [B, K] (K classes per sample), and returns maps [B, K, ...
 
 Differentiability: by default (``create_graph=True``) the maps are built with the autograd graph,
 so they can be differentiated with respect to the parameters and to x (the interpretation
-regularizers and the ISA attack do). Pass ``create_graph=False`` for plain pictures.
+regularizers and the ISA attack do); their forwards then run attention and grouped convolutions on
+ops whose backward is differentiable (``fastrob.routing``). Pass ``create_graph=False`` for plain
+pictures.
 
 The model is called in its current mode (train or eval), its mode and its parameters'
 ``requires_grad`` are never changed, and no parameter's ``.grad`` moves (gradients are taken with
@@ -29,6 +31,7 @@ train mode), where they also carry the terms through the batch statistics.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -37,6 +40,7 @@ from torch import nn
 
 from fastrob import functional as Fn
 from fastrob._checks import check_int, check_logits, check_model, check_tensor, dtype_name
+from fastrob.routing import twice_differentiable
 
 MAPS = ("cam", "grad_cam", "saliency", "ig")
 
@@ -78,6 +82,13 @@ def class_index(classes, batch: int, num_classes: int, device) -> torch.Tensor:
 def _check_x(model, x):
     check_model(model)
     check_tensor("x", x, min_dim=2)
+
+
+def _forward(model, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """model(x). With ``create_graph`` the maps' gradients will be differentiated again, so
+    attention and grouped convolutions run on ops whose backward is differentiable (fastrob.routing)."""
+    with twice_differentiable() if create_graph else contextlib.nullcontext():
+        return model(x)
 
 
 def _input_leaf(x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +209,7 @@ def grad_cam(
     handle = layer.register_forward_hook(hook)
     try:
         with torch.enable_grad():
-            logits = model(x)
+            logits = _forward(model, x, create_graph)
     finally:
         handle.remove()
     if len(captured) != 1:
@@ -226,7 +237,7 @@ def saliency(model, x: torch.Tensor, classes=None, *, create_graph: bool = True,
     _check_x(model, x)
     with torch.enable_grad():
         xl = _input_leaf(x)
-        logits = model(xl)
+        logits = _forward(model, xl, create_graph)
         check_logits(logits, x.shape[0])
         idx = class_index(classes, x.shape[0], logits.shape[1], x.device)
         maps = _score_grads(logits, idx, xl, create_graph)
@@ -286,7 +297,7 @@ def integrated_gradients(
             if not path.requires_grad:
                 path.requires_grad_(True)
             with Fn.per_replica_batch_norm(model, r):
-                logits = model(path)
+                logits = _forward(model, path, create_graph)
             check_logits(logits, path.shape[0])
             if idx is None:
                 idx = class_index(classes, batch, logits.shape[1], x.device)

@@ -42,6 +42,7 @@ def no_routing(monkeypatch):
     """The regularizers as they were before routing: the model's own attention."""
     for name in ROUTED_MODULES:
         monkeypatch.setattr(f"fastrob.regularizers.{name}.twice_differentiable", _no_route)
+    monkeypatch.setattr("fastrob.interpret.twice_differentiable", _no_route)  # the differentiable maps
 
 
 def _no_route(backend="auto"):
@@ -223,10 +224,33 @@ def test_isa_differentiates_gradient_maps_of_a_vit(monkeypatch):
     settings = dict(eps_max=3.0, norm="l2", steps=3, search_steps=1, map="saliency")
     routed = isa(model, x, y, generator=torch.Generator().manual_seed(0), **settings)
     assert routed.success.any()
-    # fastrob.attacks.isa is the function; its module is reached through sys.modules
+    # fastrob.attacks.isa is the function; its module is reached through sys.modules. The maps
+    # route by themselves too (fastrob.interpret), so both are switched off
     monkeypatch.setattr(sys.modules["fastrob.attacks.isa"], "twice_differentiable", _no_route)
+    monkeypatch.setattr("fastrob.interpret.twice_differentiable", _no_route)
     with sdpa_kernel(SDPBackend.MATH):
         math = isa(model, x, y, generator=torch.Generator().manual_seed(0), **settings)
     torch.testing.assert_close(routed.x_adv, math.x_adv, **MODEL_TOL)
     with pytest.raises(RuntimeError, match="fused attention"):
         isa(model, x, y, generator=torch.Generator().manual_seed(0), **settings)
+
+
+@pytest.mark.parametrize("map_name", ["saliency", "grad_cam", "ig"])
+def test_differentiable_maps_of_a_vit(map_name):
+    """fastrob.interpret's maps with create_graph=True can be differentiated on a ViT, and equal
+    the same maps computed under torch's math attention."""
+    from fastrob.interpret import grad_cam, integrated_gradients, saliency
+
+    model, (x, y) = vit(), batch()
+    maps = {
+        "saliency": lambda: saliency(model, x, y),
+        "grad_cam": lambda: grad_cam(model, x, y, layer=model.blocks[0].norm1),
+        "ig": lambda: integrated_gradients(model, x, y, steps=3),
+    }[map_name]
+    # the final LayerNorm's and the head's biases do not change a gradient map: unused
+    params = [p for name, p in model.named_parameters() if name not in ("norm.bias", "head.bias")]
+    got = torch.autograd.grad(maps().square().sum(), params)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = torch.autograd.grad(maps().square().sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **MODEL_TOL)
