@@ -6,7 +6,8 @@ Rows (op ``any_model``, metrics ms and ratio_vs_plain):
 - ``resnet18_jsigr_patch{4,8}``: a J-SIGR training step of PreAct-ResNet-18 (BatchNorm, softplus)
   at 32x32 ÷ a plain step. The saliency costs one no-grad forward of every image with one square
   replaced: (32/patch)^2 forwards of the batch, batched into as few passes as ``chunk`` allows, so
-  the ratio follows the patch size.
+  the ratio follows the patch size. ``resnet18_jsigr_linear_patch4``: the same step with
+  ``saliency_estimate="linear"``, the first-order estimate of those forwards (no extra forward).
 - ``convnext_atto_input_grad_exact``: the exact input-gradient step of a ConvNeXt-atto-like model
   (stem 4x4/4, depthwise 7x7 blocks with channels-first LayerNorm and GELU, dims 40-80-160-320,
   depths 2-2-2-2 instead of atto's 2-2-6-2 to keep the CPU run short) ÷ a plain step. Its
@@ -93,6 +94,11 @@ PROVIDERS = {
     "resnet18_jsigr_patch8": (
         lambda: PreActResNet18(10, 3, activation_name="softplus"),
         objective_of(JSIGRRegularizer(patch=8)),
+        "resnet18_plain",
+    ),
+    "resnet18_jsigr_linear_patch4": (
+        lambda: PreActResNet18(10, 3, activation_name="softplus"),
+        objective_of(JSIGRRegularizer(patch=4, saliency_estimate="linear")),
         "resnet18_plain",
     ),
     "convnext_atto_plain": (convnext_atto_like, plain, None),

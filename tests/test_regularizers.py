@@ -178,6 +178,48 @@ def test_jsigr_saliency_term_equals_brute_force(spec, perturbation):
     check_objective(reg(model, x, y), model, x, y, 1.0, 0.7 * brute_input_gradient_penalty(model, x, y, weight=1 - s))
 
 
+def brute_linear_saliency(model, x, y, patch, perturbation):
+    """The first-order drop of p_y when square k moves toward its replacement: minus the
+    directional derivative of p_y along m_k * (replacement - x), by forward-mode AD, one image and
+    one square at a time."""
+    b, c, h, w = x.shape
+    s = torch.zeros(b, 1, h, w, dtype=x.dtype)
+    for i in range(b):
+        xi = x[i : i + 1]
+        if perturbation == "mean":
+            replacement = xi.mean(dim=(2, 3), keepdim=True).expand_as(xi)
+        else:
+            replacement = F.avg_pool2d(xi, 3, 1, 1, count_include_pad=False)
+        drops = {}
+        for r in range(0, h, patch):
+            for q in range(0, w, patch):
+                direction = torch.zeros_like(xi)
+                direction[..., r : r + patch, q : q + patch] = (replacement - xi)[..., r : r + patch, q : q + patch]
+                p_y = lambda z: model(z).softmax(1)[0, y[i]]  # noqa: E731
+                _, derivative = torch.autograd.functional.jvp(p_y, xi, direction)
+                drops[r, q] = max(0.0, -derivative.item())
+        top = max(drops.values())
+        for (r, q), dr in drops.items():
+            s[i, 0, r : r + patch, q : q + patch] = dr / top if top > 0 else 0.0
+    return s
+
+
+@pytest.mark.parametrize("perturbation", ["mean", "blur"])
+@pytest.mark.parametrize("spec", [("cnn", False, True), ("cnn", True, False)], ids=["cnn", "cnn-bn-eval"])
+def test_jsigr_linear_saliency_equals_forward_mode_reference(spec, perturbation):
+    model = make_model(*spec)
+    x, y = make_batch()
+    reg = JSIGRRegularizer(
+        lam_jacobian=0.0, lam_saliency=0.7, patch=4, perturbation=perturbation, saliency_estimate="linear"
+    )
+    s = brute_linear_saliency(model, x, y, 4, perturbation)  # patch 4 on 6x6: partial squares at the border
+    assert 0 < s.mean() < 1
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+    torch.testing.assert_close(reg.linear_saliency(x, g), s)
+    check_objective(reg(model, x, y), model, x, y, 1.0, 0.7 * brute_input_gradient_penalty(model, x, y, weight=1 - s))
+
+
 def test_jsigr_saliency_in_train_mode_does_not_depend_on_chunk():
     # train-mode BatchNorm: each square's forward normalises its B perturbed images with their own
     # statistics, whether the squares run one per forward (chunk = B) or all in one (chunk large)
@@ -298,6 +340,7 @@ def test_cuda_matches_cpu(reg):
         (lambda: JSIGRRegularizer(patch=0), "patch"),
         (lambda: JSIGRRegularizer(n_proj=0), "n_proj"),
         (lambda: JSIGRRegularizer(perturbation="noise"), "perturbation"),
+        (lambda: JSIGRRegularizer(saliency_estimate="exact"), "saliency_estimate"),
     ],
 )
 def test_bad_construction_arguments(make, name):

@@ -16,6 +16,7 @@ from fastrob.regularizers.input_gradient import check_backend
 from fastrob.routing import twice_differentiable
 
 PERTURBATIONS = ("mean", "blur")
+SALIENCY_ESTIMATES = ("occlusion", "linear")
 
 
 class JSIGRRegularizer:
@@ -40,6 +41,13 @@ class JSIGRRegularizer:
     (H/patch)(W/patch) no-grad forwards of the batch, so the step's cost follows ``patch``
     (bench/any_model.py measures it against a plain step). Inputs must be images [B, C, H, W].
 
+    ``saliency_estimate="linear"`` replaces the occlusion forwards by their first-order estimate
+    (an approximation, not the default): p_y(x_i) - p_y(x_i with square k replaced) ~
+    p_y(x_i) * sum over square k of g_i * (replacement - x_i), with g_i = d CE_i / d x_i the input
+    gradient the penalty computes anyway (d p_y / dx = -p_y dCE/dx), so S costs no forward at all;
+    p_y(x_i) cancels in the normalisation by the largest drop. It differs from the occlusion drops
+    where the model is far from linear over one square (docs/regularizers.md#j-sigr).
+
     Args:
         lam_jacobian: weight of the Jacobian term, >= 0 (default 0.01, Hoffman et al.).
         lam_saliency: weight of the selective input-gradient term, >= 0 (default 0.1).
@@ -47,6 +55,8 @@ class JSIGRRegularizer:
         perturbation: "mean" or "blur".
         n_proj: random projections for the Jacobian estimate, >= 1.
         chunk: at most this many perturbed images per saliency forward.
+        saliency_estimate: "occlusion" (default: the perturbed forwards) or "linear" (their
+            first-order estimate from the input gradient, no extra forward).
         generator: torch.Generator for the projections.
         backend: "auto" | "torch" | "triton" | "cuda", for the cross-entropy and the saliency
             term's norm reduction (``check_backend``).
@@ -62,6 +72,7 @@ class JSIGRRegularizer:
         chunk: int = 4096,
         generator: torch.Generator | None = None,
         backend: str = "auto",
+        saliency_estimate: str = "occlusion",
     ):
         self.lam_jacobian = check_float("lam_jacobian", lam_jacobian, min_value=0.0)
         self.lam_saliency = check_float("lam_saliency", lam_saliency, min_value=0.0)
@@ -70,6 +81,9 @@ class JSIGRRegularizer:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
+        if saliency_estimate not in SALIENCY_ESTIMATES:
+            raise ValueError(f"saliency_estimate must be one of {SALIENCY_ESTIMATES}, got {saliency_estimate!r}")
+        self.saliency_estimate = saliency_estimate
         self.patch, self.chunk, self.perturbation = patch, chunk, perturbation
         self.n_proj = check_int("n_proj", n_proj, 1)
         self.generator = generator
@@ -78,7 +92,8 @@ class JSIGRRegularizer:
     def __repr__(self):
         return (
             f"JSIGRRegularizer(lam_jacobian={self.lam_jacobian}, lam_saliency={self.lam_saliency}, "
-            f"patch={self.patch}, perturbation={self.perturbation!r}, n_proj={self.n_proj})"
+            f"patch={self.patch}, perturbation={self.perturbation!r}, n_proj={self.n_proj}, "
+            f"saliency_estimate={self.saliency_estimate!r})"
         )
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> Objective:
@@ -92,8 +107,12 @@ class JSIGRRegularizer:
             logits, inner = Fn.forward_pair(model, x, y)
         ce = Fn.per_sample_cross_entropy(logits, y, self.backend)
         ce_inner = ce if inner is logits else Fn.per_sample_cross_entropy(inner, y, self.backend)
-        saliency = self.saliency(unwrap(model), x.detach(), y, logits.detach())
-        r_s = Fn.input_gradient_penalty(ce_inner, x, norm="l2", weight=1 - saliency, backend=self.backend)
+        g = Fn.input_grad(ce_inner.sum(), x, create_graph=True)
+        if self.saliency_estimate == "linear":
+            saliency = self.linear_saliency(x.detach(), g.detach())
+        else:
+            saliency = self.saliency(unwrap(model), x.detach(), y, logits.detach())
+        r_s = Fn.gradient_norm_penalty(g * (1 - saliency), "l2", backend=self.backend)
         r_j = Fn.jacobian_penalty(inner, x, n_proj=self.n_proj, generator=self.generator)
         penalty = self.lam_jacobian * r_j + self.lam_saliency * r_s
         mean_ce = ce.mean()
@@ -112,10 +131,7 @@ class JSIGRRegularizer:
         # probabilities in float32 at least: half-precision softmax would blur small drops
         dtype = torch.promote_types(logits.dtype, torch.float32)
         p_clean = logits.to(dtype).softmax(1).gather(1, y[:, None])[:, 0]
-        if self.perturbation == "mean":
-            replacement = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
-        else:
-            replacement = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        replacement = _replacement(x, self.perturbation)
         # masks[k] is 1 on square k: [K, 1, H, W]
         cells = torch.arange(gh * gw, device=x.device).view(1, 1, gh, gw)
         cells = cells.repeat_interleave(p, 2).repeat_interleave(p, 3)[..., :h, :w]
@@ -131,8 +147,35 @@ class JSIGRRegularizer:
                 with Fn.per_replica_batch_norm(model, m.shape[0]):
                     p_pert = model(xp).to(dtype).softmax(1).gather(1, y.repeat(m.shape[0])[:, None])[:, 0]
                 drops.append((p_clean - p_pert.view(m.shape[0], b)).clamp_min(0))
-        drops = torch.cat(drops).T  # [B, K]
-        top = drops.max(1, keepdim=True).values
-        s = torch.where(top > 0, drops / top.clamp_min(torch.finfo(drops.dtype).tiny), torch.zeros_like(drops))
-        s = s.view(b, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)[..., :h, :w]
-        return s.to(x.dtype)
+        return _square_map(torch.cat(drops).T, gh, gw, p, h, w).to(x.dtype)  # drops [B, K]
+
+    @torch.no_grad()
+    def linear_saliency(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """S(x) in [0, 1], shape [B, 1, H, W], from the first-order estimate of each square's drop in
+        p_y (class docstring): a_ik = sum over square k and the channels of g * (replacement - x),
+        normalised as the occlusion drops are. ``g`` is the input gradient of the per-sample
+        cross-entropy, [B, C, H, W]."""
+        b, _, h, w = x.shape
+        p = self.patch
+        gh, gw = -(-h // p), -(-w // p)  # ceil: a partial square at the border is a square too
+        dtype = torch.promote_types(x.dtype, torch.float32)  # sums of half-precision products lose too much
+        change = (g.to(dtype) * (_replacement(x, self.perturbation) - x).to(dtype)).sum(1)  # [B, H, W]
+        change = F.pad(change, (0, gw * p - w, 0, gh * p - h))  # zeros: no change outside the image
+        drops = change.view(b, gh, p, gw, p).sum((2, 4)).flatten(1).clamp_min(0)  # [B, K]
+        return _square_map(drops, gh, gw, p, h, w).to(x.dtype)
+
+
+def _replacement(x: torch.Tensor, perturbation: str) -> torch.Tensor:
+    """What a square is replaced by: the per-channel mean of the sample ("mean") or a 3x3 box
+    blur of the image ("blur")."""
+    if perturbation == "mean":
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+def _square_map(drops: torch.Tensor, gh: int, gw: int, p: int, h: int, w: int) -> torch.Tensor:
+    """[B, K] drops (K = gh x gw squares, row-major) -> S [B, 1, H, W]: each sample's drops divided by
+    its largest (0 where no square lowers p_y), constant over each square."""
+    top = drops.max(1, keepdim=True).values
+    s = torch.where(top > 0, drops / top.clamp_min(torch.finfo(drops.dtype).tiny), torch.zeros_like(drops))
+    return s.view(-1, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)[..., :h, :w]
