@@ -42,7 +42,7 @@ class JSIGRRegularizer:
     forward of the batch per square, (H/patch)(W/patch) of them (64 at patch 4 on 32x32 images,
     16 at patch 8). A plain training step costs about 3 forwards, so K squares put a floor of
     about K/3 plain steps under a J-SIGR step whatever the batching (bench/any_model.py: about 25x
-    a plain step at patch 4, 8x at patch 8 on a 2-core CPU): use patch 8 or larger where the step
+    a plain step at patch 4, 9x at patch 8 on a 2-core CPU): use patch 8 or larger where the step
     must be cheap. Inputs must be images [B, C, H, W].
 
     Args:
