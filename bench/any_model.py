@@ -5,9 +5,11 @@
 Rows (op ``any_model``, metrics ms and ratio_vs_plain):
 - ``resnet18_jsigr_patch{4,8}``: a J-SIGR training step of PreAct-ResNet-18 (BatchNorm, softplus)
   at 32x32 ÷ a plain step. The saliency costs one no-grad forward of every image with one square
-  replaced: (32/patch)^2 forwards of the batch, batched into as few passes as ``chunk`` allows, so
-  the ratio follows the patch size. ``resnet18_jsigr_linear_patch4``: the same step with
-  ``saliency_estimate="linear"``, the first-order estimate of those forwards (no extra forward).
+  replaced: (32/patch)^2 forwards of the batch (on CPU one forward per square, J-SIGR's default
+  ``chunk``; on a GPU all squares in one pass), so the ratio follows the patch size, with a floor
+  of about (32/patch)^2 / 3 since a plain step costs about 3 forwards (21x at patch 4, 5x at 8).
+  ``resnet18_jsigr_linear_patch4``: the same step with ``saliency_estimate="linear"``, the
+  first-order estimate of those forwards (no extra forward).
 - ``convnext_atto_input_grad_exact``: the exact input-gradient step of a ConvNeXt-atto-like model
   (stem 4x4/4, depthwise 7x7 blocks with channels-first LayerNorm and GELU, dims 40-80-160-320,
   depths 2-2-2-2 instead of atto's 2-2-6-2 to keep the CPU run short) ÷ a plain step. Its

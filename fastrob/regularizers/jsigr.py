@@ -17,6 +17,9 @@ from fastrob.routing import twice_differentiable
 
 PERTURBATIONS = ("mean", "blur")
 SALIENCY_ESTIMATES = ("occlusion", "linear")
+# perturbed images per saliency forward when ``chunk`` is None (bench/any_model.py measures both)
+DEFAULT_CHUNK_CPU = 16
+DEFAULT_CHUNK_ACCELERATOR = 4096
 
 
 class JSIGRRegularizer:
@@ -34,12 +37,14 @@ class JSIGRRegularizer:
     ``Objective.penalty`` is the weighted sum lam_jacobian * R_J + lam_saliency * R_S (two terms,
     so there is no single unweighted penalty): loss = ce + penalty.
 
-    The saliency forwards (one per square, batched in chunks of ``chunk`` samples: one pass when
-    squares x batch <= chunk) run in the model's mode and do not move BatchNorm's running
-    statistics; in train mode each square's B perturbed images are normalised with their own batch
-    statistics, as in a forward of that square alone, so S does not depend on ``chunk``. They cost
-    (H/patch)(W/patch) no-grad forwards of the batch, so the step's cost follows ``patch``
-    (bench/any_model.py measures it against a plain step). Inputs must be images [B, C, H, W].
+    The saliency forwards run in the model's mode and do not move BatchNorm's running statistics;
+    in train mode each square's B perturbed images are normalised with their own batch statistics,
+    as in a forward of that square alone, so S does not depend on ``chunk``. Cost: one no-grad
+    forward of the batch per square, (H/patch)(W/patch) of them (64 at patch 4 on 32x32 images,
+    16 at patch 8). A plain training step costs about 3 forwards, so K squares put a floor of
+    about K/3 plain steps under a J-SIGR step whatever the batching (bench/any_model.py: about 25x
+    a plain step at patch 4, 9x at patch 8 on a 2-core CPU): use patch 8 or larger, or
+    saliency_estimate="linear" (below), where the step must be cheap. Inputs must be images [B, C, H, W].
 
     ``saliency_estimate="linear"`` replaces the occlusion forwards by their first-order estimate
     (an approximation, not the default): p_y(x_i) - p_y(x_i with square k replaced) ~
@@ -54,7 +59,11 @@ class JSIGRRegularizer:
         patch: side of the squares, >= 1 (default 4).
         perturbation: "mean" or "blur".
         n_proj: random projections for the Jacobian estimate, >= 1.
-        chunk: at most this many perturbed images per saliency forward.
+        chunk: at most this many perturbed images per saliency forward, whole squares of B images
+            (at least one square per forward: B images), an integer >= 1. Default None: 16 on CPU,
+            where one small forward per square keeps the activations in cache and train-mode
+            BatchNorm needs no per-square split (2x faster than one pass of all squares for a
+            PreAct-ResNet-18 at 16x3x32x32), and 4096 on other devices, where large batches pay.
         saliency_estimate: "occlusion" (default: the perturbed forwards) or "linear" (their
             first-order estimate from the input gradient, no extra forward).
         generator: torch.Generator for the projections.
@@ -69,7 +78,7 @@ class JSIGRRegularizer:
         patch: int = 4,
         perturbation: str = "mean",
         n_proj: int = 1,
-        chunk: int = 4096,
+        chunk: int | None = None,
         generator: torch.Generator | None = None,
         backend: str = "auto",
         saliency_estimate: str = "occlusion",
@@ -77,8 +86,11 @@ class JSIGRRegularizer:
         self.lam_jacobian = check_float("lam_jacobian", lam_jacobian, min_value=0.0)
         self.lam_saliency = check_float("lam_saliency", lam_saliency, min_value=0.0)
         for name, value in (("patch", patch), ("chunk", chunk)):
+            if name == "chunk" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                expected = "an integer >= 1 or None" if name == "chunk" else "an integer >= 1"
+                raise ValueError(f"{name} must be {expected}, got {value!r}")
         if perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
         if saliency_estimate not in SALIENCY_ESTIMATES:
@@ -132,21 +144,25 @@ class JSIGRRegularizer:
         dtype = torch.promote_types(logits.dtype, torch.float32)
         p_clean = logits.to(dtype).softmax(1).gather(1, y[:, None])[:, 0]
         replacement = _replacement(x, self.perturbation)
-        # masks[k] is 1 on square k: [K, 1, H, W]
-        cells = torch.arange(gh * gw, device=x.device).view(1, 1, gh, gw)
-        cells = cells.repeat_interleave(p, 2).repeat_interleave(p, 3)[..., :h, :w]
-        masks = (cells == torch.arange(gh * gw, device=x.device).view(-1, 1, 1, 1)).to(x.dtype)
+        squares = [(r, q) for r in range(0, h, p) for q in range(0, w, p)]  # top-left corners
+        chunk = self.chunk
+        if chunk is None:
+            chunk = DEFAULT_CHUNK_CPU if x.device.type == "cpu" else DEFAULT_CHUNK_ACCELERATOR
+        per_chunk = max(1, chunk // b)
         drops = []
-        per_chunk = max(1, self.chunk // b)
         with Fn.preserved_buffers(model):
-            for k0 in range(0, gh * gw, per_chunk):
-                m = masks[k0 : k0 + per_chunk, None]  # [k, 1, 1, H, W]
-                xp = (x * (1 - m) + replacement * m).flatten(0, 1)  # [k*B, C, H, W]
+            for k0 in range(0, len(squares), per_chunk):
+                corners = squares[k0 : k0 + per_chunk]
+                # copies of x with one square each replaced (assignment, not a mask product: exact)
+                xp = x.repeat(len(corners), 1, 1, 1).view(len(corners), *x.shape)
+                for j, (r, q) in enumerate(corners):
+                    xp[j, :, :, r : r + p, q : q + p] = replacement[:, :, r : r + p, q : q + p]
                 # each square's B perturbed images keep their own batch statistics (train-mode
                 # BatchNorm), so S does not depend on how many squares share a forward (``chunk``)
-                with Fn.per_replica_batch_norm(model, m.shape[0]):
-                    p_pert = model(xp).to(dtype).softmax(1).gather(1, y.repeat(m.shape[0])[:, None])[:, 0]
-                drops.append((p_clean - p_pert.view(m.shape[0], b)).clamp_min(0))
+                with Fn.per_replica_batch_norm(model, len(corners)):
+                    p_pert = model(xp.flatten(0, 1)).to(dtype).softmax(1)
+                p_pert = p_pert.gather(1, y.repeat(len(corners))[:, None]).view(len(corners), b)
+                drops.append((p_clean - p_pert).clamp_min(0))
         return _square_map(torch.cat(drops).T, gh, gw, p, h, w).to(x.dtype)  # drops [B, K]
 
     @torch.no_grad()
