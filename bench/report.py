@@ -41,6 +41,12 @@ COMPARISONS = [
     ("autoattack_*", ("fastrob-aa10",), "torchattacks-aa", None),
     # bench/autoattack_fast.py: the fast version against the standard one on the same model and images
     ("autoattack_fast_*", ("fastrob-fast",), "fastrob-standard", None),
+    # bench/attention.py: the op against torch's math attention, and the ViT step against the
+    # hand-written double backprop under the math backend
+    ("attention_*", ("fastrob",), "torch_math", None),
+    ("vit_tiny_step_*", ("input_grad_exact",), "input_grad_math_eager", None),
+    # bench/any_model.py: the routed ConvNeXt step against the hand-written one (torch's grouped conv)
+    ("any_model", ("convnext_atto_input_grad_exact",), "convnext_atto_input_grad_eager", None),
 ]
 # Not compared: jsigr (no reference implementation of the same objective), the Jacobian
 # batchings written in bench/regularizers.py only (is_grads_batched, input_space_fd), train_step.
