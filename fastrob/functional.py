@@ -14,9 +14,11 @@ through the batch statistics, which is what an eager double-backprop user comput
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from fastrob._checks import (
     check_finite,
@@ -28,6 +30,7 @@ from fastrob._checks import (
     check_tensor,
 )
 from fastrob.ops._common import resolve_backend
+from fastrob.ops.batch_norm import batch_norm as fused_batch_norm
 from fastrob.ops.cross_entropy import cross_entropy_unchecked
 from fastrob.ops.sqnorm import sqnorm
 from fastrob.routing import check_twice_differentiable
@@ -309,32 +312,61 @@ def couples_samples(model) -> bool:
 
 @contextlib.contextmanager
 def per_replica_batch_norm(model, replicas: int):
-    """Within the block, train-mode BatchNorm layers of ``model`` normalise a batch of
+    """Within the block, batch normalisation with batch statistics normalises a batch of
     ``replicas`` stacked copies (rows r*B .. r*B + B - 1 for copy r) with each copy's own batch
     statistics, so that every copy computes exactly the B-batch function, its cross-sample
     derivatives through the statistics included, and no copy's derivatives leak into another's.
 
-    A forward hook replaces each layer's output; the layer's own forward still runs (its output is
-    dropped), so use this inside ``preserved_buffers``: its running-statistics update is not the
-    clean batch's. Covers ``torch.nn`` BatchNorm1d/2d/3d semantics (affine or not).
+    It replaces the normalisation itself, wherever a forward calls it: ``F.batch_norm`` (torch's
+    BatchNorm1d/2d/3d and subclasses that call it, such as timm's BatchNormAct2d, whose activation
+    still runs) and ``fastrob.ops.batch_norm`` (fastrob's fused modules), in train mode (batch
+    statistics); eval-mode calls run unchanged. Nothing is replaced when ``model`` has no
+    train-mode BatchNorm (``couples_samples``). The running mean and variance are not updated in
+    the block, but the modules' own bookkeeping (``num_batches_tracked``) is: use it inside
+    ``preserved_buffers`` where no state may move. SyncBatchNorm in a multi-process run
+    synchronises its statistics with its own function and is not split.
     """
-
-    def hook(module, inputs, output):
-        x = inputs[0]
-        channels = x.shape[1]
-        # [R*B, C, ...] -> [B, R*C, ...]: channel r*C + c is channel c of copy r
-        xg = x.unflatten(0, (replicas, -1)).movedim(0, 1).flatten(1, 2)
-        weight = module.weight.repeat(replicas) if module.weight is not None else None
-        bias = module.bias.repeat(replicas) if module.bias is not None else None
-        y = F.batch_norm(xg, None, None, weight, bias, True, 0.0, module.eps)
-        return y.unflatten(1, (replicas, channels)).movedim(1, 0).flatten(0, 1)
-
-    handles = [m.register_forward_hook(hook) for m in coupling_modules(model)] if replicas > 1 else []
-    try:
+    if replicas <= 1 or not couples_samples(model):
         yield
-    finally:
-        for h in handles:
-            h.remove()
+        return
+    with _PerReplicaBatchNorm(replicas):
+        yield
+
+
+class _PerReplicaBatchNorm(TorchFunctionMode):
+    def __init__(self, replicas: int):
+        super().__init__()
+        self.replicas = replicas
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            call = _F_BATCH_NORM.bind(*args, **kwargs).arguments
+        elif func is fused_batch_norm:
+            call = _FUSED_BATCH_NORM.bind(*args, **kwargs).arguments
+        else:
+            return func(*args, **kwargs)
+        if not call.get("training", False):  # running statistics: no coupling between samples
+            return func(*args, **kwargs)
+        x = call.get("input", call.get("x"))
+        return _replica_batch_norm(x, call.get("weight"), call.get("bias"), call.get("eps", 1e-5), self.replicas)
+
+
+_F_BATCH_NORM = inspect.signature(F.batch_norm)
+_FUSED_BATCH_NORM = inspect.signature(fused_batch_norm)
+
+
+def _replica_batch_norm(x, weight, bias, eps, replicas):
+    """Batch norm of [R*B, C, ...] with the statistics of each copy's B rows."""
+    if x.shape[0] % replicas:
+        raise ValueError(f"per_replica_batch_norm: a batch of {x.shape[0]} rows is not {replicas} stacked copies")
+    channels = x.shape[1]
+    # [R*B, C, ...] -> [B, R*C, ...]: channel r*C + c is channel c of copy r
+    xg = x.unflatten(0, (replicas, -1)).movedim(0, 1).flatten(1, 2)
+    weight = weight.repeat(replicas) if weight is not None else None
+    bias = bias.repeat(replicas) if bias is not None else None
+    y = F.batch_norm(xg, None, None, weight, bias, True, 0.0, eps)
+    return y.unflatten(1, (replicas, channels)).movedim(1, 0).flatten(0, 1)
 
 
 def input_grad(outputs, x: torch.Tensor, grad_outputs=None, *, create_graph=False, retain_graph=None):

@@ -199,3 +199,52 @@ def test_shared_one_hot_projections_are_not_exact_when_samples_interact():
     xl = x.clone().requires_grad_(True)
     shared = Fn.jacobian_penalty(model(xl), xl, exact=True)
     assert not torch.allclose(shared, brute_jacobian_penalty(model, x), rtol=1e-3)
+
+
+class _BatchNormThenReLU(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: a BatchNorm subclass whose forward also runs an activation."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def _bn_act_models():
+    from fastrob.nn import BatchNormAct2d
+
+    torch.manual_seed(0)
+    fused = BatchNormAct2d.from_module(nn.BatchNorm2d(4), act="softplus")
+    return {
+        "torch_bn": nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Softplus()),
+        "subclass_with_activation": nn.Sequential(nn.Conv2d(3, 4, 3), _BatchNormThenReLU(4)),
+        "fastrob_batch_norm_act": nn.Sequential(nn.Conv2d(3, 4, 3), fused),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bn_act_models()))
+def test_per_replica_batch_norm_equals_one_forward_per_copy(name):
+    """Each copy's rows equal a forward of that copy alone, the rest of the module's forward (its
+    activation) included, with gradients; the running mean and variance do not move."""
+    model = _bn_act_models()[name].train()
+    g = torch.Generator().manual_seed(1)
+    copies = [torch.randn(3, 3, 6, 6, generator=g, dtype=torch.float32) for _ in range(2)]
+    buffers = [b.clone() for name, b in model.named_buffers() if "running" in name]
+    stacked = torch.cat(copies).requires_grad_(True)
+    with Fn.per_replica_batch_norm(model, 2):
+        out = model(stacked)
+    for b, before in zip([b for name, b in model.named_buffers() if "running" in name], buffers):
+        assert torch.equal(b, before)
+    with Fn.preserved_buffers(model):
+        want = torch.cat([model(c) for c in copies])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    w = torch.randn(out.shape, generator=g)
+    (got_grad,) = torch.autograd.grad((out * w).sum(), stacked)
+    split = [c.clone().requires_grad_(True) for c in copies]
+    with Fn.preserved_buffers(model):
+        want_grad = torch.autograd.grad(sum((model(c) * wc).sum() for c, wc in zip(split, w.chunk(2))), split)
+    torch.testing.assert_close(got_grad, torch.cat(want_grad), rtol=1e-5, atol=1e-6)
+
+
+def test_per_replica_batch_norm_refuses_a_batch_that_is_not_whole_copies():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    with Fn.per_replica_batch_norm(model, 2), pytest.raises(ValueError, match="not 2 stacked copies"):
+        model(torch.randn(3, 3, 6, 6))

@@ -90,3 +90,18 @@ def test_train_mode_saliency_differs_from_eval_mode():
 def test_chunk_must_be_a_positive_integer_or_none(chunk):
     with pytest.raises(ValueError, match="chunk must be an integer >= 1 or None"):
         JSIGRRegularizer(chunk=chunk)
+
+
+@pytest.mark.parametrize("chunk", [4, 4096], ids=["one-square", "all"])
+def test_train_mode_saliency_of_batch_norm_with_its_activation(chunk):
+    """A BatchNorm module whose forward also runs an activation (timm's BatchNormAct2d, fastrob's
+    fused BatchNormAct2d): batching squares normalises each square's images with their own
+    statistics and keeps the activation."""
+    from test_functional import _bn_act_models
+
+    for name, model in _bn_act_models().items():
+        model = torch.nn.Sequential(*model, torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 3)).double().train()
+        g = torch.Generator().manual_seed(2)
+        x, y = torch.rand(4, 3, 6, 6, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+        s = JSIGRRegularizer(patch=2, chunk=chunk).saliency(model, x, y)
+        torch.testing.assert_close(s, loop_saliency(model, x, y, 2, "mean"), msg=name)

@@ -26,6 +26,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from fastrob._checks import check_float, check_tensor
 from fastrob.ops._common import accumulate_dtype, batch_outermost_dense, define_op, launch, resolve_backend, same_layout
@@ -110,6 +111,11 @@ def batch_norm(
     Returns:
         A tensor of x's shape, dtype and memory format.
     """
+    tensors = (x, weight, bias, running_mean, running_var)
+    if has_torch_function_variadic(*tensors):  # as F.batch_norm: a TorchFunctionMode sees this op
+        return handle_torch_function(
+            batch_norm, tensors, x, weight, bias, running_mean, running_var, training, momentum, eps, backend=backend
+        )
     check_tensor("x", x, min_dim=2)
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         _check_channel_vector(name, t, x)
