@@ -87,7 +87,8 @@ def _lam_attack_details(config, lam) -> str:
 
 
 def _jsigr_details(config, lam) -> str:
-    return f"lam={lam:g},{config.lam_saliency:g}"
+    linear = ",linear" if config.saliency_estimate == "linear" else ""
+    return f"lam={lam:g},{config.lam_saliency:g}{linear}"
 
 
 def _psi_details(config, lam) -> str:
@@ -147,7 +148,12 @@ def _jacobian(config, model, lam, steps_per_epoch):
 
 
 def _jsigr(config, model, lam, steps_per_epoch):
-    return regularizers.JSIGRRegularizer(lam_jacobian=lam, lam_saliency=config.lam_saliency, patch=config.patch)
+    return regularizers.JSIGRRegularizer(
+        lam_jacobian=lam,
+        lam_saliency=config.lam_saliency,
+        patch=config.patch,
+        saliency_estimate=config.saliency_estimate,
+    )
 
 
 def _lipschitz(config, model, lam, steps_per_epoch):
@@ -210,7 +216,7 @@ _ENTRIES = (
         "jsigr",
         "J-SIGR",
         "Jacobian penalty (lam) + input gradient pulled toward a perturbation saliency "
-        "(--lam-saliency, --patch; Liu et al. 2024)",
+        "(--lam-saliency, --patch, --saliency-estimate; Liu et al. 2024)",
         _jsigr,
         _jsigr_details,
         default_lam=_default_of(regularizers.JSIGRRegularizer, "lam_jacobian"),

@@ -33,6 +33,7 @@ from fastrob._rundir import data_path, read_checkpoint, run_lock
 from fastrob.data import Dataset, load_dataset
 from fastrob.models import ACTIVATIONS, MODELS, build_model
 from fastrob.objective import Objective
+from fastrob.regularizers.jsigr import SALIENCY_ESTIMATES
 
 # the method list and each method's defaults live in one registry (fastrob.methods); these names
 # are kept for the code that imports them from here
@@ -48,8 +49,9 @@ class TrainConfig:
     eps/alpha/attack_steps/norm configure the adversary of pgd/trades/half and the inner attacks
     of the int* kinds and sns (alpha default 2.5·eps/attack_steps); lam is the regularizer weight
     (input_gradient, jacobian, int*, sns; jsigr's lam_jacobian; lipschitz's fixed psi, adaptive
-    when None), lam_saliency and patch are J-SIGR's; beta is TRADES'; warmup = [start, full] in epochs
-    is the int* kinds' eps schedule (0 before start, a linear ramp to eps at full; Boopathy et al.)."""
+    when None), lam_saliency, patch and saliency_estimate are J-SIGR's; beta is TRADES'; warmup =
+    [start, full] in epochs is the int* kinds' eps schedule (0 before start, a linear ramp to eps at
+    full; Boopathy et al.)."""
 
     data: str = "digits"
     size: int | None = None
@@ -65,6 +67,7 @@ class TrainConfig:
     lam_saliency: float = 0.1
     warmup: list | None = None
     patch: int = 4
+    saliency_estimate: str = "occlusion"
     epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-3
@@ -101,6 +104,8 @@ class TrainConfig:
                 )
             self.warmup = [start, full]
         check_int("patch", self.patch, 1)
+        if self.saliency_estimate not in SALIENCY_ESTIMATES:
+            raise ValueError(f"saliency_estimate must be one of {SALIENCY_ESTIMATES}, got {self.saliency_estimate!r}")
         check_int("epochs", self.epochs, 1)
         check_int("batch_size", self.batch_size, 1)
         check_positive("lr", self.lr)

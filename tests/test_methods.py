@@ -107,3 +107,19 @@ def test_build_passes_the_default_lam_and_the_warmup():
     model = build_model("mlp", (1, 8, 8), 10, "relu")
     objective = build_objective(TrainConfig(method="int2", warmup=[1, 2]).check(), model, steps_per_epoch=5)
     assert objective.lam == 0.01 and objective.warmup == (5, 10)
+
+
+def test_jsigr_saliency_estimate_from_the_command_line_to_the_checkpoint(tmp_path, one_thread):
+    from fastrob.cli import main
+    from fastrob.trainer import load_checkpoint
+
+    out = tmp_path / "run"
+    args = ["train", "--method", "jsigr", "--saliency-estimate", "linear", "--patch", "2", "--epochs", "1"]
+    assert main([*args, "--batch-size", "256", "--quiet", "--out", str(out)]) == 0
+    config = load_checkpoint(str(out))[1]
+    assert config.saliency_estimate == "linear" and describe(config) == "J-SIGR lam=0.01,0.1,linear"
+    reg = build_objective(config, build_model("mlp", (1, 8, 8), 10, "softplus"))
+    assert (reg.saliency_estimate, reg.patch) == ("linear", 2)
+    assert TrainConfig(method="jsigr").check().saliency_estimate == "occlusion"
+    with pytest.raises(ValueError, match="saliency_estimate must be one of"):
+        TrainConfig(method="jsigr", saliency_estimate="exact").check()

@@ -10,6 +10,7 @@ from fastrob import methods, trainer
 from fastrob.attacks import ALPHA_FACTOR, NORMS
 from fastrob.cli.args import _common, _float, _positive_int, _size, _warmup
 from fastrob.models import ACTIVATIONS, MODELS
+from fastrob.regularizers.jsigr import SALIENCY_ESTIMATES
 from fastrob.trainer import CHECKPOINT, CURVE, METRICS, TrainConfig
 
 
@@ -59,6 +60,12 @@ def add_parser(sub) -> None:
         "--patch", type=_positive_int, default=d.patch, help="J-SIGR saliency patch size (default %(default)s)"
     )
     p.add_argument(
+        "--saliency-estimate",
+        choices=SALIENCY_ESTIMATES,
+        default=d.saliency_estimate,
+        help="J-SIGR saliency: the occlusion forwards, or their first-order estimate (default %(default)s)",
+    )
+    p.add_argument(
         "--warmup",
         type=_warmup,
         default=d.warmup,
@@ -92,6 +99,7 @@ def _train(args) -> int:
         lam=args.lam,
         lam_saliency=args.lam_saliency,
         patch=args.patch,
+        saliency_estimate=args.saliency_estimate,
         warmup=args.warmup,
         epochs=args.epochs,
         batch_size=args.batch_size,
