@@ -6,8 +6,9 @@ Rows (op ``any_model``, metrics ms and ratio_vs_plain):
 - ``resnet18_jsigr_patch{4,8}``: a J-SIGR training step of PreAct-ResNet-18 (BatchNorm, softplus)
   at 32x32 ÷ a plain step. The saliency costs one no-grad forward of every image with one square
   replaced: (32/patch)^2 forwards of the batch (on CPU one forward per square, J-SIGR's default
-  ``chunk``; on a GPU all squares in one pass), so the ratio follows the patch size, with a floor
-  of about (32/patch)^2 / 3 since a plain step costs about 3 forwards (21x at patch 4, 5x at 8).
+  ``chunk``; on a GPU 4096 images a pass, 32 squares of a batch of 128), so the ratio follows the
+  patch size, with a floor of about (32/patch)^2 / 3 since a plain step costs about 3 forwards
+  (21x at patch 4, 5x at 8).
   ``resnet18_jsigr_linear_patch4``: the same step with ``saliency_estimate="linear"``, the
   first-order estimate of those forwards (no extra forward).
 - ``convnext_atto_input_grad_exact``: the exact input-gradient step of a ConvNeXt-atto-like model

@@ -31,7 +31,7 @@ from fastrob.grouped_conv import grouped_conv
 from fastrob.ops.attention import attention
 
 _SDPA = F.scaled_dot_product_attention  # the same object as torch._C._nn.scaled_dot_product_attention
-_CONVS = (F.conv1d, F.conv2d, F.conv3d)  # the same objects as torch.conv1d, ...
+_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}  # the same objects as torch.conv1d, ...: spatial dims
 _active = threading.local()
 
 # the autograd nodes of torch's fused attention, whose backward has no derivative
@@ -48,20 +48,20 @@ class _Route(TorchFunctionMode):
         if func is _SDPA:
             return _routed_attention(*args, backend=self.backend, **kwargs)
         if func in _CONVS:
-            out = _routed_conv(*args, **kwargs)
+            out = _routed_conv(*args, dims=_CONVS[func], **kwargs)
             if out is not None:
                 return out
         return func(*args, **kwargs)
 
 
-def _routed_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def _routed_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, dims):
     """grouped_conv where torch's double backward loops over groups and a graph is being built;
     None for torch's own convolution (groups = 1 is fast there, and so is a forward without grad)."""
-    if groups == 1 or not torch.is_grad_enabled():
+    if groups == 1 or not torch.is_grad_enabled() or not isinstance(input, torch.Tensor):
         return None
     if not any(t is not None and t.requires_grad for t in (input, weight, bias)):
         return None
-    return grouped_conv(input, weight, bias, stride, padding, dilation, groups)
+    return grouped_conv(input, weight, bias, stride, padding, dilation, groups, dims=dims)
 
 
 def _routed_attention(

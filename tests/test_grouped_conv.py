@@ -183,3 +183,60 @@ def test_under_autocast_the_convolution_runs_in_its_lower_precision():
     (gw_ref,) = torch.autograd.grad(g_ref.square().sum(), w)
     assert g.dtype == x.dtype and gw.dtype == w.dtype
     torch.testing.assert_close(gw, gw_ref, rtol=5e-2, atol=5e-2 * gw_ref.abs().max().item())
+
+
+def test_routing_follows_the_function_called():
+    """conv1d and conv3d route as conv2d does; torch's errors stay torch's (a 4-D input to conv1d,
+    a stride of the wrong length), and one-element sequences are repeated as torch does."""
+    torch.manual_seed(0)
+    x1, w1 = torch.randn(2, 4, 9, requires_grad=True), torch.randn(4, 2, 3, requires_grad=True)
+    x3, w3 = torch.randn(2, 4, 5, 5, 5, requires_grad=True), torch.randn(4, 1, 3, 3, 3, requires_grad=True)
+    x2, w2 = torch.randn(2, 4, 9, 9, requires_grad=True), torch.randn(4, 1, 3, 3, requires_grad=True)
+    calls = [
+        (F.conv1d, (x1, w1), dict(groups=2, padding=(1,))),
+        (F.conv3d, (x3, w3), dict(groups=4, stride=[2], dilation=(1,))),
+        (F.conv2d, (x2, w2), dict(groups=4, stride=(2,), padding=[1])),
+        (F.conv2d, (x2, w2), dict(groups=4, padding="valid", stride=2)),
+    ]
+    for conv, args, kwargs in calls:
+        want = conv(*args, **kwargs)
+        with twice_differentiable():
+            got = conv(*args, **kwargs)
+        assert "_ConvBackward" in _node_names(got), (conv, kwargs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for conv, args, kwargs in [
+        (F.conv1d, (x2, w2), dict(groups=4)),
+        (F.conv2d, (x2, w2), dict(groups=4, stride=(1, 1, 1))),
+    ]:
+        with pytest.raises(RuntimeError) as outside:
+            conv(*args, **kwargs)
+        with twice_differentiable(), pytest.raises(RuntimeError) as inside:
+            conv(*args, **kwargs)
+        assert str(inside.value) == str(outside.value)
+
+
+def test_under_autocast_float64_stays_float64():
+    _, x, w, b, settings = case("depthwise_2d_same_7x7")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = F.conv2d(x, w, b, **settings), grouped_conv(x, w, b, **settings)
+    assert want.dtype == got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def _forward_mode(conv, x, w, b, tangents):
+    """The jvp of ``conv`` and a Hessian-vector product (forward over reverse) of a loss through it."""
+    out = torch.func.jvp(conv, (x, w, b), tangents)
+    loss = lambda x, w: conv(x, w, b).sin().sum()  # noqa: E731
+    hvp = torch.func.jvp(torch.func.grad(loss, argnums=(0, 1)), (x, w), tangents[:2])[1]
+    return [*out, *hvp]
+
+
+def test_forward_mode_equals_torch():
+    _, x, w, b, settings = case("depthwise_2d_stride2_dilated")
+    x, w, b = x.detach(), w.detach(), b.detach()
+    g = torch.Generator().manual_seed(3)
+    tangents = tuple(torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (x, w, b))
+    want = _forward_mode(lambda x, w, b: F.conv2d(x, w, b, **settings), x, w, b, tangents)
+    got = _forward_mode(lambda x, w, b: grouped_conv(x, w, b, **settings), x, w, b, tangents)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)

@@ -123,6 +123,7 @@ def test_regularizer_equals_its_run_on_torch_math_attention(name, monkeypatch):
     got = [loss, *grads(model, loss)]
     for module in ROUTED_MODULES:
         monkeypatch.setattr(f"fastrob.regularizers.{module}.twice_differentiable", _no_route)
+    monkeypatch.setattr("fastrob.interpret.twice_differentiable", _no_route)  # Int/Int2's maps
     with sdpa_kernel(SDPBackend.MATH):
         expected_loss = regularizers()[name]()(model, x, y).loss
     for a, b in zip(got, [expected_loss, *grads(model, expected_loss)]):
@@ -235,10 +236,7 @@ def test_isa_differentiates_gradient_maps_of_a_vit(monkeypatch):
         isa(model, x, y, generator=torch.Generator().manual_seed(0), **settings)
 
 
-@pytest.mark.parametrize("map_name", ["saliency", "grad_cam", "ig"])
-def test_differentiable_maps_of_a_vit(map_name):
-    """fastrob.interpret's maps with create_graph=True can be differentiated on a ViT, and equal
-    the same maps computed under torch's math attention."""
+def vit_maps(map_name):
     from fastrob.interpret import grad_cam, integrated_gradients, saliency
 
     model, (x, y) = vit(), batch()
@@ -249,8 +247,25 @@ def test_differentiable_maps_of_a_vit(map_name):
     }[map_name]
     # the final LayerNorm's and the head's biases do not change a gradient map: unused
     params = [p for name, p in model.named_parameters() if name not in ("norm.bias", "head.bias")]
+    return maps, params
+
+
+@pytest.mark.parametrize("map_name", ["saliency", "grad_cam", "ig"])
+def test_differentiable_maps_of_a_vit(map_name, monkeypatch):
+    """fastrob.interpret's maps with create_graph=True can be differentiated on a ViT, and equal
+    the same maps computed unrouted under torch's math attention."""
+    maps, params = vit_maps(map_name)
     got = torch.autograd.grad(maps().square().sum(), params)
+    monkeypatch.setattr("fastrob.interpret.twice_differentiable", _no_route)
     with sdpa_kernel(SDPBackend.MATH):
         want = torch.autograd.grad(maps().square().sum(), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **MODEL_TOL)
+
+
+@pytest.mark.parametrize("map_name", ["saliency", "grad_cam", "ig"])
+def test_unrouted_maps_of_a_vit_cannot_be_differentiated(map_name, no_routing):
+    """The test above can fail: unrouted, the maps hold torch's fused attention."""
+    maps, params = vit_maps(map_name)
+    with pytest.raises(RuntimeError, match="fused attention|flash_attention_for_cpu_backward is not implemented"):
+        torch.autograd.grad(maps().square().sum(), params)
