@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from fastrob._backend import check_backend_name
 from fastrob.grouped_conv import grouped_conv
 from fastrob.ops.attention import attention
 
@@ -80,6 +81,7 @@ def twice_differentiable(backend: str = "auto"):
     ``backend`` ("auto" | "torch" | "triton"; "cuda" means "auto": the op has no CUDA twin), and
     grouped convolutions run ``fastrob.grouped_conv`` (module docstring). Nested blocks route once
     (the outermost block's backend)."""
+    backend = check_backend_name(backend)  # refused at the block, not at the first attention call
     if getattr(_active, "on", False):
         yield
         return

@@ -269,3 +269,10 @@ def test_unrouted_maps_of_a_vit_cannot_be_differentiated(map_name, no_routing):
     maps, params = vit_maps(map_name)
     with pytest.raises(RuntimeError, match="fused attention|flash_attention_for_cpu_backward is not implemented"):
         torch.autograd.grad(maps().square().sum(), params)
+
+
+@pytest.mark.parametrize("backend", ["bogus", 3, None])
+def test_a_bad_backend_is_refused_when_the_block_opens(backend):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with twice_differentiable(backend):
+            pass
