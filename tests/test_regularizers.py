@@ -220,6 +220,14 @@ def test_jsigr_linear_saliency_equals_forward_mode_reference(spec, perturbation)
     check_objective(reg(model, x, y), model, x, y, 1.0, 0.7 * brute_input_gradient_penalty(model, x, y, weight=1 - s))
 
 
+def test_jsigr_linear_saliency_refuses_a_gradient_of_another_shape():
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="g its input gradient of the same shape"):
+        JSIGRRegularizer(saliency_estimate="linear").linear_saliency(x, torch.rand(2, 3, 8, 7))
+    with pytest.raises(ValueError, match=r"x must be images \[B, C, H, W\]"):
+        JSIGRRegularizer().linear_saliency(x.flatten(1), x.flatten(1))
+
+
 def test_jsigr_saliency_in_train_mode_does_not_depend_on_chunk():
     # train-mode BatchNorm: each square's forward normalises its B perturbed images with their own
     # statistics, whether the squares run one per forward (chunk = B) or all in one (chunk large)

@@ -177,6 +177,11 @@ class JSIGRRegularizer:
         p_y (class docstring): a_ik = sum over square k and the channels of g * (replacement - x),
         normalised as the occlusion drops are. ``g`` is the input gradient of the per-sample
         cross-entropy, [B, C, H, W]."""
+        if x.dim() != 4 or g.shape != x.shape:
+            raise ValueError(
+                f"x must be images [B, C, H, W] and g its input gradient of the same shape, got x of shape "
+                f"{tuple(x.shape)} and g of shape {tuple(g.shape)}"
+            )
         b, _, h, w = x.shape
         p = self.patch
         gh, gw = -(-h // p), -(-w // p)  # ceil: a partial square at the border is a square too
