@@ -22,6 +22,19 @@ def box_blur(image):
     return out
 
 
+def square_map(drops, x, patch):
+    """S [B, 1, H, W] from ``drops`` {(r, q): [B] drops of the square whose top-left corner is
+    (r, q)}: each sample's drops divided by its largest (0 where no square lowers p_y), constant
+    over each square, written square by square."""
+    b, _, h, w = x.shape
+    s = torch.zeros(b, 1, h, w, dtype=x.dtype)
+    for i in range(b):
+        top = max(float(d[i]) for d in drops.values())
+        for (r, q), d in drops.items():
+            s[i, 0, r : r + patch, q : q + patch] = float(d[i]) / top if top > 0 else 0.0
+    return s
+
+
 def loop_saliency(model, x, y, patch, perturbation):
     """S by the definition: for each square, one forward of the batch with that square replaced in
     every image; drops normalised per sample by the largest. Runs on a copy of the model, so that
@@ -41,12 +54,7 @@ def loop_saliency(model, x, y, patch, perturbation):
                 xp = x.clone()
                 xp[:, :, r : r + patch, q : q + patch] = replacement[:, :, r : r + patch, q : q + patch]
                 drops[r, q] = (p_clean - model(xp).softmax(1)[rows, y]).clamp(min=0)
-    s = torch.zeros(b, 1, h, w, dtype=x.dtype)
-    for i in range(b):
-        top = max(d[i].item() for d in drops.values())
-        for (r, q), d in drops.items():
-            s[i, 0, r : r + patch, q : q + patch] = d[i].item() / top if top > 0 else 0.0
-    return s
+    return square_map(drops, x, patch)
 
 
 def buffers(model):

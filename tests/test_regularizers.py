@@ -21,6 +21,7 @@ from test_functional import (
     make_model,
     param_grads,
 )
+from test_jsigr_saliency import square_map
 from train_loop import fit
 
 import fastrob
@@ -141,26 +142,23 @@ def test_jacobian_replicate_equals_graph_with_the_same_projections(spec):
 
 
 def brute_saliency(model, x, y, patch, perturbation):
-    """Patch by patch, one image at a time."""
+    """Square by square, one image at a time."""
     b, c, h, w = x.shape
-    s = torch.zeros(b, 1, h, w, dtype=x.dtype)
+    drops = {}
     with torch.no_grad():
-        for i in range(b):
-            p0 = model(x).softmax(1)[i, y[i]]
-            drops = {}
-            for r in range(0, h, patch):
-                for q in range(0, w, patch):
+        p0 = model(x).softmax(1)
+        for r in range(0, h, patch):
+            for q in range(0, w, patch):
+                drops[r, q] = torch.zeros(b, dtype=x.dtype)
+                for i in range(b):
                     xp = x.clone()
                     if perturbation == "mean":
                         xp[i, :, r : r + patch, q : q + patch] = x[i].mean(dim=(1, 2))[:, None, None]
                     else:
                         blurred = F.avg_pool2d(x[i : i + 1], 3, 1, 1, count_include_pad=False)[0]
                         xp[i, :, r : r + patch, q : q + patch] = blurred[:, r : r + patch, q : q + patch]
-                    drops[r, q] = max(0.0, (p0 - model(xp).softmax(1)[i, y[i]]).item())
-            top = max(drops.values())
-            for (r, q), dr in drops.items():
-                s[i, 0, r : r + patch, q : q + patch] = dr / top if top > 0 else 0.0
-    return s
+                    drops[r, q][i] = max(0.0, (p0[i, y[i]] - model(xp).softmax(1)[i, y[i]]).item())
+    return square_map(drops, x, patch)
 
 
 @pytest.mark.parametrize("perturbation", ["mean", "blur"])
@@ -183,25 +181,20 @@ def brute_linear_saliency(model, x, y, patch, perturbation):
     directional derivative of p_y along m_k * (replacement - x), by forward-mode AD, one image and
     one square at a time."""
     b, c, h, w = x.shape
-    s = torch.zeros(b, 1, h, w, dtype=x.dtype)
+    drops = {(r, q): torch.zeros(b, dtype=x.dtype) for r in range(0, h, patch) for q in range(0, w, patch)}
     for i in range(b):
         xi = x[i : i + 1]
         if perturbation == "mean":
             replacement = xi.mean(dim=(2, 3), keepdim=True).expand_as(xi)
         else:
             replacement = F.avg_pool2d(xi, 3, 1, 1, count_include_pad=False)
-        drops = {}
-        for r in range(0, h, patch):
-            for q in range(0, w, patch):
-                direction = torch.zeros_like(xi)
-                direction[..., r : r + patch, q : q + patch] = (replacement - xi)[..., r : r + patch, q : q + patch]
-                p_y = lambda z: model(z).softmax(1)[0, y[i]]  # noqa: E731
-                _, derivative = torch.autograd.functional.jvp(p_y, xi, direction)
-                drops[r, q] = max(0.0, -derivative.item())
-        top = max(drops.values())
-        for (r, q), dr in drops.items():
-            s[i, 0, r : r + patch, q : q + patch] = dr / top if top > 0 else 0.0
-    return s
+        p_y = lambda z: model(z).softmax(1)[0, y[i]]  # noqa: E731
+        for r, q in drops:
+            direction = torch.zeros_like(xi)
+            direction[..., r : r + patch, q : q + patch] = (replacement - xi)[..., r : r + patch, q : q + patch]
+            _, derivative = torch.autograd.functional.jvp(p_y, xi, direction)
+            drops[r, q][i] = max(0.0, -derivative.item())
+    return square_map(drops, x, patch)
 
 
 @pytest.mark.parametrize("perturbation", ["mean", "blur"])
